@@ -1,0 +1,37 @@
+"""logstate: durable local key-value state for long-lived Python services.
+
+Every write is a checksummed record appended to a segment log in a local
+directory; the in-memory index is rebuilt on open, and recovery repairs a torn
+tail left by a crash. See README.md and docs/.
+"""
+
+from logstate._errors import (
+    CorruptionError,
+    KeyNotFoundError,
+    LogstateError,
+    OptionConflictError,
+    PickleNotAllowedError,
+    StorageClosedError,
+    StorageFailedError,
+    StorageLockedError,
+    SubStorageDeletedError,
+    UnsupportedFormatError,
+)
+from logstate.storage import Batch, LocalFileStorage
+
+__all__ = [
+    "Batch",
+    "CorruptionError",
+    "KeyNotFoundError",
+    "LocalFileStorage",
+    "LogstateError",
+    "OptionConflictError",
+    "PickleNotAllowedError",
+    "StorageClosedError",
+    "StorageFailedError",
+    "StorageLockedError",
+    "SubStorageDeletedError",
+    "UnsupportedFormatError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,929 @@
+"""The segment-log engine: recovery, the in-memory index, writes, syncs.
+
+Owns: one storage directory's segments, its in-memory index (namespace ->
+key -> location), the sequence counter, the write path with its durability
+modes (none / interval / always with group commit), the recovery policy that
+decides what to do with damage the scanner reports, and the per-process
+registry that hands out one engine per directory.
+Must never: call ``os`` directly (every file-system call goes through the
+``FileSystem`` instance it was given), encode bytes by hand (``_format`` and
+``_values`` own the layout), or swallow an ``OSError`` from a write or sync.
+
+Locations in the index are packed into one int, to keep memory per key low::
+
+    location = segment << 66 | offset << 34 | size << 2 | kind
+
+``kind`` is KIND_RECORD (the bytes are a whole record) or KIND_GROUP_OP (the
+bytes are one operation inside an uncompressed group, with its own CRC). A
+value inside a compressed group is indexed by a tuple (see
+:class:`CompressedLocation`): reading it means reading and decompressing the
+whole group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
+
+from logstate import _format as fmt
+from logstate._errors import (
+    CorruptionError,
+    OptionConflictError,
+    StorageClosedError,
+    StorageFailedError,
+    SubStorageDeletedError,
+)
+from logstate._format import (
+    FRAME_HEADER_SIZE,
+    NAME_LEN,
+    NS_SEPARATOR,
+    RECORD_OVERHEAD,
+    REC_CHECKPOINT,
+    REC_CLEAR,
+    REC_CREATE_NS,
+    REC_DELETE,
+    REC_DROP_NS,
+    REC_GROUP,
+    REC_SET,
+    SEGMENT_HEADER_SIZE,
+)
+from logstate._fs import OS_FS, FileSystem
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "Engine",
+    "EngineOptions",
+    "RecoveryReport",
+    "acquire_engine",
+    "release_engine",
+    "segment_file_name",
+]
+
+log = logging.getLogger("logstate")
+
+SYNC_MODES: Final = ("none", "interval", "always")
+RECOVERY_MODES: Final = ("strict", "salvage")
+SEGMENT_SUFFIX: Final = ".seg"
+SEGMENT_PREFIX: Final = "segment-"
+TORN_SUFFIX: Final = ".torn"  # torn tails copied aside before truncation
+DAMAGED_SUFFIX: Final = ".damaged"  # damaged ranges moved aside by salvage
+TMP_SUFFIX: Final = ".tmp"
+
+KIND_RECORD: Final = 0
+KIND_GROUP_OP: Final = 1
+_U32: Final = 0xFFFFFFFF
+MIN_SEGMENT_SIZE: Final = 4096
+MAX_SEGMENT_SIZE: Final = 1 << 31
+
+
+def segment_file_name(number: int) -> str:
+    """``segment-0000000001.seg`` for segment 1."""
+    return f"{SEGMENT_PREFIX}{number:010d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_file_name(name: str) -> int | None:
+    """The segment number of a segment file name, or None for other files."""
+    if not (name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
+        return None
+    digits = name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
+    if len(digits) != 10 or not digits.isdigit():
+        return None
+    return int(digits)
+
+
+class CompressedLocation(NamedTuple):
+    """Where a value inside a zstd-compressed group lives."""
+
+    segment: int
+    record_offset: int
+    record_size: int
+    op_offset: int  # in the decompressed op buffer
+    op_size: int
+
+
+Location = int | CompressedLocation
+
+
+def pack_location(segment: int, offset: int, size: int, kind: int) -> int:
+    return segment << 66 | offset << 34 | size << 2 | kind
+
+
+class EngineOptions(NamedTuple):
+    """Options that belong to the directory (every handle shares them)."""
+
+    sync: str = "interval"
+    sync_interval: float = 1.0  # seconds
+    segment_size: int = 64 * 1024 * 1024  # bytes
+    recovery: str = "strict"
+    compress_min_size: int | None = 64 * 1024  # bytes of a group's ops; None: never
+    zstd_level: int = 3
+
+
+DEFAULT_OPTIONS: Final = EngineOptions()
+
+
+def validate_options(given: dict[str, object]) -> EngineOptions:
+    """Check option types and ranges; return the full option set.
+
+    Raises:
+        TypeError / ValueError: naming the option and what it accepts.
+    """
+    unknown = set(given) - set(EngineOptions._fields)
+    if unknown:
+        raise TypeError(f"unknown storage option(s): {', '.join(sorted(unknown))}")
+    opts = DEFAULT_OPTIONS._replace(**given)  # type: ignore[arg-type]
+    if opts.sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(map(repr, SYNC_MODES))}, got {opts.sync!r}")
+    if opts.recovery not in RECOVERY_MODES:
+        raise ValueError(
+            f"recovery must be one of {', '.join(map(repr, RECOVERY_MODES))}, got {opts.recovery!r}"
+        )
+    interval = opts.sync_interval
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+        raise ValueError(f"sync_interval must be a positive number of seconds, got {interval!r}")
+    size = opts.segment_size
+    if type(size) is not int or not MIN_SEGMENT_SIZE <= size <= MAX_SEGMENT_SIZE:
+        raise ValueError(
+            f"segment_size must be an int from {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} bytes, "
+            f"got {size!r}"
+        )
+    cms = opts.compress_min_size
+    if cms is not None and (type(cms) is not int or cms < 0):
+        raise ValueError(f"compress_min_size must be None or an int >= 0, got {cms!r}")
+    if type(opts.zstd_level) is not int or not 1 <= opts.zstd_level <= 22:
+        raise ValueError(f"zstd_level must be an int from 1 to 22, got {opts.zstd_level!r}")
+    return opts._replace(sync_interval=float(interval))
+
+
+@dataclass
+class RecoveryReport:
+    """What open found and did: torn tails cut, damage salvaged or refused."""
+
+    segments: int = 0
+    records: int = 0
+    torn_tails: list[tuple[str, int, int, str]] = field(default_factory=list)  # path, off, size, aside
+    salvaged: list[tuple[str, int, int, str]] = field(default_factory=list)  # path, off, size, reason
+    missing_segments: list[int] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.torn_tails or self.salvaged or self.missing_segments)
+
+
+class _Segment:
+    __slots__ = ("fd", "number", "path", "size")
+
+    def __init__(self, number: int, path: str, fd: int, size: int) -> None:
+        self.number = number
+        self.path = path
+        self.fd = fd
+        self.size = size
+
+
+def join_namespace(parent: str, name: str) -> str:
+    return name if not parent else parent + NS_SEPARATOR + name
+
+
+def _is_within(ns: str, ancestor: str) -> bool:
+    """True when ``ns`` is ``ancestor`` or below it."""
+    return not ancestor or ns == ancestor or ns.startswith(ancestor + NS_SEPARATOR)
+
+
+class Engine:
+    """One open storage directory. Use :func:`acquire_engine` to get one.
+
+    Thread-safe: one lock (``_lock``) serialises writers; reads take no lock
+    (positioned reads of immutable, already-written bytes).
+    """
+
+    def __init__(self, path: str, options: EngineOptions, fs: FileSystem = OS_FS) -> None:
+        self.path = path
+        self.options = options
+        self._fs = fs
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._namespaces: dict[str, dict[str, Location]] = {"": {}}
+        self._segments: dict[int, _Segment] = {}
+        self._active: _Segment | None = None
+        self._seq = 0
+        self._written_pos = 0  # bytes appended since open (all segments)
+        self._synced_pos = 0  # bytes of that known durable
+        self._dirty = False
+        self._closing = False
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._refs = 0
+        self._lock_fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._checkpoint: Location | None = None
+        self._sync_always = options.sync == "always"
+        self._sync_interval = options.sync == "interval"
+        self.report = RecoveryReport()
+        try:
+            self._open()
+        except BaseException:
+            self._release_resources()
+            raise
+
+    # ================================================================== open / recovery
+    def _open(self) -> None:
+        self._lock_fd = self._fs.lock_dir(self.path)
+        names = self._fs.list_dir(self.path)
+        for name in names:
+            if name.endswith(TMP_SUFFIX):
+                # A crash during a salvage rewrite left a temporary copy; the
+                # original is still in place, so the copy is dropped.
+                self._fs.unlink(self._file(name))
+        numbers = sorted(n for n in (parse_segment_file_name(x) for x in names) if n is not None)
+        for previous, number in zip(numbers, numbers[1:]):
+            if number != previous + 1:
+                missing = list(range(previous + 1, number))
+                if self.options.recovery != "salvage":
+                    raise CorruptionError(
+                        self._file(segment_file_name(missing[0])),
+                        0,
+                        f"segment {missing[0]} is missing between {previous} and {number}",
+                    )
+                self.report.missing_segments.extend(missing)
+                log.warning("%s: segments %s are missing; continuing (salvage)", self.path, missing)
+        for number in numbers:
+            self._load_segment(number, is_newest=(number == numbers[-1]))
+        self.report.segments = len(numbers)
+        if numbers:
+            self._active = self._segments[numbers[-1]]
+        else:
+            self._active = self._create_segment(1)
+        if self._sync_interval:
+            self._thread = threading.Thread(
+                target=self._interval_loop, name=f"logstate-sync:{self.path}", daemon=True
+            )
+            self._thread.start()
+
+    def _file(self, name: str) -> str:
+        return self.path + "/" + name
+
+    def _aside_path(self, base: str, offset: int, suffix: str) -> str:
+        name = f"{base}.{offset}{suffix}"
+        candidate, n = name, 1
+        while self._fs.exists(candidate):
+            candidate = f"{name}.{n}"
+            n += 1
+        return candidate
+
+    def _load_segment(self, number: int, is_newest: bool) -> None:
+        path = self._file(segment_file_name(number))
+        fd = self._fs.open_file(path)
+        segment = _Segment(number, path, fd, 0)
+        self._segments[number] = segment
+        data = self._fs.read_all(fd)
+        if is_newest and (
+            len(data) < SEGMENT_HEADER_SIZE or not any(data[:SEGMENT_HEADER_SIZE])
+        ):
+            # Crash while the segment was being created: its header never
+            # reached the disk whole. Nothing after it can be valid.
+            self._cut_tail(segment, data, 0, "incomplete segment header")
+            self._fs.append(fd, fmt.encode_segment_header(number))
+            self._fs.fdatasync(fd)
+            segment.size = SEGMENT_HEADER_SIZE
+            return
+        try:
+            found = fmt.decode_segment_header(data)
+        except CorruptionError as exc:
+            raise type(exc)(path, exc.offset, exc.reason) from None
+        if found != number:
+            raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
+
+        damages: list[fmt.Damage] = []
+        pending: list[fmt.Damage] = []
+        salvage = self.options.recovery == "salvage"
+        shift = 0  # bytes salvage will remove before the current record
+        dropped: list[fmt.Damage] = []
+        view = memoryview(data)
+        for frame in fmt.scan_records(view, SEGMENT_HEADER_SIZE, pending.append):
+            if pending:
+                # Damage followed by a valid record: not a torn write (a torn
+                # write has nothing valid after it). Strict refuses to guess.
+                damage = pending[0]
+                if not salvage:
+                    raise CorruptionError(
+                        path, damage.offset, f"{damage.reason} ({damage.size} bytes), followed by "
+                        "valid records; open with recovery='salvage' to keep the valid records"
+                    )
+                dropped.extend(pending)
+                shift += sum(d.size for d in pending)
+                pending.clear()
+            try:
+                self._apply_frame(view, frame, number, frame.offset - shift)
+            except CorruptionError as exc:
+                # A record whose checksum is right but whose body does not parse.
+                if not salvage:
+                    raise CorruptionError(path, exc.offset, exc.reason) from None
+                dropped.append(fmt.Damage(frame.offset, frame.size, exc.reason))
+                shift += frame.size
+            self.report.records += 1
+        damages.extend(pending)
+        valid_end = len(data) - sum(d.size for d in pending)
+        if pending:
+            tail = pending[0]
+            if is_newest:
+                # The writer died in the middle of appending (or the disk kept
+                # size but not data: zeros or garbage). Nothing valid follows,
+                # so this is a torn write: keep the bytes aside, cut them off.
+                pass
+            elif not salvage:
+                raise CorruptionError(
+                    path, tail.offset, f"{tail.reason} at the end of a sealed segment "
+                    "(only the newest segment may have a torn tail); open with "
+                    "recovery='salvage' to keep the valid records"
+                )
+            else:
+                dropped.extend(pending)
+                pending = []
+        if dropped:
+            self._salvage_rewrite(segment, data, dropped + pending)
+            segment.size = len(data) - sum(d.size for d in dropped + pending)
+            return
+        if pending:
+            self._cut_tail(segment, data, valid_end, pending[0].reason)
+        segment.size = valid_end
+
+    def _cut_tail(self, segment: _Segment, data: bytes, offset: int, reason: str) -> None:
+        """Copy ``data[offset:]`` aside, then truncate the segment to ``offset``."""
+        aside = self._aside_path(segment.path, offset, TORN_SUFFIX)
+        self._fs.write_new_file(aside, data[offset:])
+        self._fs.fsync_dir(self.path)
+        self._fs.truncate(segment.fd, offset)
+        self._fs.fsync(segment.fd)
+        size = len(data) - offset
+        self.report.torn_tails.append((segment.path, offset, size, aside))
+        log.warning(
+            "%s: torn write at offset %d (%s): %d bytes copied to %s and cut off",
+            segment.path, offset, reason, size, aside,
+        )
+
+    def _salvage_rewrite(self, segment: _Segment, data: bytes, damaged: list[fmt.Damage]) -> None:
+        """Move damaged ranges aside and rewrite the segment without them."""
+        damaged = sorted(damaged)
+        kept = []
+        position = 0
+        for damage in damaged:
+            aside = self._aside_path(segment.path, damage.offset, DAMAGED_SUFFIX)
+            self._fs.write_new_file(aside, data[damage.offset : damage.offset + damage.size])
+            self.report.salvaged.append((segment.path, damage.offset, damage.size, damage.reason))
+            log.warning(
+                "%s: %d damaged bytes at offset %d (%s) moved to %s",
+                segment.path, damage.size, damage.offset, damage.reason, aside,
+            )
+            kept.append(data[position : damage.offset])
+            position = damage.offset + damage.size
+        kept.append(data[position:])
+        tmp = segment.path + TMP_SUFFIX
+        self._fs.write_new_file(tmp, b"".join(kept))
+        self._fs.rename(tmp, segment.path)
+        self._fs.fsync_dir(self.path)
+        self._fs.close(segment.fd)
+        segment.fd = self._fs.open_file(segment.path)
+
+    def _apply_frame(self, data: memoryview, frame: fmt.Frame, segment: int, offset: int) -> None:
+        """Apply one scanned record to the index. ``offset``: its final file offset."""
+        if frame.seq > self._seq:
+            self._seq = frame.seq
+        start = frame.offset + RECORD_OVERHEAD
+        end = frame.offset + frame.size
+        if frame.record_type != REC_GROUP:
+            op = fmt.decode_op(frame.record_type, data, start, end)
+            self._apply_op(op, pack_location(segment, offset, frame.size, KIND_RECORD))
+            return
+        payload = data[frame.offset + FRAME_HEADER_SIZE : end]
+        compressed, _buf, ops = fmt.decode_group(payload, frame.offset + FRAME_HEADER_SIZE)
+        for gop in ops:
+            loc: Location
+            if compressed:
+                loc = CompressedLocation(segment, offset, frame.size, gop.op_offset, gop.op_size)
+            else:
+                loc = pack_location(
+                    segment, offset + FRAME_HEADER_SIZE + gop.op_offset, gop.op_size, KIND_GROUP_OP
+                )
+            self._apply_op(gop.op, loc)
+
+    def _apply_op(self, op: fmt.Op, loc: Location) -> None:
+        """Apply one operation to the index (recovery and the write path share it)."""
+        t = op.op_type
+        if t == REC_SET:
+            self._namespace_for_replay(op.ns)[op.key] = loc
+        elif t == REC_DELETE:
+            index = self._namespaces.get(op.ns)
+            if index is not None:
+                index.pop(op.key, None)
+        elif t == REC_CLEAR:
+            self._clear_namespace(op.ns, drop_self=False)
+        elif t == REC_CREATE_NS:
+            self._namespace_for_replay(op.ns)
+        elif t == REC_DROP_NS:
+            self._clear_namespace(op.ns, drop_self=True)
+        elif t == REC_CHECKPOINT:
+            self._checkpoint = loc
+
+    def _namespace_for_replay(self, ns: str) -> dict[str, Location]:
+        index = self._namespaces.get(ns)
+        if index is None:
+            # create it and any missing parent (a parent is always created first
+            # by the write path; this only keeps replay total)
+            parts = ns.split(NS_SEPARATOR)
+            for i in range(1, len(parts) + 1):
+                index = self._namespaces.setdefault(NS_SEPARATOR.join(parts[:i]), {})
+        assert index is not None
+        return index
+
+    def _clear_namespace(self, ns: str, drop_self: bool) -> None:
+        for name in [n for n in self._namespaces if n and _is_within(n, ns) and n != ns]:
+            del self._namespaces[name]
+        if drop_self and ns:
+            self._namespaces.pop(ns, None)
+        else:
+            index = self._namespaces.get(ns)
+            if index is not None:
+                index.clear()
+
+    def _create_segment(self, number: int) -> _Segment:
+        """Create segment ``number`` with its header, durable before it is used."""
+        if number > fmt.MAX_SEGMENT_NUMBER:
+            raise StorageFailedError(f"{self.path}: segment numbers exhausted")
+        path = self._file(segment_file_name(number))
+        fd = self._fs.create_file(path)
+        segment = _Segment(number, path, fd, SEGMENT_HEADER_SIZE)
+        self._segments[number] = segment
+        self._fs.append(fd, fmt.encode_segment_header(number))
+        self._fs.fdatasync(fd)
+        self._fs.fsync_dir(self.path)
+        return segment
+
+    # ================================================================== write path
+    def _check_writable(self) -> None:
+        """Raise unless writes are allowed. Call with ``_lock`` held."""
+        if self._closed or self._closing:
+            raise StorageClosedError(f"storage {self.path} is closed")
+        if self._failed is not None:
+            raise StorageFailedError(
+                f"storage {self.path} refuses writes after an earlier I/O error "
+                f"({self._failed!r}); close every handle and reopen it"
+            ) from self._failed
+
+    def _append(self, record: bytes) -> tuple[int, int]:
+        """Append one record to the active segment. Call with ``_lock`` held.
+
+        Returns:
+            (segment number, offset) of the record.
+        """
+        active = self._active
+        assert active is not None
+        size = len(record)
+        if active.size + size > self.options.segment_size and active.size > SEGMENT_HEADER_SIZE:
+            active = self._roll()
+        offset = active.size
+        try:
+            self._fs.append(active.fd, record)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        active.size = offset + size
+        self._written_pos += size
+        if self._sync_interval and not self._dirty:
+            with self._cond:
+                self._dirty = True
+                self._cond.notify()
+        return active.number, offset
+
+    def _roll(self) -> _Segment:
+        """Seal the active segment (durable) and start the next one."""
+        old = self._active
+        assert old is not None
+        try:
+            self._fs.fdatasync(old.fd)
+            new = self._create_segment(old.number + 1)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        self._active = new
+        self._written_pos += SEGMENT_HEADER_SIZE
+        self._synced_pos = self._written_pos
+        return new
+
+    def _commit(self, end_pos: int) -> None:
+        """Make every byte up to ``end_pos`` durable; concurrent callers share one sync."""
+        if self._synced_pos >= end_pos:
+            return
+        with self._sync_lock:
+            if self._synced_pos >= end_pos:
+                return  # another writer's fdatasync covered ours: group commit
+            with self._lock:
+                if self._failed is not None:
+                    self._check_writable()
+                target = self._written_pos
+                active = self._active
+                assert active is not None
+            try:
+                self._fs.fdatasync(active.fd)
+            except OSError as exc:
+                self._failed = exc
+                raise
+            if target > self._synced_pos:
+                self._synced_pos = target
+
+    def _write(self, record_type: int, body: bytes) -> tuple[int, int, int, int]:
+        """Frame and append one record. Call with ``_lock`` held.
+
+        Returns:
+            (segment, offset, record size, end position)
+        """
+        self._seq += 1
+        record = fmt.encode_record(record_type, self._seq, body)
+        segment, offset = self._append(record)
+        return segment, offset, len(record), self._written_pos
+
+    def set(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes) -> None:
+        """Store an encoded value under ``key`` in namespace ``ns``."""
+        body = ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes + value
+        with self._lock:
+            self._check_writable()
+            index = self._namespaces.get(ns)
+            if index is None:
+                raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
+            self._seq += 1
+            record = fmt.encode_record(REC_SET, self._seq, body)
+            segment, offset = self._append(record)
+            index[key] = segment << 66 | offset << 34 | len(record) << 2  # KIND_RECORD
+            end_pos = self._written_pos
+        if self._sync_always:
+            self._commit(end_pos)
+
+    def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
+        """Delete ``key``; write nothing and return False when it is absent."""
+        with self._lock:
+            self._check_writable()
+            index = self._namespace(ns)
+            if key not in index:
+                return False
+            *_, end_pos = self._write(REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes)
+            del index[key]
+        if self._sync_always:
+            self._commit(end_pos)
+        return True
+
+    def clear(self, ns: str) -> None:
+        """Remove every key of ``ns`` and every sub-storage below it: one record."""
+        with self._lock:
+            self._check_writable()
+            self._namespace(ns)
+            *_, end_pos = self._write(REC_CLEAR, fmt.encode_name(ns))
+            self._clear_namespace(ns, drop_self=False)
+        if self._sync_always:
+            self._commit(end_pos)
+
+    def create_namespace(self, ns: str) -> None:
+        """Make sub-storage ``ns`` exist (its parent must exist)."""
+        with self._lock:
+            self._check_writable()
+            if ns in self._namespaces:
+                return
+            parent = ns.rpartition(NS_SEPARATOR)[0]
+            self._namespace(parent)
+            *_, end_pos = self._write(REC_CREATE_NS, fmt.encode_name(ns))
+            self._namespaces[ns] = {}
+        if self._sync_always:
+            self._commit(end_pos)
+
+    def drop_namespaces(self, namespaces: list[str]) -> int:
+        """Delete the given sub-storages (with everything below them) atomically.
+
+        Returns:
+            How many of them existed (only those are written).
+        """
+        with self._lock:
+            self._check_writable()
+            present = [ns for ns in namespaces if ns in self._namespaces]
+            if not present:
+                return 0
+            if len(present) == 1:
+                *_, end_pos = self._write(REC_DROP_NS, fmt.encode_name(present[0]))
+            else:
+                body = fmt.encode_group_body([(REC_DROP_NS, fmt.encode_name(ns)) for ns in present])
+                *_, end_pos = self._write(REC_GROUP, body)
+            for ns in present:
+                self._clear_namespace(ns, drop_self=True)
+        if self._sync_always:
+            self._commit(end_pos)
+        return len(present)
+
+    def write_group(self, ops: list[tuple[int, bytes]], checkpoint: bytes | None = None) -> int:
+        """Append ``ops`` (type, body) as ONE group record: all of them or none survive.
+
+        A single operation is written as a plain record. Namespaces named by
+        the operations must exist. Returns the number of operations written.
+        """
+        if checkpoint is not None:
+            ops = [*ops, (REC_CHECKPOINT, checkpoint)]
+        if not ops:
+            return 0
+        decoded = []
+        for op_type, body in ops:
+            op = fmt.decode_op(op_type, body, 0, len(body))
+            decoded.append(op)
+        with self._lock:
+            self._check_writable()
+            created = {op.ns for op in decoded if op.op_type == REC_CREATE_NS}
+            for op in decoded:
+                if op.op_type in (REC_SET, REC_DELETE, REC_CLEAR) and op.ns not in created:
+                    self._namespace(op.ns)
+            if len(ops) == 1:
+                segment, offset, size, end_pos = self._write(ops[0][0], ops[0][1])
+                self._apply_op(decoded[0], pack_location(segment, offset, size, KIND_RECORD))
+            else:
+                body = fmt.encode_group_body(
+                    ops, self.options.compress_min_size, self.options.zstd_level
+                )
+                segment, offset, size, end_pos = self._write(REC_GROUP, body)
+                compressed = body[0] & fmt.GROUP_FLAG_ZSTD
+                # where each op landed: in the file, or in the decompressed op list
+                op_offset = 0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+                for (_t, op_body), op in zip(ops, decoded):
+                    op_size = fmt.GROUP_OP_SIZE + len(op_body)
+                    loc: Location
+                    if compressed:
+                        loc = CompressedLocation(segment, offset, size, op_offset, op_size)
+                    else:
+                        loc = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
+                    self._apply_op(op, loc)
+                    op_offset += op_size
+        if self._sync_always:
+            self._commit(end_pos)
+        return len(ops)
+
+    def _namespace(self, ns: str) -> dict[str, Location]:
+        index = self._namespaces.get(ns)
+        if index is None:
+            raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
+        return index
+
+    # ================================================================== durability
+    def sync(self) -> None:
+        """Make everything written so far durable now (fdatasync)."""
+        with self._lock:
+            if self._closed:
+                raise StorageClosedError(f"storage {self.path} is closed")
+            self._check_writable()
+            end_pos = self._written_pos
+        self._commit(end_pos)
+
+    def _interval_loop(self) -> None:
+        cond = self._cond
+        interval = self.options.sync_interval
+        while True:
+            with cond:
+                while not self._dirty and not self._closing:
+                    cond.wait()
+                if self._closing:
+                    return
+                cond.wait(interval)  # close() wakes it early; close syncs itself
+                if self._closing:
+                    return
+                self._dirty = False
+            try:
+                self._commit(self._written_pos)
+            except (OSError, StorageFailedError) as exc:
+                # Recorded in _failed by _commit: every later write raises.
+                log.error("%s: background sync failed: %r; writes are refused", self.path, exc)
+                return
+
+    # ================================================================== reads
+    def get(self, ns: str, key: str) -> bytes | memoryview | None:
+        """The encoded value of ``key`` in ``ns`` (CRC-verified), or None."""
+        if self._closed:
+            raise StorageClosedError(f"storage {self.path} is closed")
+        index = self._namespaces.get(ns)
+        if index is None:
+            raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
+        loc = index.get(key)
+        if loc is None:
+            return None
+        return self._read_value(loc, ns, key)
+
+    def _read_value(self, loc: Location, ns: str, key: str) -> bytes | memoryview:
+        if type(loc) is int:
+            size = (loc >> 2) & _U32
+            offset = (loc >> 34) & _U32
+            segment = self._segments[loc >> 66]
+            data = self._fs.pread(segment.fd, size, offset)
+            try:
+                if loc & 3 == KIND_RECORD:
+                    op_type = fmt.check_record(data)
+                    op = fmt.decode_op(op_type, data, RECORD_OVERHEAD, size)
+                else:
+                    fmt.check_group_op(data)
+                    op = fmt.decode_op(data[4], data, fmt.GROUP_OP_SIZE, size)
+            except CorruptionError as exc:
+                raise CorruptionError(segment.path, offset + exc.offset, exc.reason) from None
+        else:
+            assert isinstance(loc, CompressedLocation)
+            segment = self._segments[loc.segment]
+            offset = loc.record_offset
+            record = self._fs.pread(segment.fd, loc.record_size, offset)
+            try:
+                fmt.check_record(record)
+                _c, data, _ops = fmt.decode_group(memoryview(record)[FRAME_HEADER_SIZE:])
+                data = data[loc.op_offset : loc.op_offset + loc.op_size]
+                fmt.check_group_op(data)
+                op = fmt.decode_op(data[4], data, fmt.GROUP_OP_SIZE, loc.op_size)
+            except CorruptionError as exc:
+                raise CorruptionError(segment.path, offset + exc.offset, exc.reason) from None
+        if op.key != key or op.ns != ns:
+            # The index pointed at another key's record: never return its value.
+            raise CorruptionError(
+                segment.path, offset, f"index points to key {op.key!r}, expected {key!r}"
+            )
+        return data[op.value_start : op.value_end]
+
+    def contains(self, ns: str, key: str) -> bool:
+        return key in self._namespace_for_read(ns)
+
+    def keys(self, ns: str) -> list[str]:
+        index = self._namespace_for_read(ns)
+        with self._lock:
+            return list(index)
+
+    def count(self, ns: str) -> int:
+        return len(self._namespace_for_read(ns))
+
+    def _namespace_for_read(self, ns: str) -> dict[str, Location]:
+        if self._closed:
+            raise StorageClosedError(f"storage {self.path} is closed")
+        return self._namespace(ns)
+
+    def has_namespace(self, ns: str) -> bool:
+        return ns in self._namespaces
+
+    def child_namespaces(self, ns: str) -> list[str]:
+        """Names (not paths) of the sub-storages directly below ``ns``."""
+        if self._closed:
+            raise StorageClosedError(f"storage {self.path} is closed")
+        prefix = ns + NS_SEPARATOR if ns else ""
+        with self._lock:
+            return sorted(
+                n[len(prefix) :]
+                for n in self._namespaces
+                if n and n.startswith(prefix) and NS_SEPARATOR not in n[len(prefix) :]
+            )
+
+    def checkpoint(self) -> bytes | memoryview | None:
+        """The encoded value of the last checkpoint written, or None."""
+        loc = self._checkpoint
+        if loc is None:
+            return None
+        return self._read_value(loc, "", "")
+
+    # ================================================================== lifecycle
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._failed
+
+    def close(self) -> None:
+        """Stop the sync thread, sync (unless failed), close files, release the lock.
+
+        Raises:
+            OSError: the final sync failed (files are closed and the lock released).
+        """
+        with self._lock:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            with self._sync_lock:
+                if self._failed is None and self._active is not None:
+                    self._fs.fdatasync(self._active.fd)
+        finally:
+            self._release_resources()
+
+    def _release_resources(self) -> None:
+        for segment in self._segments.values():
+            try:
+                self._fs.close(segment.fd)
+            except OSError:  # pragma: no cover - close of a valid fd does not fail on Linux
+                log.exception("closing %s", segment.path)
+        self._segments.clear()
+        if self._lock_fd is not None:
+            self._fs.unlock_dir(self._lock_fd)
+            self._lock_fd = None
+        self._closed = True
+
+    # ================================================================== invariants
+    def _check(self) -> None:
+        """Assert the engine's invariants (tests call this after each step)."""
+        with self._lock:
+            assert "" in self._namespaces, "root namespace missing"
+            for ns in self._namespaces:
+                if ns:
+                    parent = ns.rpartition(NS_SEPARATOR)[0]
+                    assert parent in self._namespaces, f"namespace {ns!r} without parent"
+            assert self._synced_pos <= self._written_pos
+            if self._closed:
+                return
+            assert self._active is not None
+            assert self._active.number == max(self._segments)
+            for segment in self._segments.values():
+                assert self._fs.file_size(segment.fd) == segment.size, segment.path
+            for ns, index in self._namespaces.items():
+                for key, loc in index.items():
+                    value = self._read_value(loc, ns, key)
+                    assert len(value) >= 1
+
+
+# ====================================================================== registry
+_registry: dict[str, Engine] = {}
+_registry_lock = threading.Lock()
+
+
+def acquire_engine(
+    path: str,
+    given: dict[str, object],
+    create: bool,
+    fs: FileSystem = OS_FS,
+) -> Engine:
+    """The engine for directory ``path``, opened if needed, with one more reference.
+
+    Args:
+        path: the storage directory.
+        given: options the caller passed explicitly; others take the open
+            engine's values (or the defaults when it is opened now).
+        create: create the directory when missing.
+
+    Raises:
+        OptionConflictError: the directory is already open with other values
+            for options in ``given``.
+        FileNotFoundError: missing directory and ``create`` is False.
+        StorageLockedError, CorruptionError, OSError: from opening.
+    """
+    options = validate_options(given)
+    if not fs.is_dir(path):
+        if fs.exists(path):
+            raise NotADirectoryError(f"storage path {path} exists and is not a directory")
+        if not create:
+            raise FileNotFoundError(
+                f"storage directory {path} does not exist (auto_create_dir=False)"
+            )
+        fs.make_dirs(path)
+    real = fs.canonical_path(path)
+    with _registry_lock:
+        engine = _registry.get(real)
+        if engine is not None and not engine.closed:
+            conflicts = [
+                f"{name}={value!r} (open with {getattr(engine.options, name)!r})"
+                for name, value in given.items()
+                if name != "recovery" and getattr(options, name) != getattr(engine.options, name)
+            ]
+            if conflicts:
+                raise OptionConflictError(
+                    f"storage directory {real} is already open in this process with other "
+                    f"options: {', '.join(conflicts)}; close it first or pass the same options"
+                )
+        else:
+            engine = Engine(real, options, fs)
+            _registry[real] = engine
+        engine._refs += 1
+        return engine
+
+
+def add_reference(engine: Engine) -> None:
+    """One more handle shares ``engine`` (a sub-storage handle)."""
+    with _registry_lock:
+        if engine.closed:
+            raise StorageClosedError(f"storage {engine.path} is closed")
+        engine._refs += 1
+
+
+def release_engine(engine: Engine) -> None:
+    """Drop one reference; the last one closes the engine and releases the lock."""
+    with _registry_lock:
+        engine._refs -= 1
+        if engine._refs > 0:
+            return
+        if _registry.get(engine.path) is engine:
+            del _registry[engine.path]
+    engine.close()
+
+
+def open_engines() -> Iterable[Engine]:
+    """Engines currently open in this process (for tests and diagnostics)."""
+    with _registry_lock:
+        return list(_registry.values())

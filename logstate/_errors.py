@@ -1,0 +1,111 @@
+"""The exceptions logstate raises.
+
+Owns: every exception type of the library, each carrying the fields a caller
+needs to act on it (path, offset, reason, pid) and not only a message.
+Must never: import any other logstate module (every layer imports this one).
+
+``OSError`` raised by the operating system is never caught and renamed here:
+the engine lets it propagate (after marking the storage failed where a write
+or sync is involved), wrapped only as the ``__cause__`` of
+:class:`StorageFailedError` on later calls.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptionError",
+    "KeyNotFoundError",
+    "LogstateError",
+    "OptionConflictError",
+    "PickleNotAllowedError",
+    "StorageClosedError",
+    "StorageFailedError",
+    "StorageLockedError",
+    "SubStorageDeletedError",
+    "UnsupportedFormatError",
+]
+
+
+class LogstateError(Exception):
+    """Base class of every error logstate raises on its own account."""
+
+
+class CorruptionError(LogstateError):
+    """Stored bytes failed validation.
+
+    Attributes:
+        path: the file that holds the bad bytes ("" when decoding plain bytes).
+        offset: byte offset of the damage within that file.
+        reason: what is wrong, in words.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        where = f"{path} at offset {offset}" if path else f"offset {offset}"
+        super().__init__(f"corrupt data in {where}: {reason}")
+
+    def __reduce__(self) -> tuple[type[CorruptionError], tuple[str, int, str]]:
+        return (type(self), (self.path, self.offset, self.reason))
+
+
+class UnsupportedFormatError(CorruptionError):
+    """A segment header has an unknown magic number or format version."""
+
+
+class StorageLockedError(LogstateError):
+    """Another process holds the directory's exclusive lock.
+
+    Attributes:
+        path: the storage directory.
+        pid: the holder's process id, or None when it could not be read.
+    """
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"storage directory {path} is locked by {holder} (lock file {path}/LOCK); "
+            "only one process may open a storage directory at a time"
+        )
+
+
+class StorageClosedError(LogstateError):
+    """An operation was attempted on a closed storage handle."""
+
+
+class StorageFailedError(LogstateError):
+    """A write or sync failed earlier; the storage refuses writes until reopened.
+
+    After an I/O error the state of the file's unsynced bytes is unknown (see
+    fsyncgate), so no later write may be acknowledged. Close every handle and
+    open the directory again: recovery then decides what survived.
+    """
+
+
+class SubStorageDeletedError(LogstateError):
+    """The sub-storage behind a handle was deleted (or its parent cleared)."""
+
+
+class OptionConflictError(LogstateError, ValueError):
+    """A directory already open in this process was opened with other options."""
+
+
+class PickleNotAllowedError(LogstateError, TypeError):
+    """A pickled value was about to be written or read with ``allow_pickle=False``."""
+
+
+class KeyNotFoundError(LogstateError, KeyError):
+    """``storage[key]`` or ``del storage[key]`` on a key that is not stored.
+
+    Also a :class:`KeyError`, so ``except KeyError`` works as with a dict.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(key)
+
+    def __str__(self) -> str:
+        return f"key not found: {self.key!r}"

@@ -1,0 +1,450 @@
+"""The byte format of segment files: headers, framed records, operations, groups.
+
+Owns: every constant and struct of the on-disk layout (documented once, as a
+grammar with an example, in docs/format.md), the CRC-32C, encoding of records,
+and the scanner that walks a segment's bytes and *reports* damage.
+Must never: do I/O, read clocks, log, or decide what to do about damage (the
+engine's recovery policy does that). Every function works on plain ``bytes``
+or ``memoryview`` so that the fuzzers can drive it without files.
+
+Layout summary (docs/format.md has the full grammar)::
+
+    segment = header record*
+    header  = magic:8 version:u16 reserved:u16 segment_number:u64 header_crc:u32
+    record  = crc:u32 length:u32 type:u8 payload[length]      crc covers length..payload
+    payload = seq:u64 body
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from typing import Final, NamedTuple
+
+import crcmod.predefined
+import zstandard
+
+from logstate._errors import CorruptionError, UnsupportedFormatError
+
+# --------------------------------------------------------------------------- CRC-32C
+# crcmod's table-driven C extension; the pure-Python fallback is ~50x slower,
+# which would make every read and write crawl, so refuse to run on it.
+if not getattr(sys.modules.get("crcmod.crcmod"), "_usingExtension", False):  # pragma: no cover
+    raise ImportError(
+        "logstate needs crcmod's C extension (crcmod._crcfunext) for CRC-32C; only the "
+        "pure-Python fallback is importable. Reinstall crcmod with a C compiler and the "
+        "Python headers available: python -m pip install --force-reinstall --no-binary "
+        "crcmod crcmod"
+    )
+from crcmod._crcfunext import _crc32r  # noqa: E402  (checked just above)
+
+_crc32c_fun = crcmod.predefined.mkCrcFun("crc-32c")
+_CRC32C_TABLE: Final[bytes] = _crc32c_fun.__defaults__[1]
+_CRC_XOR: Final = 0xFFFFFFFF
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (0 to start)."""
+    return _crc32r(data, crc ^ _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR  # type: ignore[no-any-return]
+
+
+assert crc32c(b"123456789") == 0xE3069283, "crc-32c check value"
+
+# --------------------------------------------------------------------------- segment header
+SEGMENT_MAGIC: Final = b"\x89LGSEG\r\n"
+FORMAT_VERSION: Final = 1
+SEGMENT_HEADER: Final = struct.Struct("<8sHHQI")  # magic, version, reserved, number, crc
+SEGMENT_HEADER_SIZE: Final = SEGMENT_HEADER.size
+assert SEGMENT_HEADER_SIZE == 24
+MAX_SEGMENT_NUMBER: Final = (1 << 32) - 1
+
+# --------------------------------------------------------------------------- record frame
+FRAME_HEADER: Final = struct.Struct("<IIB")  # crc, length, type
+FRAME_HEADER_SIZE: Final = FRAME_HEADER.size
+assert FRAME_HEADER_SIZE == 9
+SEQ: Final = struct.Struct("<Q")
+SEQ_SIZE: Final = SEQ.size
+assert SEQ_SIZE == 8
+# crc is over everything after itself: length, type, payload
+_LENGTH_TYPE_SEQ: Final = struct.Struct("<IBQ")
+assert _LENGTH_TYPE_SEQ.size == 13
+RECORD_OVERHEAD: Final = FRAME_HEADER_SIZE + SEQ_SIZE  # bytes before the body
+MIN_PAYLOAD_SIZE: Final = SEQ_SIZE  # so length 0 is never valid
+MAX_RECORD_SIZE: Final = 1 << 30  # bound on `length`: what a corrupt length can make us allocate
+
+# Record (and group operation) types. 0 is invalid: zero-filled space is never a record.
+REC_SET: Final = 1  # body = ns key value
+REC_DELETE: Final = 2  # body = ns key
+REC_CLEAR: Final = 3  # body = ns            (keys of ns and every sub-storage below it)
+REC_GROUP: Final = 4  # body = group         (many operations, one frame, one CRC)
+REC_CREATE_NS: Final = 5  # body = ns
+REC_DROP_NS: Final = 6  # body = ns          (clear, then forget the sub-storage itself)
+REC_CHECKPOINT: Final = 7  # body = value    (caller's checkpoint, e.g. input offsets)
+RECORD_TYPES: Final = frozenset(range(1, 8))
+OP_TYPES: Final = RECORD_TYPES - {REC_GROUP}  # what a group may hold (no nesting)
+RECORD_TYPE_NAMES: Final = {
+    REC_SET: "set",
+    REC_DELETE: "delete",
+    REC_CLEAR: "clear",
+    REC_GROUP: "group",
+    REC_CREATE_NS: "create-sub-storage",
+    REC_DROP_NS: "drop-sub-storage",
+    REC_CHECKPOINT: "checkpoint",
+}
+
+# Names (namespace path, key): u16 length + UTF-8.
+NAME_LEN: Final = struct.Struct("<H")
+MAX_NAME_SIZE: Final = 0xFFFF
+MAX_KEY_SIZE: Final = 4096  # UTF-8 bytes of a key: a policy bound, well below MAX_NAME_SIZE
+NS_SEPARATOR: Final = "/"  # joins sub-storage names into a namespace path; "" is the root
+
+# Group body: flags u8, count u32, then ops (or, if compressed, raw_size u32 + zstd frame).
+GROUP_HEADER: Final = struct.Struct("<BI")
+GROUP_HEADER_SIZE: Final = GROUP_HEADER.size
+assert GROUP_HEADER_SIZE == 5
+GROUP_FLAG_ZSTD: Final = 0x01
+GROUP_RAW_SIZE: Final = struct.Struct("<I")
+# One operation inside a group: its own crc (so a point read of one value needs
+# only the op's bytes), type, length, body. op_crc covers type, length and body.
+GROUP_OP: Final = struct.Struct("<IBI")
+GROUP_OP_SIZE: Final = GROUP_OP.size
+assert GROUP_OP_SIZE == 9
+_OP_TYPE_LEN: Final = struct.Struct("<BI")
+
+
+# =========================================================================== segment header
+def encode_segment_header(segment_number: int) -> bytes:
+    """The 24-byte header that starts segment ``segment_number``."""
+    if not 0 <= segment_number <= MAX_SEGMENT_NUMBER:
+        raise ValueError(f"segment number out of range: {segment_number}")
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, segment_number, 0)
+    return head[:-4] + struct.pack("<I", crc32c(head[:-4]))
+
+
+def decode_segment_header(data: bytes | memoryview) -> int:
+    """Validate a segment header and return its segment number.
+
+    Raises:
+        CorruptionError: fewer than 24 bytes, or a header CRC mismatch (offset 0).
+        UnsupportedFormatError: not a logstate segment (magic), or a format
+            version this code does not know.
+    """
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise CorruptionError("", 0, f"segment header truncated ({len(data)} of 24 bytes)")
+    magic, version, _reserved, number, crc = SEGMENT_HEADER.unpack_from(data, 0)
+    if magic != SEGMENT_MAGIC:
+        raise UnsupportedFormatError("", 0, f"not a logstate segment (magic {bytes(magic)!r})")
+    if crc != crc32c(data[: SEGMENT_HEADER_SIZE - 4]):
+        raise CorruptionError("", 0, "segment header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            "", 0, f"segment format version {version} is not supported (this logstate reads "
+            f"version {FORMAT_VERSION}); upgrade logstate to open it"
+        )
+    return int(number)
+
+
+# =========================================================================== encoding
+def encode_name(name: str) -> bytes:
+    """u16 length + UTF-8 of a namespace path or key (the caller bounds its size)."""
+    raw = name.encode("utf-8")
+    return NAME_LEN.pack(len(raw)) + raw
+
+
+def encode_set_body(ns: bytes, key: bytes, value: bytes) -> bytes:
+    """Body of a set: encoded namespace, encoded key, encoded value (to the end)."""
+    return ns + key + value
+
+
+def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryview) -> bytes:
+    """Frame one record: crc, length, type, seq, body."""
+    head = _LENGTH_TYPE_SEQ.pack(SEQ_SIZE + len(body), record_type, seq)
+    return struct.pack("<I", crc32c(body, crc32c(head))) + head + body
+
+
+def encode_group_ops(ops: list[tuple[int, bytes]]) -> bytes:
+    """The op list of a group: for each (type, body), op_crc type length body."""
+    parts = []
+    for op_type, body in ops:
+        if op_type not in OP_TYPES:
+            raise ValueError(f"operation type {op_type} cannot be part of a group")
+        head = _OP_TYPE_LEN.pack(op_type, len(body))
+        parts.append(struct.pack("<I", crc32c(body, crc32c(head))) + head + body)
+    return b"".join(parts)
+
+
+def encode_group_body(
+    ops: list[tuple[int, bytes]], compress_min_size: int | None = None, zstd_level: int = 3
+) -> bytes:
+    """Body of a group record (flags, count, ops), compressed when large.
+
+    Args:
+        ops: (operation type, operation body) pairs, applied in order.
+        compress_min_size: compress the op list with zstandard when it is at
+            least this many bytes (None: never). Kept only if it is smaller.
+        zstd_level: zstandard compression level.
+    """
+    raw = encode_group_ops(ops)
+    if compress_min_size is not None and len(raw) >= compress_min_size:
+        packed = zstandard.ZstdCompressor(level=zstd_level).compress(raw)
+        if len(packed) + GROUP_RAW_SIZE.size < len(raw):
+            return (
+                GROUP_HEADER.pack(GROUP_FLAG_ZSTD, len(ops)) + GROUP_RAW_SIZE.pack(len(raw)) + packed
+            )
+    return GROUP_HEADER.pack(0, len(ops)) + raw
+
+
+# =========================================================================== decoding
+class Frame(NamedTuple):
+    """One record found by the scanner (CRC already verified)."""
+
+    offset: int  # of the frame in the scanned buffer
+    size: int  # whole frame, header included
+    record_type: int
+    seq: int
+
+
+class Damage(NamedTuple):
+    """A damaged byte range reported by the scanner."""
+
+    offset: int
+    size: int
+    reason: str
+
+
+class Op(NamedTuple):
+    """One decoded operation (a single record's, or one inside a group)."""
+
+    op_type: int
+    ns: str
+    key: str  # "" for operations without a key
+    value_start: int  # offset of the encoded value in the decoded buffer (-1: none)
+    value_end: int
+
+
+def _read_name(buf: bytes | memoryview, pos: int, end: int, what: str, base: int) -> tuple[str, int]:
+    if pos + 2 > end:
+        raise CorruptionError("", base + pos, f"{what} length truncated")
+    (size,) = NAME_LEN.unpack_from(buf, pos)
+    pos += 2
+    if pos + size > end:
+        raise CorruptionError("", base + pos, f"{what} of {size} bytes overruns its record")
+    try:
+        return bytes(buf[pos : pos + size]).decode("utf-8"), pos + size
+    except UnicodeDecodeError:
+        raise CorruptionError("", base + pos, f"{what} is not valid UTF-8") from None
+
+
+def decode_op(
+    op_type: int, buf: bytes | memoryview, start: int, end: int, base: int = 0
+) -> Op:
+    """Decode the body of an operation occupying ``buf[start:end]``.
+
+    ``base`` is added to offsets in errors (the buffer's position in its file).
+
+    Raises:
+        CorruptionError: unknown type or a body that does not parse exactly.
+    """
+    if op_type == REC_SET:
+        ns, pos = _read_name(buf, start, end, "namespace", base)
+        key, pos = _read_name(buf, pos, end, "key", base)
+        if pos >= end:
+            raise CorruptionError("", base + pos, "set record has no value")
+        return Op(op_type, ns, key, pos, end)
+    if op_type == REC_DELETE:
+        ns, pos = _read_name(buf, start, end, "namespace", base)
+        key, pos = _read_name(buf, pos, end, "key", base)
+        if not key:
+            raise CorruptionError("", base + start, "delete record with an empty key")
+    elif op_type in (REC_CLEAR, REC_CREATE_NS, REC_DROP_NS):
+        ns, pos = _read_name(buf, start, end, "namespace", base)
+        key = ""
+        if op_type != REC_CLEAR and not ns:
+            raise CorruptionError("", base + start, "sub-storage record names the root")
+    elif op_type == REC_CHECKPOINT:
+        if start >= end:
+            raise CorruptionError("", base + start, "checkpoint record has no value")
+        return Op(op_type, "", "", start, end)
+    else:
+        raise CorruptionError("", base + start, f"unknown operation type {op_type}")
+    if pos != end:
+        raise CorruptionError("", base + pos, f"{end - pos} unexpected bytes after the body")
+    return Op(op_type, ns, key, -1, -1)
+
+
+class GroupOp(NamedTuple):
+    """An operation inside a group, with where its bytes are."""
+
+    op: Op
+    op_offset: int  # offset of the op (its crc) in the op buffer
+    op_size: int  # bytes of the op, its 9-byte header included
+
+
+def decode_group(
+    payload: bytes | memoryview, base: int = 0
+) -> tuple[bool, bytes | memoryview, list[GroupOp]]:
+    """Decode a group record's payload (the bytes after the frame header).
+
+    Args:
+        payload: seq + group body, as found in the record.
+        base: position of ``payload`` in its file, for error offsets.
+
+    Returns:
+        (compressed, op buffer, ops): the op buffer is a view into ``payload``
+        for an uncompressed group (op offsets are relative to ``payload``), or
+        the decompressed bytes for a compressed one (offsets relative to them).
+
+    Raises:
+        CorruptionError: a count, size, checksum or operation that does not fit.
+    """
+    pos = SEQ_SIZE
+    if len(payload) < pos + GROUP_HEADER_SIZE:
+        raise CorruptionError("", base + pos, "group header truncated")
+    flags, count = GROUP_HEADER.unpack_from(payload, pos)
+    pos += GROUP_HEADER_SIZE
+    if flags & ~GROUP_FLAG_ZSTD:
+        raise CorruptionError("", base + SEQ_SIZE, f"unknown group flags 0x{flags:02x}")
+    buf: bytes | memoryview = payload
+    end = len(payload)
+    compressed = bool(flags & GROUP_FLAG_ZSTD)
+    if compressed:
+        if pos + GROUP_RAW_SIZE.size > end:
+            raise CorruptionError("", base + pos, "compressed group size truncated")
+        (raw_size,) = GROUP_RAW_SIZE.unpack_from(payload, pos)
+        if raw_size > MAX_RECORD_SIZE:
+            raise CorruptionError("", base + pos, f"compressed group claims {raw_size} bytes")
+        pos += GROUP_RAW_SIZE.size
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(
+                bytes(payload[pos:]), max_output_size=raw_size
+            )
+        except zstandard.ZstdError as exc:
+            raise CorruptionError("", base + pos, f"compressed group does not decompress: {exc}") from None
+        if len(raw) != raw_size:
+            raise CorruptionError(
+                "", base + pos, f"compressed group gave {len(raw)} bytes, expected {raw_size}"
+            )
+        buf, pos, end, base = raw, 0, raw_size, base  # offsets inside raw from here on
+    if count * GROUP_OP_SIZE > end - pos:
+        raise CorruptionError("", base + SEQ_SIZE, f"group claims {count} operations, too many")
+    ops: list[GroupOp] = []
+    for _ in range(count):
+        if pos + GROUP_OP_SIZE > end:
+            raise CorruptionError("", base + pos, "group operation header truncated")
+        crc, op_type, op_len = GROUP_OP.unpack_from(buf, pos)
+        body_start = pos + GROUP_OP_SIZE
+        body_end = body_start + op_len
+        if body_end > end:
+            raise CorruptionError("", base + pos, "group operation overruns its group")
+        if crc != crc32c(buf[pos + 4 : body_end]):
+            raise CorruptionError("", base + pos, "group operation checksum mismatch")
+        if op_type not in OP_TYPES:
+            raise CorruptionError("", base + pos, f"operation type {op_type} inside a group")
+        ops.append(GroupOp(decode_op(op_type, buf, body_start, body_end, base), pos, body_end - pos))
+        pos = body_end
+    if pos != end:
+        raise CorruptionError("", base + pos, f"{end - pos} bytes after the group's last operation")
+    return compressed, buf, ops
+
+
+def check_group_op(data: bytes | memoryview) -> int:
+    """Verify one group operation read on its own; return where its body starts.
+
+    Raises:
+        CorruptionError: size or checksum mismatch (offset relative to ``data``).
+    """
+    if len(data) < GROUP_OP_SIZE:
+        raise CorruptionError("", 0, "group operation truncated")
+    crc, _op_type, op_len = GROUP_OP.unpack_from(data, 0)
+    if GROUP_OP_SIZE + op_len != len(data):
+        raise CorruptionError("", 0, "group operation length mismatch")
+    if crc != crc32c(data[4:]):
+        raise CorruptionError("", 0, "group operation checksum mismatch")
+    return GROUP_OP_SIZE
+
+
+def check_record(data: bytes | memoryview) -> int:
+    """Verify one whole record read on its own; return its record type.
+
+    Raises:
+        CorruptionError: size, type or checksum mismatch (offset relative to ``data``).
+    """
+    if len(data) < RECORD_OVERHEAD:
+        raise CorruptionError("", 0, "record truncated")
+    crc, length, record_type = FRAME_HEADER.unpack_from(data, 0)
+    if FRAME_HEADER_SIZE + length != len(data):
+        raise CorruptionError("", 0, "record length mismatch")
+    if crc != crc32c(data[4:]):
+        raise CorruptionError("", 0, "record checksum mismatch")
+    return int(record_type)
+
+
+# =========================================================================== scanning
+def _frame_error(data: bytes | memoryview, offset: int, end: int) -> str | int:
+    """Validate the frame at ``offset``: its size, or why it is not a record."""
+    if offset + FRAME_HEADER_SIZE > end:
+        return f"truncated record header ({end - offset} bytes before end of data)"
+    crc, length, record_type = FRAME_HEADER.unpack_from(data, offset)
+    if length == 0 and record_type == 0:
+        return "zero-filled space"
+    if record_type not in RECORD_TYPES:
+        return f"invalid record type {record_type}"
+    if length < MIN_PAYLOAD_SIZE or length > MAX_RECORD_SIZE:
+        return f"invalid record length {length}"
+    frame_end = offset + FRAME_HEADER_SIZE + length
+    if frame_end > end:
+        return f"record of {length} bytes extends past the end of data"
+    if crc != crc32c(data[offset + 4 : frame_end]):
+        return "record checksum mismatch"
+    return frame_end - offset
+
+
+def _resync(data: bytes | memoryview, offset: int, end: int) -> int:
+    """First offset after ``offset`` where a valid record starts, or ``end``."""
+    candidate = offset + 1
+    last = end - RECORD_OVERHEAD
+    while candidate <= last:
+        # cheap filters before the CRC: a valid type byte and a plausible length
+        record_type = data[candidate + 8]
+        if 0 < record_type < 8:
+            size = _frame_error(data, candidate, end)
+            if isinstance(size, int):
+                return candidate
+        candidate += 1
+    return end
+
+
+def scan_records(
+    data: bytes | memoryview, start: int, report: Callable[[Damage], None]
+) -> Iterator[Frame]:
+    """Walk the records of a segment's bytes from ``start`` to the end.
+
+    Yields every record whose frame and CRC are valid, in order. Damaged
+    ranges are passed to ``report`` (offset, size, reason) and skipped: after a
+    bad frame the scanner resynchronises on the next offset where a valid
+    record starts, so the caller can tell a torn tail (damage reaching the end
+    of the data) from damage followed by valid records.
+
+    Limits: a valid-looking record inside a damaged range (e.g. a stored value
+    that itself contains logstate record bytes) is taken as a record by
+    resynchronisation; a checksum cannot tell it apart.
+    """
+    end = len(data)
+    offset = start
+    while offset < end:
+        result = _frame_error(data, offset, end)
+        if isinstance(result, int):
+            _crc, _length, record_type = FRAME_HEADER.unpack_from(data, offset)
+            (seq,) = SEQ.unpack_from(data, offset + FRAME_HEADER_SIZE)
+            yield Frame(offset, result, record_type, seq)
+            offset += result
+            continue
+        next_offset = _resync(data, offset, end)
+        report(Damage(offset, next_offset - offset, result))
+        offset = next_offset
+
+
+def record_value(op: Op, buf: bytes | memoryview) -> memoryview:
+    """The encoded value of a set or checkpoint operation, as a view into ``buf``."""
+    return memoryview(buf)[op.value_start : op.value_end]

@@ -1,0 +1,491 @@
+"""The public API: :class:`LocalFileStorage` and its atomic :class:`Batch`.
+
+Owns: argument checking (keys, values, sub-storage names, options), the
+legacy-compatible method names, handles and their lifetime (each handle holds
+one reference on the shared engine of its directory).
+Must never: touch files or bytes directly (the engine and the byte layer do),
+or let a bad argument reach the engine: every check happens before the first
+byte is written, so a rejected call changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator, MutableMapping
+from types import TracebackType
+from typing import Any, Final
+
+from logstate import _engine
+from logstate._errors import KeyNotFoundError, StorageClosedError
+from logstate._format import (
+    MAX_KEY_SIZE,
+    MAX_NAME_SIZE,
+    NAME_LEN,
+    REC_CLEAR,
+    REC_DELETE,
+    REC_SET,
+    encode_name,
+)
+from logstate._values import decode_value, encode_value
+
+__all__ = ["DEFAULT_DIRECTORY", "MAX_SUB_STORAGE_NAME_SIZE", "Batch", "LocalFileStorage"]
+
+DEFAULT_DIRECTORY: Final = "./state"
+MAX_SUB_STORAGE_NAME_SIZE: Final = 255  # UTF-8 bytes, like a file name
+_MISSING: Final[Any] = object()
+_FORBIDDEN_NAME_CHARS: Final = frozenset("/\\\0")
+
+
+def encode_key(key: object) -> bytes:
+    """Check a key and return its UTF-8 bytes.
+
+    Raises:
+        TypeError: the key is not a str.
+        ValueError: empty, longer than MAX_KEY_SIZE bytes, or not encodable.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {type(key).__name__}: {key!r:.80}")
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"key {key!r:.80} cannot be encoded as UTF-8: {exc.reason}") from None
+    if not raw:
+        raise ValueError("key must not be empty")
+    if len(raw) > MAX_KEY_SIZE:
+        raise ValueError(f"key is {len(raw)} bytes in UTF-8; the limit is {MAX_KEY_SIZE}")
+    return raw
+
+
+def check_sub_storage_name(name: object) -> str:
+    """Check a sub-storage name.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, ``.`` or ``..``, contains ``/``, ``\\`` or NUL, or
+            longer than MAX_SUB_STORAGE_NAME_SIZE UTF-8 bytes.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"sub-storage name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("sub-storage name must not be empty")
+    if name in (".", ".."):
+        raise ValueError(f"sub-storage name must not be {name!r}")
+    bad = _FORBIDDEN_NAME_CHARS.intersection(name)
+    if bad:
+        raise ValueError(
+            f"sub-storage name {name!r:.80} contains forbidden character(s) "
+            f"{', '.join(sorted(map(repr, bad)))}"
+        )
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"sub-storage name {name!r:.80} is not valid UTF-8: {exc.reason}") from None
+    if size > MAX_SUB_STORAGE_NAME_SIZE:
+        raise ValueError(
+            f"sub-storage name is {size} bytes; the limit is {MAX_SUB_STORAGE_NAME_SIZE}"
+        )
+    return name
+
+
+class LocalFileStorage(MutableMapping[str, Any]):
+    """A durable key-value storage in a local directory.
+
+    Keys are non-empty ``str`` (case-sensitive); values are None, bool, int,
+    float, str, bytes, bytearray or any picklable object, and come back with
+    their exact type. Every write is one checksummed record appended to the
+    directory's segment log (see docs/format.md); ``sync`` decides when it is
+    also on stable storage (see docs/durability.md).
+
+    Opening a directory that is already open in this process returns a new
+    handle on the same engine (legacy code opens storages freely and never
+    closes them); the directory is released when the last handle is closed or
+    garbage-collected. Another process gets :class:`StorageLockedError`.
+
+    Args:
+        storage_directory: the directory; None means ``./state``.
+        auto_create_dir: create the directory (0700) when it does not exist.
+        sync: "none" (written to the OS on return: survives a killed process),
+            "interval" (plus fdatasync at most ``sync_interval`` s later; the
+            default) or "always" (fdatasync before return; concurrent writers
+            share one sync).
+        sync_interval: seconds, for sync="interval" (default 1.0).
+        segment_size: bytes at which the active segment rolls (default 64 MiB).
+        recovery: "strict" (default: only a torn tail of the newest segment is
+            repaired; other damage raises CorruptionError) or "salvage" (keep
+            every valid record, move damaged bytes aside).
+        compress_min_size: group records whose operations take at least this
+            many bytes are zstd-compressed (default 64 KiB; None: never).
+        zstd_level: zstandard level for those groups (default 3).
+        allow_pickle: False refuses to write or read pickled values (for state
+            from an untrusted source: loading a pickle can run code).
+
+    Raises:
+        TypeError / ValueError: a bad argument (nothing is opened).
+        FileNotFoundError: missing directory and ``auto_create_dir`` is False.
+        StorageLockedError: another process has the directory open.
+        OptionConflictError: open in this process with other explicit options.
+        CorruptionError: damage that ``recovery`` does not allow to repair.
+    """
+
+    # set by _new_handle as well as __init__
+    _engine: _engine.Engine
+    _ns: str
+    _ns_bytes: bytes
+    _allow_pickle: bool
+    _closed: bool
+    _finalizer: weakref.finalize
+
+    def __init__(
+        self,
+        storage_directory: str | os.PathLike[str] | None = None,
+        auto_create_dir: bool = True,
+        *,
+        sync: str | None = None,
+        sync_interval: float | None = None,
+        segment_size: int | None = None,
+        recovery: str | None = None,
+        compress_min_size: int | None | object = _MISSING,
+        zstd_level: int | None = None,
+        allow_pickle: bool = True,
+    ) -> None:
+        if storage_directory is None:
+            storage_directory = DEFAULT_DIRECTORY
+        if not isinstance(storage_directory, (str, os.PathLike)):
+            raise TypeError(
+                "storage_directory must be a str or os.PathLike, "
+                f"got {type(storage_directory).__name__}"
+            )
+        path = os.fspath(storage_directory)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"storage_directory must be a non-empty text path, got {path!r}")
+        if not isinstance(auto_create_dir, bool):
+            raise TypeError(f"auto_create_dir must be a bool, got {type(auto_create_dir).__name__}")
+        if not isinstance(allow_pickle, bool):
+            raise TypeError(f"allow_pickle must be a bool, got {type(allow_pickle).__name__}")
+        given: dict[str, object] = {
+            name: value
+            for name, value in (
+                ("sync", sync),
+                ("sync_interval", sync_interval),
+                ("segment_size", segment_size),
+                ("recovery", recovery),
+                ("zstd_level", zstd_level),
+            )
+            if value is not None
+        }
+        if compress_min_size is not _MISSING:
+            given["compress_min_size"] = compress_min_size
+        engine = _engine.acquire_engine(path, given, create=auto_create_dir)
+        self._attach(engine, "", allow_pickle)
+
+    def _attach(self, engine: _engine.Engine, ns: str, allow_pickle: bool) -> None:
+        self._engine = engine
+        self._ns = ns
+        self._ns_bytes = encode_name(ns)
+        self._allow_pickle = allow_pickle
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _engine.release_engine, engine)
+
+    @classmethod
+    def _new_handle(cls, engine: _engine.Engine, ns: str, allow_pickle: bool) -> LocalFileStorage:
+        _engine.add_reference(engine)
+        handle = cls.__new__(cls)
+        handle._attach(engine, ns, allow_pickle)
+        return handle
+
+    def _closed_error(self) -> StorageClosedError:
+        return StorageClosedError(f"storage handle on {self.path} is closed")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def path(self) -> str:
+        """The storage directory (absolute, symlinks resolved)."""
+        return self._engine.path
+
+    @property
+    def name(self) -> str:
+        """The sub-storage path (``a/b``) of this handle; "" for the directory's root."""
+        return self._ns
+
+    @property
+    def is_case_sensitive(self) -> bool:
+        """True: keys are stored as given (the legacy file store lower-cased them)."""
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._engine.closed
+
+    @property
+    def checkpoint(self) -> Any:
+        """The value of the last committed checkpoint (see InMemoryStorage.flush), or None."""
+        if self._closed:
+            raise self._closed_error()
+        raw = self._engine.checkpoint()
+        return None if raw is None else decode_value(raw, self._allow_pickle)
+
+    # ------------------------------------------------------------------ key/value
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (replacing any previous value).
+
+        Raises:
+            TypeError: key not a str; value not storable (e.g. not picklable).
+            ValueError: key empty or too long.
+            PickleNotAllowedError: value needs pickle and allow_pickle is False.
+            StorageClosedError / StorageFailedError / SubStorageDeletedError.
+            OSError: the write (or, with sync="always", the sync) failed; the
+                storage then refuses writes until reopened.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if type(key) is str:
+            try:
+                raw_key = key.encode("utf-8")
+            except UnicodeEncodeError:
+                raw_key = encode_key(key)  # raises with the reason
+            if not raw_key or len(raw_key) > MAX_KEY_SIZE:
+                encode_key(key)  # raises with the reason
+        else:
+            raw_key = encode_key(key)
+        self._engine.set(self._ns, self._ns_bytes, key, raw_key, encode_value(value, self._allow_pickle))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default`` when there is none.
+
+        Raises:
+            TypeError: key not a str.
+            CorruptionError: the stored record fails its checksum (never a wrong value).
+            PickleNotAllowedError: the value is a pickle and allow_pickle is False.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if type(key) is not str:
+            encode_key(key)
+        raw = self._engine.get(self._ns, key)
+        if raw is None:
+            return default
+        return decode_value(raw, self._allow_pickle)
+
+    def remove(self, key: str) -> None:
+        """Delete ``key``; no error when it is not stored."""
+        self._remove(key)
+
+    def _remove(self, key: str) -> bool:
+        if self._closed:
+            raise self._closed_error()
+        raw_key = encode_key(key)
+        return self._engine.delete(self._ns, self._ns_bytes, key, raw_key)
+
+    def contains_key(self, key: str) -> bool:
+        """True when ``key`` is stored. Raises TypeError for a non-str key."""
+        if self._closed:
+            raise self._closed_error()
+        if type(key) is not str:
+            encode_key(key)
+        return self._engine.contains(self._ns, key)
+
+    def has_key(self, key: str) -> bool:
+        """Legacy name of :meth:`contains_key`."""
+        return self.contains_key(key)
+
+    def get_all_keys(self) -> list[str]:
+        """Every key of this storage (not of its sub-storages), as a new list."""
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.keys(self._ns)
+
+    def clear(self) -> None:
+        """Remove every key and every sub-storage below this one, as one atomic record."""
+        if self._closed:
+            raise self._closed_error()
+        self._engine.clear(self._ns)
+
+    # ------------------------------------------------------------------ MutableMapping
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyNotFoundError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if not self._remove(key):
+            raise KeyNotFoundError(key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return self.contains_key(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.get_all_keys())
+
+    def __len__(self) -> int:
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.count(self._ns)
+
+    # ------------------------------------------------------------------ batches
+    def batch(self) -> Batch:
+        """An atomic batch: ``with storage.batch() as b: b.set(...); b.remove(...)``.
+
+        The operations are written as ONE group record when the block exits
+        cleanly, and not at all when it raises. Reads inside the block see the
+        storage as it was before the batch.
+        """
+        if self._closed:
+            raise self._closed_error()
+        return Batch(self)
+
+    # ------------------------------------------------------------------ sub-storages
+    def get_or_create_sub_storage(self, name: str) -> LocalFileStorage:
+        """The sub-storage ``name`` below this one, created when missing.
+
+        Raises:
+            TypeError / ValueError: a bad name (see :func:`check_sub_storage_name`).
+        """
+        if self._closed:
+            raise self._closed_error()
+        ns = _engine.join_namespace(self._ns, check_sub_storage_name(name))
+        if len(ns.encode("utf-8")) > MAX_NAME_SIZE:
+            raise ValueError("sub-storages nested too deep: the path exceeds 65535 bytes")
+        self._engine.create_namespace(ns)
+        return self._new_handle(self._engine, ns, self._allow_pickle)
+
+    def delete_sub_storage(self, name: str) -> bool:
+        """Delete sub-storage ``name`` and everything below it (one record).
+
+        Returns:
+            True if it existed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        ns = _engine.join_namespace(self._ns, check_sub_storage_name(name))
+        return self._engine.drop_namespaces([ns]) == 1
+
+    def delete_sub_storages(self) -> int:
+        """Delete every sub-storage directly below this one (one atomic record).
+
+        Returns:
+            How many were deleted.
+        """
+        names = self.get_sub_storages()
+        return self._engine.drop_namespaces([_engine.join_namespace(self._ns, n) for n in names])
+
+    def get_sub_storages(self) -> list[str]:
+        """Names of the sub-storages directly below this one, sorted."""
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.child_namespaces(self._ns)
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        """Make every write so far durable now (fdatasync), whatever the sync mode."""
+        if self._closed:
+            raise self._closed_error()
+        self._engine.sync()
+
+    def close(self) -> None:
+        """Release this handle; the last handle of a directory closes it (after a sync).
+
+        Closing twice is allowed. Every other call on a closed handle raises
+        :class:`StorageClosedError`.
+        """
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> LocalFileStorage:
+        if self._closed:
+            raise self._closed_error()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        sub = f" sub-storage {self._ns!r}" if self._ns else ""
+        return f"<LocalFileStorage {self._engine.path!r}{sub} ({state})>"
+
+    def _check(self) -> None:
+        """Assert the invariants of the engine behind this handle."""
+        self._engine._check()
+
+
+class Batch:
+    """Operations collected for one atomic group record (see LocalFileStorage.batch).
+
+    Each call checks its arguments at once (a bad key or value raises in the
+    block, and the batch is then discarded if the exception leaves the block).
+    """
+
+    def __init__(self, storage: LocalFileStorage) -> None:
+        self._storage = storage
+        self._ops: list[tuple[int, bytes]] = []
+        self._done = False
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise RuntimeError("this batch has already been committed or discarded")
+
+    def set(self, key: str, value: Any) -> None:
+        """Add a set of ``key`` to ``value``."""
+        self._check_open()
+        raw_key = encode_key(key)
+        value_bytes = encode_value(value, self._storage._allow_pickle)
+        self._ops.append(
+            (REC_SET, self._storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + value_bytes)
+        )
+
+    def remove(self, key: str) -> None:
+        """Add a delete of ``key`` (no error when it is not stored)."""
+        self._check_open()
+        raw_key = encode_key(key)
+        self._ops.append((REC_DELETE, self._storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key))
+
+    def clear(self) -> None:
+        """Add a clear of the storage (keys and sub-storages), applied in order."""
+        self._check_open()
+        self._ops.append((REC_CLEAR, self._storage._ns_bytes))
+
+    __setitem__ = set
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def commit(self) -> int:
+        """Write the operations as one group; returns how many were written."""
+        self._check_open()
+        self._done = True
+        if self._storage._closed:
+            raise self._storage._closed_error()
+        return self._storage._engine.write_group(self._ops)
+
+    def discard(self) -> None:
+        """Drop the operations without writing anything."""
+        self._done = True
+        self._ops.clear()
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
