@@ -17,11 +17,13 @@ from logstate._errors import (
     SubStorageDeletedError,
     UnsupportedFormatError,
 )
+from logstate.memory import InMemoryStorage
 from logstate.storage import Batch, LocalFileStorage
 
 __all__ = [
     "Batch",
     "CorruptionError",
+    "InMemoryStorage",
     "KeyNotFoundError",
     "LocalFileStorage",
     "LogstateError",

@@ -70,6 +70,8 @@ assert SEQ_SIZE == 8
 _LENGTH_TYPE_SEQ: Final = struct.Struct("<IBQ")
 assert _LENGTH_TYPE_SEQ.size == 13
 RECORD_OVERHEAD: Final = FRAME_HEADER_SIZE + SEQ_SIZE  # bytes before the body
+_CRC_LENGTH_TYPE_SEQ: Final = struct.Struct("<IIBQ")
+assert _CRC_LENGTH_TYPE_SEQ.size == RECORD_OVERHEAD == 17
 MIN_PAYLOAD_SIZE: Final = SEQ_SIZE  # so length 0 is never valid
 MAX_RECORD_SIZE: Final = 1 << 30  # bound on `length`: what a corrupt length can make us allocate
 
@@ -157,10 +159,62 @@ def encode_set_body(ns: bytes, key: bytes, value: bytes) -> bytes:
     return ns + key + value
 
 
+_pack_length_type_seq = _LENGTH_TYPE_SEQ.pack
+_U32: Final = struct.Struct("<I")
+_pack_u32 = _U32.pack
+_unpack_u32 = _U32.unpack_from
+
+
 def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryview) -> bytes:
-    """Frame one record: crc, length, type, seq, body."""
-    head = _LENGTH_TYPE_SEQ.pack(SEQ_SIZE + len(body), record_type, seq)
-    return struct.pack("<I", crc32c(body, crc32c(head))) + head + body
+    """Frame one record: crc, length, type, seq, body.
+
+    Raises:
+        ValueError: ``length`` (8 + body size) would exceed MAX_RECORD_SIZE, so
+            every reader would refuse the record as damage.
+    """
+    length = SEQ_SIZE + len(body)
+    if length > MAX_RECORD_SIZE:
+        raise ValueError(
+            f"record of {length} bytes exceeds the limit of {MAX_RECORD_SIZE} (MAX_RECORD_SIZE)"
+        )
+    head = _pack_length_type_seq(length, record_type, seq)
+    crc = _crc32r(body, _crc32r(head, _CRC_XOR, _CRC32C_TABLE), _CRC32C_TABLE) ^ _CRC_XOR
+    return _pack_u32(crc) + head + body  # type: ignore[no-any-return]
+
+
+def set_record_value(data: bytes, prefix: bytes) -> bytes | None:
+    """The encoded value of a whole set record read on its own, if it checks out.
+
+    ``prefix`` is the expected ``ns key`` encoding. Returns None when the
+    record is not exactly a valid set record of that key (the caller then
+    finds out why with :func:`check_record` and :func:`decode_op`).
+    """
+    size = len(data)
+    if (
+        size > RECORD_OVERHEAD + len(prefix)
+        and data[8] == REC_SET
+        and _unpack_u32(data, 4)[0] + FRAME_HEADER_SIZE == size
+        and data.startswith(prefix, RECORD_OVERHEAD)
+        and _unpack_u32(data, 0)[0]
+        == _crc32r(memoryview(data)[4:], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR
+    ):
+        return data[RECORD_OVERHEAD + len(prefix) :]
+    return None
+
+
+def set_group_op_value(data: bytes, prefix: bytes) -> bytes | None:
+    """Like :func:`set_record_value`, for one set operation of a group read on its own."""
+    size = len(data)
+    if (
+        size > GROUP_OP_SIZE + len(prefix)
+        and data[4] == REC_SET
+        and _unpack_u32(data, 5)[0] + GROUP_OP_SIZE == size
+        and data.startswith(prefix, GROUP_OP_SIZE)
+        and _unpack_u32(data, 0)[0]
+        == _crc32r(memoryview(data)[4:], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR
+    ):
+        return data[GROUP_OP_SIZE + len(prefix) :]
+    return None
 
 
 def encode_group_ops(ops: list[tuple[int, bytes]]) -> bytes:
@@ -186,7 +240,8 @@ def encode_group_body(
         zstd_level: zstandard compression level.
     """
     raw = encode_group_ops(ops)
-    if compress_min_size is not None and len(raw) >= compress_min_size:
+    # raw_size is bounded by MAX_RECORD_SIZE on decoding: never compress more
+    if compress_min_size is not None and compress_min_size <= len(raw) <= MAX_RECORD_SIZE:
         packed = zstandard.ZstdCompressor(level=zstd_level).compress(raw)
         if len(packed) + GROUP_RAW_SIZE.size < len(raw):
             return (
@@ -315,10 +370,18 @@ def decode_group(
         if raw_size > MAX_RECORD_SIZE:
             raise CorruptionError("", base + pos, f"compressed group claims {raw_size} bytes")
         pos += GROUP_RAW_SIZE.size
+        packed = bytes(payload[pos:])
         try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                bytes(payload[pos:]), max_output_size=raw_size
-            )
+            # decompress() allocates the content size a frame header declares,
+            # ignoring max_output_size: refuse a header that disagrees with
+            # raw_size before it makes us allocate (up to 2**64 bytes).
+            content_size = zstandard.frame_content_size(packed)  # -1: not declared
+            if content_size not in (-1, raw_size):
+                raise CorruptionError(
+                    "", base + pos, f"compressed group's zstd frame declares {content_size} "
+                    f"bytes, expected {raw_size}"
+                )
+            raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=raw_size)
         except zstandard.ZstdError as exc:
             raise CorruptionError("", base + pos, f"compressed group does not decompress: {exc}") from None
         if len(raw) != raw_size:
@@ -432,19 +495,125 @@ def scan_records(
     """
     end = len(data)
     offset = start
+    unpack = _CRC_LENGTH_TYPE_SEQ.unpack_from
+    view = memoryview(data)
     while offset < end:
-        result = _frame_error(data, offset, end)
-        if isinstance(result, int):
-            _crc, _length, record_type = FRAME_HEADER.unpack_from(data, offset)
-            (seq,) = SEQ.unpack_from(data, offset + FRAME_HEADER_SIZE)
-            yield Frame(offset, result, record_type, seq)
-            offset += result
-            continue
+        # fast path: a whole, valid record (the checks _frame_error makes)
+        if offset + RECORD_OVERHEAD <= end:
+            crc, length, record_type, seq = unpack(data, offset)
+            frame_end = offset + FRAME_HEADER_SIZE + length
+            if (
+                0 < record_type < 8
+                and MIN_PAYLOAD_SIZE <= length <= MAX_RECORD_SIZE
+                and frame_end <= end
+                and crc == _crc32r(view[offset + 4 : frame_end], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR
+            ):
+                yield Frame(offset, frame_end - offset, record_type, seq)
+                offset = frame_end
+                continue
+        reason = _frame_error(data, offset, end)
+        assert isinstance(reason, str), "fast path and _frame_error disagree"
         next_offset = _resync(data, offset, end)
-        report(Damage(offset, next_offset - offset, result))
+        report(Damage(offset, next_offset - offset, reason))
         offset = next_offset
 
 
 def record_value(op: Op, buf: bytes | memoryview) -> memoryview:
     """The encoded value of a set or checkpoint operation, as a view into ``buf``."""
     return memoryview(buf)[op.value_start : op.value_end]
+
+
+# =========================================================================== replay fast path
+# Recovery decodes every record of every segment, so it has its own loop with
+# no per-field function calls. It must accept and reject exactly what
+# decode_op / decode_group do (tests/test_format.py and fuzz/ check them against
+# each other), so the per-op CRCs inside a group are checked here too: the
+# record's CRC covering them does not make a wrong op CRC acceptable (reads
+# check it, and would refuse an operation that recovery had applied).
+FRAME_PLAIN: Final = 0  # the op is the whole record
+FRAME_GROUP: Final = 1  # op offsets are positions in the scanned data
+FRAME_COMPRESSED_GROUP: Final = 2  # op offsets are positions in the decompressed op list
+
+ReplayOp = tuple[int, str, str, int, int]  # op_type, ns, key, op_offset, op_size
+_KEYED: Final = frozenset((REC_SET, REC_DELETE))
+_NS_ONLY: Final = frozenset((REC_CLEAR, REC_CREATE_NS, REC_DROP_NS))
+
+
+def _replay_op(op_type: int, buf: bytes, start: int, end: int, base: int) -> tuple[str, str]:
+    """(ns, key) of the op body ``buf[start:end]``, checked like :func:`decode_op`."""
+    if op_type in _KEYED:
+        if start + 2 > end:
+            raise CorruptionError("", base + start, "namespace length truncated")
+        p = start + 2 + (buf[start] | buf[start + 1] << 8)
+        if p + 2 > end:
+            raise CorruptionError("", base + start, "namespace overruns its record")
+        q = p + 2 + (buf[p] | buf[p + 1] << 8)
+        if q > end or (op_type == REC_SET and q == end) or (op_type == REC_DELETE and q != end):
+            raise CorruptionError("", base + p, "key or value does not fit its record")
+        try:
+            ns = buf[start + 2 : p].decode("utf-8") if p > start + 2 else ""
+            key = buf[p + 2 : q].decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptionError("", base + start, "name is not valid UTF-8") from None
+        if op_type == REC_DELETE and not key:
+            raise CorruptionError("", base + start, "delete record with an empty key")
+        return ns, key
+    if op_type in _NS_ONLY or op_type == REC_CHECKPOINT:
+        op = decode_op(op_type, buf, start, end, base)
+        return op.ns, op.key
+    raise CorruptionError("", base + start, f"unknown operation type {op_type}")
+
+
+def replay_frame(
+    data: bytes, offset: int, size: int, record_type: int
+) -> tuple[int, list[ReplayOp]]:
+    """The operations of a scanned (CRC-verified) record, for recovery.
+
+    Returns:
+        (frame kind, ops): FRAME_PLAIN with one op located at the record
+        itself, FRAME_GROUP with ops located in ``data``, or
+        FRAME_COMPRESSED_GROUP with ops located in the decompressed op list.
+
+    Raises:
+        CorruptionError: a body that does not parse (offsets in ``data``).
+    """
+    end = offset + size
+    start = offset + RECORD_OVERHEAD
+    if record_type != REC_GROUP:
+        ns, key = _replay_op(record_type, data, start, end, 0)
+        return FRAME_PLAIN, [(record_type, ns, key, offset, size)]
+    if start + GROUP_HEADER_SIZE > end:
+        raise CorruptionError("", start, "group header truncated")
+    flags, count = GROUP_HEADER.unpack_from(data, start)
+    pos = start + GROUP_HEADER_SIZE
+    if flags == GROUP_FLAG_ZSTD:
+        # large and rare: the general decoder (it also checks each op's CRC)
+        payload = memoryview(data)[offset + FRAME_HEADER_SIZE : end]
+        _c, _raw, decoded = decode_group(payload, offset + FRAME_HEADER_SIZE)
+        return FRAME_COMPRESSED_GROUP, [
+            (g.op.op_type, g.op.ns, g.op.key, g.op_offset, g.op_size) for g in decoded
+        ]
+    if flags:
+        raise CorruptionError("", start, f"unknown group flags 0x{flags:02x}")
+    if count * GROUP_OP_SIZE > end - pos:
+        raise CorruptionError("", start, f"group claims {count} operations, too many")
+    ops: list[ReplayOp] = []
+    unpack = _OP_TYPE_LEN.unpack_from
+    for _ in range(count):
+        body = pos + GROUP_OP_SIZE
+        if body > end:
+            raise CorruptionError("", pos, "group operation header truncated")
+        op_type, op_len = unpack(data, pos + 4)
+        op_end = body + op_len
+        if op_end > end:
+            raise CorruptionError("", pos, "group operation overruns its group")
+        if _unpack_u32(data, pos)[0] != crc32c(memoryview(data)[pos + 4 : op_end]):
+            raise CorruptionError("", pos, "group operation checksum mismatch")
+        if op_type == REC_GROUP:
+            raise CorruptionError("", pos, "group inside a group")
+        ns, key = _replay_op(op_type, data, body, op_end, 0)
+        ops.append((op_type, ns, key, pos, op_end - pos))
+        pos = op_end
+    if pos != end:
+        raise CorruptionError("", pos, f"{end - pos} bytes after the group's last operation")
+    return FRAME_GROUP, ops

@@ -21,7 +21,7 @@ import os
 
 from logstate._errors import StorageLockedError
 
-__all__ = ["FILE_MODE", "DIR_MODE", "LOCK_FILE_NAME", "FileSystem", "OS_FS"]
+__all__ = ["DIR_MODE", "FILE_MODE", "LOCK_FILE_NAME", "OS_FS", "FileSystem"]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700

@@ -16,7 +16,13 @@ from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Final
 
-from logstate import _engine
+from logstate._engine import (
+    Engine,
+    acquire_engine,
+    add_reference,
+    join_namespace,
+    release_engine,
+)
 from logstate._errors import KeyNotFoundError, StorageClosedError
 from logstate._format import (
     MAX_KEY_SIZE,
@@ -80,7 +86,9 @@ def check_sub_storage_name(name: object) -> str:
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise ValueError(f"sub-storage name {name!r:.80} is not valid UTF-8: {exc.reason}") from None
+        raise ValueError(
+            f"sub-storage name {name!r:.80} is not valid UTF-8: {exc.reason}"
+        ) from None
     if size > MAX_SUB_STORAGE_NAME_SIZE:
         raise ValueError(
             f"sub-storage name is {size} bytes; the limit is {MAX_SUB_STORAGE_NAME_SIZE}"
@@ -129,12 +137,12 @@ class LocalFileStorage(MutableMapping[str, Any]):
     """
 
     # set by _new_handle as well as __init__
-    _engine: _engine.Engine
+    _engine: Engine
     _ns: str
     _ns_bytes: bytes
     _allow_pickle: bool
     _closed: bool
-    _finalizer: weakref.finalize
+    _finalizer: weakref.finalize[[Engine], LocalFileStorage]
 
     def __init__(
         self,
@@ -145,7 +153,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         sync_interval: float | None = None,
         segment_size: int | None = None,
         recovery: str | None = None,
-        compress_min_size: int | None | object = _MISSING,
+        compress_min_size: int | object | None = _MISSING,
         zstd_level: int | None = None,
         allow_pickle: bool = True,
     ) -> None:
@@ -176,20 +184,20 @@ class LocalFileStorage(MutableMapping[str, Any]):
         }
         if compress_min_size is not _MISSING:
             given["compress_min_size"] = compress_min_size
-        engine = _engine.acquire_engine(path, given, create=auto_create_dir)
+        engine = acquire_engine(path, given, create=auto_create_dir)
         self._attach(engine, "", allow_pickle)
 
-    def _attach(self, engine: _engine.Engine, ns: str, allow_pickle: bool) -> None:
+    def _attach(self, engine: Engine, ns: str, allow_pickle: bool) -> None:
         self._engine = engine
         self._ns = ns
         self._ns_bytes = encode_name(ns)
         self._allow_pickle = allow_pickle
         self._closed = False
-        self._finalizer = weakref.finalize(self, _engine.release_engine, engine)
+        self._finalizer = weakref.finalize(self, release_engine, engine)
 
     @classmethod
-    def _new_handle(cls, engine: _engine.Engine, ns: str, allow_pickle: bool) -> LocalFileStorage:
-        _engine.add_reference(engine)
+    def _new_handle(cls, engine: Engine, ns: str, allow_pickle: bool) -> LocalFileStorage:
+        add_reference(engine)
         handle = cls.__new__(cls)
         handle._attach(engine, ns, allow_pickle)
         return handle
@@ -248,7 +256,9 @@ class LocalFileStorage(MutableMapping[str, Any]):
                 encode_key(key)  # raises with the reason
         else:
             raw_key = encode_key(key)
-        self._engine.set(self._ns, self._ns_bytes, key, raw_key, encode_value(value, self._allow_pickle))
+        self._engine.set(
+            self._ns, self._ns_bytes, key, raw_key, encode_value(value, self._allow_pickle)
+        )
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none.
@@ -262,7 +272,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
             raise self._closed_error()
         if type(key) is not str:
             encode_key(key)
-        raw = self._engine.get(self._ns, key)
+        raw = self._engine.get(self._ns, self._ns_bytes, key)
         if raw is None:
             return default
         return decode_value(raw, self._allow_pickle)
@@ -349,7 +359,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         """
         if self._closed:
             raise self._closed_error()
-        ns = _engine.join_namespace(self._ns, check_sub_storage_name(name))
+        ns = join_namespace(self._ns, check_sub_storage_name(name))
         if len(ns.encode("utf-8")) > MAX_NAME_SIZE:
             raise ValueError("sub-storages nested too deep: the path exceeds 65535 bytes")
         self._engine.create_namespace(ns)
@@ -363,7 +373,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         """
         if self._closed:
             raise self._closed_error()
-        ns = _engine.join_namespace(self._ns, check_sub_storage_name(name))
+        ns = join_namespace(self._ns, check_sub_storage_name(name))
         return self._engine.drop_namespaces([ns]) == 1
 
     def delete_sub_storages(self) -> int:
@@ -373,7 +383,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
             How many were deleted.
         """
         names = self.get_sub_storages()
-        return self._engine.drop_namespaces([_engine.join_namespace(self._ns, n) for n in names])
+        return self._engine.drop_namespaces([join_namespace(self._ns, n) for n in names])
 
     def get_sub_storages(self) -> list[str]:
         """Names of the sub-storages directly below this one, sorted."""
@@ -450,7 +460,9 @@ class Batch:
         """Add a delete of ``key`` (no error when it is not stored)."""
         self._check_open()
         raw_key = encode_key(key)
-        self._ops.append((REC_DELETE, self._storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key))
+        self._ops.append(
+            (REC_DELETE, self._storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key)
+        )
 
     def clear(self) -> None:
         """Add a clear of the storage (keys and sub-storages), applied in order."""
@@ -488,4 +500,3 @@ class Batch:
             self.commit()
         else:
             self.discard()
-

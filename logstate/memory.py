@@ -1,0 +1,252 @@
+"""The public :class:`InMemoryStorage`: a dict at memory speed, flushed atomically.
+
+Owns: the in-memory dict, the record of what changed since the last flush
+(keys set, keys deleted, a clear), the watch on mutable values handed out,
+and turning a flush into ONE group record on the backing storage.
+Must never: write anything outside :meth:`InMemoryStorage.flush`, or write a
+flush in more than one record (a crash must leave all of it or none).
+
+The rule for values mutated in place (``storage["counts"]["a"] += 1``): every
+value of a mutable type (anything but str, bytes, int, float, bool, None) that
+the storage hands out (``get``, ``[]``, ``values()``, ``items()``) or is given
+(``set``) is *watched* until the key is set to an immutable value, deleted or
+cleared: its bytes are taken when it is first handed out. Each flush
+re-encodes the watched values and writes those whose bytes changed since
+they were last written. Immutable values are encoded once, when
+set. So a flush costs the keys changed plus the mutable values in use, never
+a re-serialisation of every untouched key.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Final
+
+from logstate._format import NAME_LEN, REC_CLEAR, REC_DELETE, REC_SET
+from logstate._values import decode_value, encode_value
+from logstate.storage import LocalFileStorage, encode_key
+
+__all__ = ["InMemoryStorage"]
+
+_IMMUTABLE: Final = frozenset((str, bytes, int, float, bool, type(None)))
+_DELETED: Final[Any] = object()
+_MISSING: Final[Any] = object()
+
+
+class InMemoryStorage(MutableMapping[str, Any]):
+    """A dict of state, persisted by :meth:`flush` as one atomic record group.
+
+    Args:
+        backing_storage: a :class:`LocalFileStorage` (or one of its
+            sub-storages) to load from now and flush to; None for a plain
+            in-memory storage whose ``flush()`` does nothing.
+
+    Raises:
+        TypeError: ``backing_storage`` is not a LocalFileStorage.
+        CorruptionError / PickleNotAllowedError: from loading the backing data.
+
+    Thread-safe: one lock guards every change and the flush, so a flush sees
+    (and writes) a consistent state; reads are plain dict reads.
+    """
+
+    def __init__(self, backing_storage: LocalFileStorage | None = None) -> None:
+        if backing_storage is not None and not isinstance(backing_storage, LocalFileStorage):
+            raise TypeError(
+                "backing_storage must be a logstate LocalFileStorage or None, "
+                f"got {type(backing_storage).__name__}"
+            )
+        self._backing = backing_storage
+        self._lock = threading.RLock()
+        self._data: dict[str, Any] = {}
+        self._pending: dict[str, bytes | Any] = {}  # key -> encoded value, or _DELETED
+        self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
+        self._cleared = False
+        self._allow_pickle = True
+        if backing_storage is not None:
+            self._allow_pickle = backing_storage._allow_pickle
+            raw = backing_storage._engine.load_namespace(backing_storage._ns)
+            allow = self._allow_pickle
+            for key, encoded in raw.items():
+                value = decode_value(encoded, allow)
+                self._data[key] = value
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backing_storage(self) -> LocalFileStorage | None:
+        return self._backing
+
+    @property
+    def is_case_sensitive(self) -> bool:
+        """True: keys are kept as given."""
+        return True
+
+    # ------------------------------------------------------------------ writes
+    def set(self, key: str, value: Any) -> None:
+        """Set ``key`` to ``value`` in memory (persisted by the next flush).
+
+        Raises:
+            TypeError / ValueError: a bad key; with a backing storage, a value
+                it cannot store (checked now, not at flush).
+            PickleNotAllowedError: the value needs pickle and the backing
+                storage has allow_pickle=False.
+        """
+        encode_key(key)
+        if self._backing is None:
+            self._data[key] = value
+            return
+        encoded = encode_value(value, self._allow_pickle)
+        with self._lock:
+            self._data[key] = value
+            self._pending[key] = encoded
+            if type(value) in _IMMUTABLE:
+                self._watched.pop(key, None)
+            else:
+                self._watched[key] = encoded  # re-encoded at flush: it may change before then
+
+    def remove(self, key: str) -> None:
+        """Delete ``key``; no error when it is missing."""
+        self._delete(key)
+
+    def _delete(self, key: str) -> bool:
+        if type(key) is not str:
+            encode_key(key)
+        with self._lock:
+            if key not in self._data:
+                return False
+            del self._data[key]
+            self._watched.pop(key, None)
+            if self._backing is not None:
+                self._pending[key] = _DELETED
+            return True
+
+    def clear(self) -> None:
+        """Remove every key (persisted by the next flush as one clear)."""
+        with self._lock:
+            self._data.clear()
+            self._pending.clear()
+            self._watched.clear()
+            if self._backing is not None:
+                self._cleared = True
+
+    # ------------------------------------------------------------------ reads
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, or ``default``."""
+        value = self._data.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) not in _IMMUTABLE and self._backing is not None and key not in self._watched:
+            self._watch(key, value)
+        return value
+
+    def _watch(self, key: str, value: Any) -> None:
+        """Start watching a mutable value being handed out: remember its bytes now."""
+        with self._lock:
+            if key not in self._watched and self._data.get(key, _MISSING) is value:
+                self._watched[key] = encode_value(value, self._allow_pickle)
+
+    def contains_key(self, key: str) -> bool:
+        return key in self._data
+
+    def has_key(self, key: str) -> bool:
+        """Legacy name of :meth:`contains_key`."""
+        return key in self._data
+
+    def get_all_keys(self) -> list[str]:
+        return list(self._data)
+
+    # ------------------------------------------------------------------ MutableMapping
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if not self._delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        backing = f" backed by {self._backing!r}" if self._backing is not None else ""
+        return f"<InMemoryStorage {len(self._data)} keys{backing}>"
+
+    # ------------------------------------------------------------------ flush
+    def pending_changes(self) -> int:
+        """How many operations the next flush would write at least (watched values aside)."""
+        return len(self._pending) + int(self._cleared)
+
+    def flush(self, *args: object, checkpoint: Any = _MISSING, **kwargs: object) -> int:
+        """Persist every change since the last flush as ONE atomic record group.
+
+        Positional and other keyword arguments are accepted and ignored, so
+        that ``consumer.on_committing = storage.flush`` works.
+
+        Args:
+            checkpoint: a value (e.g. the input offsets) stored in the same
+                group; ``backing.checkpoint`` returns it after a reopen.
+
+        Returns:
+            The number of operations written (0: nothing had changed; a
+            checkpoint counts as one). Without a backing storage, always 0.
+
+        Raises:
+            OSError / StorageFailedError / StorageClosedError: the write or the
+                sync failed; the changes stay pending (the backing storage
+                refuses writes until it is reopened).
+        """
+        backing = self._backing
+        if backing is None:
+            return 0
+        if backing.closed:
+            raise backing._closed_error()
+        checkpoint_bytes = None
+        if checkpoint is not _MISSING:
+            checkpoint_bytes = encode_value(checkpoint, self._allow_pickle)
+        with self._lock:
+            ns_bytes = backing._ns_bytes
+            ops: list[tuple[int, bytes]] = []
+            if self._cleared:
+                ops.append((REC_CLEAR, ns_bytes))
+            rewritten: dict[str, bytes] = {}
+            for key, encoded in self._pending.items():
+                raw_key = key.encode("utf-8")
+                prefix = ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key
+                if encoded is _DELETED:
+                    ops.append((REC_DELETE, prefix))
+                    continue
+                if key in self._watched:  # mutable: take its bytes as of now
+                    encoded = encode_value(self._data[key], self._allow_pickle)
+                    rewritten[key] = encoded
+                ops.append((REC_SET, prefix + encoded))
+            for key, last in self._watched.items():
+                if key in self._pending:
+                    continue
+                encoded = encode_value(self._data[key], self._allow_pickle)
+                if encoded != last:
+                    raw_key = key.encode("utf-8")
+                    ops.append(
+                        (REC_SET, ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + encoded)
+                    )
+                    rewritten[key] = encoded
+            if not ops and checkpoint_bytes is None:
+                return 0
+            engine = backing._engine
+            written = engine.write_group(ops, checkpoint_bytes)
+            if engine.options.sync != "none":
+                engine.sync()  # "always" already synced in write_group: this is then free
+            self._pending.clear()
+            self._cleared = False
+            self._watched.update(rewritten)
+            return written

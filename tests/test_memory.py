@@ -1,0 +1,246 @@
+"""InMemoryStorage: dict protocol, flush as one atomic group, in-place mutations, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from logstate import InMemoryStorage, LocalFileStorage, PickleNotAllowedError
+from logstate._engine import segment_file_name
+
+
+def _segment(path: Path) -> Path:
+    return path / segment_file_name(1)
+
+
+def _reopen(path: Path) -> dict[str, object]:
+    with LocalFileStorage(path) as storage:
+        return {key: storage[key] for key in storage}
+
+
+def test_plain_in_memory_storage_is_a_dict_and_flush_writes_nothing() -> None:
+    storage = InMemoryStorage()
+    storage["a"] = 1
+    storage.set("b", [1])
+    assert storage.get("a") == 1 and storage["b"] == [1]
+    assert storage.get("missing", "dflt") == "dflt"
+    assert sorted(storage) == ["a", "b"] and len(storage) == 2
+    assert storage.contains_key("a") and storage.has_key("b") and "a" in storage
+    assert storage.pop("a") == 1 and "a" not in storage
+    assert storage.setdefault("c", 3) == 3
+    storage.update({"d": 4})
+    assert dict(storage.items()) == {"b": [1], "c": 3, "d": 4}
+    assert storage.popitem() in [("b", [1]), ("c", 3), ("d", 4)]
+    storage.remove("nope")  # no error
+    with pytest.raises(KeyError):
+        del storage["nope"]
+    with pytest.raises(KeyError):
+        storage["nope"]
+    storage.clear()
+    assert len(storage) == 0
+    assert storage.flush() == 0
+    assert storage.is_case_sensitive is True
+    assert storage.get_all_keys() == []
+
+
+def test_loads_backing_contents_at_construction(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        for i in range(50):
+            backing.set(f"k{i}", {"i": i})
+        with backing.batch() as batch:
+            batch.set("grouped", b"g")
+        storage = InMemoryStorage(backing)
+        assert len(storage) == 51
+        assert storage["k7"] == {"i": 7} and storage["grouped"] == b"g"
+
+
+def test_loads_values_of_a_compressed_group(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path, compress_min_size=0) as backing:
+        with backing.batch() as batch:
+            for i in range(100):
+                batch.set(f"k{i}", "x" * 50)
+        storage = InMemoryStorage(backing)
+        assert {storage[f"k{i}"] for i in range(100)} == {"x" * 50}
+        assert backing.get("k99") == "x" * 50
+
+
+def test_flush_writes_only_the_changes_as_one_group_and_returns_their_count(tmp_path: Path) -> None:
+    backing = LocalFileStorage(tmp_path, sync="always")
+    storage = InMemoryStorage(backing)
+    for i in range(10):
+        storage[f"k{i}"] = i
+    assert storage.flush() == 10
+    size = _segment(tmp_path).stat().st_size
+    assert storage.flush() == 0, "a flush with no changes writes nothing"
+    assert _segment(tmp_path).stat().st_size == size
+    storage["k1"] = 100
+    del storage["k2"]
+    assert storage.flush() == 2
+    backing.close()
+    assert _reopen(tmp_path) == {f"k{i}": i for i in range(10) if i != 2} | {"k1": 100}
+
+
+def test_flush_accepts_positional_arguments_as_a_commit_callback(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        storage = InMemoryStorage(backing)
+        on_committing = storage.flush
+        storage["a"] = 1
+        assert on_committing(object()) == 1  # the callback receives the consumer
+        storage["b"] = 2
+        assert on_committing(object(), "extra", kw=1) == 1
+
+
+def test_clear_is_flushed_as_one_clear_then_the_new_keys(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        backing.set("old", 1)
+        storage = InMemoryStorage(backing)
+        storage.clear()
+        storage["new"] = 2
+        assert storage.flush() == 2
+    assert _reopen(tmp_path) == {"new": 2}
+
+
+def test_in_place_mutation_of_a_value_read_from_the_storage_is_persisted(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        storage = InMemoryStorage(backing)
+        storage["counts"] = {"a": 1}
+        storage.flush()
+        storage["counts"]["a"] += 1
+        assert storage.flush() == 1
+        counts = storage["counts"]  # a reference kept across flushes
+        storage.flush()
+        counts["b"] = 5
+        assert storage.flush() == 1
+        assert storage.flush() == 0, "an unchanged watched value is not rewritten"
+    assert _reopen(tmp_path) == {"counts": {"a": 2, "b": 5}}
+
+
+def test_mutation_of_a_value_loaded_from_disk_is_persisted(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        backing.set("lst", [1])
+        backing.set("untouched", {"x": 1})
+        storage = InMemoryStorage(backing)
+        storage.get("lst").append(2)
+        assert storage.flush() == 1, "only the mutated value is written"
+    assert _reopen(tmp_path) == {"lst": [1, 2], "untouched": {"x": 1}}
+
+
+def test_mutation_after_set_before_flush_is_persisted(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        storage = InMemoryStorage(backing)
+        value: dict[str, int] = {}
+        storage["v"] = value
+        value["late"] = 1
+        storage.flush()
+    assert _reopen(tmp_path) == {"v": {"late": 1}}
+
+
+def test_checkpoint_is_stored_in_the_same_group_and_readable_after_reopen(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        assert backing.checkpoint is None
+        storage = InMemoryStorage(backing)
+        storage["k"] = 1
+        assert storage.flush(None, checkpoint={"partition-0": 41}) == 2
+        assert backing.checkpoint == {"partition-0": 41}
+        assert storage.flush(checkpoint={"partition-0": 42}) == 1, "a checkpoint alone is written"
+    with LocalFileStorage(tmp_path) as backing:
+        assert backing.checkpoint == {"partition-0": 42}
+        assert backing.get_all_keys() == ["k"]
+
+
+def test_unstorable_value_fails_at_set_time_and_changes_nothing(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        storage = InMemoryStorage(backing)
+        storage["ok"] = 1
+        with pytest.raises(TypeError, match="function"):
+            storage["bad"] = lambda: None
+        assert "bad" not in storage
+        with pytest.raises(TypeError):
+            storage[3] = "x"  # type: ignore[index]
+        with pytest.raises(ValueError):
+            storage[""] = "x"
+        assert storage.flush() == 1
+    assert _reopen(tmp_path) == {"ok": 1}
+
+
+def test_pickled_values_follow_the_backing_storage_allow_pickle(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path, allow_pickle=False) as backing:
+        storage = InMemoryStorage(backing)
+        storage["s"] = "text"
+        with pytest.raises(PickleNotAllowedError):
+            storage["d"] = {"a": 1}
+
+
+def test_backing_storage_must_be_a_local_file_storage() -> None:
+    with pytest.raises(TypeError, match="LocalFileStorage"):
+        InMemoryStorage({})  # type: ignore[arg-type]
+
+
+def test_flush_on_a_closed_backing_storage_raises_and_keeps_the_changes(tmp_path: Path) -> None:
+    backing = LocalFileStorage(tmp_path)
+    storage = InMemoryStorage(backing)
+    storage["a"] = 1
+    backing.close()
+    from logstate import StorageClosedError
+
+    with pytest.raises(StorageClosedError):
+        storage.flush()
+    assert storage.pending_changes() == 1
+
+
+def test_sub_storage_as_backing(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as root:
+        sub = root.get_or_create_sub_storage("state")
+        storage = InMemoryStorage(sub)
+        storage["x"] = 1
+        storage.flush()
+        assert sub.get("x") == 1 and root.get("x") is None
+        sub.close()
+
+
+def test_concurrent_writers_and_flushes_never_lose_a_change(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path, sync="none") as backing:
+        storage = InMemoryStorage(backing)
+
+        def writer(n: int) -> None:
+            for i in range(300):
+                storage[f"t{n}-{i}"] = i
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        flusher_stop = threading.Event()
+
+        def flusher() -> None:
+            while not flusher_stop.is_set():
+                storage.flush()
+
+        f = threading.Thread(target=flusher)
+        f.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        flusher_stop.set()
+        f.join()
+        storage.flush()
+    assert _reopen(tmp_path) == {f"t{n}-{i}": i for n in range(4) for i in range(300)}
+
+
+def test_batch_is_one_group_and_an_exception_discards_it(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as storage:
+        storage["keep"] = 0
+        size = _segment(tmp_path).stat().st_size
+        with pytest.raises(RuntimeError), storage.batch() as batch:
+            batch.set("a", 1)
+            raise RuntimeError("boom")
+        assert _segment(tmp_path).stat().st_size == size
+        assert "a" not in storage
+        with storage.batch() as batch:
+            batch.set("a", 1)
+            batch.set("b", 2)
+            assert "a" not in storage, "reads inside the block see the storage as before"
+            batch.remove("keep")
+        assert sorted(storage) == ["a", "b"]
+    assert os.path.getsize(_segment(tmp_path)) > size
