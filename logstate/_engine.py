@@ -11,7 +11,10 @@ Must never: call ``os`` directly (every file-system call goes through the
 
 Locations in the index are packed into one int, to keep memory per key low::
 
-    location = segment << 66 | offset << 34 | size << 2 | kind
+    location = segment << 74 | offset << 34 | size << 2 | kind
+
+(40 bits of offset, 32 of size: the int stays within three 30-bit digits for
+segment numbers below 2**16, and four beyond.)
 
 ``kind`` is KIND_RECORD (the bytes are a whole record) or KIND_GROUP_OP (the
 bytes are one operation inside an uncompressed group, with its own CRC). A
@@ -75,7 +78,8 @@ TMP_SUFFIX: Final = ".tmp"
 
 KIND_RECORD: Final = 0
 KIND_GROUP_OP: Final = 1
-_U32: Final = 0xFFFFFFFF
+_U32: Final = 0xFFFFFFFF  # size field of a location
+_U40: Final = (1 << 40) - 1  # offset field of a location: segments up to 1 TiB
 MIN_SEGMENT_SIZE: Final = 4096
 _pack_name_len = NAME_LEN.pack
 _encode_record = fmt.encode_record
@@ -113,7 +117,12 @@ Location = int | CompressedLocation
 
 
 def pack_location(segment: int, offset: int, size: int, kind: int) -> int:
-    return segment << 66 | offset << 34 | size << 2 | kind
+    return segment << 74 | offset << 34 | size << 2 | kind
+
+
+def unpack_location(location: int) -> tuple[int, int, int, int]:
+    """(segment, offset, size, kind) of a packed location."""
+    return location >> 74, (location >> 34) & _U40, (location >> 2) & _U32, location & 3
 
 
 class EngineOptions(NamedTuple):
@@ -261,7 +270,16 @@ class Engine:
                         f"segment {missing[0]} is missing between {previous} and {number}",
                     )
                 self.report.missing_segments.extend(missing)
-                log.warning("%s: segments %s are missing; continuing (salvage)", self.path, missing)
+                log.warning(
+                    "%s: segments %s are missing; replaced by empty segments (salvage)",
+                    self.path,
+                    missing,
+                )
+                for lost in missing:
+                    # An empty segment in the gap records that salvage accepted
+                    # the loss, so that later strict opens do not fail again.
+                    self._fs.close(self._create_segment(lost).fd)
+                    del self._segments[lost]
         for number in numbers:
             self._load_segment(number, is_newest=(number == numbers[-1]))
         self.report.segments = len(numbers)
@@ -425,7 +443,7 @@ class Engine:
             self._seq = frame.seq
         kind, ops = fmt.replay_frame(data, frame.offset, frame.size, frame.record_type)
         namespaces = self._namespaces
-        high = segment << 66
+        high = segment << 74
         for op_type, ns, key, op_offset, op_size in ops:
             loc: Location
             if kind == fmt.FRAME_PLAIN:
@@ -611,7 +629,7 @@ class Engine:
                     with self._cond:
                         self._dirty = True
                         self._cond.notify()
-            index[key] = segment << 66 | offset << 34 | size << 2  # KIND_RECORD
+            index[key] = segment << 74 | offset << 34 | size << 2  # KIND_RECORD
             end_pos = self._written_pos
         if self._sync_always:
             self._commit(end_pos)
@@ -777,7 +795,7 @@ class Engine:
             return None
         if type(loc) is int:
             data = self._fs.pread(
-                self._segments[loc >> 66].fd, (loc >> 2) & _U32, (loc >> 34) & _U32
+                self._segments[loc >> 74].fd, (loc >> 2) & _U32, (loc >> 34) & _U40
             )
             key_bytes = key.encode("utf-8")
             prefix = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes
@@ -793,8 +811,8 @@ class Engine:
         """Read and fully check a value (the general path; errors say where and why)."""
         if type(loc) is int:
             size = (loc >> 2) & _U32
-            offset = (loc >> 34) & _U32
-            segment = self._segments[loc >> 66]
+            offset = (loc >> 34) & _U40
+            segment = self._segments[loc >> 74]
             data = self._fs.pread(segment.fd, size, offset)
             try:
                 if loc & 3 == KIND_RECORD:
@@ -868,11 +886,11 @@ class Engine:
         data = b""
         loaded = -1
         for loc, key in plain:
-            segment = loc >> 66
+            segment = loc >> 74
             if segment != loaded:
                 data = self._fs.read_all(self._segments[segment].fd)
                 loaded = segment
-            offset = (loc >> 34) & _U32
+            offset = (loc >> 34) & _U40
             size = (loc >> 2) & _U32
             chunk = data[offset : offset + size]
             value = None

@@ -179,7 +179,7 @@ def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryvi
         )
     head = _pack_length_type_seq(length, record_type, seq)
     crc = _crc32r(body, _crc32r(head, _CRC_XOR, _CRC32C_TABLE), _CRC32C_TABLE) ^ _CRC_XOR
-    return _pack_u32(crc) + head + body  # type: ignore[no-any-return]
+    return _pack_u32(crc) + head + body
 
 
 def set_record_value(data: bytes, prefix: bytes) -> bytes | None:
@@ -460,7 +460,8 @@ def _frame_error(data: bytes | memoryview, offset: int, end: int) -> str | int:
         return f"record of {length} bytes extends past the end of data"
     if crc != crc32c(data[offset + 4 : frame_end]):
         return "record checksum mismatch"
-    return frame_end - offset
+    size: int = frame_end - offset
+    return size
 
 
 def _resync(data: bytes | memoryview, offset: int, end: int) -> int:

@@ -76,7 +76,8 @@ def encode_value(value: object, allow_pickle: bool = True) -> bytes:
     """
     t = type(value)
     if t is str:
-        return _STR_PREFIX + value.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+        text: str = value  # type: ignore[assignment]
+        return _STR_PREFIX + text.encode("utf-8", "surrogatepass")
     if t is bytes:
         return _BYTES_PREFIX + value  # type: ignore[operator]
     if t is int:
@@ -89,7 +90,8 @@ def encode_value(value: object, allow_pickle: bool = True) -> bytes:
     if value is None:
         return _NONE_BYTES
     if t is bytearray:
-        return _BYTEARRAY_PREFIX + bytes(value)  # type: ignore[call-overload]
+        array: bytearray = value  # type: ignore[assignment]
+        return _BYTEARRAY_PREFIX + bytes(array)
     if not allow_pickle:
         raise PickleNotAllowedError(
             f"value of type {t.__qualname__} would be stored with pickle, "
@@ -137,7 +139,7 @@ def decode_value(data: bytes | memoryview, allow_pickle: bool = True) -> object:
         if len(data) != 1 + _FLOAT.size:
             raise CorruptionError("", 0, f"float value has {len(data) - 1} bytes, expected 8")
         return _FLOAT.unpack_from(data, 1)[0]
-    if tag == TAG_TRUE or tag == TAG_FALSE or tag == TAG_NONE:
+    if tag in (TAG_TRUE, TAG_FALSE, TAG_NONE):
         if len(data) != 1:
             raise CorruptionError("", 0, "constant value has trailing bytes")
         return True if tag == TAG_TRUE else (False if tag == TAG_FALSE else None)

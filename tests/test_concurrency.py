@@ -74,9 +74,8 @@ def record_end(storage: LocalFileStorage, key: str) -> tuple[int, int]:
     engine = storage._engine
     loc = engine._namespaces[""][key]
     assert isinstance(loc, int)
-    segment = engine._segments[loc >> 66]
-    offset = (loc >> 34) & 0xFFFFFFFF
-    size = (loc >> 2) & 0xFFFFFFFF
+    number, offset, size, _kind = _engine.unpack_location(loc)
+    segment = engine._segments[number]
     return segment.fd, offset + size
 
 

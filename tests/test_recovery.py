@@ -515,6 +515,12 @@ def test_missing_middle_segment_raises_naming_it_and_salvage_continues(tmp_path:
         assert dict(s.items()) == {k: v for k, v in items.items() if k not in lost}
         s["after"] = 1
         assert s["after"] == 1
+    # salvage left an empty segment in the gap: the loss is accepted once
+    assert second.exists()
+    with LocalFileStorage(directory, sync="none") as s:
+        s._check()
+        assert engine_of(s).report.clean
+        assert s["after"] == 1
 
 
 # ============================================================================ damage after open

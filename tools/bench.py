@@ -1,0 +1,750 @@
+"""Benchmarks of logstate against the stores its users would pick instead.
+
+Regenerate docs/benchmarks.md (about 10 minutes on 2 cores)::
+
+    python -m pip install -e '.[bench]' && python tools/bench.py --output docs/benchmarks.md
+
+Smoke run (CI: small sizes, one repetition, asserts nothing about speed)::
+
+    python tools/bench.py --quick
+
+Workload (fixed seed): keys ``key-%08d``, 100-byte random values, each store in
+a fresh directory, the median of ``--repeat`` runs (3 by default). Peers are
+those of the optional extra ``bench`` that import (semidbm, sqlitedict,
+diskcache, lmdb, plyvel, rocksdict) and the stdlib ``dbm`` the machine has;
+a peer that is missing is listed as such, never silently dropped.
+
+Benchmarks (name: what is measured):
+
+- ``set``: N single-key sets, each peer's default durability (logstate
+  ``sync="none"``: every call is written to the OS, so it survives a killed
+  process), ops/s.
+- ``get``: N gets in random order after a close and reopen, ops/s.
+- ``durable-set``: single-key sets that are on stable storage when the call
+  returns (fsync per write), one thread; ``durable-set-4t``: the same from 4
+  threads (logstate: group commit), ops/s.
+- ``batch``: atomic commits of 1,000 keys, fsynced (logstate:
+  ``InMemoryStorage.flush`` and ``batch()``; peers: transaction / write batch),
+  keys/s.
+- ``reopen``: time to open a store of N keys and read one key, s.
+- ``overwrite``: 1M sets over 1,000 keys (``--quick``: 20k); bytes on disk
+  (max while running, after close, after compaction where the store has it).
+- ``rss``: resident memory added by a process holding N keys (open + every
+  key's index in memory), bytes per key.
+
+Every row reports the ratio logstate/peer (for times and sizes: peer/logstate,
+so above 1.0 means logstate is better in every column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import logstate  # noqa: E402
+from logstate import InMemoryStorage, LocalFileStorage  # noqa: E402
+
+VALUE_SIZE = 100
+SEED = 20261127
+
+
+# ============================================================================ peers
+class Store:
+    """One open store of one kind: the operations the workloads need."""
+
+    def set(self, key: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Kind:
+    """A kind of store: how to open it (plain or durable) and commit a batch."""
+
+    name = ""
+    module = ""  # import name, to report a missing peer
+    threads_ok = False  # may several threads write to one handle
+    durable_ok = True
+
+    def available(self) -> bool:
+        try:
+            __import__(self.module)
+        except ImportError:
+            return False
+        return True
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        raise NotImplementedError
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        """Write ``items`` atomically and durably."""
+        raise NotImplementedError
+
+    def compact(self, store: Store, path: str) -> bool:
+        return False
+
+
+class _LogstateStore(Store):
+    def __init__(self, storage: LocalFileStorage) -> None:
+        self.storage = storage
+        self.set = storage.set  # type: ignore[method-assign]
+        self.get = storage.get  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+class LogstateKind(Kind):
+    name = "logstate"
+    module = "logstate"
+    threads_ok = True
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        return _LogstateStore(LocalFileStorage(path, sync="always" if durable else "none"))
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        assert isinstance(store, _LogstateStore)
+        with store.storage.batch() as batch:
+            for key, value in items:
+                batch.set(key, value)
+        store.storage.flush()
+
+    def compact(self, store: Store, path: str) -> bool:
+        compact = getattr(store.storage, "compact", None)
+        if compact is None:
+            return False
+        compact()
+        return True
+
+
+class LogstateMemoryKind(LogstateKind):
+    """InMemoryStorage over a LocalFileStorage: only the batch workload differs."""
+
+    name = "logstate InMemoryStorage"
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        assert isinstance(store, _LogstateStore)
+        memory = getattr(store, "memory", None)
+        if memory is None:
+            memory = InMemoryStorage(store.storage)
+            store.memory = memory  # type: ignore[attr-defined]
+        for key, value in items:
+            memory[key] = value
+        memory.flush()
+
+
+class _MappingStore(Store):
+    def __init__(self, db: Any, on_set: Callable[[], None] | None = None) -> None:
+        self.db = db
+        self.on_set = on_set
+
+    def set(self, key: str, value: bytes) -> None:
+        self.db[key] = value
+        if self.on_set is not None:
+            self.on_set()
+
+    def get(self, key: str) -> bytes:
+        return self.db[key]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class SemidbmKind(Kind):
+    name = "semidbm"
+    module = "semidbm"
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import semidbm
+
+        db = semidbm.open(path, "c")
+        return _MappingStore(db, db.sync if durable else None)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        raise NotImplementedError("semidbm has no transactions")
+
+
+class SqlitedictKind(Kind):
+    name = "sqlitedict"
+    module = "sqlitedict"
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        from sqlitedict import SqliteDict
+
+        os.makedirs(path, exist_ok=True)
+        db = SqliteDict(
+            os.path.join(path, "db.sqlite"), autocommit=not durable, outer_stack=False
+        )
+        return _MappingStore(db, db.commit if durable else None)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        assert isinstance(store, _MappingStore)
+        for key, value in items:
+            store.db[key] = value
+        store.db.commit()
+
+
+class DiskcacheKind(Kind):
+    name = "diskcache"
+    module = "diskcache"
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import diskcache
+
+        cache = diskcache.Cache(path, sqlite_synchronous=2 if durable else 1)
+        return _MappingStore(cache)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        assert isinstance(store, _MappingStore)
+        with store.db.transact():
+            for key, value in items:
+                store.db[key] = value
+
+
+class _LmdbStore(Store):
+    def __init__(self, env: Any) -> None:
+        self.env = env
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(key.encode(), value)
+
+    def get(self, key: str) -> bytes:
+        with self.env.begin() as txn:
+            return txn.get(key.encode())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class LmdbKind(Kind):
+    name = "lmdb"
+    module = "lmdb"
+    threads_ok = True
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import lmdb
+
+        env = lmdb.open(path, map_size=4 << 30, sync=durable, metasync=durable, lock=True)
+        return _LmdbStore(env)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        assert isinstance(store, _LmdbStore)
+        with store.env.begin(write=True) as txn:
+            for key, value in items:
+                txn.put(key.encode(), value)
+        store.env.sync(True)
+
+
+class _PlyvelStore(Store):
+    def __init__(self, db: Any, sync: bool) -> None:
+        self.db = db
+        self.sync = sync
+
+    def set(self, key: str, value: bytes) -> None:
+        self.db.put(key.encode(), value, sync=self.sync)
+
+    def get(self, key: str) -> bytes:
+        return self.db.get(key.encode())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PlyvelKind(Kind):
+    name = "plyvel (LevelDB)"
+    module = "plyvel"
+    threads_ok = True
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import plyvel
+
+        return _PlyvelStore(plyvel.DB(path, create_if_missing=True), durable)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        assert isinstance(store, _PlyvelStore)
+        with store.db.write_batch(sync=True) as batch:
+            for key, value in items:
+                batch.put(key.encode(), value)
+
+
+class _RdictStore(Store):
+    def __init__(self, db: Any, write_options: Any) -> None:
+        self.db = db
+        self.write_options = write_options
+
+    def set(self, key: str, value: bytes) -> None:
+        self.db.put(key, value, self.write_options)
+
+    def get(self, key: str) -> bytes:
+        return self.db[key]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class RocksdictKind(Kind):
+    name = "rocksdict (RocksDB)"
+    module = "rocksdict"
+    threads_ok = True
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import rocksdict
+
+        options = rocksdict.WriteOptions()
+        options.sync = durable
+        return _RdictStore(rocksdict.Rdict(path), options)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        import rocksdict
+
+        assert isinstance(store, _RdictStore)
+        batch = rocksdict.WriteBatch()
+        for key, value in items:
+            batch.put(key, value)
+        options = rocksdict.WriteOptions()
+        options.sync = True
+        store.db.write(batch, options)
+
+
+class DbmKind(Kind):
+    name = "dbm.gnu"
+    module = "dbm.gnu"
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import dbm.gnu
+
+        os.makedirs(path, exist_ok=True)
+        db = dbm.gnu.open(os.path.join(path, "db"), "c")
+        return _MappingStore(db, db.sync if durable else None)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        raise NotImplementedError("dbm has no transactions")
+
+
+class ShelveKind(Kind):
+    name = "shelve"
+    module = "shelve"
+
+    def open(self, path: str, durable: bool = False) -> Store:
+        import shelve
+
+        os.makedirs(path, exist_ok=True)
+        db = shelve.open(os.path.join(path, "db"))
+        return _MappingStore(db, db.sync if durable else None)
+
+    def batch(self, store: Store, items: list[tuple[str, bytes]]) -> None:
+        raise NotImplementedError("shelve has no transactions")
+
+
+PEERS: list[Kind] = [
+    SemidbmKind(),
+    SqlitedictKind(),
+    DiskcacheKind(),
+    LmdbKind(),
+    PlyvelKind(),
+    RocksdictKind(),
+    DbmKind(),
+    ShelveKind(),
+]
+OURS = LogstateKind()
+OURS_MEMORY = LogstateMemoryKind()
+
+
+# ============================================================================ harness
+@dataclass
+class Row:
+    bench: str
+    store: str
+    value: float | None
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class Config:
+    n: int
+    n_large: int
+    durable_n: int
+    batches: int
+    overwrite_n: int
+    repeat: int
+    peers: list[Kind]
+    only: set[str] = field(default_factory=set)
+
+
+@contextlib.contextmanager
+def fresh_dir(base: str) -> Iterator[str]:
+    path = tempfile.mkdtemp(dir=base)
+    try:
+        yield os.path.join(path, "store")
+    finally:
+        gc.collect()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def dataset(n: int) -> tuple[list[str], list[bytes]]:
+    rng = random.Random(SEED)
+    return [f"key-{i:08d}" for i in range(n)], [rng.randbytes(VALUE_SIZE) for _ in range(n)]
+
+
+def median_of(repeat: int, run: Callable[[], float]) -> float:
+    return statistics.median(run() for _ in range(repeat))
+
+
+def disk_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def bench_set(kind: Kind, cfg: Config, base: str) -> Row:
+    keys, values = dataset(cfg.n)
+
+    def run() -> float:
+        with fresh_dir(base) as path:
+            store = kind.open(path)
+            start = time.perf_counter()
+            for key, value in zip(keys, values, strict=True):
+                store.set(key, value)
+            elapsed = time.perf_counter() - start
+            store.close()
+            return cfg.n / elapsed
+
+    return Row("set", kind.name, median_of(cfg.repeat, run), "ops/s")
+
+
+def bench_get(kind: Kind, cfg: Config, base: str) -> Row:
+    keys, values = dataset(cfg.n)
+    order = keys[:]
+    random.Random(SEED + 1).shuffle(order)
+
+    def run() -> float:
+        with fresh_dir(base) as path:
+            store = kind.open(path)
+            for key, value in zip(keys, values, strict=True):
+                store.set(key, value)
+            store.close()
+            store = kind.open(path)
+            start = time.perf_counter()
+            for key in order:
+                store.get(key)
+            elapsed = time.perf_counter() - start
+            assert store.get(keys[7]) == values[7]
+            store.close()
+            return cfg.n / elapsed
+
+    return Row("get", kind.name, median_of(cfg.repeat, run), "ops/s")
+
+
+def bench_durable_set(kind: Kind, cfg: Config, base: str, threads: int) -> Row:
+    name = "durable-set" if threads == 1 else f"durable-set-{threads}t"
+    if threads > 1 and not kind.threads_ok:
+        return Row(name, kind.name, None, "ops/s", "not thread-safe for writers")
+    keys, values = dataset(cfg.durable_n)
+
+    def run() -> float:
+        with fresh_dir(base) as path:
+            store = kind.open(path, durable=True)
+            chunks = [list(range(t, cfg.durable_n, threads)) for t in range(threads)]
+
+            def work(indexes: list[int]) -> None:
+                for i in indexes:
+                    store.set(keys[i], values[i])
+
+            workers = [threading.Thread(target=work, args=(c,)) for c in chunks]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            elapsed = time.perf_counter() - start
+            store.close()
+            return cfg.durable_n / elapsed
+
+    return Row(name, kind.name, median_of(cfg.repeat, run), "ops/s")
+
+
+def bench_batch(kind: Kind, cfg: Config, base: str) -> Row:
+    keys, values = dataset(1000 * cfg.batches)
+    items = list(zip(keys, values, strict=True))
+
+    def run() -> float:
+        with fresh_dir(base) as path:
+            store = kind.open(path, durable=False)
+            start = time.perf_counter()
+            for b in range(cfg.batches):
+                kind.batch(store, items[b * 1000 : (b + 1) * 1000])
+            elapsed = time.perf_counter() - start
+            store.close()
+            return len(items) / elapsed
+
+    try:
+        return Row("batch", kind.name, median_of(cfg.repeat, run), "keys/s")
+    except NotImplementedError as exc:
+        return Row("batch", kind.name, None, "keys/s", str(exc))
+
+
+def bench_reopen(kind: Kind, cfg: Config, base: str, n: int) -> Row:
+    keys, values = dataset(n)
+    with fresh_dir(base) as path:
+        store = kind.open(path)
+        for key, value in zip(keys, values, strict=True):
+            store.set(key, value)
+        store.close()
+
+        def run() -> float:
+            gc.collect()
+            start = time.perf_counter()
+            store = kind.open(path)
+            store.get(keys[n // 2])
+            elapsed = time.perf_counter() - start
+            store.close()
+            return elapsed
+
+        return Row(f"reopen-{n // 1000}k", kind.name, median_of(cfg.repeat, run), "s")
+
+
+def bench_overwrite(kind: Kind, cfg: Config, base: str) -> list[Row]:
+    rng = random.Random(SEED + 2)
+    values = [rng.randbytes(VALUE_SIZE) for _ in range(1000)]
+    live = 1000 * (len("key-00000000") + VALUE_SIZE)
+    with fresh_dir(base) as path:
+        store = kind.open(path)
+        peak = 0
+        for i in range(cfg.overwrite_n):
+            store.set(f"key-{i % 1000:08d}", values[(i * 7) % 1000])
+            if i % 20000 == 0:
+                peak = max(peak, disk_bytes(path))
+        peak = max(peak, disk_bytes(path))
+        store.close()
+        after_close = disk_bytes(path)
+        store = kind.open(path)
+        compacted = kind.compact(store, path)
+        store.close()
+        after_compaction = disk_bytes(path) if compacted else None
+    note = f"live data {live:,} B"
+    return [
+        Row("overwrite-disk-peak", kind.name, peak / live, "x live", note),
+        Row("overwrite-disk-closed", kind.name, after_close / live, "x live", note),
+        Row(
+            "overwrite-disk-compacted",
+            kind.name,
+            None if after_compaction is None else after_compaction / live,
+            "x live",
+            note if after_compaction is not None else "no compaction",
+        ),
+    ]
+
+
+RSS_CHILD = r"""
+import os, sys, gc, resource
+sys.path.insert(0, sys.argv[4])
+sys.setrecursionlimit(10000)
+from tools.bench import KINDS_BY_NAME
+kind = KINDS_BY_NAME[sys.argv[1]]
+path, n = sys.argv[2], int(sys.argv[3])
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+keys = [f"key-{i:08d}" for i in range(n)]
+gc.collect()
+before = rss()
+store = kind.open(path)
+store.get(keys[n // 2])
+gc.collect()
+print(rss() - before)
+store.close()
+"""
+
+
+def bench_rss(kind: Kind, cfg: Config, base: str, n: int) -> Row:
+    keys, values = dataset(n)
+    with fresh_dir(base) as path:
+        store = kind.open(path)
+        for key, value in zip(keys, values, strict=True):
+            store.set(key, value)
+        store.close()
+        out = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, kind.name, path, str(n), ROOT],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return Row(f"rss-{n // 1000}k", kind.name, int(out.strip()) / n, "B/key")
+
+
+KINDS_BY_NAME = {k.name: k for k in [OURS, OURS_MEMORY, *PEERS]}
+
+
+# ============================================================================ report
+HIGHER_IS_BETTER = {"ops/s": True, "keys/s": True, "s": False, "x live": False, "B/key": False}
+
+
+def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
+    rows: list[Row] = []
+    kinds = [OURS, *cfg.peers]
+
+    def want(name: str) -> bool:
+        return not cfg.only or name in cfg.only
+
+    def each(name: str, fn: Callable[[Kind], Row | list[Row]], which: list[Kind]) -> None:
+        if not want(name):
+            return
+        for kind in which:
+            log(f"{name}: {kind.name} ...")
+            try:
+                result = fn(kind)
+            except Exception as exc:  # a peer failing must not hide the others
+                result = Row(name, kind.name, None, "", f"failed: {exc!r:.80}")
+            rows.extend(result if isinstance(result, list) else [result])
+
+    each("set", lambda k: bench_set(k, cfg, base), kinds)
+    each("get", lambda k: bench_get(k, cfg, base), kinds)
+    each("durable-set", lambda k: bench_durable_set(k, cfg, base, 1), kinds)
+    each("durable-set-4t", lambda k: bench_durable_set(k, cfg, base, 4), kinds)
+    each("batch", lambda k: bench_batch(k, cfg, base), [OURS_MEMORY, *kinds])
+    each("reopen", lambda k: bench_reopen(k, cfg, base, cfg.n), kinds)
+    each("reopen-large", lambda k: bench_reopen(k, cfg, base, cfg.n_large), kinds)
+    each("overwrite", lambda k: bench_overwrite(k, cfg, base), kinds)
+    each("rss", lambda k: bench_rss(k, cfg, base, cfg.n), kinds)
+    each("rss-large", lambda k: bench_rss(k, cfg, base, cfg.n_large), kinds)
+    return rows
+
+
+def ratio(ours: float | None, peer: float | None, unit: str) -> str:
+    if ours is None or peer is None or ours == 0 or peer == 0:
+        return ""
+    value = ours / peer if HIGHER_IS_BETTER.get(unit, True) else peer / ours
+    return f"{value:.2f}"
+
+
+def fmt_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit in ("ops/s", "keys/s"):
+        return f"{value:,.0f}"
+    if unit == "s":
+        return f"{value:.3f}"
+    return f"{value:,.2f}"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_kib / 1024 / 1024:.0f} GiB RAM; "
+        f"Linux {platform.release()}; Python {platform.python_version()}; "
+        f"logstate {logstate.__version__}"
+    )
+
+
+def report(rows: list[Row], cfg: Config, command: str, missing: list[str]) -> str:
+    ours = {r.bench: r for r in rows if r.store in (OURS.name, OURS_MEMORY.name)}
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Sizes: N = {cfg.n:,} keys (large: {cfg.n_large:,}), durable sets = {cfg.durable_n:,}, "
+        f"batches = {cfg.batches} x 1,000 keys, overwrite = {cfg.overwrite_n:,} sets over "
+        f"1,000 keys, median of {cfg.repeat}.",
+        "",
+        "| benchmark | store | value | unit | logstate vs peer | note |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for r in rows:
+        reference = ours.get(r.bench)
+        if r.bench == "batch" and r.store != OURS_MEMORY.name:
+            reference = next(
+                (x for x in rows if x.bench == "batch" and x.store == OURS_MEMORY.name), reference
+            )
+        rel = "" if r.store in (OURS.name, OURS_MEMORY.name) or reference is None else ratio(
+            reference.value, r.value, r.unit
+        )
+        lines.append(
+            f"| {r.bench} | {r.store} | {fmt_value(r.value, r.unit)} | {r.unit} | {rel} | {r.note} |"
+        )
+    if missing:
+        lines += ["", f"Peers not installed (not measured): {', '.join(missing)}."]
+    lines += [
+        "",
+        "Ratios: above 1.00 means logstate is better (faster, smaller). For `batch`, peers",
+        "are compared with `logstate InMemoryStorage` (flush of 1,000 changed keys).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--peers", default="", help="comma-separated peer names (default: all)")
+    parser.add_argument("--output", help="write the markdown table to this file")
+    parser.add_argument("--tmp", default=None, help="directory for the stores (default: system tmp)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        cfg = Config(2000, 5000, 50, 2, 20000, 1, [])
+    else:
+        cfg = Config(100_000, 1_000_000, 2000, 20, 1_000_000, 3, [])
+    if args.repeat:
+        cfg.repeat = args.repeat
+    cfg.only = {x for x in args.only.split(",") if x}
+    wanted = {x.strip() for x in args.peers.split(",") if x.strip()}
+    missing = []
+    for kind in PEERS:
+        if wanted and kind.name.split()[0] not in wanted:
+            continue
+        if kind.available():
+            cfg.peers.append(kind)
+        else:
+            missing.append(kind.name)
+    base = tempfile.mkdtemp(prefix="logstate-bench-", dir=args.tmp)
+    try:
+        rows = run_all(cfg, base, lambda msg: print(msg, file=sys.stderr, flush=True))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(rows, cfg, command.strip(), missing)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
