@@ -103,16 +103,10 @@ def parse_segment_file_name(name: str) -> int | None:
     return int(digits)
 
 
-class CompressedLocation(NamedTuple):
-    """Where a value inside a zstd-compressed group lives."""
-
-    segment: int
-    record_offset: int
-    record_size: int
-    op_offset: int  # in the decompressed op buffer
-    op_size: int
-
-
+# Where a value inside a zstd-compressed group lives: (segment, record_offset,
+# record_size, op_offset in the decompressed op list, op_size). A plain tuple,
+# not a NamedTuple, so that index snapshots can marshal it.
+CompressedLocation = tuple[int, int, int, int, int]
 Location = int | CompressedLocation
 
 
@@ -451,7 +445,7 @@ class Engine:
             elif kind == fmt.FRAME_GROUP:
                 loc = high | (op_offset - shift) << 34 | op_size << 2 | KIND_GROUP_OP
             else:
-                loc = CompressedLocation(
+                loc = (
                     segment, frame.offset - shift, frame.size, op_offset, op_size
                 )
             if op_type == REC_SET:
@@ -732,7 +726,7 @@ class Engine:
                     op_size = fmt.GROUP_OP_SIZE + len(op_body)
                     loc: Location
                     if compressed:
-                        loc = CompressedLocation(segment, offset, size, op_offset, op_size)
+                        loc = (segment, offset, size, op_offset, op_size)
                     else:
                         loc = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
                     self._apply_op(op.op_type, op.ns, op.key, loc)
@@ -824,7 +818,7 @@ class Engine:
             except CorruptionError as exc:
                 raise CorruptionError(segment.path, offset + exc.offset, exc.reason) from None
         else:
-            assert isinstance(loc, CompressedLocation)
+            assert isinstance(loc, tuple)
             return self._value_in_group(self._decompress_group(loc), loc, ns, key)
         if op.key != key or op.ns != ns:
             # The index pointed at another key's record: never return its value.
@@ -835,33 +829,33 @@ class Engine:
 
     def _decompress_group(self, loc: CompressedLocation) -> bytes | memoryview:
         """The decompressed op list of the compressed group at ``loc`` (checked)."""
-        segment = self._segments[loc.segment]
-        record = self._fs.pread(segment.fd, loc.record_size, loc.record_offset)
+        number, record_offset, record_size, _op_offset, _op_size = loc
+        segment = self._segments[number]
+        record = self._fs.pread(segment.fd, record_size, record_offset)
         try:
             fmt.check_record(record)
             _c, raw, _ops = fmt.decode_group(memoryview(record)[FRAME_HEADER_SIZE:])
         except CorruptionError as exc:
-            raise CorruptionError(
-                segment.path, loc.record_offset + exc.offset, exc.reason
-            ) from None
+            raise CorruptionError(segment.path, record_offset + exc.offset, exc.reason) from None
         return raw
 
     def _value_in_group(
         self, raw: bytes | memoryview, loc: CompressedLocation, ns: str, key: str
     ) -> bytes | memoryview:
         """The value of ``key`` in a decompressed op list (its op CRC checked)."""
-        data = raw[loc.op_offset : loc.op_offset + loc.op_size]
-        path = self._segments[loc.segment].path
+        number, record_offset, _record_size, op_offset, op_size = loc
+        data = raw[op_offset : op_offset + op_size]
+        path = self._segments[number].path
         try:
             fmt.check_group_op(data)
-            op = fmt.decode_op(data[4], data, fmt.GROUP_OP_SIZE, loc.op_size)
+            op = fmt.decode_op(data[4], data, fmt.GROUP_OP_SIZE, op_size)
         except CorruptionError as exc:
             raise CorruptionError(
-                path, loc.record_offset, f"in compressed group, op at {loc.op_offset}: {exc.reason}"
+                path, record_offset, f"in compressed group, op at {op_offset}: {exc.reason}"
             ) from None
         if op.key != key or op.ns != ns:
             raise CorruptionError(
-                path, loc.record_offset, f"index points to key {op.key!r}, expected {key!r}"
+                path, record_offset, f"index points to key {op.key!r}, expected {key!r}"
             )
         return data[op.value_start : op.value_end]
 
@@ -902,9 +896,10 @@ class Engine:
             result[key] = value if value is not None else self._read_value(loc, ns, key)
         groups: dict[tuple[int, int], bytes | memoryview] = {}
         for key, location in items:
-            if not isinstance(location, CompressedLocation):
+            if type(location) is int:
                 continue
-            where = (location.segment, location.record_offset)
+            assert isinstance(location, tuple)
+            where = (location[0], location[1])
             raw = groups.get(where)
             if raw is None:
                 raw = groups[where] = self._decompress_group(location)

@@ -83,8 +83,10 @@ REC_GROUP: Final = 4  # body = group         (many operations, one frame, one CR
 REC_CREATE_NS: Final = 5  # body = ns
 REC_DROP_NS: Final = 6  # body = ns          (clear, then forget the sub-storage itself)
 REC_CHECKPOINT: Final = 7  # body = value    (caller's checkpoint, e.g. input offsets)
-RECORD_TYPES: Final = frozenset(range(1, 8))
-OP_TYPES: Final = RECORD_TYPES - {REC_GROUP}  # what a group may hold (no nesting)
+REC_COMPACTED: Final = 8  # body = covers_from:u64 (first record of a compaction output)
+MAX_RECORD_TYPE: Final = 8
+RECORD_TYPES: Final = frozenset(range(1, MAX_RECORD_TYPE + 1))
+OP_TYPES: Final = RECORD_TYPES - {REC_GROUP, REC_COMPACTED}  # what a group may hold
 RECORD_TYPE_NAMES: Final = {
     REC_SET: "set",
     REC_DELETE: "delete",
@@ -93,6 +95,7 @@ RECORD_TYPE_NAMES: Final = {
     REC_CREATE_NS: "create-sub-storage",
     REC_DROP_NS: "drop-sub-storage",
     REC_CHECKPOINT: "checkpoint",
+    REC_COMPACTED: "compacted",
 }
 
 # Names (namespace path, key): u16 length + UTF-8.
@@ -471,7 +474,7 @@ def _resync(data: bytes | memoryview, offset: int, end: int) -> int:
     while candidate <= last:
         # cheap filters before the CRC: a valid type byte and a plausible length
         record_type = data[candidate + 8]
-        if 0 < record_type < 8:
+        if 0 < record_type <= MAX_RECORD_TYPE:
             size = _frame_error(data, candidate, end)
             if isinstance(size, int):
                 return candidate
@@ -504,7 +507,7 @@ def scan_records(
             crc, length, record_type, seq = unpack(data, offset)
             frame_end = offset + FRAME_HEADER_SIZE + length
             if (
-                0 < record_type < 8
+                0 < record_type <= MAX_RECORD_TYPE
                 and MIN_PAYLOAD_SIZE <= length <= MAX_RECORD_SIZE
                 and frame_end <= end
                 and crc == _crc32r(view[offset + 4 : frame_end], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR

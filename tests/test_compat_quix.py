@@ -14,8 +14,10 @@ commit callback.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,14 @@ from typing import Any
 import pytest
 
 import logstate
-from logstate.compat.quixstreams import InMemoryStorage, LocalFileStorage, StateType, StateValue
+from logstate.compat.quix_import import import_quix_directory
+from logstate.compat.quixstreams import (
+    InMemoryStorage,
+    LegacyStateDirectoryError,
+    LocalFileStorage,
+    StateType,
+    StateValue,
+)
 
 Storage = LocalFileStorage | InMemoryStorage
 
@@ -549,3 +558,60 @@ def test_in_memory_loads_the_backing_storage_on_construction() -> None:
     storage = InMemoryStorage(LocalFileStorage("./state-files"))
     assert storage.get("LOADED") == [1]
     assert dict(storage.items()) == {"loaded": [1]}
+
+
+# ============================================================================ legacy directories
+
+
+def legacy_long_file(value: int) -> bytes:
+    """A legacy state file holding a long (see quix-legacy.md; tests/test_quix_import.py
+    has the full writer)."""
+    body = b"bl" + struct.pack("<q", value)
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def test_opening_a_legacy_state_directory_refuses_and_creates_nothing() -> None:
+    legacy = Path("state/clicks/stream-1/counts")
+    legacy.mkdir(parents=True)
+    (legacy / "home").write_bytes(legacy_long_file(41))
+
+    with pytest.raises(LegacyStateDirectoryError, match="logstate import-quix") as info:
+        LocalFileStorage()  # None is ./state, as in legacy code
+    assert info.value.path == "./state"
+    assert info.value.legacy_file == os.path.join("./state", "clicks/stream-1/counts/home")
+    assert isinstance(info.value, logstate.LogstateError)
+    assert pickle.loads(pickle.dumps(info.value)).legacy_file == info.value.legacy_file
+    assert sorted(os.listdir("state")) == ["clicks"]  # no LOCK, no segment written there
+
+
+def test_after_importing_in_place_the_unchanged_legacy_code_reads_its_state() -> None:
+    legacy = Path("state/clicks/stream-1/counts")
+    legacy.mkdir(parents=True)
+    (legacy / "home").write_bytes(legacy_long_file(41))
+    os.rename("state", "state-quix")
+    with logstate.LocalFileStorage("state") as target:
+        report = import_quix_directory("state-quix", target)
+    assert report.keys_imported == 1 and report.complete
+
+    storage = LocalFileStorage()  # the legacy code, with only its import changed
+    counts = (
+        storage.get_or_create_sub_storage("Clicks")
+        .get_or_create_sub_storage("stream-1")
+        .get_or_create_sub_storage("counts")
+    )
+    assert counts.get("HOME") == 41
+
+
+def test_a_logstate_directory_with_a_stray_legacy_file_opens() -> None:
+    LocalFileStorage("./state-files").set("k", 1)
+    Path("state-files/stray").write_bytes(legacy_long_file(1))
+    assert LocalFileStorage("./state-files").get("k") == 1
+
+
+def test_a_directory_without_legacy_files_opens() -> None:
+    Path("plain/sub").mkdir(parents=True)
+    Path("plain/README").write_text("bla bla: begins with b but is no legacy file")
+    Path("plain/sub/x.tmpf").write_bytes(legacy_long_file(1))  # a temp file is not state
+    storage = LocalFileStorage("plain")
+    storage.set("k", 1)
+    assert storage.get("K") == 1

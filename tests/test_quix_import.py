@@ -39,6 +39,7 @@ from logstate.compat.quix_import import (
     QuixImportError,
     SkippedFile,
     decode_legacy_file,
+    find_legacy_state_file,
     import_quix_directory,
     is_legacy_temp_file,
     parse_legacy_file,
@@ -331,6 +332,11 @@ MALFORMED: dict[str, tuple[bytes, str, int]] = {
         8,
     ),
     "object empty": (with_crc(b"bo" + struct.pack("<i", 0)), "not a pickle", 6),
+    "object of a missing module": (
+        with_crc(b"bo" + struct.pack("<i", 29) + b"\x80\x02cno_such_module_q\nthing\nq\x00."),
+        "does not unpickle: ModuleNotFoundError",
+        6,
+    ),
     "object does not unpickle": (
         with_crc(b"bo" + struct.pack("<i", 4) + b"\x80\x04\xff."),
         "does not unpickle",
@@ -600,20 +606,22 @@ def test_names_that_are_not_valid_keys_or_sub_storages_are_reported(
     tmp_path: Path, dst: logstate.LocalFileStorage
 ) -> None:
     src = tmp_path / "state"
-    write_tree(src, {"good": W.int64(1), "back\\slash/k": W.int64(2)})
+    write_tree(src, {"good": W.int64(1), "back\\slash/k": W.int64(2), "real/k": W.int64(4)})
     fd = os.open(os.fsencode(src) + b"/bad-\xff", os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, W.int64(3))
     os.close(fd)
     (src / "link").symlink_to(src / "good")
+    (src / "dirlink").symlink_to(src / "real", target_is_directory=True)
 
     report = import_quix_directory(src, dst)
 
-    assert dst.get_all_keys() == ["good"] and dst.get_sub_storages() == []
+    assert dst.get_all_keys() == ["good"] and dst.get_sub_storages() == ["real"]
     reasons = {item.path: item.reason for item in report.malformed}
-    assert set(reasons) == {"back\\slash/", "bad-\udcff", "link"}
+    assert set(reasons) == {"back\\slash/", "bad-\udcff", "dirlink", "link"}
     assert "not a valid sub-storage name" in reasons["back\\slash/"]
     assert "not a valid key" in reasons["bad-\udcff"]
     assert "not a regular file" in reasons["link"]
+    assert "not a regular file" in reasons["dirlink"]  # never followed: no loops
 
 
 def test_source_must_be_a_directory(tmp_path: Path, dst: logstate.LocalFileStorage) -> None:
@@ -664,6 +672,67 @@ def test_summary_lists_counts_and_every_file_not_imported() -> None:
     clean = ImportReport(source="s", destination="d", keys_imported=2, storages_written=1)
     assert clean.summary()[-1] == "complete: every key file was imported"
     assert clean.summary()[0].startswith("imported 2 keys into 1 storage ")
+
+
+def test_the_example_run_in_the_migration_guide_is_what_the_import_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guide = (Path(__file__).parent.parent / "docs" / "migrating-from-quix.md").read_text()
+    command = "$ logstate import-quix ./state-quix ./state\n"
+    assert command in guide
+    shown = guide.split(command, 1)[1].split("```", 1)[0].splitlines()
+    monkeypatch.chdir(tmp_path)
+    write_tree(
+        Path("state-quix"),
+        {
+            "clicks/stream-1/counts/home": W.int64(41),
+            "clicks/stream-1/counts/cart": W.int64(7),
+            "clicks/stream-1/counts/cart.tmpf": W.int64(8),
+            "clicks/stream-1/last-seen/scalar": W.string("2024-03-01T10:00:00Z"),
+            "clicks/stream-2/counts/home": W.int64(3),
+            "clicks/stream-2/counts/checkout": W.int64(9)[:7],  # torn by a crash
+            "clicks/stream-2/average/scalar": W.double(12.5),
+            "sessions/stream-1/open/u42": W.pickled(
+                {"started": 1709287200, "pages": ["home", "cart"]}
+            ),
+        },
+    )
+    with logstate.LocalFileStorage("./state") as storage:
+        report = import_quix_directory("./state-quix", storage)
+        printed = [line.replace(storage.path, "/tmp/myapp/state") for line in report.summary()]
+    assert printed == shown
+
+
+# ============================================================================ detection
+
+
+def test_find_legacy_state_file_finds_a_nested_key_file(tmp_path: Path) -> None:
+    write_tree(tmp_path / "state", {"t/s/n/key.tmpf": W.int64(1), "t/s/n/key": W.int64(1)})
+    found = find_legacy_state_file(tmp_path / "state")
+    assert found == str(tmp_path / "state" / "t" / "s" / "n" / "key")
+
+
+def test_find_legacy_state_file_ignores_what_is_not_legacy_state(tmp_path: Path) -> None:
+    assert find_legacy_state_file(tmp_path / "missing") is None
+    write_tree(
+        tmp_path / "other",
+        {
+            "a.tmpf": W.int64(1),  # temp files are not keys
+            "b~": W.int64(1),
+            "broken": W.int64(1)[:-1],  # no valid legacy file
+            "notes": b"begins with b",
+        },
+    )
+    (tmp_path / "other" / "link").symlink_to(tmp_path / "elsewhere")
+    write_tree(tmp_path / "elsewhere", {"key": W.int64(1)})
+    assert find_legacy_state_file(tmp_path / "other") is None
+
+
+def test_find_legacy_state_file_skips_a_logstate_directory(tmp_path: Path) -> None:
+    with logstate.LocalFileStorage(tmp_path / "store") as storage:
+        storage.set("k", 1)
+    write_tree(tmp_path / "store", {"stray": W.int64(1)})
+    assert find_legacy_state_file(tmp_path / "store") is None
 
 
 # ============================================================================ fuzz

@@ -20,9 +20,10 @@ a bool that the legacy Python code stored as a long (its int-before-bool bug)
 comes back as 0 or 1; nothing can tell the two apart.
 
 Owns: decoding one legacy file (:func:`decode_legacy_file`, a pure function
-over bytes: no I/O, so it can be fuzzed), and walking a legacy directory into
-a storage (:func:`import_quix_directory`): one atomic batch per (sub-)storage,
-damaged or refused files reported (path and reason) and skipped.
+over bytes: no I/O, so it can be fuzzed), walking a legacy directory into a
+storage (:func:`import_quix_directory`): one atomic batch per (sub-)storage,
+damaged or refused files reported (path and reason) and skipped; and telling
+a legacy directory from a logstate one (:func:`find_legacy_state_file`).
 Must never: change the source directory, write to the destination other than
 through its public API, swallow an ``OSError`` from reading the source, or
 unpickle anything when ``allow_pickle`` is False.
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from logstate._errors import CorruptionError, LogstateError, PickleNotAllowedError
+from logstate._format import SEGMENT_MAGIC
 from logstate.compat.quixstreams import StateType
 from logstate.storage import LocalFileStorage, check_sub_storage_name, encode_key
 
@@ -50,6 +52,7 @@ __all__ = [
     "QuixImportError",
     "SkippedFile",
     "decode_legacy_file",
+    "find_legacy_state_file",
     "import_quix_directory",
     "is_legacy_temp_file",
     "parse_legacy_file",
@@ -73,6 +76,7 @@ assert _CRC.size == CRC_SIZE and _INT64.size == 8 and _DOUBLE.size == 8 and _INT
 _TYPES: Final = {ord(member.file_code): member for member in StateType}
 _HEADER_SIZE: Final = 2  # codec + type
 _BOOL_SIZES: Final = {0: False, 1: True}
+_MAX_DETECTION_ENTRIES: Final = 10_000  # files find_legacy_state_file looks at, at most
 
 
 # ============================================================================ errors
@@ -266,7 +270,7 @@ def decode_legacy_file(
     assert isinstance(legacy.payload, bytes)
     try:
         return pickle.loads(legacy.payload)
-    except Exception as exc:  # anything the pickle's own code raises: the file is bad
+    except pickle.UnpicklingError as exc:  # anything the pickle's own code raises: the file is bad
         raise _fail(
             _HEADER_SIZE + _INT32.size,
             f"object payload does not unpickle: {type(exc).__name__}: {exc}",
@@ -276,6 +280,57 @@ def decode_legacy_file(
 def is_legacy_temp_file(name: str) -> bool:
     """True for a temp or backup file of the legacy writer (not a key)."""
     return TEMP_MARK in name or name.endswith(TEMP_SUFFIXES)
+
+
+# ============================================================================ detection
+def find_legacy_state_file(directory: str | os.PathLike[str]) -> str | None:
+    """A legacy state file below ``directory``, or None when it does not look legacy.
+
+    None when the directory is missing, or when a file directly in it starts
+    with logstate's segment magic (a logstate directory: not searched further).
+    Otherwise the tree is searched (symbolic links not followed, at most
+    10,000 files) for a file that parses as a legacy state file; a file whose
+    first byte is not the legacy codec is not read further.
+
+    Args:
+        directory: the directory to look at.
+
+    Returns:
+        The path of the first legacy state file found, or None.
+
+    Raises:
+        OSError: a directory or file could not be read.
+    """
+    root = os.fspath(directory)
+    if not os.path.isdir(root):
+        return None
+    with os.scandir(root) as scan:
+        top = sorted(scan, key=lambda entry: entry.name)
+    for entry in top:
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as file:
+                if file.read(len(SEGMENT_MAGIC)) == SEGMENT_MAGIC:
+                    return None
+    examined = 0
+    for parent, dir_names, file_names in os.walk(root):
+        dir_names.sort()
+        for name in sorted(file_names):
+            examined += 1
+            if examined > _MAX_DETECTION_ENTRIES:
+                return None
+            path = os.path.join(parent, name)
+            if is_legacy_temp_file(name) or os.path.islink(path) or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as file:
+                if file.read(1) != b"b":
+                    continue
+                data = b"b" + file.read()
+            try:
+                parse_legacy_file(data)
+            except LegacyFormatError:
+                continue
+            return path
+    return None
 
 
 # ============================================================================ import

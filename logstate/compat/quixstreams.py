@@ -26,13 +26,47 @@ docs/migrating-from-quix.md.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Any
 
 from logstate import memory as _memory
 from logstate import storage as _storage
+from logstate._errors import LogstateError
 
-__all__ = ["InMemoryStorage", "LocalFileStorage", "StateType", "StateValue"]
+__all__ = [
+    "InMemoryStorage",
+    "LegacyStateDirectoryError",
+    "LocalFileStorage",
+    "StateType",
+    "StateValue",
+]
+
+
+class LegacyStateDirectoryError(LogstateError):
+    """The directory holds legacy Quix Streams state files (one file per key).
+
+    logstate does not read them in place, and opening the directory anyway
+    would start from an empty state beside them; they are imported once
+    with ``logstate import-quix`` (see docs/migrating-from-quix.md).
+
+    Attributes:
+        path: the storage directory given.
+        legacy_file: one legacy state file found below it.
+    """
+
+    def __init__(self, path: str, legacy_file: str) -> None:
+        self.path = path
+        self.legacy_file = legacy_file
+        super().__init__(
+            f"{path} holds legacy quixstreams state files (e.g. {legacy_file}), which "
+            "logstate does not read in place; import them once, e.g. "
+            f"`mv {path} {path}-quix && logstate import-quix {path}-quix {path}` "
+            "(see docs/migrating-from-quix.md)"
+        )
+
+    def __reduce__(self) -> tuple[type[LegacyStateDirectoryError], tuple[str, str]]:
+        return (type(self), (self.path, self.legacy_file))
 
 
 class StateType(Enum):
@@ -169,7 +203,29 @@ class LocalFileStorage(_storage.LocalFileStorage):
 
     A directory written through the case-sensitive main API may hold keys with
     upper-case letters; this class lists them but cannot read them by name.
+
+    Raises:
+        LegacyStateDirectoryError: the directory holds the legacy store's files
+            (checked before anything is created in it, and only while it holds
+            no logstate segment): import them with ``logstate import-quix``.
+        Others: as :class:`logstate.storage.LocalFileStorage`.
     """
+
+    def __init__(
+        self,
+        storage_directory: str | os.PathLike[str] | None = None,
+        auto_create_dir: bool = True,
+        **options: Any,
+    ) -> None:
+        directory = _storage.DEFAULT_DIRECTORY if storage_directory is None else storage_directory
+        if isinstance(directory, (str, os.PathLike)):
+            # imported here: quix_import imports this module
+            from logstate.compat.quix_import import find_legacy_state_file
+
+            legacy_file = find_legacy_state_file(directory)
+            if legacy_file is not None:
+                raise LegacyStateDirectoryError(os.fspath(directory), legacy_file)
+        super().__init__(storage_directory, auto_create_dir, **options)
 
     @property
     def is_case_sensitive(self) -> bool:
