@@ -36,6 +36,7 @@ from logstate import _format as fmt
 from logstate._errors import (
     CorruptionError,
     OptionConflictError,
+    ReadOnlyStorageError,
     StorageClosedError,
     StorageFailedError,
     SubStorageDeletedError,
@@ -114,6 +115,18 @@ def pack_location(segment: int, offset: int, size: int, kind: int) -> int:
     return segment << 74 | offset << 34 | size << 2 | kind
 
 
+def _loc_size(location: Location) -> int:
+    """Bytes a location's record (or group operation) takes on disk."""
+    if type(location) is int:
+        return (location >> 2) & _U32
+    assert isinstance(location, tuple)
+    return location[4]
+
+
+def _sizes(index: dict[str, Location]) -> int:
+    return sum(map(_loc_size, index.values()))
+
+
 def unpack_location(location: int) -> tuple[int, int, int, int]:
     """(segment, offset, size, kind) of a packed location."""
     return location >> 74, (location >> 34) & _U40, (location >> 2) & _U32, location & 3
@@ -128,6 +141,10 @@ class EngineOptions(NamedTuple):
     recovery: str = "strict"
     compress_min_size: int | None = 64 * 1024  # bytes of a group's ops; None: never
     zstd_level: int = 3
+    auto_compact: bool = True  # compact in the background when a segment rolls
+    compact_ratio: float = 0.5  # ... and dead bytes are at least this share of the total
+    compact_min_size: int = 4 * 1024 * 1024  # ... and the store holds at least this many bytes
+    read_only: bool = False  # no lock, no change to any file; writes raise
 
 
 DEFAULT_OPTIONS: Final = EngineOptions()
@@ -165,7 +182,15 @@ def validate_options(given: dict[str, object]) -> EngineOptions:
         raise ValueError(f"compress_min_size must be None or an int >= 0, got {cms!r}")
     if type(opts.zstd_level) is not int or not 1 <= opts.zstd_level <= 22:
         raise ValueError(f"zstd_level must be an int from 1 to 22, got {opts.zstd_level!r}")
-    return opts._replace(sync_interval=float(interval))
+    for name in ("auto_compact", "read_only"):
+        if type(getattr(opts, name)) is not bool:
+            raise TypeError(f"{name} must be a bool, got {getattr(opts, name)!r}")
+    ratio = opts.compact_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"compact_ratio must be a number between 0 and 1, got {ratio!r}")
+    if type(opts.compact_min_size) is not int or opts.compact_min_size < 0:
+        raise ValueError(f"compact_min_size must be an int >= 0, got {opts.compact_min_size!r}")
+    return opts._replace(sync_interval=float(interval), compact_ratio=float(ratio))
 
 
 @dataclass
@@ -188,13 +213,17 @@ class RecoveryReport:
 
 
 class _Segment:
-    __slots__ = ("fd", "number", "path", "size")
+    """An open segment file. ``covers_from``: the lowest segment number whose
+    records it holds (itself, or for a compaction output the first input)."""
 
-    def __init__(self, number: int, path: str, fd: int, size: int) -> None:
+    __slots__ = ("covers_from", "fd", "number", "path", "size")
+
+    def __init__(self, number: int, path: str, fd: int, size: int, covers_from: int = 0) -> None:
         self.number = number
         self.path = path
         self.fd = fd
         self.size = size
+        self.covers_from = covers_from or number
 
 
 def join_namespace(parent: str, name: str) -> str:
@@ -234,6 +263,8 @@ class Engine:
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
         self._checkpoint: Location | None = None
+        self._covers: dict[int, int] = {}
+        self._live_bytes = 0  # bytes of the records the index points to
         self._sync_always = options.sync == "always"
         self._sync_interval = options.sync == "interval"
         self._segment_size = options.segment_size
@@ -246,46 +277,110 @@ class Engine:
 
     # ================================================================== open / recovery
     def _open(self) -> None:
-        self._lock_fd = self._fs.lock_dir(self.path)
+        read_only = self.options.read_only
+        if not read_only:
+            self._lock_fd = self._fs.lock_dir(self.path)
         names = self._fs.list_dir(self.path)
-        for name in names:
-            if name.endswith(TMP_SUFFIX):
-                # A crash during a salvage rewrite left a temporary copy; the
-                # original is still in place, so the copy is dropped.
-                self._fs.unlink(self._file(name))
+        if not read_only:
+            for name in names:
+                if name.endswith(TMP_SUFFIX):
+                    # A crash during a compaction or a salvage rewrite left a
+                    # temporary file; the originals are still in place.
+                    self._fs.unlink(self._file(name))
         numbers = sorted(n for n in (parse_segment_file_name(x) for x in names) if n is not None)
-        for previous, number in itertools.pairwise(numbers):
-            if number != previous + 1:
-                missing = list(range(previous + 1, number))
-                if self.options.recovery != "salvage":
-                    raise CorruptionError(
-                        self._file(segment_file_name(missing[0])),
-                        0,
-                        f"segment {missing[0]} is missing between {previous} and {number}",
-                    )
-                self.report.missing_segments.extend(missing)
-                log.warning(
-                    "%s: segments %s are missing; replaced by empty segments (salvage)",
-                    self.path,
-                    missing,
-                )
-                for lost in missing:
-                    # An empty segment in the gap records that salvage accepted
-                    # the loss, so that later strict opens do not fail again.
-                    self._fs.close(self._create_segment(lost).fd)
-                    del self._segments[lost]
+        numbers = self._select_segments(numbers)
         for number in numbers:
             self._load_segment(number, is_newest=(number == numbers[-1]))
         self.report.segments = len(numbers)
         if numbers:
             self._active = self._segments[numbers[-1]]
+        elif read_only:
+            raise FileNotFoundError(f"{self.path} holds no logstate segment (read-only open)")
         else:
             self._active = self._create_segment(1)
-        if self._sync_interval:
+        if self._sync_interval and not read_only:
             self._thread = threading.Thread(
                 target=self._interval_loop, name=f"logstate-sync:{self.path}", daemon=True
             )
             self._thread.start()
+
+    def _covers_from(self, number: int) -> int:
+        """The first segment number whose records segment ``number`` holds."""
+        fd = self._fs.open_read_only(self._file(segment_file_name(number)))
+        try:
+            start = self._fs.pread(fd, fmt.SEGMENT_START_SIZE, 0)
+        finally:
+            self._fs.close(fd)
+        covers_from = fmt.compacted_covers_from(start)
+        if covers_from is None:
+            return number
+        if not 1 <= covers_from <= number:
+            raise CorruptionError(
+                self._file(segment_file_name(number)),
+                SEGMENT_HEADER_SIZE,
+                f"compaction output {number} claims to cover from segment {covers_from}",
+            )
+        return covers_from
+
+    def _select_segments(self, numbers: list[int]) -> list[int]:
+        """The segments to load, in order; leftovers of a finished compaction removed.
+
+        A compaction output ``n`` that covers ``lo..n`` replaces every segment
+        numbered ``lo..n-1``: those still present are inputs the crashed
+        compaction had not deleted yet (it deletes them only after the output
+        is durable), so they are deleted now, never loaded. The rest must
+        chain without gaps from segment 1.
+        """
+        kept: list[int] = []
+        covers: dict[int, int] = {}
+        low = None
+        superseded = []
+        for number in reversed(numbers):
+            if low is not None and number >= low:
+                superseded.append(number)
+                continue
+            covers[number] = low = self._covers_from(number)
+            kept.append(number)
+        kept.reverse()
+        if superseded and not self.options.read_only:
+            for number in superseded:
+                self._fs.unlink(self._file(segment_file_name(number)))
+            self._fs.fsync_dir(self.path)
+            log.warning(
+                "%s: removed segments %s left by an interrupted compaction",
+                self.path,
+                sorted(superseded),
+            )
+        expected = 1
+        for number in kept:
+            if covers[number] != expected:
+                missing = list(range(expected, covers[number]))
+                self._missing_segments(missing, before=number)
+            expected = number + 1
+        self._covers = covers
+        return kept
+
+    def _missing_segments(self, missing: list[int], before: int) -> None:
+        if self.options.recovery != "salvage":
+            raise CorruptionError(
+                self._file(segment_file_name(missing[0])),
+                0,
+                f"segment {missing[0]} is missing (segments {missing[0]}..{missing[-1]} "
+                f"before segment {before}); open with recovery='salvage' to accept the loss",
+            )
+        self.report.missing_segments.extend(missing)
+        log.warning(
+            "%s: segments %s are missing; replaced by empty segments (salvage)",
+            self.path,
+            missing,
+        )
+        if self.options.read_only:
+            return
+        for lost in missing:
+            # An empty segment in the gap records that salvage accepted
+            # the loss, so that later strict opens do not fail again.
+            self._fs.close(self._create_segment(lost).fd)
+            del self._segments[lost]
 
     def _file(self, name: str) -> str:
         return self.path + "/" + name
@@ -300,8 +395,9 @@ class Engine:
 
     def _load_segment(self, number: int, is_newest: bool) -> None:
         path = self._file(segment_file_name(number))
-        fd = self._fs.open_file(path)
-        segment = _Segment(number, path, fd, 0)
+        read_only = self.options.read_only
+        fd = self._fs.open_read_only(path) if read_only else self._fs.open_file(path)
+        segment = _Segment(number, path, fd, 0, self._covers[number])
         self._segments[number] = segment
         data = self._fs.read_all(fd)
         if is_newest and (len(data) < SEGMENT_HEADER_SIZE or not any(data[:SEGMENT_HEADER_SIZE])):
@@ -313,6 +409,9 @@ class Engine:
                 raise CorruptionError(
                     path, 0, "segment header is zero-filled but valid records follow it"
                 )
+            if read_only:
+                self.report.torn_tails.append((path, 0, len(data), ""))
+                return
             self._cut_tail(segment, data, 0, "incomplete segment header")
             self._fs.append(fd, fmt.encode_segment_header(number))
             self._fs.fdatasync(fd)
@@ -343,7 +442,8 @@ class Engine:
                         "valid records; open with recovery='salvage' to keep the valid records",
                     )
                 dropped.extend(pending)
-                shift += sum(d.size for d in pending)
+                if not read_only:  # read-only salvage rewrites nothing: offsets stay
+                    shift += sum(d.size for d in pending)
                 pending.clear()
             try:
                 self._apply_frame(data, frame, number, shift)
@@ -352,7 +452,8 @@ class Engine:
                 if not salvage:
                     raise CorruptionError(path, exc.offset, exc.reason) from None
                 dropped.append(fmt.Damage(frame.offset, frame.size, exc.reason))
-                shift += frame.size
+                if not read_only:
+                    shift += frame.size
             self.report.records += 1
         damages.extend(pending)
         valid_end = len(data) - sum(d.size for d in pending)
@@ -374,6 +475,14 @@ class Engine:
             else:
                 dropped.extend(pending)
                 pending = []
+        if read_only:
+            # Report, change nothing (a live writer may be appending the tail).
+            for damage in dropped:
+                self.report.salvaged.append((path, damage.offset, damage.size, damage.reason))
+            if pending:
+                self.report.torn_tails.append((path, valid_end, len(data) - valid_end, ""))
+            segment.size = len(data)
+            return
         if dropped:
             self._salvage_rewrite(segment, data, dropped + pending)
             segment.size = len(data) - sum(d.size for d in dropped + pending)
@@ -452,18 +561,25 @@ class Engine:
                 index = namespaces.get(ns)
                 if index is None:
                     index = self._namespace_for_replay(ns)
+                old = index.get(key)
                 index[key] = loc
+                self._live_bytes += op_size if old is None else op_size - _loc_size(old)
             else:
                 self._apply_op(op_type, ns, key, loc)
 
     def _apply_op(self, op_type: int, ns: str, key: str, loc: Location) -> None:
         """Apply one operation to the index (recovery and the write path share it)."""
         if op_type == REC_SET:
-            self._namespace_for_replay(ns)[key] = loc
+            index = self._namespace_for_replay(ns)
+            old = index.get(key)
+            index[key] = loc
+            self._live_bytes += _loc_size(loc) - (0 if old is None else _loc_size(old))
         elif op_type == REC_DELETE:
             index = self._namespaces.get(ns)
             if index is not None:
-                index.pop(key, None)
+                old = index.pop(key, None)
+                if old is not None:
+                    self._live_bytes -= _loc_size(old)
         elif op_type == REC_CLEAR:
             self._clear_namespace(ns, drop_self=False)
         elif op_type == REC_CREATE_NS:
@@ -486,12 +602,13 @@ class Engine:
 
     def _clear_namespace(self, ns: str, drop_self: bool) -> None:
         for name in [n for n in self._namespaces if n and _is_within(n, ns) and n != ns]:
-            del self._namespaces[name]
+            self._live_bytes -= _sizes(self._namespaces.pop(name))
         if drop_self and ns:
-            self._namespaces.pop(ns, None)
+            self._live_bytes -= _sizes(self._namespaces.pop(ns, {}))
         else:
             index = self._namespaces.get(ns)
             if index is not None:
+                self._live_bytes -= _sizes(index)
                 index.clear()
 
     def _create_segment(self, number: int) -> _Segment:
@@ -510,6 +627,8 @@ class Engine:
     # ================================================================== write path
     def _check_writable(self) -> None:
         """Raise unless writes are allowed. Call with ``_lock`` held."""
+        if self.options.read_only:
+            raise ReadOnlyStorageError(f"storage {self.path} was opened read-only")
         if self._closed or self._closing:
             raise StorageClosedError(f"storage {self.path} is closed")
         if self._failed is not None:
@@ -623,7 +742,9 @@ class Engine:
                     with self._cond:
                         self._dirty = True
                         self._cond.notify()
+            old = index.get(key)
             index[key] = segment << 74 | offset << 34 | size << 2  # KIND_RECORD
+            self._live_bytes += size if old is None else size - _loc_size(old)
             end_pos = self._written_pos
         if self._sync_always:
             self._commit(end_pos)
@@ -638,7 +759,7 @@ class Engine:
             *_, end_pos = self._write(
                 REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
             )
-            del index[key]
+            self._live_bytes -= _loc_size(index.pop(key))
         if self._sync_always:
             self._commit(end_pos)
         return True

@@ -18,6 +18,7 @@ __all__ = [
     "LogstateError",
     "OptionConflictError",
     "PickleNotAllowedError",
+    "ReadOnlyStorageError",
     "StorageClosedError",
     "StorageFailedError",
     "StorageLockedError",
@@ -83,6 +84,10 @@ class StorageFailedError(LogstateError):
     fsyncgate), so no later write may be acknowledged. Close every handle and
     open the directory again: recovery then decides what survived.
     """
+
+
+class ReadOnlyStorageError(LogstateError):
+    """A write was attempted through a storage opened with ``read_only=True``."""
 
 
 class SubStorageDeletedError(LogstateError):

@@ -85,6 +85,7 @@ REC_DROP_NS: Final = 6  # body = ns          (clear, then forget the sub-storage
 REC_CHECKPOINT: Final = 7  # body = value    (caller's checkpoint, e.g. input offsets)
 REC_COMPACTED: Final = 8  # body = covers_from:u64 (first record of a compaction output)
 MAX_RECORD_TYPE: Final = 8
+COVERS_FROM: Final = struct.Struct("<Q")  # body of REC_COMPACTED
 RECORD_TYPES: Final = frozenset(range(1, MAX_RECORD_TYPE + 1))
 OP_TYPES: Final = RECORD_TYPES - {REC_GROUP, REC_COMPACTED}  # what a group may hold
 RECORD_TYPE_NAMES: Final = {
@@ -307,6 +308,8 @@ def decode_op(
     if op_type == REC_SET:
         ns, pos = _read_name(buf, start, end, "namespace", base)
         key, pos = _read_name(buf, pos, end, "key", base)
+        if not key:
+            raise CorruptionError("", base + start, "set record with an empty key")
         if pos >= end:
             raise CorruptionError("", base + pos, "set record has no value")
         return Op(op_type, ns, key, pos, end)
@@ -323,6 +326,10 @@ def decode_op(
     elif op_type == REC_CHECKPOINT:
         if start >= end:
             raise CorruptionError("", base + start, "checkpoint record has no value")
+        return Op(op_type, "", "", start, end)
+    elif op_type == REC_COMPACTED:
+        if end - start != COVERS_FROM.size:
+            raise CorruptionError("", base + start, "compacted record body is not 8 bytes")
         return Op(op_type, "", "", start, end)
     else:
         raise CorruptionError("", base + start, f"unknown operation type {op_type}")
@@ -559,10 +566,11 @@ def _replay_op(op_type: int, buf: bytes, start: int, end: int, base: int) -> tup
             key = buf[p + 2 : q].decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptionError("", base + start, "name is not valid UTF-8") from None
-        if op_type == REC_DELETE and not key:
-            raise CorruptionError("", base + start, "delete record with an empty key")
+        if not key:
+            kind = "set" if op_type == REC_SET else "delete"
+            raise CorruptionError("", base + start, f"{kind} record with an empty key")
         return ns, key
-    if op_type in _NS_ONLY or op_type == REC_CHECKPOINT:
+    if op_type in _NS_ONLY or op_type == REC_CHECKPOINT or op_type == REC_COMPACTED:
         op = decode_op(op_type, buf, start, end, base)
         return op.ns, op.key
     raise CorruptionError("", base + start, f"unknown operation type {op_type}")
@@ -613,11 +621,45 @@ def replay_frame(
             raise CorruptionError("", pos, "group operation overruns its group")
         if _unpack_u32(data, pos)[0] != crc32c(memoryview(data)[pos + 4 : op_end]):
             raise CorruptionError("", pos, "group operation checksum mismatch")
-        if op_type == REC_GROUP:
-            raise CorruptionError("", pos, "group inside a group")
+        if op_type not in OP_TYPES:
+            raise CorruptionError("", pos, f"operation type {op_type} inside a group")
         ns, key = _replay_op(op_type, data, body, op_end, 0)
         ops.append((op_type, ns, key, pos, op_end - pos))
         pos = op_end
     if pos != end:
         raise CorruptionError("", pos, f"{end - pos} bytes after the group's last operation")
     return FRAME_GROUP, ops
+
+
+# =========================================================================== compaction marker
+COMPACTED_RECORD_SIZE: Final = RECORD_OVERHEAD + COVERS_FROM.size
+SEGMENT_START_SIZE: Final = SEGMENT_HEADER_SIZE + COMPACTED_RECORD_SIZE  # what to read to know
+
+
+def encode_compacted_record(seq: int, covers_from: int) -> bytes:
+    """The first record of a compaction output: it replaces segments covers_from..number."""
+    return encode_record(REC_COMPACTED, seq, COVERS_FROM.pack(covers_from))
+
+
+def compacted_covers_from(start: bytes | memoryview) -> int | None:
+    """``covers_from`` if the segment whose first bytes are ``start`` is a compaction output.
+
+    Returns None for an ordinary segment (its first record, if any, is not a
+    valid compacted record). The header itself is not validated here.
+    """
+    if len(start) < SEGMENT_START_SIZE:
+        return None
+    data = bytes(start[SEGMENT_HEADER_SIZE:SEGMENT_START_SIZE])
+    if data[8] != REC_COMPACTED or check_record_ok(data) is False:
+        return None
+    (covers_from,) = COVERS_FROM.unpack_from(data, RECORD_OVERHEAD)
+    return int(covers_from)
+
+
+def check_record_ok(data: bytes) -> bool:
+    """True when ``data`` is exactly one valid record."""
+    try:
+        check_record(data)
+    except CorruptionError:
+        return False
+    return True

@@ -29,11 +29,13 @@ from logstate._format import (
     GROUP_OP_SIZE,
     GROUP_RAW_SIZE,
     MAX_RECORD_SIZE,
+    MAX_RECORD_TYPE,
     MAX_SEGMENT_NUMBER,
     NAME_LEN,
     OP_TYPES,
     REC_CHECKPOINT,
     REC_CLEAR,
+    REC_COMPACTED,
     REC_CREATE_NS,
     REC_DELETE,
     REC_DROP_NS,
@@ -267,7 +269,7 @@ def test_zero_filled_tail_after_records_is_one_damage_reaching_the_end() -> None
     assert damages == [Damage(len(records), 512, "zero-filled space")]
 
 
-@pytest.mark.parametrize("record_type", [0, 8, 9, 0x80, 0xFF])
+@pytest.mark.parametrize("record_type", [0, MAX_RECORD_TYPE + 1, 0x80, 0xFF])
 def test_record_type_outside_the_known_types_is_invalid_even_with_a_correct_crc(
     record_type: int,
 ) -> None:
@@ -479,7 +481,8 @@ MALFORMED_BODIES = [
     (REC_CHECKPOINT, b"", "no value"),
     (REC_GROUP, encode_name("a"), "unknown operation type 4"),
     (0, encode_name("a"), "unknown operation type 0"),
-    (8, encode_name("a"), "unknown operation type 8"),
+    (MAX_RECORD_TYPE + 1, encode_name("a"), f"unknown operation type {MAX_RECORD_TYPE + 1}"),
+    (REC_COMPACTED, encode_name("a"), "compacted record body is not 8 bytes"),
 ]
 
 

@@ -270,7 +270,7 @@ def decode_legacy_file(
     assert isinstance(legacy.payload, bytes)
     try:
         return pickle.loads(legacy.payload)
-    except pickle.UnpicklingError as exc:  # anything the pickle's own code raises: the file is bad
+    except Exception as exc:  # anything the pickle's own code raises: the file is bad
         raise _fail(
             _HEADER_SIZE + _INT32.size,
             f"object payload does not unpickle: {type(exc).__name__}: {exc}",
