@@ -9,23 +9,11 @@ Must never: call ``os`` directly (every file-system call goes through the
 ``FileSystem`` instance it was given), encode bytes by hand (``_format`` and
 ``_values`` own the layout), or swallow an ``OSError`` from a write or sync.
 
-Locations in the index are packed into one int, to keep memory per key low::
-
-    location = segment << 74 | offset << 34 | size << 2 | kind
-
-(40 bits of offset, 32 of size: the int stays within three 30-bit digits for
-segment numbers below 2**16, and four beyond.)
-
-``kind`` is KIND_RECORD (the bytes are a whole record) or KIND_GROUP_OP (the
-bytes are one operation inside an uncompressed group, with its own CRC). A
-value inside a compressed group is indexed by a tuple (see
-:class:`CompressedLocation`): reading it means reading and decompressing the
-whole group.
+Locations (what the index maps keys to) are defined in ``_location``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from collections.abc import Iterable
@@ -33,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from logstate import _format as fmt
+from logstate._compact import CompactionResult
+from logstate._compact import compact as run_compaction
 from logstate._errors import (
     CorruptionError,
     OptionConflictError,
@@ -56,6 +46,18 @@ from logstate._format import (
     SEGMENT_HEADER_SIZE,
 )
 from logstate._fs import OS_FS, FileSystem
+from logstate._location import (
+    KIND_GROUP_OP,
+    KIND_RECORD,
+    U32,
+    U40,
+    CompressedLocation,
+    Location,
+    Segment,
+    location_size,
+    pack_location,
+    sizes,
+)
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -77,10 +79,6 @@ TORN_SUFFIX: Final = ".torn"  # torn tails copied aside before truncation
 DAMAGED_SUFFIX: Final = ".damaged"  # damaged ranges moved aside by salvage
 TMP_SUFFIX: Final = ".tmp"
 
-KIND_RECORD: Final = 0
-KIND_GROUP_OP: Final = 1
-_U32: Final = 0xFFFFFFFF  # size field of a location
-_U40: Final = (1 << 40) - 1  # offset field of a location: segments up to 1 TiB
 MIN_SEGMENT_SIZE: Final = 4096
 _pack_name_len = NAME_LEN.pack
 _encode_record = fmt.encode_record
@@ -102,34 +100,6 @@ def parse_segment_file_name(name: str) -> int | None:
     if len(digits) != 10 or not digits.isdigit():
         return None
     return int(digits)
-
-
-# Where a value inside a zstd-compressed group lives: (segment, record_offset,
-# record_size, op_offset in the decompressed op list, op_size). A plain tuple,
-# not a NamedTuple, so that index snapshots can marshal it.
-CompressedLocation = tuple[int, int, int, int, int]
-Location = int | CompressedLocation
-
-
-def pack_location(segment: int, offset: int, size: int, kind: int) -> int:
-    return segment << 74 | offset << 34 | size << 2 | kind
-
-
-def _loc_size(location: Location) -> int:
-    """Bytes a location's record (or group operation) takes on disk."""
-    if type(location) is int:
-        return (location >> 2) & _U32
-    assert isinstance(location, tuple)
-    return location[4]
-
-
-def _sizes(index: dict[str, Location]) -> int:
-    return sum(map(_loc_size, index.values()))
-
-
-def unpack_location(location: int) -> tuple[int, int, int, int]:
-    """(segment, offset, size, kind) of a packed location."""
-    return location >> 74, (location >> 34) & _U40, (location >> 2) & _U32, location & 3
 
 
 class EngineOptions(NamedTuple):
@@ -212,20 +182,6 @@ class RecoveryReport:
         return not (self.torn_tails or self.salvaged or self.missing_segments)
 
 
-class _Segment:
-    """An open segment file. ``covers_from``: the lowest segment number whose
-    records it holds (itself, or for a compaction output the first input)."""
-
-    __slots__ = ("covers_from", "fd", "number", "path", "size")
-
-    def __init__(self, number: int, path: str, fd: int, size: int, covers_from: int = 0) -> None:
-        self.number = number
-        self.path = path
-        self.fd = fd
-        self.size = size
-        self.covers_from = covers_from or number
-
-
 def join_namespace(parent: str, name: str) -> str:
     return name if not parent else parent + NS_SEPARATOR + name
 
@@ -250,8 +206,8 @@ class Engine:
         self._sync_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._namespaces: dict[str, dict[str, Location]] = {"": {}}
-        self._segments: dict[int, _Segment] = {}
-        self._active: _Segment | None = None
+        self._segments: dict[int, Segment] = {}
+        self._active: Segment | None = None
         self._seq = 0
         self._written_pos = 0  # bytes appended since open (all segments)
         self._synced_pos = 0  # bytes of that known durable
@@ -265,6 +221,9 @@ class Engine:
         self._checkpoint: Location | None = None
         self._covers: dict[int, int] = {}
         self._live_bytes = 0  # bytes of the records the index points to
+        self._compact_lock = threading.Lock()
+        self._compact_thread: threading.Thread | None = None
+        self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
         self._sync_always = options.sync == "always"
         self._sync_interval = options.sync == "interval"
         self._segment_size = options.segment_size
@@ -397,7 +356,7 @@ class Engine:
         path = self._file(segment_file_name(number))
         read_only = self.options.read_only
         fd = self._fs.open_read_only(path) if read_only else self._fs.open_file(path)
-        segment = _Segment(number, path, fd, 0, self._covers[number])
+        segment = Segment(number, path, fd, 0, self._covers[number])
         self._segments[number] = segment
         data = self._fs.read_all(fd)
         if is_newest and (len(data) < SEGMENT_HEADER_SIZE or not any(data[:SEGMENT_HEADER_SIZE])):
@@ -491,7 +450,7 @@ class Engine:
             self._cut_tail(segment, data, valid_end, pending[0].reason)
         segment.size = valid_end
 
-    def _cut_tail(self, segment: _Segment, data: bytes, offset: int, reason: str) -> None:
+    def _cut_tail(self, segment: Segment, data: bytes, offset: int, reason: str) -> None:
         """Copy ``data[offset:]`` aside, then truncate the segment to ``offset``."""
         aside = self._aside_path(segment.path, offset, TORN_SUFFIX)
         self._fs.write_new_file(aside, data[offset:])
@@ -509,7 +468,7 @@ class Engine:
             aside,
         )
 
-    def _salvage_rewrite(self, segment: _Segment, data: bytes, damaged: list[fmt.Damage]) -> None:
+    def _salvage_rewrite(self, segment: Segment, data: bytes, damaged: list[fmt.Damage]) -> None:
         """Move damaged ranges aside and rewrite the segment without them."""
         damaged = sorted(damaged)
         kept = []
@@ -554,16 +513,14 @@ class Engine:
             elif kind == fmt.FRAME_GROUP:
                 loc = high | (op_offset - shift) << 34 | op_size << 2 | KIND_GROUP_OP
             else:
-                loc = (
-                    segment, frame.offset - shift, frame.size, op_offset, op_size
-                )
+                loc = (segment, frame.offset - shift, frame.size, op_offset, op_size)
             if op_type == REC_SET:
                 index = namespaces.get(ns)
                 if index is None:
                     index = self._namespace_for_replay(ns)
                 old = index.get(key)
                 index[key] = loc
-                self._live_bytes += op_size if old is None else op_size - _loc_size(old)
+                self._live_bytes += op_size if old is None else op_size - location_size(old)
             else:
                 self._apply_op(op_type, ns, key, loc)
 
@@ -573,13 +530,13 @@ class Engine:
             index = self._namespace_for_replay(ns)
             old = index.get(key)
             index[key] = loc
-            self._live_bytes += _loc_size(loc) - (0 if old is None else _loc_size(old))
+            self._live_bytes += location_size(loc) - (0 if old is None else location_size(old))
         elif op_type == REC_DELETE:
-            index = self._namespaces.get(ns)
-            if index is not None:
-                old = index.pop(key, None)
+            found = self._namespaces.get(ns)
+            if found is not None:
+                old = found.pop(key, None)
                 if old is not None:
-                    self._live_bytes -= _loc_size(old)
+                    self._live_bytes -= location_size(old)
         elif op_type == REC_CLEAR:
             self._clear_namespace(ns, drop_self=False)
         elif op_type == REC_CREATE_NS:
@@ -602,22 +559,22 @@ class Engine:
 
     def _clear_namespace(self, ns: str, drop_self: bool) -> None:
         for name in [n for n in self._namespaces if n and _is_within(n, ns) and n != ns]:
-            self._live_bytes -= _sizes(self._namespaces.pop(name))
+            self._live_bytes -= sizes(self._namespaces.pop(name))
         if drop_self and ns:
-            self._live_bytes -= _sizes(self._namespaces.pop(ns, {}))
+            self._live_bytes -= sizes(self._namespaces.pop(ns, {}))
         else:
             index = self._namespaces.get(ns)
             if index is not None:
-                self._live_bytes -= _sizes(index)
+                self._live_bytes -= sizes(index)
                 index.clear()
 
-    def _create_segment(self, number: int) -> _Segment:
+    def _create_segment(self, number: int) -> Segment:
         """Create segment ``number`` with its header, durable before it is used."""
         if number > fmt.MAX_SEGMENT_NUMBER:
             raise StorageFailedError(f"{self.path}: segment numbers exhausted")
         path = self._file(segment_file_name(number))
         fd = self._fs.create_file(path)
-        segment = _Segment(number, path, fd, SEGMENT_HEADER_SIZE)
+        segment = Segment(number, path, fd, SEGMENT_HEADER_SIZE)
         self._segments[number] = segment
         self._fs.append(fd, fmt.encode_segment_header(number))
         self._fs.fdatasync(fd)
@@ -662,7 +619,7 @@ class Engine:
                 self._cond.notify()
         return active.number, offset
 
-    def _roll(self) -> _Segment:
+    def _roll(self) -> Segment:
         """Seal the active segment (durable) and start the next one."""
         old = self._active
         assert old is not None
@@ -675,6 +632,7 @@ class Engine:
         self._active = new
         self._written_pos += SEGMENT_HEADER_SIZE
         self._synced_pos = self._written_pos
+        self._maybe_start_compaction()
         return new
 
     def _commit(self, end_pos: int) -> None:
@@ -744,7 +702,7 @@ class Engine:
                         self._cond.notify()
             old = index.get(key)
             index[key] = segment << 74 | offset << 34 | size << 2  # KIND_RECORD
-            self._live_bytes += size if old is None else size - _loc_size(old)
+            self._live_bytes += size if old is None else size - location_size(old)
             end_pos = self._written_pos
         if self._sync_always:
             self._commit(end_pos)
@@ -759,7 +717,7 @@ class Engine:
             *_, end_pos = self._write(
                 REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
             )
-            self._live_bytes -= _loc_size(index.pop(key))
+            self._live_bytes -= location_size(index.pop(key))
         if self._sync_always:
             self._commit(end_pos)
         return True
@@ -862,6 +820,76 @@ class Engine:
             raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
         return index
 
+    # ================================================================== compaction
+    def compact(self) -> CompactionResult:
+        """Compact every sealed segment now (see ``_compact``); returns what it did."""
+        return run_compaction(self)
+
+    def stats(self) -> dict[str, int]:
+        """Sizes in bytes: total on disk, live (pointed to by the index), dead; counts."""
+        with self._lock:
+            total = sum(segment.size for segment in self._segments.values())
+            return {
+                "segments": len(self._segments),
+                "total_bytes": total,
+                "live_bytes": self._live_bytes,
+                "dead_bytes": total - self._live_bytes,
+                "keys": sum(len(index) for index in self._namespaces.values()),
+                "sub_storages": len(self._namespaces) - 1,
+            }
+
+    def _maybe_start_compaction(self) -> None:
+        """Start a background compaction when dead bytes reach the trigger. Under ``_lock``."""
+        options = self.options
+        if not options.auto_compact or self._closing:
+            return
+        if self._compact_thread is not None and self._compact_thread.is_alive():
+            return
+        total = sum(segment.size for segment in self._segments.values())
+        dead = total - self._live_bytes
+        if total < options.compact_min_size or dead < options.compact_ratio * total:
+            return
+        self._compact_thread = threading.Thread(
+            target=self._background_compaction, name=f"logstate-compact:{self.path}", daemon=True
+        )
+        self._compact_thread.start()
+
+    def _background_compaction(self) -> None:
+        try:
+            run_compaction(self)
+        except (StorageClosedError, StorageFailedError):
+            pass  # closing, or an earlier failure already reported to writers
+        except Exception:
+            log.exception("%s: background compaction failed", self.path)
+
+    def _close_retired_fds(self) -> None:
+        """Close the descriptors of segments replaced by an earlier compaction. Under ``_lock``."""
+        for fd in self._retired_fds:
+            self._fs.close(fd)
+        self._retired_fds.clear()
+
+    def _install_compaction(
+        self,
+        moved: list[tuple[str, str, Location, int]],
+        old_checkpoint: Location | None,
+        new_checkpoint: int | None,
+        inputs: list[int],
+        output: Segment,
+    ) -> None:
+        """Point the index at the compaction output, where nothing changed meanwhile."""
+        with self._lock:
+            for ns, key, old, new in moved:
+                index = self._namespaces.get(ns)
+                if index is not None and index.get(key) == old:
+                    index[key] = new
+                    self._live_bytes += location_size(new) - location_size(old)
+            if new_checkpoint is not None and self._checkpoint == old_checkpoint:
+                self._checkpoint = new_checkpoint
+            for number in inputs:
+                self._retired_fds.append(self._segments.pop(number).fd)
+            self._segments[output.number] = output
+            self._segments = dict(sorted(self._segments.items()))
+
     # ================================================================== durability
     def sync(self) -> None:
         """Make everything written so far durable now (fdatasync)."""
@@ -909,9 +937,7 @@ class Engine:
         if loc is None:
             return None
         if type(loc) is int:
-            data = self._fs.pread(
-                self._segments[loc >> 74].fd, (loc >> 2) & _U32, (loc >> 34) & _U40
-            )
+            data = self._fs.pread(self._segments[loc >> 74].fd, (loc >> 2) & U32, (loc >> 34) & U40)
             key_bytes = key.encode("utf-8")
             prefix = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes
             if loc & 3 == KIND_RECORD:
@@ -925,8 +951,8 @@ class Engine:
     def _read_value(self, loc: Location, ns: str, key: str) -> bytes | memoryview:
         """Read and fully check a value (the general path; errors say where and why)."""
         if type(loc) is int:
-            size = (loc >> 2) & _U32
-            offset = (loc >> 34) & _U40
+            size = (loc >> 2) & U32
+            offset = (loc >> 34) & U40
             segment = self._segments[loc >> 74]
             data = self._fs.pread(segment.fd, size, offset)
             try:
@@ -1005,8 +1031,8 @@ class Engine:
             if segment != loaded:
                 data = self._fs.read_all(self._segments[segment].fd)
                 loaded = segment
-            offset = (loc >> 34) & _U40
-            size = (loc >> 2) & _U32
+            offset = (loc >> 34) & U40
+            size = (loc >> 2) & U32
             chunk = data[offset : offset + size]
             value = None
             if len(chunk) == size:
@@ -1089,14 +1115,20 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        compaction = self._compact_thread
+        if compaction is not None and compaction is not threading.current_thread():
+            compaction.join()  # it sees _closing and stops before installing anything
         try:
             with self._sync_lock:
-                if self._failed is None and self._active is not None:
+                if self._failed is None and self._active is not None and not self.options.read_only:
                     self._fs.fdatasync(self._active.fd)
         finally:
             self._release_resources()
 
     def _release_resources(self) -> None:
+        for fd in self._retired_fds:
+            self._fs.close(fd)
+        self._retired_fds.clear()
         for segment in self._segments.values():
             try:
                 self._fs.close(segment.fd)
@@ -1159,14 +1191,15 @@ def acquire_engine(
     if not fs.is_dir(path):
         if fs.exists(path):
             raise NotADirectoryError(f"storage path {path} exists and is not a directory")
-        if not create:
+        if not create or options.read_only:
             raise FileNotFoundError(
                 f"storage directory {path} does not exist (auto_create_dir=False)"
             )
         fs.make_dirs(path)
     real = fs.canonical_path(path)
+    key = real + ("\0read-only" if options.read_only else "")
     with _registry_lock:
-        engine = _registry.get(real)
+        engine = _registry.get(key)
         if engine is not None and not engine.closed:
             conflicts = [
                 f"{name}={value!r} (open with {getattr(engine.options, name)!r})"
@@ -1180,7 +1213,7 @@ def acquire_engine(
                 )
         else:
             engine = Engine(real, options, fs)
-            _registry[real] = engine
+            _registry[key] = engine
         engine._refs += 1
         return engine
 
@@ -1199,8 +1232,9 @@ def release_engine(engine: Engine) -> None:
         engine._refs -= 1
         if engine._refs > 0:
             return
-        if _registry.get(engine.path) is engine:
-            del _registry[engine.path]
+        key = engine.path + ("\0read-only" if engine.options.read_only else "")
+        if _registry.get(key) is engine:
+            del _registry[key]
     engine.close()
 
 

@@ -16,8 +16,10 @@ from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Final
 
+from logstate._compact import CompactionResult
 from logstate._engine import (
     Engine,
+    RecoveryReport,
     acquire_engine,
     add_reference,
     join_namespace,
@@ -125,6 +127,12 @@ class LocalFileStorage(MutableMapping[str, Any]):
         compress_min_size: group records whose operations take at least this
             many bytes are zstd-compressed (default 64 KiB; None: never).
         zstd_level: zstandard level for those groups (default 3).
+        auto_compact: compact in the background when a segment rolls and dead
+            bytes are at least ``compact_ratio`` (default 0.5) of a store of at
+            least ``compact_min_size`` bytes (default 4 MiB). Default True.
+        read_only: open without the lock and without changing any file (a torn
+            tail is reported in ``report``, not cut); every write raises
+            ReadOnlyStorageError. For inspecting a store a live process holds.
         allow_pickle: False refuses to write or read pickled values (for state
             from an untrusted source: loading a pickle can run code).
 
@@ -155,6 +163,10 @@ class LocalFileStorage(MutableMapping[str, Any]):
         recovery: str | None = None,
         compress_min_size: int | object | None = _MISSING,
         zstd_level: int | None = None,
+        auto_compact: bool | None = None,
+        compact_ratio: float | None = None,
+        compact_min_size: int | None = None,
+        read_only: bool | None = None,
         allow_pickle: bool = True,
     ) -> None:
         if storage_directory is None:
@@ -179,6 +191,10 @@ class LocalFileStorage(MutableMapping[str, Any]):
                 ("segment_size", segment_size),
                 ("recovery", recovery),
                 ("zstd_level", zstd_level),
+                ("auto_compact", auto_compact),
+                ("compact_ratio", compact_ratio),
+                ("compact_min_size", compact_min_size),
+                ("read_only", read_only),
             )
             if value is not None
         }
@@ -390,6 +406,33 @@ class LocalFileStorage(MutableMapping[str, Any]):
         if self._closed:
             raise self._closed_error()
         return self._engine.child_namespaces(self._ns)
+
+    # ------------------------------------------------------------------ maintenance
+    def compact(self) -> CompactionResult:
+        """Reclaim the space of overwritten and deleted records now.
+
+        Seals the active segment, rewrites the live records of every sealed
+        segment into one, then deletes the old ones (crash-safe at every
+        step; see docs/durability.md). Writers are blocked only briefly.
+
+        Returns:
+            What was done: inputs, output, bytes before and after.
+        """
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.compact()
+
+    def stats(self) -> dict[str, int]:
+        """Sizes (bytes) and counts of the whole directory: segments, total,
+        live and dead bytes, keys (all sub-storages), sub-storages."""
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.stats()
+
+    @property
+    def report(self) -> RecoveryReport:
+        """What the last open of the directory found and repaired."""
+        return self._engine.report
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from logstate import LocalFileStorage, StorageLockedError, _engine
 from logstate._fs import FileSystem
+from logstate._location import unpack_location
 
 # ============================================================================ threads
 
@@ -74,7 +75,7 @@ def record_end(storage: LocalFileStorage, key: str) -> tuple[int, int]:
     engine = storage._engine
     loc = engine._namespaces[""][key]
     assert isinstance(loc, int)
-    number, offset, size, _kind = _engine.unpack_location(loc)
+    number, offset, size, _kind = unpack_location(loc)
     segment = engine._segments[number]
     return segment.fd, offset + size
 

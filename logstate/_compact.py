@@ -1,0 +1,248 @@
+"""Compaction: rewrite the live records of the sealed segments into one output.
+
+Owns: the compaction procedure and its crash-safety protocol. The output of
+compacting segments ``lo..hi`` is written under a temporary name, fsynced,
+renamed over segment ``hi`` (atomic), the directory fsynced, and only then
+are the inputs ``lo..hi-1`` deleted (directory fsynced again). The output's
+first record (REC_COMPACTED) names the range it replaces, so a crash at any
+point leaves either the old segments or the output counted, never both and
+never neither: open deletes inputs that an output already covers
+(``Engine._select_segments``).
+Must never: touch the active segment or its file descriptor (the active
+segment is sealed first, and a new one takes the writes); delete an input
+before the output is durable under its final name; drop a tombstone unless
+the compaction covers every older segment. Every compaction covers all
+sealed segments, from the oldest, so the deletes, clears and sub-storage
+drops it leaves out can hide nothing older (Bitcask lost deletes by dropping
+tombstones in partial merges: its issues #82 and #148).
+
+Writers are blocked only twice, briefly: while the live locations are listed
+and while the index is switched to the output. A key written during the
+compaction keeps its newer location (the switch only moves a location that
+did not change meanwhile), and the output is numbered below the active
+segment, so replay order stays right.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from logstate import _format as fmt
+from logstate._errors import CorruptionError, StorageClosedError
+from logstate._format import REC_CREATE_NS, SEGMENT_HEADER_SIZE
+from logstate._location import (
+    KIND_RECORD,
+    Location,
+    Segment,
+    location_segment,
+    pack_location,
+    unpack_location,
+)
+
+if TYPE_CHECKING:
+    from logstate._engine import Engine
+
+log = logging.getLogger("logstate")
+
+COMPACT_TMP_SUFFIX = ".compact.tmp"
+_FLUSH_BYTES = 1 << 20
+
+
+@dataclass
+class CompactionResult:
+    """What one compaction did (all sizes in bytes)."""
+
+    inputs: list[int] = field(default_factory=list)
+    output: int | None = None
+    bytes_before: int = 0  # of the inputs
+    bytes_after: int = 0  # of the output
+    records: int = 0  # live records copied
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
+class _Reader:
+    """Reads live records out of the input segments, one segment in memory at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._number = -1
+        self._data = b""
+        self._groups: dict[tuple[int, int], bytes | memoryview] = {}
+
+    def _segment_data(self, number: int) -> bytes:
+        if number != self._number:
+            segment = self._engine._segments[number]
+            self._data = self._engine._fs.read_all(segment.fd)
+            self._number = number
+            self._groups.clear()
+        return self._data
+
+    def record(self, location: Location, seq: int) -> tuple[int, bytes]:
+        """(operation type, a whole record to copy) for a live location, CRC-checked."""
+        engine = self._engine
+        if type(location) is int:
+            number, offset, size, kind = unpack_location(location)
+            data = self._segment_data(number)
+            chunk = data[offset : offset + size]
+            path = engine._segments[number].path
+            try:
+                if kind == KIND_RECORD:  # copied byte for byte, seq and CRC included
+                    return fmt.check_record(chunk), chunk
+                fmt.check_group_op(chunk)
+            except CorruptionError as exc:
+                raise CorruptionError(path, offset + exc.offset, exc.reason) from None
+            return chunk[4], fmt.encode_record(chunk[4], seq, chunk[fmt.GROUP_OP_SIZE :])
+        assert isinstance(location, tuple)
+        number, record_offset, _record_size, op_offset, op_size = location
+        self._segment_data(number)
+        raw = self._groups.get((number, record_offset))
+        if raw is None:
+            raw = self._groups[(number, record_offset)] = engine._decompress_group(location)
+        op = bytes(raw[op_offset : op_offset + op_size])
+        try:
+            fmt.check_group_op(op)
+        except CorruptionError as exc:
+            path = engine._segments[number].path
+            raise CorruptionError(
+                path, record_offset, f"in compressed group: {exc.reason}"
+            ) from None
+        return op[4], fmt.encode_record(op[4], seq, op[fmt.GROUP_OP_SIZE :])
+
+
+def _depth_first(ns: str) -> tuple[int, str]:
+    return ns.count("/"), ns
+
+
+def _read_order(item: tuple[Location, str, str]) -> tuple[int, int]:
+    location = item[0]
+    if type(location) is int:
+        return unpack_location(location)[:2]
+    assert isinstance(location, tuple)
+    return location[0], location[1]
+
+
+def compact(engine: Engine) -> CompactionResult:
+    """Compact every sealed segment of ``engine`` into one (see the module docstring).
+
+    Raises:
+        StorageClosedError / StorageFailedError / ReadOnlyStorageError: not writable.
+        CorruptionError: a live record failed its checksum (nothing is changed).
+        OSError: from the file system; before the rename nothing is changed
+            (the temporary file is removed), after it the storage refuses
+            writes until reopened.
+    """
+    fs = engine._fs
+    with engine._compact_lock:
+        # ---- 1. seal, and list what is live in the sealed segments
+        with engine._lock:
+            engine._check_writable()
+            engine._close_retired_fds()
+            active = engine._active
+            assert active is not None
+            if active.size > SEGMENT_HEADER_SIZE:
+                engine._roll()
+            active = engine._active
+            assert active is not None
+            inputs = sorted(n for n in engine._segments if n != active.number)
+            if not inputs:
+                return CompactionResult()
+            input_set = set(inputs)
+            live = [
+                (loc, ns, key)
+                for ns, index in engine._namespaces.items()
+                for key, loc in index.items()
+                if location_segment(loc) in input_set
+            ]
+            namespaces = sorted(
+                (n for n in engine._namespaces if n), key=lambda n: (n.count("/"), n)
+            )
+            checkpoint = engine._checkpoint
+            if checkpoint is not None and location_segment(checkpoint) not in input_set:
+                checkpoint = None
+            seq = engine._seq
+            segments = {n: engine._segments[n] for n in inputs}
+        hi = inputs[-1]
+        lo = segments[inputs[0]].covers_from
+        result = CompactionResult(inputs, hi, sum(s.size for s in segments.values()))
+        live.sort(key=_read_order)
+
+        # ---- 2. write the output under a temporary name, make it durable
+        final_path = segments[hi].path
+        tmp_path = final_path + COMPACT_TMP_SUFFIX
+        if fs.exists(tmp_path):
+            fs.unlink(tmp_path)
+        fd = fs.create_file(tmp_path)
+        moved: list[tuple[str, str, Location, int]] = []
+        new_checkpoint: int | None = None
+        try:
+            buffer = bytearray(fmt.encode_segment_header(hi))
+            buffer += fmt.encode_compacted_record(seq, lo)
+            for ns in namespaces:
+                buffer += fmt.encode_record(REC_CREATE_NS, seq, fmt.encode_name(ns))
+            written = 0
+            reader = _Reader(engine)
+            for loc, ns, key in live:
+                _op_type, record = reader.record(loc, seq)
+                offset = written + len(buffer)
+                moved.append((ns, key, loc, pack_location(hi, offset, len(record), KIND_RECORD)))
+                buffer += record
+                if len(buffer) >= _FLUSH_BYTES:
+                    fs.append(fd, buffer)
+                    written += len(buffer)
+                    buffer.clear()
+                if engine._closing:
+                    raise StorageClosedError(f"storage {engine.path} closed during compaction")
+            if checkpoint is not None:
+                _op_type, record = reader.record(checkpoint, seq)
+                offset = written + len(buffer)
+                new_checkpoint = pack_location(hi, offset, len(record), KIND_RECORD)
+                buffer += record
+            fs.append(fd, buffer)
+            written += len(buffer)
+            fs.fdatasync(fd)
+        except BaseException:
+            fs.close(fd)
+            fs.unlink(tmp_path)
+            raise
+        fs.close(fd)
+        result.bytes_after = written
+        result.records = len(moved)
+
+        # ---- 3. install: rename over the last input; from here on a crash
+        # leaves the output counted and the other inputs deleted at open
+        try:
+            with engine._lock:
+                if engine._closing or engine._closed:
+                    fs.unlink(tmp_path)
+                    raise StorageClosedError(f"storage {engine.path} closed during compaction")
+            fs.rename(tmp_path, final_path)
+            fs.fsync_dir(engine.path)
+            new_fd = fs.open_file(final_path)
+        except OSError as exc:
+            engine._failed = exc
+            raise
+        # ---- 4. switch the index to the output (locations that did not change)
+        engine._install_compaction(
+            moved, checkpoint, new_checkpoint, inputs, Segment(hi, final_path, new_fd, written, lo)
+        )
+        # ---- 5. delete the other inputs (open would delete them after a crash)
+        try:
+            for number in inputs[:-1]:
+                fs.unlink(segments[number].path)
+            fs.fsync_dir(engine.path)
+        except OSError as exc:
+            log.warning("%s: could not delete compacted segments (%r); open will", engine.path, exc)
+        log.info(
+            "%s: compacted segments %s into %s: %d -> %d bytes",
+            engine.path,
+            inputs,
+            hi,
+            result.bytes_before,
+            result.bytes_after,
+        )
+        return result
