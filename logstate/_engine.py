@@ -58,6 +58,15 @@ from logstate._location import (
     pack_location,
     sizes,
 )
+from logstate._snapshot import (
+    SNAPSHOT_FILE_NAME,
+    TAIL_BYTES,
+    SegmentMark,
+    Snapshot,
+    decode_snapshot,
+    encode_snapshot,
+    tail_crc,
+)
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -115,6 +124,7 @@ class EngineOptions(NamedTuple):
     compact_ratio: float = 0.5  # ... and dead bytes are at least this share of the total
     compact_min_size: int = 4 * 1024 * 1024  # ... and the store holds at least this many bytes
     read_only: bool = False  # no lock, no change to any file; writes raise
+    use_snapshot: bool = True  # load the index snapshot written at close, if it checks out
 
 
 DEFAULT_OPTIONS: Final = EngineOptions()
@@ -152,7 +162,7 @@ def validate_options(given: dict[str, object]) -> EngineOptions:
         raise ValueError(f"compress_min_size must be None or an int >= 0, got {cms!r}")
     if type(opts.zstd_level) is not int or not 1 <= opts.zstd_level <= 22:
         raise ValueError(f"zstd_level must be an int from 1 to 22, got {opts.zstd_level!r}")
-    for name in ("auto_compact", "read_only"):
+    for name in ("auto_compact", "read_only", "use_snapshot"):
         if type(getattr(opts, name)) is not bool:
             raise TypeError(f"{name} must be a bool, got {getattr(opts, name)!r}")
     ratio = opts.compact_ratio
@@ -176,6 +186,7 @@ class RecoveryReport:
         default_factory=list
     )  # path, off, size, reason
     missing_segments: list[int] = field(default_factory=list)
+    snapshot_used: bool = False  # the index came from index.snapshot (plus a scan of newer bytes)
 
     @property
     def clean(self) -> bool:
@@ -248,8 +259,13 @@ class Engine:
                     self._fs.unlink(self._file(name))
         numbers = sorted(n for n in (parse_segment_file_name(x) for x in names) if n is not None)
         numbers = self._select_segments(numbers)
+        # salvage checks every byte: it never trusts a snapshot
+        use_snapshot = self.options.use_snapshot and self.options.recovery != "salvage"
+        starts = self._load_snapshot(numbers) if use_snapshot else {}
         for number in numbers:
-            self._load_segment(number, is_newest=(number == numbers[-1]))
+            self._load_segment(
+                number, is_newest=(number == numbers[-1]), start=starts.get(number, 0)
+            )
         self.report.segments = len(numbers)
         if numbers:
             self._active = self._segments[numbers[-1]]
@@ -352,12 +368,87 @@ class Engine:
             n += 1
         return candidate
 
-    def _load_segment(self, number: int, is_newest: bool) -> None:
+    def _load_snapshot(self, numbers: list[int]) -> dict[int, int]:
+        """Load the index snapshot if it matches the segments; {segment: scan from}.
+
+        A segment the snapshot covers whole is not scanned (start = its size);
+        the one it covers in part is scanned from where the snapshot stops;
+        newer segments are scanned whole. Any mismatch: {} (scan everything).
+        """
+        path = self._file(SNAPSHOT_FILE_NAME)
+        if not self._fs.exists(path):
+            return {}
+        try:
+            fd = self._fs.open_read_only(path)
+            try:
+                snapshot = decode_snapshot(self._fs.read_all(fd))
+            finally:
+                self._fs.close(fd)
+            marks = snapshot.segments
+            if [m.number for m in marks] != numbers[: len(marks)] or not marks:
+                raise CorruptionError(path, 0, "snapshot names other segments")
+            for i, mark in enumerate(marks):
+                seg_fd = self._fs.open_read_only(self._file(segment_file_name(mark.number)))
+                try:
+                    size = self._fs.file_size(seg_fd)
+                    start = max(0, mark.size - TAIL_BYTES)
+                    tail = self._fs.pread(seg_fd, mark.size - start, start)
+                finally:
+                    self._fs.close(seg_fd)
+                last = i == len(marks) - 1
+                if (
+                    mark.covers_from != self._covers[mark.number]
+                    or size < mark.size
+                    or (size != mark.size and not last)
+                    or len(tail) != mark.size - start
+                    or tail_crc(tail) != mark.tail_crc
+                ):
+                    raise CorruptionError(path, 0, f"segment {mark.number} changed since")
+        except (CorruptionError, OSError) as exc:
+            log.info("%s: index snapshot not used (%s); scanning the segments", self.path, exc)
+            return {}
+        self._namespaces = snapshot.namespaces
+        self._checkpoint = snapshot.checkpoint
+        self._seq = snapshot.seq
+        self._live_bytes = snapshot.live_bytes
+        self.report.snapshot_used = True
+        return {mark.number: mark.size for mark in marks}
+
+    def _write_snapshot(self) -> None:
+        """Save the index for the next open (at close, after the final sync)."""
+        marks = []
+        for segment in self._segments.values():
+            start = max(0, segment.size - TAIL_BYTES)
+            tail = self._fs.pread(segment.fd, segment.size - start, start)
+            marks.append(
+                SegmentMark(segment.number, segment.covers_from, segment.size, tail_crc(tail))
+            )
+        data = encode_snapshot(
+            Snapshot(self._namespaces, self._checkpoint, self._seq, self._live_bytes, marks)
+        )
+        path = self._file(SNAPSHOT_FILE_NAME)
+        tmp = path + TMP_SUFFIX
+        if self._fs.exists(tmp):
+            self._fs.unlink(tmp)
+        self._fs.write_new_file(tmp, data)
+        self._fs.rename(tmp, path)
+
+    def _load_segment(self, number: int, is_newest: bool, start: int = 0) -> None:
         path = self._file(segment_file_name(number))
         read_only = self.options.read_only
         fd = self._fs.open_read_only(path) if read_only else self._fs.open_file(path)
         segment = Segment(number, path, fd, 0, self._covers[number])
         self._segments[number] = segment
+        if start > SEGMENT_HEADER_SIZE:
+            # The index snapshot covers the bytes below ``start``: read the
+            # header and what was appended after the snapshot, nothing else.
+            self._check_header(path, number, self._fs.pread(fd, SEGMENT_HEADER_SIZE, 0))
+            size = self._fs.file_size(fd)
+            segment.size = size
+            if size > start:
+                appended = self._fs.pread(fd, size - start, start)
+                self._scan_segment(segment, appended, start, is_newest)
+            return
         data = self._fs.read_all(fd)
         if is_newest and (len(data) < SEGMENT_HEADER_SIZE or not any(data[:SEGMENT_HEADER_SIZE])):
             # Crash while the segment was being created: its header never
@@ -376,6 +467,10 @@ class Engine:
             self._fs.fdatasync(fd)
             segment.size = SEGMENT_HEADER_SIZE
             return
+        self._check_header(path, number, data)
+        self._scan_segment(segment, data, 0, is_newest)
+
+    def _check_header(self, path: str, number: int, data: bytes) -> None:
         try:
             found = fmt.decode_segment_header(data)
         except CorruptionError as exc:
@@ -383,12 +478,22 @@ class Engine:
         if found != number:
             raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
 
-        damages: list[fmt.Damage] = []
+    def _scan_segment(self, segment: Segment, data: bytes, base: int, is_newest: bool) -> None:
+        """Apply the records of ``data`` (the segment's bytes from file offset ``base``).
+
+        The recovery policy lives here: what each kind of damage the scanner
+        reports means, depending on where it is and on the recovery mode.
+        """
+        path = segment.path
+        number = segment.number
+        read_only = self.options.read_only
         pending: list[fmt.Damage] = []
         salvage = self.options.recovery == "salvage"
-        shift = 0  # bytes salvage will remove before the current record
+        assert base == 0 or not salvage, "salvage never starts from a snapshot"
+        shift = -base  # file offset = data offset - shift (salvage: minus removed bytes)
         dropped: list[fmt.Damage] = []
-        for frame in fmt.scan_records(data, SEGMENT_HEADER_SIZE, pending.append):
+        scan_from = SEGMENT_HEADER_SIZE if base == 0 else 0
+        for frame in fmt.scan_records(data, scan_from, pending.append):
             if pending:
                 # Damage followed by a valid record: not a torn write (a torn
                 # write has nothing valid after it). Strict refuses to guess.
@@ -396,7 +501,7 @@ class Engine:
                 if not salvage:
                     raise CorruptionError(
                         path,
-                        damage.offset,
+                        base + damage.offset,
                         f"{damage.reason} ({damage.size} bytes), followed by "
                         "valid records; open with recovery='salvage' to keep the valid records",
                     )
@@ -409,12 +514,11 @@ class Engine:
             except CorruptionError as exc:
                 # A record whose checksum is right but whose body does not parse.
                 if not salvage:
-                    raise CorruptionError(path, exc.offset, exc.reason) from None
+                    raise CorruptionError(path, base + exc.offset, exc.reason) from None
                 dropped.append(fmt.Damage(frame.offset, frame.size, exc.reason))
                 if not read_only:
                     shift += frame.size
             self.report.records += 1
-        damages.extend(pending)
         valid_end = len(data) - sum(d.size for d in pending)
         if pending:
             tail = pending[0]
@@ -426,7 +530,7 @@ class Engine:
             elif not salvage:
                 raise CorruptionError(
                     path,
-                    tail.offset,
+                    base + tail.offset,
                     f"{tail.reason} at the end of a sealed segment "
                     "(only the newest segment may have a torn tail); open with "
                     "recovery='salvage' to keep the valid records",
@@ -439,25 +543,26 @@ class Engine:
             for damage in dropped:
                 self.report.salvaged.append((path, damage.offset, damage.size, damage.reason))
             if pending:
-                self.report.torn_tails.append((path, valid_end, len(data) - valid_end, ""))
-            segment.size = len(data)
+                torn = (path, base + valid_end, len(data) - valid_end, "")
+                self.report.torn_tails.append(torn)
+            segment.size = base + len(data)
             return
         if dropped:
             self._salvage_rewrite(segment, data, dropped + pending)
             segment.size = len(data) - sum(d.size for d in dropped + pending)
             return
         if pending:
-            self._cut_tail(segment, data, valid_end, pending[0].reason)
-        segment.size = valid_end
+            self._cut_tail(segment, data[valid_end:], base + valid_end, pending[0].reason)
+        segment.size = base + valid_end
 
-    def _cut_tail(self, segment: Segment, data: bytes, offset: int, reason: str) -> None:
-        """Copy ``data[offset:]`` aside, then truncate the segment to ``offset``."""
+    def _cut_tail(self, segment: Segment, tail: bytes, offset: int, reason: str) -> None:
+        """Copy ``tail`` (the bytes from file ``offset`` on) aside, then truncate there."""
         aside = self._aside_path(segment.path, offset, TORN_SUFFIX)
-        self._fs.write_new_file(aside, data[offset:])
+        self._fs.write_new_file(aside, tail)
         self._fs.fsync_dir(self.path)
         self._fs.truncate(segment.fd, offset)
         self._fs.fsync(segment.fd)
-        size = len(data) - offset
+        size = len(tail)
         self.report.torn_tails.append((segment.path, offset, size, aside))
         log.warning(
             "%s: torn write at offset %d (%s): %d bytes copied to %s and cut off",
@@ -1122,6 +1227,10 @@ class Engine:
             with self._sync_lock:
                 if self._failed is None and self._active is not None and not self.options.read_only:
                     self._fs.fdatasync(self._active.fd)
+                    try:
+                        self._write_snapshot()
+                    except OSError as exc:  # a cache: the next open scans instead
+                        log.warning("%s: index snapshot not written: %r", self.path, exc)
         finally:
             self._release_resources()
 

@@ -133,6 +133,10 @@ class LocalFileStorage(MutableMapping[str, Any]):
         read_only: open without the lock and without changing any file (a torn
             tail is reported in ``report``, not cut); every write raises
             ReadOnlyStorageError. For inspecting a store a live process holds.
+        use_snapshot: load the index snapshot written at the last close
+            (``index.snapshot``) when it matches the segments, instead of
+            scanning them (default True; salvage never uses it). Pass False
+            for a directory from an untrusted source.
         allow_pickle: False refuses to write or read pickled values (for state
             from an untrusted source: loading a pickle can run code).
 
@@ -167,6 +171,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         compact_ratio: float | None = None,
         compact_min_size: int | None = None,
         read_only: bool | None = None,
+        use_snapshot: bool | None = None,
         allow_pickle: bool = True,
     ) -> None:
         if storage_directory is None:
@@ -195,6 +200,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
                 ("compact_ratio", compact_ratio),
                 ("compact_min_size", compact_min_size),
                 ("read_only", read_only),
+                ("use_snapshot", use_snapshot),
             )
             if value is not None
         }

@@ -1,0 +1,143 @@
+"""Index snapshots: the in-memory index saved at close, so open need not scan.
+
+Owns: the byte layout of ``index.snapshot`` (documented in docs/format.md)
+and the checks that decide whether a snapshot may be trusted.
+Must never: do I/O, or be trusted without those checks: a snapshot is only
+a cache of what scanning the segments would rebuild, and any doubt (wrong
+checksum, other Python version, segments that changed since) means "scan".
+
+Layout::
+
+    snapshot = magic:8 version:u16 py_major:u8 py_minor:u8 marshal_version:u16
+               reserved:u16 body_size:u64 body_crc:u32 body
+    body     = marshal((namespaces, checkpoint, seq, live_bytes, segments))
+    segments = [(number, covers_from, size, tail_crc), ...]   # in order
+
+``tail_crc`` is the CRC-32C of the last min(size, TAIL_BYTES) bytes of the
+segment below ``size``: open re-reads those bytes, so a segment that was
+rewritten, truncated or replaced since the snapshot is noticed. Segments
+are append-only, so bytes past ``size`` (written after the snapshot, by a
+process that then crashed) are scanned as usual.
+
+marshal is used because it rebuilds a dict of a million keys several times
+faster than anything decoded in Python; its format depends on the Python
+version, which the header records. marshal is not meant for untrusted input:
+open a directory from an untrusted source with ``use_snapshot=False``.
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+import sys
+from typing import Any, Final, NamedTuple
+
+from logstate._errors import CorruptionError
+from logstate._format import crc32c
+
+SNAPSHOT_FILE_NAME: Final = "index.snapshot"
+SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
+SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
+assert SNAPSHOT_HEADER.size == 28
+TAIL_BYTES: Final = 4096
+
+
+class SegmentMark(NamedTuple):
+    """What a snapshot remembers of one segment, to check it is unchanged."""
+
+    number: int
+    covers_from: int
+    size: int
+    tail_crc: int
+
+
+class Snapshot(NamedTuple):
+    namespaces: dict[str, dict[str, Any]]
+    checkpoint: Any
+    seq: int
+    live_bytes: int
+    segments: list[SegmentMark]
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    """The bytes of ``index.snapshot`` for ``snapshot``."""
+    body = marshal.dumps(
+        (
+            snapshot.namespaces,
+            snapshot.checkpoint,
+            snapshot.seq,
+            snapshot.live_bytes,
+            [tuple(mark) for mark in snapshot.segments],
+        )
+    )
+    header = SNAPSHOT_HEADER.pack(
+        SNAPSHOT_MAGIC,
+        SNAPSHOT_VERSION,
+        sys.version_info[0],
+        sys.version_info[1],
+        marshal.version,
+        0,
+        len(body),
+        crc32c(body),
+    )
+    return header + body
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    """Decode and sanity-check a snapshot.
+
+    Raises:
+        CorruptionError: anything wrong (the caller then scans instead);
+            ``reason`` says what.
+    """
+    if len(data) < SNAPSHOT_HEADER.size:
+        raise CorruptionError("", 0, "snapshot header truncated")
+    magic, version, major, minor, marshal_version, _r, size, crc = SNAPSHOT_HEADER.unpack_from(
+        data, 0
+    )
+    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_VERSION:
+        raise CorruptionError("", 0, "not a logstate index snapshot of a known version")
+    if (major, minor) != sys.version_info[:2] or marshal_version != marshal.version:
+        raise CorruptionError(
+            "", 0, f"snapshot written by Python {major}.{minor} (marshal {marshal_version})"
+        )
+    body = memoryview(data)[SNAPSHOT_HEADER.size :]
+    if len(body) != size or crc32c(body) != crc:
+        raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body checksum mismatch")
+    try:
+        namespaces, checkpoint, seq, live_bytes, raw_marks = marshal.loads(body)
+        marks = [SegmentMark(*mark) for mark in raw_marks]
+    except (ValueError, TypeError, EOFError) as exc:
+        raise CorruptionError("", SNAPSHOT_HEADER.size, f"snapshot body: {exc}") from None
+    if not (
+        type(namespaces) is dict
+        and "" in namespaces
+        and type(seq) is int
+        and type(live_bytes) is int
+        and all(type(index) is dict for index in namespaces.values())
+        and all(type(mark) is SegmentMark and all(type(f) is int for f in mark) for mark in marks)
+    ):
+        raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body has the wrong shape")
+    bad = CorruptionError("", SNAPSHOT_HEADER.size, "snapshot holds a bad key or location")
+    # Keys and int locations are not checked one by one (that would cost a
+    # third of the load time): the checksum vouches for them, reads verify
+    # each record's CRC and key anyway, and untrusted directories are opened
+    # with use_snapshot=False.
+    for ns, index in namespaces.items():
+        if type(ns) is not str:
+            raise bad
+        kinds = set(map(type, index.values()))
+        if kinds <= {int}:
+            continue
+        if not kinds <= {int, tuple} or not all(
+            type(loc) is int or (len(loc) == 5 and all(type(x) is int and x >= 0 for x in loc))
+            for loc in index.values()
+        ):
+            raise bad
+    return Snapshot(namespaces, checkpoint, seq, live_bytes, marks)
+
+
+def tail_crc(data: bytes | memoryview) -> int:
+    """The ``tail_crc`` of a segment whose first ``size`` bytes end with ``data``."""
+    return crc32c(data[-TAIL_BYTES:])
