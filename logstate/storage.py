@@ -299,6 +299,15 @@ class LocalFileStorage(MutableMapping[str, Any]):
             return default
         return decode_value(raw, self._allow_pickle)
 
+    def get_encoded(self, key: str) -> bytes | None:
+        """The stored bytes of ``key``'s value (tag + data, see docs/format.md),
+        CRC-verified but not decoded (no pickle is loaded), or None. For tools."""
+        if self._closed:
+            raise self._closed_error()
+        encode_key(key)
+        raw = self._engine.get(self._ns, self._ns_bytes, key)
+        return None if raw is None else bytes(raw)
+
     def remove(self, key: str) -> None:
         """Delete ``key``; no error when it is not stored."""
         self._remove(key)
