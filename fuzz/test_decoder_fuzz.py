@@ -145,12 +145,24 @@ def write_corpus(directory: Path = CORPUS_DIR) -> None:
         store.delete_sub_storages()  # two or more drops: one group
         store.clear()
 
+    def compacted(store: LocalFileStorage) -> None:
+        # the compaction output replaces segment 1: marker, sub-storage, sets, checkpoint
+        store.get_or_create_sub_storage("sub")["s"] = "in a sub-storage"
+        for i in range(5):
+            store[f"k{i}"] = i
+        with store.batch() as batch:
+            batch.set("grouped", b"from a group")
+            batch.remove("k0")
+        store._engine.write_group([], checkpoint=encode_value({"offset": 7}))
+        store.compact()
+
     # name: (scenario, compress_min_size)
     scenarios: dict[str, tuple[Callable[[LocalFileStorage], None], int | None]] = {
         "plain_sets": (plain_sets, None),
         "group": (group, None),
         "compressed_group": (compressed_group, 0),
         "sub_storages": (sub_storages, None),
+        "compacted": (compacted, None),
     }
     directory.mkdir(parents=True, exist_ok=True)
     for name, (scenario, compress_min_size) in scenarios.items():
