@@ -15,6 +15,7 @@ Locations (what the index maps keys to) are defined in ``_location``.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -118,8 +119,8 @@ class EngineOptions(NamedTuple):
     sync_interval: float = 1.0  # seconds
     segment_size: int = 64 * 1024 * 1024  # bytes
     recovery: str = "strict"
-    compress_min_size: int | None = 64 * 1024  # bytes of a group's ops; None: never
-    zstd_level: int = 3
+    compress_min_size: int | None = 1024 * 1024  # bytes of a group's ops; None: never
+    zstd_level: int = 1
     auto_compact: bool = True  # compact in the background when a segment rolls
     compact_ratio: float = 0.5  # ... and dead bytes are at least this share of the total
     compact_min_size: int = 4 * 1024 * 1024  # ... and the store holds at least this many bytes
@@ -235,6 +236,7 @@ class Engine:
         self._compact_lock = threading.Lock()
         self._compact_thread: threading.Thread | None = None
         self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
+        self._retired_maps: list[mmap.mmap] = []  # likewise, mappings replaced
         self._sync_always = options.sync == "always"
         self._sync_interval = options.sync == "interval"
         self._segment_size = options.segment_size
@@ -267,6 +269,8 @@ class Engine:
                 number, is_newest=(number == numbers[-1]), start=starts.get(number, 0)
             )
         self.report.segments = len(numbers)
+        for segment in self._segments.values():
+            self._map(segment)
         if numbers:
             self._active = self._segments[numbers[-1]]
         elif read_only:
@@ -278,6 +282,23 @@ class Engine:
                 target=self._interval_loop, name=f"logstate-sync:{self.path}", daemon=True
             )
             self._thread.start()
+
+    def _map(self, segment: Segment) -> None:
+        """Map the segment's bytes so far for reads; an older mapping is retired."""
+        if segment.map is not None:
+            self._retired_maps.append(segment.map)
+        segment.map = self._fs.map_read_only(segment.fd, segment.size)
+        segment.mapped = segment.size if segment.map is not None else 0
+
+    def _read(self, segment: Segment, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset``: from the mapping when it covers them."""
+        mapping = segment.map
+        if mapping is not None and offset + size <= segment.mapped:
+            try:
+                return mapping[offset : offset + size]
+            except ValueError:  # replaced and closed meanwhile
+                pass
+        return self._fs.pread(segment.fd, size, offset)
 
     def _covers_from(self, number: int) -> int:
         """The first segment number whose records segment ``number`` holds."""
@@ -731,6 +752,10 @@ class Engine:
         try:
             self._fs.fdatasync(old.fd)
             new = self._create_segment(old.number + 1)
+            for mapping in self._retired_maps:  # retired one roll ago: no reader left
+                mapping.close()
+            self._retired_maps.clear()
+            self._map(old)  # sealed: its bytes never change again
         except OSError as exc:
             self._failed = exc
             raise
@@ -872,32 +897,53 @@ class Engine:
             self._commit(end_pos)
         return len(present)
 
-    def write_group(self, ops: list[tuple[int, bytes]], checkpoint: bytes | None = None) -> int:
+    def write_group(
+        self,
+        ops: list[tuple[int, bytes]],
+        checkpoint: bytes | None = None,
+        names: list[tuple[str, str]] | None = None,
+    ) -> int:
         """Append ``ops`` (type, body) as ONE group record: all of them or none survive.
 
         A single operation is written as a plain record. Namespaces named by
-        the operations must exist. Returns the number of operations written.
+        the operations must exist (or be created earlier in the group).
+
+        Args:
+            ops: (operation type, encoded body) pairs, applied in order.
+            checkpoint: an encoded value stored as the group's last operation.
+            names: (namespace, key) of each op, from a caller that built the
+                bodies itself (Batch, InMemoryStorage): the bodies are then
+                not decoded again. Without it every body is decoded (checked).
+
+        Returns:
+            The number of operations written.
         """
+        if names is None:
+            names = []
+            for op_type, body in ops:
+                op = fmt.decode_op(op_type, body, 0, len(body))
+                names.append((op.ns, op.key))
+        else:
+            names = list(names)
         if checkpoint is not None:
             ops = [*ops, (REC_CHECKPOINT, checkpoint)]
+            names.append(("", ""))
         if not ops:
             return 0
-        decoded = []
-        for op_type, body in ops:
-            op = fmt.decode_op(op_type, body, 0, len(body))
-            decoded.append(op)
         with self._lock:
             self._check_writable()
-            created = {op.ns for op in decoded if op.op_type == REC_CREATE_NS}
-            for op in decoded:
-                if op.op_type in (REC_SET, REC_DELETE, REC_CLEAR) and op.ns not in created:
-                    self._namespace(op.ns)
+            created: set[str] = set()
+            namespaces = self._namespaces
+            for (op_type, _body), (ns, _key) in zip(ops, names, strict=True):
+                if op_type == REC_CREATE_NS:
+                    created.add(ns)
+                elif ns not in namespaces and ns not in created and op_type != REC_CHECKPOINT:
+                    self._namespace(ns)  # raises SubStorageDeletedError
             if len(ops) == 1:
                 segment, offset, size, end_pos = self._write(ops[0][0], ops[0][1])
-                op = decoded[0]
-                self._apply_op(
-                    op.op_type, op.ns, op.key, pack_location(segment, offset, size, KIND_RECORD)
-                )
+                ns, key = names[0]
+                loc = pack_location(segment, offset, size, KIND_RECORD)
+                self._apply_op(ops[0][0], ns, key, loc)
             else:
                 body = fmt.encode_group_body(
                     ops, self.options.compress_min_size, self.options.zstd_level
@@ -906,14 +952,14 @@ class Engine:
                 compressed = body[0] & fmt.GROUP_FLAG_ZSTD
                 # where each op landed: in the file, or in the decompressed op list
                 op_offset = 0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
-                for (_t, op_body), op in zip(ops, decoded, strict=True):
-                    op_size = fmt.GROUP_OP_SIZE + len(op_body)
-                    loc: Location
+                apply = self._apply_op
+                op_header = fmt.GROUP_OP_SIZE
+                for (op_type, op_body), (ns, key) in zip(ops, names, strict=True):
+                    op_size = op_header + len(op_body)
                     if compressed:
-                        loc = (segment, offset, size, op_offset, op_size)
+                        apply(op_type, ns, key, (segment, offset, size, op_offset, op_size))
                     else:
-                        loc = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
-                    self._apply_op(op.op_type, op.ns, op.key, loc)
+                        apply(op_type, ns, key, pack_location(segment, op_offset, op_size, 1))
                     op_offset += op_size
         if self._sync_always:
             self._commit(end_pos)
@@ -968,10 +1014,17 @@ class Engine:
             log.exception("%s: background compaction failed", self.path)
 
     def _close_retired_fds(self) -> None:
-        """Close the descriptors of segments replaced by an earlier compaction. Under ``_lock``."""
+        """Close descriptors and mappings replaced earlier (by a compaction or a roll).
+
+        Readers take no lock, so a reader may still hold one just retired;
+        they are closed one compaction later, not at once. Under ``_lock``.
+        """
         for fd in self._retired_fds:
             self._fs.close(fd)
         self._retired_fds.clear()
+        for mapping in self._retired_maps:
+            mapping.close()
+        self._retired_maps.clear()
 
     def _install_compaction(
         self,
@@ -991,7 +1044,11 @@ class Engine:
             if new_checkpoint is not None and self._checkpoint == old_checkpoint:
                 self._checkpoint = new_checkpoint
             for number in inputs:
-                self._retired_fds.append(self._segments.pop(number).fd)
+                retired = self._segments.pop(number)
+                self._retired_fds.append(retired.fd)
+                if retired.map is not None:
+                    self._retired_maps.append(retired.map)
+            self._map(output)
             self._segments[output.number] = output
             self._segments = dict(sorted(self._segments.items()))
 
@@ -1042,7 +1099,16 @@ class Engine:
         if loc is None:
             return None
         if type(loc) is int:
-            data = self._fs.pread(self._segments[loc >> 74].fd, (loc >> 2) & U32, (loc >> 34) & U40)
+            segment = self._segments[loc >> 74]
+            offset = (loc >> 34) & U40
+            end = offset + ((loc >> 2) & U32)
+            try:
+                if end <= segment.mapped:
+                    data = segment.map[offset:end]  # type: ignore[index]
+                else:
+                    data = self._fs.pread(segment.fd, end - offset, offset)
+            except ValueError:  # the mapping was replaced and closed meanwhile
+                data = self._fs.pread(segment.fd, end - offset, offset)
             key_bytes = key.encode("utf-8")
             prefix = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes
             if loc & 3 == KIND_RECORD:
@@ -1059,7 +1125,7 @@ class Engine:
             size = (loc >> 2) & U32
             offset = (loc >> 34) & U40
             segment = self._segments[loc >> 74]
-            data = self._fs.pread(segment.fd, size, offset)
+            data = self._read(segment, size, offset)
             try:
                 if loc & 3 == KIND_RECORD:
                     op_type = fmt.check_record(data)
@@ -1083,7 +1149,7 @@ class Engine:
         """The decompressed op list of the compressed group at ``loc`` (checked)."""
         number, record_offset, record_size, _op_offset, _op_size = loc
         segment = self._segments[number]
-        record = self._fs.pread(segment.fd, record_size, record_offset)
+        record = self._read(segment, record_size, record_offset)
         try:
             fmt.check_record(record)
             _c, raw, _ops = fmt.decode_group(memoryview(record)[FRAME_HEADER_SIZE:])
@@ -1235,9 +1301,12 @@ class Engine:
             self._release_resources()
 
     def _release_resources(self) -> None:
-        for fd in self._retired_fds:
-            self._fs.close(fd)
-        self._retired_fds.clear()
+        for segment in self._segments.values():
+            if segment.map is not None:
+                self._retired_maps.append(segment.map)
+                segment.map = None
+                segment.mapped = 0
+        self._close_retired_fds()
         for segment in self._segments.values():
             try:
                 self._fs.close(segment.fd)

@@ -224,11 +224,17 @@ def set_group_op_value(data: bytes, prefix: bytes) -> bytes | None:
 def encode_group_ops(ops: list[tuple[int, bytes]]) -> bytes:
     """The op list of a group: for each (type, body), op_crc type length body."""
     parts = []
+    append = parts.append
+    pack_head = _OP_TYPE_LEN.pack
+    allowed = OP_TYPES
     for op_type, body in ops:
-        if op_type not in OP_TYPES:
+        if op_type not in allowed:
             raise ValueError(f"operation type {op_type} cannot be part of a group")
-        head = _OP_TYPE_LEN.pack(op_type, len(body))
-        parts.append(struct.pack("<I", crc32c(body, crc32c(head))) + head + body)
+        head = pack_head(op_type, len(body))
+        crc = _crc32r(body, _crc32r(head, _CRC_XOR, _CRC32C_TABLE), _CRC32C_TABLE) ^ _CRC_XOR
+        append(_pack_u32(crc))
+        append(head)
+        append(body)
     return b"".join(parts)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 
 from logstate._errors import StorageLockedError
@@ -113,6 +114,16 @@ class FileSystem:
             chunks.append(chunk)
             offset += len(chunk)
         return b"".join(chunks)
+
+    def map_read_only(self, fd: int, size: int) -> mmap.mmap | None:
+        """A read-only shared mapping of the first ``size`` bytes (None when size is 0).
+
+        Reads through it cost no system call. The caller maps only bytes that
+        exist and are never truncated while mapped (sealed segments).
+        """
+        if size <= 0:
+            return None
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)

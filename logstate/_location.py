@@ -20,6 +20,7 @@ NamedTuple) so that index snapshots can marshal them.
 
 from __future__ import annotations
 
+import mmap
 from typing import Final
 
 KIND_RECORD: Final = 0
@@ -68,7 +69,7 @@ class Segment:
     """An open segment file. ``covers_from``: the lowest segment number whose
     records it holds (itself, or for a compaction output its first input)."""
 
-    __slots__ = ("covers_from", "fd", "number", "path", "size")
+    __slots__ = ("covers_from", "fd", "map", "mapped", "number", "path", "size")
 
     def __init__(self, number: int, path: str, fd: int, size: int, covers_from: int = 0) -> None:
         self.number = number
@@ -76,3 +77,5 @@ class Segment:
         self.fd = fd
         self.size = size
         self.covers_from = covers_from or number
+        self.map: mmap.mmap | None = None  # read-only mapping of the first ``mapped`` bytes
+        self.mapped = 0

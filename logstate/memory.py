@@ -215,38 +215,43 @@ class InMemoryStorage(MutableMapping[str, Any]):
         if checkpoint is not _MISSING:
             checkpoint_bytes = encode_value(checkpoint, self._allow_pickle)
         with self._lock:
+            ns = backing._ns
             ns_bytes = backing._ns_bytes
             ops: list[tuple[int, bytes]] = []
+            names: list[tuple[str, str]] = []
             if self._cleared:
                 ops.append((REC_CLEAR, ns_bytes))
+                names.append((ns, ""))
             rewritten: dict[str, bytes] = {}
+            watched = self._watched
+            pack = NAME_LEN.pack
             for key, encoded in self._pending.items():
                 raw_key = key.encode("utf-8")
-                prefix = ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key
+                prefix = ns_bytes + pack(len(raw_key)) + raw_key
+                names.append((ns, key))
                 if encoded is _DELETED:
                     ops.append((REC_DELETE, prefix))
                     continue
-                if key in self._watched:  # mutable: take its bytes as of now
+                if key in watched:  # mutable: take its bytes as of now
                     encoded = encode_value(self._data[key], self._allow_pickle)
                     rewritten[key] = encoded
                 ops.append((REC_SET, prefix + encoded))
-            for key, last in self._watched.items():
+            for key, last in watched.items():
                 if key in self._pending:
                     continue
                 encoded = encode_value(self._data[key], self._allow_pickle)
                 if encoded != last:
                     raw_key = key.encode("utf-8")
-                    ops.append(
-                        (REC_SET, ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + encoded)
-                    )
+                    ops.append((REC_SET, ns_bytes + pack(len(raw_key)) + raw_key + encoded))
+                    names.append((ns, key))
                     rewritten[key] = encoded
             if not ops and checkpoint_bytes is None:
                 return 0
             engine = backing._engine
-            written = engine.write_group(ops, checkpoint_bytes)
+            written = engine.write_group(ops, checkpoint_bytes, names=names)
             if engine.options.sync != "none":
                 engine.sync()  # "always" already synced in write_group: this is then free
             self._pending.clear()
             self._cleared = False
-            self._watched.update(rewritten)
+            watched.update(rewritten)
             return written

@@ -125,8 +125,10 @@ class LocalFileStorage(MutableMapping[str, Any]):
             repaired; other damage raises CorruptionError) or "salvage" (keep
             every valid record, move damaged bytes aside).
         compress_min_size: group records whose operations take at least this
-            many bytes are zstd-compressed (default 64 KiB; None: never).
-        zstd_level: zstandard level for those groups (default 3).
+            many bytes are zstd-compressed (default 1 MiB; None: never). A
+            value in a compressed group costs a decompression of the whole
+            group to read, until compaction rewrites it as a plain record.
+        zstd_level: zstandard level for those groups (default 1).
         auto_compact: compact in the background when a segment rolls and dead
             bytes are at least ``compact_ratio`` (default 0.5) of a store of at
             least ``compact_min_size`` bytes (default 4 MiB). Default True.
@@ -499,6 +501,7 @@ class Batch:
     def __init__(self, storage: LocalFileStorage) -> None:
         self._storage = storage
         self._ops: list[tuple[int, bytes]] = []
+        self._names: list[tuple[str, str]] = []  # (namespace, key) of each op
         self._done = False
 
     def _check_open(self) -> None:
@@ -510,22 +513,25 @@ class Batch:
         self._check_open()
         raw_key = encode_key(key)
         value_bytes = encode_value(value, self._storage._allow_pickle)
+        storage = self._storage
         self._ops.append(
-            (REC_SET, self._storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + value_bytes)
+            (REC_SET, storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + value_bytes)
         )
+        self._names.append((storage._ns, key))
 
     def remove(self, key: str) -> None:
         """Add a delete of ``key`` (no error when it is not stored)."""
         self._check_open()
         raw_key = encode_key(key)
-        self._ops.append(
-            (REC_DELETE, self._storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key)
-        )
+        storage = self._storage
+        self._ops.append((REC_DELETE, storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key))
+        self._names.append((storage._ns, key))
 
     def clear(self) -> None:
         """Add a clear of the storage (keys and sub-storages), applied in order."""
         self._check_open()
         self._ops.append((REC_CLEAR, self._storage._ns_bytes))
+        self._names.append((self._storage._ns, ""))
 
     __setitem__ = set
 
@@ -538,12 +544,13 @@ class Batch:
         self._done = True
         if self._storage._closed:
             raise self._storage._closed_error()
-        return self._storage._engine.write_group(self._ops)
+        return self._storage._engine.write_group(self._ops, names=self._names)
 
     def discard(self) -> None:
         """Drop the operations without writing anything."""
         self._done = True
         self._ops.clear()
+        self._names.clear()
 
     def __enter__(self) -> Batch:
         return self

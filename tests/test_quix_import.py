@@ -455,9 +455,14 @@ def test_each_storage_is_written_as_one_group(
     groups: list[list[int]] = []
     original = Engine.write_group
 
-    def spy(self: Engine, ops: list[tuple[int, bytes]], checkpoint: bytes | None = None) -> int:
+    def spy(
+        self: Engine,
+        ops: list[tuple[int, bytes]],
+        checkpoint: bytes | None = None,
+        names: list[tuple[str, str]] | None = None,
+    ) -> int:
         groups.append([op_type for op_type, _ in ops])
-        return original(self, ops, checkpoint)
+        return original(self, ops, checkpoint, names)
 
     monkeypatch.setattr(Engine, "write_group", spy)
     set_calls: list[str] = []
@@ -509,13 +514,16 @@ def test_a_failed_group_write_leaves_the_storage_without_any_key(
     calls = 0
 
     def fail_second(
-        self: Engine, ops: list[tuple[int, bytes]], checkpoint: bytes | None = None
+        self: Engine,
+        ops: list[tuple[int, bytes]],
+        checkpoint: bytes | None = None,
+        names: list[tuple[str, str]] | None = None,
     ) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OSError(5, "Input/output error")
-        return original(self, ops, checkpoint)
+        return original(self, ops, checkpoint, names)
 
     monkeypatch.setattr(Engine, "write_group", fail_second)
     with pytest.raises(OSError, match="Input/output error"):
