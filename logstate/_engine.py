@@ -82,7 +82,7 @@ __all__ = [
 log = logging.getLogger("logstate")
 
 SYNC_MODES: Final = ("none", "interval", "always")
-RECOVERY_MODES: Final = ("strict", "salvage")
+RECOVERY_MODES: Final = ("strict", "prefix", "salvage")
 SEGMENT_SUFFIX: Final = ".seg"
 SEGMENT_PREFIX: Final = "segment-"
 TORN_SUFFIX: Final = ".torn"  # torn tails copied aside before truncation
@@ -514,7 +514,17 @@ class Engine:
         shift = -base  # file offset = data offset - shift (salvage: minus removed bytes)
         dropped: list[fmt.Damage] = []
         scan_from = SEGMENT_HEADER_SIZE if base == 0 else 0
+        prefix = self.options.recovery == "prefix" and is_newest
         for frame in fmt.scan_records(data, scan_from, pending.append):
+            if pending and prefix:
+                # Damage followed by valid records in the newest segment: with
+                # sync="none"/"interval" a power loss can persist unsynced pages
+                # out of order. "prefix" keeps the records before the first
+                # damage (a prefix of the history) and cuts the rest, valid
+                # records included, as a torn tail (copied aside).
+                damage = pending[0]
+                pending[:] = [fmt.Damage(damage.offset, len(data) - damage.offset, damage.reason)]
+                break
             if pending:
                 # Damage followed by a valid record: not a torn write (a torn
                 # write has nothing valid after it). Strict refuses to guess.
@@ -523,8 +533,9 @@ class Engine:
                     raise CorruptionError(
                         path,
                         base + damage.offset,
-                        f"{damage.reason} ({damage.size} bytes), followed by "
-                        "valid records; open with recovery='salvage' to keep the valid records",
+                        f"{damage.reason} ({damage.size} bytes), followed by valid records; "
+                        "open with recovery='prefix' to keep the records before it (newest "
+                        "segment only) or 'salvage' to keep every valid record",
                     )
                 dropped.extend(pending)
                 if not read_only:  # read-only salvage rewrites nothing: offsets stay
@@ -534,6 +545,9 @@ class Engine:
                 self._apply_frame(data, frame, number, shift)
             except CorruptionError as exc:
                 # A record whose checksum is right but whose body does not parse.
+                if prefix:
+                    pending[:] = [fmt.Damage(frame.offset, len(data) - frame.offset, exc.reason)]
+                    break
                 if not salvage:
                     raise CorruptionError(path, base + exc.offset, exc.reason) from None
                 dropped.append(fmt.Damage(frame.offset, frame.size, exc.reason))

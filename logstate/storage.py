@@ -122,8 +122,12 @@ class LocalFileStorage(MutableMapping[str, Any]):
         sync_interval: seconds, for sync="interval" (default 1.0).
         segment_size: bytes at which the active segment rolls (default 64 MiB).
         recovery: "strict" (default: only a torn tail of the newest segment is
-            repaired; other damage raises CorruptionError) or "salvage" (keep
-            every valid record, move damaged bytes aside).
+            repaired; other damage raises CorruptionError), "prefix" (as
+            strict, but damage in the newest segment followed by valid records
+            is cut with everything after it: the state is a prefix of the
+            history; for sync="none"/"interval" after a power loss, which can
+            persist unsynced pages out of order) or "salvage" (keep every valid
+            record anywhere, move damaged bytes aside).
         compress_min_size: group records whose operations take at least this
             many bytes are zstd-compressed (default 1 MiB; None: never). A
             value in a compressed group costs a decompression of the whole

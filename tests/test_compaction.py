@@ -44,8 +44,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from logstate import Batch, InMemoryStorage, LocalFileStorage, _engine
-from logstate._compact import COMPACT_TMP_SUFFIX
+from logstate import Batch, InMemoryStorage, LocalFileStorage, StorageClosedError, _engine
+from logstate._compact import COMPACT_TMP_SUFFIX, CompactionResult
 from logstate._engine import parse_segment_file_name, segment_file_name
 from logstate._fs import FileSystem
 from logstate._location import KIND_GROUP_OP, location_segment, unpack_location
@@ -488,79 +488,24 @@ class CrashFS(TrackingFS):
             FileSystem.close(self, fd)
         self.open_fds.clear()
 
-    def _closing(self, fd: int) -> None:
-        if self.abandoning and fd not in self.open_fds:
-            return  # the crash interrupted a close loop: never close a number twice
-        super()._closing(fd)
-
     def close(self, fd: int) -> None:
         if self.abandoning and fd not in self.open_fds:
-            return
+            return  # the crash interrupted a close loop: never close a number twice
         self._run("close", lambda: TrackingFS.close(self, fd))
 
-    # every other call counts as one step
-    def canonical_path(self, path: str) -> str:
-        return self._run("canonical_path", lambda: FileSystem.canonical_path(self, path))
 
-    def is_dir(self, path: str) -> bool:
-        return self._run("is_dir", lambda: FileSystem.is_dir(self, path))
+def _counted_step(name: str) -> Callable[..., Any]:
+    def method(self: CrashFS, *args: Any) -> Any:
+        return self._run(name, lambda: getattr(TrackingFS, name)(self, *args))
 
-    def exists(self, path: str) -> bool:
-        return self._run("exists", lambda: FileSystem.exists(self, path))
+    method.__name__ = method.__qualname__ = name
+    return method
 
-    def make_dirs(self, path: str) -> None:
-        self._run("make_dirs", lambda: FileSystem.make_dirs(self, path))
 
-    def list_dir(self, path: str) -> list[str]:
-        return self._run("list_dir", lambda: FileSystem.list_dir(self, path))
-
-    def create_file(self, path: str) -> int:
-        return self._run("create_file", lambda: TrackingFS.create_file(self, path))
-
-    def open_file(self, path: str) -> int:
-        return self._run("open_file", lambda: TrackingFS.open_file(self, path))
-
-    def open_read_only(self, path: str) -> int:
-        return self._run("open_read_only", lambda: TrackingFS.open_read_only(self, path))
-
-    def file_size(self, fd: int) -> int:
-        return self._run("file_size", lambda: FileSystem.file_size(self, fd))
-
-    def append(self, fd: int, data: bytes | bytearray | memoryview) -> None:
-        self._run("append", lambda: FileSystem.append(self, fd, data))
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        return self._run("pread", lambda: FileSystem.pread(self, fd, size, offset))
-
-    def read_all(self, fd: int) -> bytes:
-        return self._run("read_all", lambda: FileSystem.read_all(self, fd))
-
-    def fsync(self, fd: int) -> None:
-        self._run("fsync", lambda: FileSystem.fsync(self, fd))
-
-    def fdatasync(self, fd: int) -> None:
-        self._run("fdatasync", lambda: FileSystem.fdatasync(self, fd))
-
-    def truncate(self, fd: int, size: int) -> None:
-        self._run("truncate", lambda: FileSystem.truncate(self, fd, size))
-
-    def write_new_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
-        self._run("write_new_file", lambda: TrackingFS.write_new_file(self, path, data))
-
-    def rename(self, src: str, dst: str) -> None:
-        self._run("rename", lambda: FileSystem.rename(self, src, dst))
-
-    def unlink(self, path: str) -> None:
-        self._run("unlink", lambda: FileSystem.unlink(self, path))
-
-    def fsync_dir(self, path: str) -> None:
-        self._run("fsync_dir", lambda: FileSystem.fsync_dir(self, path))
-
-    def lock_dir(self, path: str) -> int:
-        return self._run("lock_dir", lambda: TrackingFS.lock_dir(self, path))
-
-    def unlock_dir(self, fd: int) -> None:
-        self._run("unlock_dir", lambda: TrackingFS.unlock_dir(self, fd))
+# Every public call of the file-system layer (present and future) counts as one step.
+for _name, _value in vars(FileSystem).items():
+    if callable(_value) and not _name.startswith("_") and _name not in vars(CrashFS):
+        setattr(CrashFS, _name, _counted_step(_name))
 
 
 def prepare_several_inputs(root: LocalFileStorage, model: Model) -> None:
@@ -815,6 +760,8 @@ def test_crash_right_after_the_rename_leaves_inputs_that_open_deletes(tmp_path: 
 
 # ============================================================================ 4. concurrency
 
+DELETED: Any = object()
+
 
 def test_writers_running_during_compactions_lose_no_write_and_resurrect_no_delete(
     tmp_path: Path,
@@ -822,7 +769,7 @@ def test_writers_running_during_compactions_lose_no_write_and_resurrect_no_delet
     directory = tmp_path / "store"
     root = LocalFileStorage(directory, **OPTIONS)
     stop = threading.Event()
-    models: list[dict[str, Any]] = [{} for _ in range(3)]
+    models: list[dict[tuple[str, str], Any]] = [{} for _ in range(3)]  # (ns, key) -> value
     errors: list[BaseException] = []
 
     def writer(number: int) -> None:
@@ -835,25 +782,30 @@ def test_writers_running_during_compactions_lose_no_write_and_resurrect_no_delet
                 step += 1
                 key = f"w{number}-{rng.randrange(150)}"
                 roll = rng.random()
-                if roll < 0.55:
+                if roll < 0.5:
                     root[key] = f"{key}={step}"
-                    mine[key] = f"{key}={step}"
-                elif roll < 0.75:
+                    mine["", key] = f"{key}={step}"
+                elif roll < 0.7:
                     root.remove(key)
-                    mine[key] = None
-                elif roll < 0.9:
+                    mine["", key] = DELETED
+                elif roll < 0.85:
                     with root.batch() as batch:
                         for i in range(rng.randrange(1, 6)):
                             other = f"w{number}-{rng.randrange(150)}"
                             if rng.random() < 0.7:
                                 batch.set(other, f"{other}={step}.{i}")
-                                mine[other] = f"{other}={step}.{i}"
+                                mine["", other] = f"{other}={step}.{i}"
                             else:
                                 batch.remove(other)
-                                mine[other] = None
-                else:
+                                mine["", other] = DELETED
+                elif roll < 0.98:
                     sub[f"s{step % 20}"] = step
-                    mine[f"sub:s{step % 20}"] = step
+                    mine[sub.name, f"s{step % 20}"] = step
+                else:
+                    sub.clear()
+                    for ns, k in mine:
+                        if ns:
+                            mine[ns, k] = DELETED
         except BaseException as exc:
             errors.append(exc)
 
@@ -874,14 +826,11 @@ def test_writers_running_during_compactions_lose_no_write_and_resurrect_no_delet
     assert compactions == 12
 
     def expected() -> State:
-        state: State = {"": {}}
-        for number, mine in enumerate(models):
-            sub = state.setdefault(f"w{number}", {})
-            for key, value in mine.items():
-                if key.startswith("sub:"):
-                    sub[key[4:]] = value
-                elif value is not None:
-                    state[""][key] = value
+        state: State = {"": {}, "w0": {}, "w1": {}, "w2": {}}
+        for mine in models:
+            for (ns, key), value in mine.items():
+                if value is not DELETED:
+                    state[ns][key] = value
         return state
 
     assert observed_state(root) == expected(), "a write was lost or a delete undone"
@@ -1088,6 +1037,90 @@ def test_close_during_a_background_compaction_neither_hangs_nor_corrupts(
         again._check()
 
 
+class CallerPausingFS(TrackingFS):
+    """Stops a thread named ``compactor`` at its first ``method`` call (rolls aside) and
+    records every call that thread makes after ``closed`` is set."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+        self.after_close: list[str] = []
+
+    def _pause(self, method: str) -> None:
+        if threading.current_thread().name != "compactor":
+            return
+        if method == self.method and not self.reached.is_set() and not inside_roll():
+            self.reached.set()
+            assert self.release.wait(timeout=30)
+        if self.closed.is_set():
+            self.after_close.append(method)
+
+
+def _pausing_call(name: str) -> Callable[..., Any]:
+    def method(self: CallerPausingFS, *args: Any) -> Any:
+        self._pause(name)
+        return getattr(TrackingFS, name)(self, *args)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name, _value in vars(FileSystem).items():
+    if callable(_value) and not _name.startswith("_"):
+        setattr(CallerPausingFS, _name, _pausing_call(_name))
+
+
+@pytest.mark.parametrize("paused_at", ["read_all", "create_file", "rename", "unlink"])
+def test_close_lets_no_compaction_started_by_another_thread_touch_files_afterwards(
+    tmp_path: Path, paused_at: str
+) -> None:
+    """A compaction run with compact() in another thread (a maintenance thread) and a
+    close: close may wait for it or stop it, but once close has returned (directory
+    lock released, descriptors closed) the compaction must not touch a file."""
+    directory = tmp_path / "store"
+    fs = CallerPausingFS(paused_at)
+    root = open_with(fs, directory, **OPTIONS)
+    model: dict[str, str] = {}
+    for i in range(400):
+        root[f"k{i % 30}"] = f"{i}" * 50
+        model[f"k{i % 30}"] = f"{i}" * 50
+    outcome: list[object] = []
+
+    def compactor() -> None:
+        try:
+            outcome.append(root.compact())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    def closer() -> None:
+        root.close()
+        fs.closed.set()
+
+    compacting = threading.Thread(target=compactor, name="compactor")
+    compacting.start()
+    assert fs.reached.wait(timeout=10)
+    closing = threading.Thread(target=closer)
+    closing.start()
+    closing.join(timeout=0.3)  # returns now only if close does not wait for the compaction
+    fs.release.set()
+    compacting.join(timeout=30)
+    closing.join(timeout=30)
+    assert not closing.is_alive() and not compacting.is_alive(), "hung"
+    assert fs.after_close == [], f"calls after close() returned; compact() gave {outcome!r}"
+    assert len(outcome) == 1
+    assert not isinstance(outcome[0], BaseException) or isinstance(
+        outcome[0], StorageClosedError
+    ), f"compact() raised {outcome[0]!r}"
+    assert fs.open_fds == set(), "descriptors left open"
+    with LocalFileStorage(directory, **OPTIONS) as again:
+        assert temporary_files(directory) == []
+        assert dict(again.items()) == model
+        again._check()
+
+
 # ============================================================================ 6. active segment
 
 
@@ -1176,6 +1209,31 @@ class SpyFS(TrackingFS):
         super().unlink(path)
 
 
+def check_compaction_calls(calls: list[Call], result: CompactionResult, newest: int) -> None:
+    """The compacting thread's calls (rolls aside) touch only its inputs and its output.
+
+    Segments numbered above the output were active at some time during the
+    compaction (the one its roll created, and any a writer's roll created):
+    no call may concern them.
+    """
+    assert result.output is not None
+    path = str(Path(calls[0].path).parent) if calls else ""
+    name = segment_file_name
+    active = {f"{path}/{name(n)}" for n in range(result.output + 1, newest + 1)}
+    inputs = {f"{path}/{name(n)}" for n in result.inputs}
+    tmp = f"{path}/{name(result.output)}{COMPACT_TMP_SUFFIX}"
+    for call in calls:
+        if call.in_roll:
+            continue  # sealing the active segment and creating the next: what writers do
+        assert not any(p in call.path for p in active), ("touched an active segment", call)
+        if call.method in ("append", "fdatasync", "fsync", "truncate"):
+            assert call.path == tmp, ("wrote to a file other than its output", call)
+        elif call.method == "rename":
+            assert call.path == f"{tmp} -> {path}/{name(result.output)}", call
+        elif call.method == "unlink":
+            assert call.path in inputs | {tmp}, call
+
+
 def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     fs = SpyFS()
@@ -1195,41 +1253,26 @@ def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
             i += 1
 
     thread = threading.Thread(target=writer)
-    results = []
+    me = threading.get_ident()
+    writer_calls = 0
     thread.start()
     try:
         for _ in range(5):
             time.sleep(0.005)
+            fs.calls = []
             fs.recording = True
-            results.append(root.compact())
+            result = root.compact()
             fs.recording = False
+            newest = max(engine._segments)
+            calls = [c for c in fs.calls if c.thread == me]
+            assert any(c.in_roll for c in calls), "the active segment should have been sealed"
+            check_compaction_calls(calls, result, newest)
+            writer_calls += sum(c.thread != me and c.method == "append" for c in fs.calls)
     finally:
         stop.set()
         thread.join(timeout=30)
-    me = threading.get_ident()
-    mine = [c for c in fs.calls if c.thread == me]
-    outputs = {r.output for r in results}
-    assert any(c.in_roll for c in mine), "the compactions should have sealed an active segment"
-    active_paths = {
-        str(directory / segment_file_name(n))
-        for n in range(min(r.output for r in results if r.output) + 1, max(engine._segments) + 1)
-        if n not in outputs
-    }
-    inputs = {str(directory / segment_file_name(n)) for r in results for n in r.inputs}
-    tmp_paths = {p + COMPACT_TMP_SUFFIX for p in inputs}
-    for call in mine:
-        if call.in_roll:
-            continue  # sealing the active segment and creating the next: what writers do
-        assert not any(p in call.path for p in active_paths - inputs), call
-        if call.method in ("append", "fdatasync", "fsync", "truncate"):
-            assert call.path in tmp_paths, call
-        elif call.method == "rename":
-            src, _, dst = call.path.partition(" -> ")
-            assert src in tmp_paths and dst == src[: -len(COMPACT_TMP_SUFFIX)], call
-        elif call.method == "unlink":
-            assert call.path in inputs | tmp_paths, call
+    assert writer_calls > 0, "the writer should have appended during the compactions"
     # every open segment's descriptor still refers to the file under its name
-    assert engine._active is not None
     for segment in engine._segments.values():
         assert os.fstat(segment.fd).st_ino == os.stat(segment.path).st_ino, segment.path
     for key, value in written:

@@ -244,3 +244,21 @@ def test_batch_is_one_group_and_an_exception_discards_it(tmp_path: Path) -> None
             batch.remove("keep")
         assert sorted(storage) == ["a", "b"]
     assert os.path.getsize(_segment(tmp_path)) > size
+
+
+def test_a_group_larger_than_the_segment_size_goes_into_one_segment_whole(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path, segment_size=4096, compress_min_size=None) as backing:
+        backing.set("first", 1)
+        storage = InMemoryStorage(backing)
+        for i in range(200):
+            storage[f"k{i}"] = "v" * 50  # ~13 KB of operations: three times the segment size
+        storage.flush()
+        backing.set("after", 2)
+        segments = sorted(p.name for p in tmp_path.glob("segment-*.seg"))
+        assert len(segments) == 3, segments  # the group alone in segment 2, "after" in 3
+        sizes = [(tmp_path / name).stat().st_size for name in segments]
+        assert sizes[1] > 3 * 4096
+    with LocalFileStorage(tmp_path) as reopened:
+        assert len(reopened) == 202
+        assert reopened["k199"] == "v" * 50
+        reopened._check()

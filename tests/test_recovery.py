@@ -581,3 +581,51 @@ def test_damage_after_open_never_returns_another_keys_value(tmp_path: Path) -> N
         with pytest.raises(CorruptionError):
             s["a"]
         assert s["b"] == "value of b"
+
+
+# ============================================================================ recovery="prefix"
+
+
+def test_prefix_recovery_keeps_the_records_before_the_first_damage_of_the_newest_segment(
+    tmp_path: Path,
+) -> None:
+    """A power loss with sync="interval" can persist unsynced pages out of order:
+    a hole followed by later records. "prefix" keeps a prefix of the history."""
+    directory = tmp_path / "store"
+    with LocalFileStorage(directory, sync="none", use_snapshot=False) as s:
+        for i in range(10):
+            s[f"k{i}"] = i
+        s.remove("k1")
+    segment = segments(directory)[-1]
+    data = bytearray(segment.read_bytes())
+    records = list(frames(bytes(data)))
+    victim = records[4]  # k4's record; k5.. and the delete of k1 follow it
+    data[victim.offset + 12] ^= 0x40
+    segment.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptionError) as info:
+        LocalFileStorage(directory)
+    assert info.value.offset == victim.offset and "prefix" in str(info.value)
+
+    with LocalFileStorage(directory, recovery="prefix") as s:
+        s._check()
+        assert {k: s[k] for k in s} == {"k0": 0, "k1": 1, "k2": 2, "k3": 3}
+        (torn,) = engine_of(s).report.torn_tails
+        assert torn[1] == victim.offset and torn[2] == len(data) - victim.offset
+        assert Path(torn[3]).read_bytes() == bytes(data[victim.offset :])
+        s["new"] = 1
+    with LocalFileStorage(directory) as s:  # strict again: the log is clean now
+        assert s["new"] == 1 and "k4" not in s
+
+
+def test_prefix_recovery_still_refuses_damage_in_a_sealed_segment(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    build_multi_segment_store(directory)
+    first = segments(directory)[0]
+    data = bytearray(first.read_bytes())
+    middle = list(frames(bytes(data)))[1]
+    data[middle.offset + 12] ^= 0x01
+    first.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError) as info:
+        LocalFileStorage(directory, recovery="prefix", use_snapshot=False)
+    assert info.value.path == str(first.resolve())
