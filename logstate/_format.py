@@ -37,7 +37,7 @@ if not getattr(sys.modules.get("crcmod.crcmod"), "_usingExtension", False):  # p
         "Python headers available: python -m pip install --force-reinstall --no-binary "
         "crcmod crcmod"
     )
-from crcmod._crcfunext import _crc32r  # noqa: E402  (checked just above)
+from crcmod._crcfunext import _crc32r
 
 _crc32c_fun = crcmod.predefined.mkCrcFun("crc-32c")
 _CRC32C_TABLE: Final[bytes] = _crc32c_fun.__defaults__[1]
@@ -145,8 +145,10 @@ def decode_segment_header(data: bytes | memoryview) -> int:
         raise CorruptionError("", 0, "segment header checksum mismatch")
     if version != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            "", 0, f"segment format version {version} is not supported (this logstate reads "
-            f"version {FORMAT_VERSION}); upgrade logstate to open it"
+            "",
+            0,
+            f"segment format version {version} is not supported (this logstate reads "
+            f"version {FORMAT_VERSION}); upgrade logstate to open it",
         )
     return int(number)
 
@@ -223,7 +225,7 @@ def set_group_op_value(data: bytes, prefix: bytes) -> bytes | None:
 
 def encode_group_ops(ops: list[tuple[int, bytes]]) -> bytes:
     """The op list of a group: for each (type, body), op_crc type length body."""
-    parts = []
+    parts: list[bytes] = []
     append = parts.append
     pack_head = _OP_TYPE_LEN.pack
     allowed = OP_TYPES
@@ -255,7 +257,9 @@ def encode_group_body(
         packed = zstandard.ZstdCompressor(level=zstd_level).compress(raw)
         if len(packed) + GROUP_RAW_SIZE.size < len(raw):
             return (
-                GROUP_HEADER.pack(GROUP_FLAG_ZSTD, len(ops)) + GROUP_RAW_SIZE.pack(len(raw)) + packed
+                GROUP_HEADER.pack(GROUP_FLAG_ZSTD, len(ops))
+                + GROUP_RAW_SIZE.pack(len(raw))
+                + packed
             )
     return GROUP_HEADER.pack(0, len(ops)) + raw
 
@@ -288,7 +292,9 @@ class Op(NamedTuple):
     value_end: int
 
 
-def _read_name(buf: bytes | memoryview, pos: int, end: int, what: str, base: int) -> tuple[str, int]:
+def _read_name(
+    buf: bytes | memoryview, pos: int, end: int, what: str, base: int
+) -> tuple[str, int]:
     if pos + 2 > end:
         raise CorruptionError("", base + pos, f"{what} length truncated")
     (size,) = NAME_LEN.unpack_from(buf, pos)
@@ -301,9 +307,7 @@ def _read_name(buf: bytes | memoryview, pos: int, end: int, what: str, base: int
         raise CorruptionError("", base + pos, f"{what} is not valid UTF-8") from None
 
 
-def decode_op(
-    op_type: int, buf: bytes | memoryview, start: int, end: int, base: int = 0
-) -> Op:
+def decode_op(op_type: int, buf: bytes | memoryview, start: int, end: int, base: int = 0) -> Op:
     """Decode the body of an operation occupying ``buf[start:end]``.
 
     ``base`` is added to offsets in errors (the buffer's position in its file).
@@ -394,12 +398,16 @@ def decode_group(
             content_size = zstandard.frame_content_size(packed)  # -1: not declared
             if content_size not in (-1, raw_size):
                 raise CorruptionError(
-                    "", base + pos, f"compressed group's zstd frame declares {content_size} "
-                    f"bytes, expected {raw_size}"
+                    "",
+                    base + pos,
+                    f"compressed group's zstd frame declares {content_size} "
+                    f"bytes, expected {raw_size}",
                 )
             raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=raw_size)
         except zstandard.ZstdError as exc:
-            raise CorruptionError("", base + pos, f"compressed group does not decompress: {exc}") from None
+            raise CorruptionError(
+                "", base + pos, f"compressed group does not decompress: {exc}"
+            ) from None
         if len(raw) != raw_size:
             raise CorruptionError(
                 "", base + pos, f"compressed group gave {len(raw)} bytes, expected {raw_size}"
@@ -420,7 +428,9 @@ def decode_group(
             raise CorruptionError("", base + pos, "group operation checksum mismatch")
         if op_type not in OP_TYPES:
             raise CorruptionError("", base + pos, f"operation type {op_type} inside a group")
-        ops.append(GroupOp(decode_op(op_type, buf, body_start, body_end, base), pos, body_end - pos))
+        ops.append(
+            GroupOp(decode_op(op_type, buf, body_start, body_end, base), pos, body_end - pos)
+        )
         pos = body_end
     if pos != end:
         raise CorruptionError("", base + pos, f"{end - pos} bytes after the group's last operation")
@@ -576,7 +586,7 @@ def _replay_op(op_type: int, buf: bytes, start: int, end: int, base: int) -> tup
             kind = "set" if op_type == REC_SET else "delete"
             raise CorruptionError("", base + start, f"{kind} record with an empty key")
         return ns, key
-    if op_type in _NS_ONLY or op_type == REC_CHECKPOINT or op_type == REC_COMPACTED:
+    if op_type in _NS_ONLY or op_type in (REC_CHECKPOINT, REC_COMPACTED):
         op = decode_op(op_type, buf, start, end, base)
         return op.ns, op.key
     raise CorruptionError("", base + start, f"unknown operation type {op_type}")
