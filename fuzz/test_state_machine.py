@@ -105,6 +105,8 @@ tails = st.one_of(
     st.binary(min_size=1, max_size=80),  # garbage
 )
 FULL_SHARE = 1 << 16
+Ops = list[tuple[Any, ...]]  # ("set", key, value), ("remove", key), ("clear",), ("append", ...)
+Rounds = list[tuple[Ops, int | None]]  # InMemoryStorage changes, then a flush (checkpoint)
 IN_FLIGHT = ("none", "set", "remove", "clear", "delete sub-storage", "batch", "memory flush")
 
 
@@ -311,7 +313,7 @@ class RecoveryMachine(RuleBasedStateMachine):
         self.model.drop(ns)
         self._written(f"delete sub-storage {ns}")
 
-    def _batch(self, ns: str, ops: list[tuple[Any, ...]], rollback: bool) -> None:
+    def _batch(self, ns: str, ops: Ops, rollback: bool) -> None:
         try:
             with self._handle(ns) as handle, handle.batch() as batch:
                 for op in ops:
@@ -334,7 +336,7 @@ class RecoveryMachine(RuleBasedStateMachine):
                 self.model.clear(ns)
         self._written(f"batch of {len(ops)} on {ns!r}")
 
-    def _memory_flush(self, ns: str, rounds: list[tuple[list[tuple[Any, ...]], int | None]]) -> None:
+    def _memory_flush(self, ns: str, rounds: Rounds) -> None:
         with self._handle(ns) as handle:
             memory = InMemoryStorage(handle)
             shadow = copy.deepcopy(self.model.namespaces[ns])
@@ -365,9 +367,7 @@ class RecoveryMachine(RuleBasedStateMachine):
                 if cleared:  # one REC_CLEAR of the backing storage: sub-storages too
                     self.model.clear(ns)
                 self.model.namespaces[ns] = copy.deepcopy(shadow)
-                self._written(
-                    f"memory flush on {ns!r}", durable=self.options["sync"] != "none"
-                )
+                self._written(f"memory flush on {ns!r}", durable=self.options["sync"] != "none")
 
     # ------------------------------------------------------------------ rules
     @initialize(
@@ -413,16 +413,14 @@ class RecoveryMachine(RuleBasedStateMachine):
         self._delete_sub_storage(self._draw_ns(data, MAX_DEPTH - 1), name)
 
     @rule(data=st.data(), ops=batch_ops, rollback=st.booleans())
-    def batch(self, data: st.DataObject, ops: list[tuple[Any, ...]], rollback: bool) -> None:
+    def batch(self, data: st.DataObject, ops: Ops, rollback: bool) -> None:
         self._batch(self._draw_ns(data), ops, rollback)
 
     @rule(
         data=st.data(),
         rounds=st.lists(st.tuples(memory_ops, checkpoints), min_size=1, max_size=2),
     )
-    def memory_flush(
-        self, data: st.DataObject, rounds: list[tuple[list[tuple[Any, ...]], int | None]]
-    ) -> None:
+    def memory_flush(self, data: st.DataObject, rounds: Rounds) -> None:
         self._memory_flush(self._draw_ns(data), rounds)
 
     @rule()

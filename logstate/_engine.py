@@ -425,7 +425,7 @@ class Engine:
                     or tail_crc(tail) != mark.tail_crc
                 ):
                     raise CorruptionError(path, 0, f"segment {mark.number} changed since")
-        except (CorruptionError, OSError) as exc:
+        except (CorruptionError, OSError, ValueError, OverflowError) as exc:
             log.info("%s: index snapshot not used (%s); scanning the segments", self.path, exc)
             return {}
         self._namespaces = snapshot.namespaces
@@ -1113,7 +1113,9 @@ class Engine:
         if loc is None:
             return None
         if type(loc) is int:
-            segment = self._segments[loc >> 74]
+            segment = self._segments.get(loc >> 74)
+            if segment is None:
+                return self._read_value(loc, ns, key)  # raises CorruptionError
             offset = (loc >> 34) & U40
             end = offset + ((loc >> 2) & U32)
             try:
@@ -1138,7 +1140,7 @@ class Engine:
         if type(loc) is int:
             size = (loc >> 2) & U32
             offset = (loc >> 34) & U40
-            segment = self._segments[loc >> 74]
+            segment = self._segment_of(loc >> 74, key)
             data = self._read(segment, size, offset)
             try:
                 if loc & 3 == KIND_RECORD:
@@ -1159,10 +1161,20 @@ class Engine:
             )
         return data[op.value_start : op.value_end]
 
+    def _segment_of(self, number: int, key: str) -> Segment:
+        segment = self._segments.get(number)
+        if segment is None:
+            raise CorruptionError(
+                self._file(segment_file_name(number)),
+                0,
+                f"the index points {key!r} into segment {number}, which does not exist",
+            )
+        return segment
+
     def _decompress_group(self, loc: CompressedLocation) -> bytes | memoryview:
         """The decompressed op list of the compressed group at ``loc`` (checked)."""
         number, record_offset, record_size, _op_offset, _op_size = loc
-        segment = self._segments[number]
+        segment = self._segment_of(number, "")
         record = self._read(segment, record_size, record_offset)
         try:
             fmt.check_record(record)

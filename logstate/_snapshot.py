@@ -41,6 +41,7 @@ SNAPSHOT_VERSION: Final = 1
 SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
 assert SNAPSHOT_HEADER.size == 28
 TAIL_BYTES: Final = 4096
+MAX_MARK_FIELD: Final = 1 << 48  # segment numbers, sizes and offsets are far below this
 
 
 class SegmentMark(NamedTuple):
@@ -93,10 +94,10 @@ def decode_snapshot(data: bytes) -> Snapshot:
     """
     if len(data) < SNAPSHOT_HEADER.size:
         raise CorruptionError("", 0, "snapshot header truncated")
-    magic, version, major, minor, marshal_version, _r, size, crc = SNAPSHOT_HEADER.unpack_from(
-        data, 0
+    magic, version, major, minor, marshal_version, reserved, size, crc = (
+        SNAPSHOT_HEADER.unpack_from(data, 0)
     )
-    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_VERSION:
+    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_VERSION or reserved != 0:
         raise CorruptionError("", 0, "not a logstate index snapshot of a known version")
     if (major, minor) != sys.version_info[:2] or marshal_version != marshal.version:
         raise CorruptionError(
@@ -116,26 +117,48 @@ def decode_snapshot(data: bytes) -> Snapshot:
         and type(seq) is int
         and type(live_bytes) is int
         and all(type(index) is dict for index in namespaces.values())
-        and all(type(mark) is SegmentMark and all(type(f) is int for f in mark) for mark in marks)
+        and all(type(f) is int and 0 <= f < MAX_MARK_FIELD for mark in marks for f in mark)
+        and marks
     ):
         raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body has the wrong shape")
     bad = CorruptionError("", SNAPSHOT_HEADER.size, "snapshot holds a bad key or location")
-    # Keys and int locations are not checked one by one (that would cost a
-    # third of the load time): the checksum vouches for them, reads verify
-    # each record's CRC and key anyway, and untrusted directories are opened
-    # with use_snapshot=False.
+    numbers = {mark.number for mark in marks}
+    if not _is_location(checkpoint, numbers, allow_none=True):
+        raise bad
     for ns, index in namespaces.items():
-        if type(ns) is not str:
+        if type(ns) is not str or (ns and ns.rpartition("/")[0] not in namespaces):
+            raise bad
+        if not set(map(type, index)) <= {str}:
             raise bad
         kinds = set(map(type, index.values()))
-        if kinds <= {int}:
+        if not index:
             continue
-        if not kinds <= {int, tuple} or not all(
-            type(loc) is int or (len(loc) == 5 and all(type(x) is int and x >= 0 for x in loc))
-            for loc in index.values()
+        if kinds == {int}:
+            # Each int location's segment is not checked one by one (that
+            # would cost a third of the load time): the range is, and every
+            # read checks the record's CRC and key, and names a missing
+            # segment as corruption.
+            if min(index.values()) < 1 << 74 or max(index.values()) >> 74 > max(numbers):
+                raise bad
+        elif not kinds <= {int, tuple} or not all(
+            _is_location(loc, numbers) for loc in index.values()
         ):
             raise bad
     return Snapshot(namespaces, checkpoint, seq, live_bytes, marks)
+
+
+def _is_location(loc: object, numbers: set[int], allow_none: bool = False) -> bool:
+    """A packed int or a compressed-group tuple naming one of ``numbers``."""
+    if loc is None:
+        return allow_none
+    if type(loc) is int:
+        return loc >= 0 and loc >> 74 in numbers
+    return (
+        type(loc) is tuple
+        and len(loc) == 5
+        and all(type(x) is int and 0 <= x < MAX_MARK_FIELD for x in loc)
+        and loc[0] in numbers
+    )
 
 
 def tail_crc(data: bytes | memoryview) -> int:

@@ -37,7 +37,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -324,6 +324,31 @@ def temporary_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
 
+# An open after a clean close loads the index snapshot instead of replaying the
+# segments; the second way replays them, the compaction output's records included.
+REOPENS: dict[str, dict[str, Any]] = {
+    "using the index snapshot": {},
+    "scanning every segment": {"use_snapshot": False},
+}
+
+
+def reopened(directory: Path, **options: Any) -> Iterator[tuple[str, LocalFileStorage]]:
+    """Open ``directory`` once per way of loading the index, in turn."""
+    for how, extra in REOPENS.items():
+        with LocalFileStorage(directory, **options, **extra) as root:
+            yield how, root
+
+
+def copies(directory: Path) -> Iterator[tuple[str, Path]]:
+    """``directory`` and a copy of it, one per way of loading the index: for a
+    state that the first open changes (leftovers it deletes, a stale snapshot)."""
+    paths = [directory]
+    for i in range(1, len(REOPENS)):
+        paths.append(directory.with_name(f"{directory.name}-{i}"))
+        shutil.copytree(directory, paths[-1])
+    yield from zip(REOPENS, paths, strict=True)
+
+
 def open_with(fs: FileSystem, directory: Path, **options: Any) -> LocalFileStorage:
     """A public handle on an engine that uses ``fs`` (the handle holds the only reference)."""
     engine = _engine.acquire_engine(str(directory), options, create=True, fs=fs)
@@ -425,16 +450,17 @@ def test_compaction_keeps_contents_sub_storages_and_checkpoint_and_shrinks_the_d
         assert root.stats() == stats
         assert temporary_files(directory) == []
 
-    with LocalFileStorage(directory, **OPTIONS) as root:
-        assert_matches_model(root, model, "after reopening the compacted store")
+    for how, root in reopened(directory, **OPTIONS):
+        assert_matches_model(root, model, f"after reopening the compacted store {how}")
         assert root._engine.report.clean
-        assert root.stats() == stats, "reopen must count what the compacted engine counted"
+        assert root.stats() == stats, f"reopen {how} must count what the engine counted"
+    with LocalFileStorage(directory, **OPTIONS) as root:
         root["after"] = "reopen"
         model.set("", "after", "reopen")
         root.compact()
         assert_matches_model(root, model, "after compacting the reopened store")
-    with LocalFileStorage(directory, **OPTIONS) as root:
-        assert_matches_model(root, model, "after the last reopen")
+    for how, root in reopened(directory, **OPTIONS):
+        assert_matches_model(root, model, f"after the last reopen {how}")
 
 
 # ======================================================================= 2. crash at every step
@@ -613,14 +639,19 @@ def crash_compaction(
 
 
 def check_reopens_to_the_model(directory: Path, model: Model, when: str) -> None:
-    with LocalFileStorage(directory, **OPTIONS) as root:
-        assert temporary_files(directory) == [], f"temporary files left {when}"
-        assert_matches_model(root, model, when)
-        result = root.compact()
-        assert result.output is not None
-        assert_matches_model(root, model, f"{when}, compacted again")
-    with LocalFileStorage(directory, **OPTIONS) as root:
-        assert_matches_model(root, model, f"{when}, compacted again and reopened")
+    """Open the crashed store both ways (on copies); the first one then compacts again."""
+    for how, path in copies(directory):
+        with LocalFileStorage(path, **OPTIONS, **REOPENS[how]) as root:
+            assert temporary_files(path) == [], f"temporary files left {when}, open {how}"
+            assert_matches_model(root, model, f"{when}, open {how}")
+            if path == directory:
+                result = root.compact()
+                assert result.output is not None
+                assert_matches_model(root, model, f"{when}, compacted again")
+        if path != directory:
+            shutil.rmtree(path)
+    with LocalFileStorage(directory, **OPTIONS, use_snapshot=False) as root:
+        assert_matches_model(root, model, f"{when}, compacted again, reopened")
         assert len(segment_numbers(directory)) == 2
 
 
@@ -697,11 +728,11 @@ def test_key_deleted_segments_after_its_set_stays_deleted_after_compaction_and_r
         assert dict(root.items()) == expected
         assert dict(root.get_or_create_sub_storage("sub").items()) == {}
         assert root.get_sub_storages() == ["sub"]
-    with LocalFileStorage(directory, **OPTIONS) as root:
-        assert "victim" not in root and root.get("victim") is None
-        assert dict(root.items()) == expected
-        assert root.get_sub_storages() == ["sub"]
-        assert dict(root.get_or_create_sub_storage("sub").items()) == {}
+    for how, root in reopened(directory, **OPTIONS):
+        assert "victim" not in root and root.get("victim") is None, how
+        assert dict(root.items()) == expected, how
+        assert root.get_sub_storages() == ["sub"], how
+        assert dict(root.get_or_create_sub_storage("sub").items()) == {}, how
         root._check()
 
 
@@ -724,15 +755,16 @@ def test_open_deletes_inputs_left_behind_by_a_compaction_and_counts_nothing_twic
         shutil.copy2(saved / name, directory / name)
     with LocalFileStorage(clean, **OPTIONS) as reference:
         reference_stats = reference.stats()
-    with LocalFileStorage(directory, **OPTIONS) as root:
-        assert segment_numbers(directory) == [result.output, result.output + 1]
-        assert "victim" not in root, "a delete whose tombstone was dropped came back"
-        assert dict(root.items()) == expected
-        assert root.get_sub_storages() == ["sub"]
-        assert dict(root.get_or_create_sub_storage("sub").items()) == {}
-        assert root.stats() == reference_stats, "leftover inputs were counted"
-        assert len(root) == len(expected)
-        root._check()
+    for how, path in copies(directory):
+        with LocalFileStorage(path, **OPTIONS, **REOPENS[how]) as root:
+            assert segment_numbers(path) == [result.output, result.output + 1], how
+            assert "victim" not in root, f"a delete whose tombstone was dropped came back ({how})"
+            assert dict(root.items()) == expected, how
+            assert root.get_sub_storages() == ["sub"], how
+            assert dict(root.get_or_create_sub_storage("sub").items()) == {}, how
+            assert root.stats() == reference_stats, f"leftover inputs were counted ({how})"
+            assert len(root) == len(expected), how
+            root._check()
 
 
 def test_crash_right_after_the_rename_leaves_inputs_that_open_deletes(tmp_path: Path) -> None:
@@ -749,13 +781,14 @@ def test_crash_right_after_the_rename_leaves_inputs_that_open_deletes(tmp_path: 
     left = segment_numbers(directory)
     assert left == [*numbers, numbers[-1] + 1], "inputs left next to the renamed output"
     assert temporary_files(directory) == []
-    with LocalFileStorage(directory, **OPTIONS) as again:
-        assert segment_numbers(directory) == [numbers[-1], numbers[-1] + 1]
-        assert "victim" not in again
-        assert dict(again.items()) == expected
-        assert dict(again.get_or_create_sub_storage("sub").items()) == {}
-        assert again.get_sub_storages() == ["sub"]
-        again._check()
+    for how, path in copies(directory):
+        with LocalFileStorage(path, **OPTIONS, **REOPENS[how]) as again:
+            assert segment_numbers(path) == [numbers[-1], numbers[-1] + 1], how
+            assert "victim" not in again, how
+            assert dict(again.items()) == expected, how
+            assert dict(again.get_or_create_sub_storage("sub").items()) == {}, how
+            assert again.get_sub_storages() == ["sub"], how
+            again._check()
 
 
 # ============================================================================ 4. concurrency
@@ -836,8 +869,8 @@ def test_writers_running_during_compactions_lose_no_write_and_resurrect_no_delet
     assert observed_state(root) == expected(), "a write was lost or a delete undone"
     root._check()
     root.close()
-    with LocalFileStorage(directory, **OPTIONS) as again:
-        assert observed_state(again) == expected(), "after reopen"
+    for how, again in reopened(directory, **OPTIONS):
+        assert observed_state(again) == expected(), f"after reopen {how}"
         again._check()
 
 
@@ -869,9 +902,9 @@ def test_readers_during_compaction_never_get_an_error_or_a_wrong_value(tmp_path:
     try:
         for t in readers:
             t.start()
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 4
         compactions = 0
-        while time.monotonic() < deadline and compactions < 6 and not problems:
+        while time.monotonic() < deadline and compactions < 20 and not problems:
             root["other"] = compactions  # something new to seal
             root.compact()
             compactions += 1
@@ -942,8 +975,8 @@ def test_automatic_compaction_keeps_disk_use_within_the_trigger_bound(tmp_path: 
     closer.start()
     closer.join(timeout=30)
     assert not closer.is_alive(), "close hung"
-    with LocalFileStorage(directory, **AUTO) as again:
-        assert dict(again.items()) == model
+    for how, again in reopened(directory, **AUTO):
+        assert dict(again.items()) == model, how
         again._check()
     assert peak_bytes <= max_bytes, (
         f"disk reached {peak_bytes} bytes; bound {max_bytes:.0f} "
@@ -1012,13 +1045,22 @@ def test_close_during_a_background_compaction_neither_hangs_nor_corrupts(
     root = open_with(fs, directory, **AUTO)
     engine = root._engine
     model: dict[str, str] = {}
-    i = 0
-    while not fs.reached.is_set():
-        assert i < 100_000, "no background compaction started"
-        key, value = overwrite_key(i)
-        root[key] = value
-        model[key] = value
-        i += 1
+    refused: list[BaseException] = []
+
+    def writer() -> None:  # in a thread: a writer may wait for the paused compaction
+        i = 0
+        try:
+            while not fs.reached.is_set() and i < 100_000:
+                key, value = overwrite_key(i)
+                root[key] = value
+                model[key] = value  # acknowledged
+                i += 1
+        except StorageClosedError as exc:
+            refused.append(exc)
+
+    writing = threading.Thread(target=writer)
+    writing.start()
+    assert fs.reached.wait(timeout=30), "no background compaction started"
     closer = threading.Thread(target=root.close)
     closer.start()
     deadline = time.monotonic() + 10
@@ -1027,13 +1069,16 @@ def test_close_during_a_background_compaction_neither_hangs_nor_corrupts(
     assert engine._closing
     fs.release.set()
     closer.join(timeout=30)
+    writing.join(timeout=30)
     assert not closer.is_alive(), "close hung on the background compaction"
+    assert not writing.is_alive()
     assert engine.closed
     assert fs.open_fds == set(), "descriptors left open by close"
-    with LocalFileStorage(directory, **AUTO) as again:
-        assert temporary_files(directory) == []
-        assert dict(again.items()) == model
-        assert again._engine.report.clean
+    assert temporary_files(directory) == [], "a stopped compaction left its output"
+    for how, again in reopened(directory, **AUTO):
+        assert temporary_files(directory) == [], how
+        assert dict(again.items()) == model, how
+        assert again._engine.report.clean, how
         again._check()
 
 
@@ -1104,7 +1149,7 @@ def test_close_lets_no_compaction_started_by_another_thread_touch_files_afterwar
     assert fs.reached.wait(timeout=10)
     closing = threading.Thread(target=closer)
     closing.start()
-    closing.join(timeout=0.3)  # returns now only if close does not wait for the compaction
+    closing.join(timeout=0.5)  # returns now only if close does not wait for the compaction
     fs.release.set()
     compacting.join(timeout=30)
     closing.join(timeout=30)
@@ -1115,9 +1160,9 @@ def test_close_lets_no_compaction_started_by_another_thread_touch_files_afterwar
         outcome[0], StorageClosedError
     ), f"compact() raised {outcome[0]!r}"
     assert fs.open_fds == set(), "descriptors left open"
-    with LocalFileStorage(directory, **OPTIONS) as again:
-        assert temporary_files(directory) == []
-        assert dict(again.items()) == model
+    for how, again in reopened(directory, **OPTIONS):
+        assert temporary_files(directory) == [], how
+        assert dict(again.items()) == model, how
         again._check()
 
 
@@ -1141,6 +1186,16 @@ class SpyFS(TrackingFS):
         self.calls: list[Call] = []
         self.paths: dict[int, str] = {}
         self._calls_lock = threading.Lock()
+        self.compactor: int | None = None  # thread ident of the compacting thread
+        self.other_appends = 0  # appends by other threads (the writers)
+        self.appends_while_held = 0  # writers' appends the compaction waits for
+
+    def _hold(self) -> None:
+        """Keep the compaction (at its output's creation) until writers appended enough."""
+        target = self.other_appends + self.appends_while_held
+        deadline = time.monotonic() + 30
+        while self.other_appends < target and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _note(self, method: str, path: str) -> None:
         if self.recording:
@@ -1152,6 +1207,8 @@ class SpyFS(TrackingFS):
 
     def create_file(self, path: str) -> int:
         self._note("create_file", path)
+        if path.endswith(COMPACT_TMP_SUFFIX) and threading.get_ident() == self.compactor:
+            self._hold()
         fd = super().create_file(path)
         self.paths[fd] = path
         return fd
@@ -1175,6 +1232,8 @@ class SpyFS(TrackingFS):
     def append(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         self._fd("append", fd)
         super().append(fd, data)
+        if threading.get_ident() != self.compactor:
+            self.other_appends += 1
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         self._fd("pread", fd)
@@ -1253,12 +1312,11 @@ def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
             i += 1
 
     thread = threading.Thread(target=writer)
-    me = threading.get_ident()
-    writer_calls = 0
+    me = fs.compactor = threading.get_ident()
+    fs.appends_while_held = 120  # about two segments: the writer rolls during the compaction
     thread.start()
     try:
-        for _ in range(5):
-            time.sleep(0.005)
+        for _ in range(4):
             fs.calls = []
             fs.recording = True
             result = root.compact()
@@ -1266,12 +1324,12 @@ def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
             newest = max(engine._segments)
             calls = [c for c in fs.calls if c.thread == me]
             assert any(c.in_roll for c in calls), "the active segment should have been sealed"
+            rolled = [c for c in fs.calls if c.thread != me and c.method == "create_file"]
+            assert rolled, "the writer should have rolled to a new segment meanwhile"
             check_compaction_calls(calls, result, newest)
-            writer_calls += sum(c.thread != me and c.method == "append" for c in fs.calls)
     finally:
         stop.set()
         thread.join(timeout=30)
-    assert writer_calls > 0, "the writer should have appended during the compactions"
     # every open segment's descriptor still refers to the file under its name
     for segment in engine._segments.values():
         assert os.fstat(segment.fd).st_ino == os.stat(segment.path).st_ino, segment.path
@@ -1279,8 +1337,8 @@ def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
         model[key] = value
     assert dict(root.items()) == model
     root.close()
-    with LocalFileStorage(directory, **OPTIONS) as again:
-        assert dict(again.items()) == model
+    for how, again in reopened(directory, **OPTIONS):
+        assert dict(again.items()) == model, how
         again._check()
 
 
@@ -1346,9 +1404,9 @@ def test_read_only_open_refuses_writes_and_changes_no_file_even_with_compaction_
     model = template.copy_to(directory)
     LEFTOVERS[leftover](directory)
     files = listing(directory)
-    with LocalFileStorage(directory, read_only=True, segment_size=4096) as root:
-        assert_matches_model(root, model, "in a read-only open")
-    assert listing(directory) == files, "a read-only open changed files"
+    for how, root in reopened(directory, read_only=True, segment_size=4096):
+        assert_matches_model(root, model, f"in a read-only open {how}")
+        assert listing(directory) == files, f"a read-only open {how} changed files"
 
     outcomes: dict[str, str] = {}
     changed: list[str] = []

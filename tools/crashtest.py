@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import random
 import shutil
@@ -303,7 +304,10 @@ class Workload:
 
     def __init__(self, path: str, sync: str) -> None:
         self.path = path
-        self.root = LocalFileStorage(path, sync=sync, **STORE_OPTIONS)
+        self._open(sync)
+
+    def _open(self, sync: str) -> None:
+        self.root = LocalFileStorage(self.path, sync=sync, **STORE_OPTIONS)
         self.mem_handle = self.root.get_or_create_sub_storage(MEM)
         self.mem = InMemoryStorage(self.mem_handle)
 
@@ -359,7 +363,7 @@ class Workload:
             root.flush()
         elif op.kind == "reopen":
             self.close()
-            self.__init__(self.path, op.mode)  # type: ignore[misc]
+            self._open(op.mode)
         else:  # pragma: no cover
             raise ValueError(op.kind)
 
@@ -444,16 +448,29 @@ def describe(actual: Model, acked: Model, running: Model | None, op: Op | None) 
     return lines or ["state differs (no detail found)"]
 
 
-def verify(path: str, read_only: bool) -> Model:
+@dataclass
+class Stats:
+    """What the verifying opens found (how often each kind of crash point was hit)."""
+
+    torn_tails: int = 0  # torn tails cut (or reported, read-only)
+    leftovers: int = 0  # temporary files of an interrupted compaction or snapshot
+    read_only: int = 0  # rounds verified read-only
+
+
+def verify(path: str, read_only: bool, stats: Stats) -> Model:
     """Open the directory, check the engine's invariants, return its state."""
+    stats.leftovers += sum(name.endswith(".tmp") for name in os.listdir(path))
     options: dict[str, Any] = {"read_only": True} if read_only else {"sync": "none"}
     with LocalFileStorage(path, auto_create_dir=False, auto_compact=False, **options) as root:
+        stats.torn_tails += len(root.report.torn_tails)
         root._check()
         return read_model(root)
 
 
 def parent_main(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    # recovery logs a warning for each repair; the summary counts them instead
+    logging.getLogger("logstate").setLevel(logging.ERROR)
     rng = random.Random(f"{args.seed}:parent")
     temporary = args.dir is None
     path = args.dir or os.path.join(tempfile.mkdtemp(prefix="logstate-crashtest-"), "store")
@@ -464,7 +481,8 @@ def parent_main(args: argparse.Namespace) -> int:
     next_id = max([0, *ids, *([model.checkpoint] if model.checkpoint else [])]) + 1
     script = os.path.abspath(__file__)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *sys.path])}
-    kills = verified = violations = read_only_rounds = 0
+    kills = verified = violations = 0
+    stats = Stats()
     out_path = path + ".child-out"
     err_path = path + ".child-err"
     print(f"crashtest: seed={args.seed} mode={args.mode} kills={args.kills} dir={path}", flush=True)
@@ -513,10 +531,10 @@ def parent_main(args: argparse.Namespace) -> int:
             running = copy.deepcopy(acked)
             apply_op(running, running_op)
         read_only = rng.random() < VERIFY_READ_ONLY
-        read_only_rounds += read_only
+        stats.read_only += read_only
         actual: Model | None = None
         try:
-            actual = verify(path, read_only)
+            actual = verify(path, read_only, stats)
         except Exception as exc:  # the open or _check() failed: a violation
             problems.append(f"verification open failed: {exc!r}")
         if actual is not None and actual != acked and actual != running:
@@ -555,8 +573,9 @@ def parent_main(args: argparse.Namespace) -> int:
     if temporary and violations == 0:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     print(
-        f"crashtest: {elapsed_s:.1f} s, {read_only_rounds} rounds verified read-only, "
-        f"last op id {next_id - 1}",
+        f"crashtest: {elapsed_s:.1f} s; verifying opens found {stats.torn_tails} torn tails "
+        f"and {stats.leftovers} temporary files of interrupted compactions or snapshots; "
+        f"{stats.read_only} rounds verified read-only; last op id {next_id - 1}",
         flush=True,
     )
     print(f"kills={kills} operations verified={verified} violations={violations}", flush=True)
