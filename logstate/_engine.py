@@ -237,9 +237,12 @@ class Engine:
         self._compact_thread: threading.Thread | None = None
         self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
         self._retired_maps: list[mmap.mmap] = []  # likewise, mappings replaced
+        self._backlog = False  # writers wait: a running compaction is a segment behind
+        self._backlog_cond = threading.Condition(threading.Lock())
         self._sync_always = options.sync == "always"
         self._sync_interval = options.sync == "interval"
         self._segment_size = options.segment_size
+        self._read_only = options.read_only
         self.report = RecoveryReport()
         try:
             self._open()
@@ -818,7 +821,7 @@ class Engine:
         """
         body = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes + value
         with self._lock:
-            if self._failed is not None or self._closing or self._closed:
+            if self._failed is not None or self._closing or self._closed or self._read_only:
                 self._check_writable()
             index = self._namespaces.get(ns)
             if index is None:
@@ -850,6 +853,8 @@ class Engine:
             end_pos = self._written_pos
         if self._sync_always:
             self._commit(end_pos)
+        if self._backlog:
+            self._wait_for_compaction()
 
     def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
         """Delete ``key``; write nothing and return False when it is absent."""
@@ -977,6 +982,8 @@ class Engine:
                     op_offset += op_size
         if self._sync_always:
             self._commit(end_pos)
+        if self._backlog:
+            self._wait_for_compaction()
         return len(ops)
 
     def _namespace(self, ns: str) -> dict[str, Location]:
@@ -1004,15 +1011,27 @@ class Engine:
             }
 
     def _maybe_start_compaction(self) -> None:
-        """Start a background compaction when dead bytes reach the trigger. Under ``_lock``."""
+        """Start a background compaction when dead bytes reach the trigger. Under ``_lock``.
+
+        The trigger: the store holds at least ``compact_min_size`` bytes and
+        dead bytes are at least ``compact_ratio`` of them. When a compaction
+        is already running and the store has grown a whole segment past the
+        trigger size, writers are held back (``_backlog``) until it ends:
+        disk use stays within trigger size + two segments.
+        """
         options = self.options
         if not options.auto_compact or self._closing:
-            return
-        if self._compact_thread is not None and self._compact_thread.is_alive():
             return
         total = sum(segment.size for segment in self._segments.values())
         dead = total - self._live_bytes
         if total < options.compact_min_size or dead < options.compact_ratio * total:
+            return
+        if self._compact_thread is not None and self._compact_thread.is_alive():
+            trigger_size = max(
+                options.compact_min_size, self._live_bytes / (1 - options.compact_ratio)
+            )
+            if total >= trigger_size + self._segment_size:
+                self._backlog = True
             return
         self._compact_thread = threading.Thread(
             target=self._background_compaction, name=f"logstate-compact:{self.path}", daemon=True
@@ -1026,6 +1045,16 @@ class Engine:
             pass  # closing, or an earlier failure already reported to writers
         except Exception:
             log.exception("%s: background compaction failed", self.path)
+        finally:
+            with self._backlog_cond:
+                self._backlog = False
+                self._backlog_cond.notify_all()
+
+    def _wait_for_compaction(self) -> None:
+        """Hold a writer back while compaction is a whole segment behind (outside ``_lock``)."""
+        with self._backlog_cond:
+            while self._backlog and not self._closing:
+                self._backlog_cond.wait(1.0)
 
     def _close_retired_fds(self) -> None:
         """Close descriptors and mappings replaced earlier (by a compaction or a roll).
@@ -1033,12 +1062,12 @@ class Engine:
         Readers take no lock, so a reader may still hold one just retired;
         they are closed one compaction later, not at once. Under ``_lock``.
         """
-        for fd in self._retired_fds:
-            self._fs.close(fd)
-        self._retired_fds.clear()
-        for mapping in self._retired_maps:
+        fds, self._retired_fds = self._retired_fds, []
+        maps, self._retired_maps = self._retired_maps, []
+        for mapping in maps:
             mapping.close()
-        self._retired_maps.clear()
+        for fd in fds:
+            self._fs.close(fd)
 
     def _install_compaction(
         self,
@@ -1114,26 +1143,42 @@ class Engine:
             return None
         if type(loc) is int:
             segment = self._segments.get(loc >> 74)
-            if segment is None:
-                return self._read_value(loc, ns, key)  # raises CorruptionError
-            offset = (loc >> 34) & U40
-            end = offset + ((loc >> 2) & U32)
-            try:
-                if end <= segment.mapped:
-                    data = segment.map[offset:end]  # type: ignore[index]
+            if segment is not None:
+                offset = (loc >> 34) & U40
+                end = offset + ((loc >> 2) & U32)
+                try:
+                    if end <= segment.mapped:
+                        data = segment.map[offset:end]  # type: ignore[index]
+                    else:
+                        data = self._fs.pread(segment.fd, end - offset, offset)
+                except (ValueError, OSError):  # a mapping or fd retired meanwhile
+                    data = b""
+                key_bytes = key.encode("utf-8")
+                prefix = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes
+                if loc & 3 == KIND_RECORD:
+                    value = _set_record_value(data, prefix)
                 else:
-                    data = self._fs.pread(segment.fd, end - offset, offset)
-            except ValueError:  # the mapping was replaced and closed meanwhile
-                data = self._fs.pread(segment.fd, end - offset, offset)
-            key_bytes = key.encode("utf-8")
-            prefix = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes
-            if loc & 3 == KIND_RECORD:
-                value = _set_record_value(data, prefix)
-            else:
-                value = _set_group_op_value(data, prefix)
-            if value is not None:
-                return value
-        return self._read_value(loc, ns, key)
+                    value = _set_group_op_value(data, prefix)
+                if value is not None:
+                    return value
+        return self._read_settled(ns, key)
+
+    def _read_settled(self, ns: str, key: str) -> bytes | memoryview | None:
+        """Read ``key`` under the write lock: the slow path, and the arbiter.
+
+        Readers take no lock, so a compaction may switch the index and the
+        segment files between a reader's look-up and its read (the output
+        reuses the last input's number). Under the lock the index and the
+        segments agree: a failure here is real damage, raised with its place.
+        """
+        with self._lock:
+            index = self._namespaces.get(ns)
+            if index is None:
+                raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
+            loc = index.get(key)
+            if loc is None:
+                return None
+            return self._read_value(loc, ns, key)
 
     def _read_value(self, loc: Location, ns: str, key: str) -> bytes | memoryview:
         """Read and fully check a value (the general path; errors say where and why)."""
@@ -1312,9 +1357,16 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        with self._backlog_cond:
+            self._backlog = False
+            self._backlog_cond.notify_all()
+        # A compaction (background, or compact() in another thread) sees
+        # _closing and stops before its rename; one past it finishes first.
+        with self._compact_lock:
+            pass
         compaction = self._compact_thread
         if compaction is not None and compaction is not threading.current_thread():
-            compaction.join()  # it sees _closing and stops before installing anything
+            compaction.join()
         try:
             with self._sync_lock:
                 if self._failed is None and self._active is not None and not self.options.read_only:

@@ -121,6 +121,14 @@ class CrashFS(FileSystem):
     durable (it is what a disk holds after a reboot). Every path the engine
     passes must lie under ``root``.
 
+    Args:
+        root: the directory under which every path lies.
+        intact_prefix: the first bytes of a file that a power loss never tears
+            into part data then zeros or garbage (it may still cut them short,
+            or leave zeros only): 0 tears anywhere. A file header written
+            within one sector, which disks write atomically, justifies
+            ``intact_prefix=SEGMENT_HEADER_SIZE``.
+
     Attributes:
         before: called as ``before(op, path)`` before each mutating operation
             (a crash point: the model then holds the state after the previous one).
@@ -130,11 +138,12 @@ class CrashFS(FileSystem):
         injected_call: (operation, path) of that call.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], intact_prefix: int = 0) -> None:
+        self.intact_prefix = intact_prefix
         self.root = os.path.realpath(os.fspath(root))
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"CrashFS root {self.root} must be an existing directory")
-        self._mutex = threading.RLock()
+        self.lock = threading.RLock()  # held by every call, hook and crash-state build
         self._next_ident = 0
         self._fds: dict[int, _File] = {}
         self._fd_paths: dict[int, str] = {}  # the name each descriptor was opened by
@@ -250,7 +259,7 @@ class CrashFS(FileSystem):
             missing.append(probe)
             probe = os.path.dirname(probe)
         for directory in reversed(missing):
-            with self._mutex:
+            with self.lock:
                 parent, name = self._parent(directory)
                 self._begin("mkdir", directory)
                 os.mkdir(directory, DIR_MODE)
@@ -261,12 +270,12 @@ class CrashFS(FileSystem):
             self.fsync_dir(os.path.dirname(directory))
 
     def list_dir(self, path: str) -> list[str]:
-        with self._mutex:
+        with self.lock:
             self._begin("list_dir", path)
             return super().list_dir(path)
 
     def fsync_dir(self, path: str) -> None:
-        with self._mutex:
+        with self.lock:
             node = self._dir(self._relative(path))
             self._begin("fsync_dir", path)
             super().fsync_dir(path)
@@ -275,7 +284,7 @@ class CrashFS(FileSystem):
             self._end("fsync_dir", path)
 
     def rename(self, src: str, dst: str) -> None:
-        with self._mutex:
+        with self.lock:
             parent, name = self._parent(src)
             dst_parent, new_name = self._parent(dst)
             if dst_parent is not parent:
@@ -288,7 +297,7 @@ class CrashFS(FileSystem):
             self._end("rename", src)
 
     def unlink(self, path: str) -> None:
-        with self._mutex:
+        with self.lock:
             parent, name = self._parent(path)
             self._begin("unlink", path)
             super().unlink(path)
@@ -298,7 +307,7 @@ class CrashFS(FileSystem):
 
     # ------------------------------------------------------------------ files
     def create_file(self, path: str) -> int:
-        with self._mutex:
+        with self.lock:
             parent, name = self._parent(path)
             self._begin("create_file", path)
             fd = super().create_file(path)
@@ -311,7 +320,7 @@ class CrashFS(FileSystem):
             return fd
 
     def open_file(self, path: str) -> int:
-        with self._mutex:
+        with self.lock:
             self._begin("open_file", path)
             fd = super().open_file(path)
             self._fds[fd] = self._file_at(path)
@@ -319,7 +328,7 @@ class CrashFS(FileSystem):
             return fd
 
     def open_read_only(self, path: str) -> int:
-        with self._mutex:
+        with self.lock:
             self._begin("open_read_only", path)
             fd = super().open_read_only(path)
             self._fds[fd] = self._file_at(path)
@@ -327,7 +336,7 @@ class CrashFS(FileSystem):
             return fd
 
     def close(self, fd: int) -> None:
-        with self._mutex:
+        with self.lock:
             self._fds.pop(fd, None)
             self._fd_paths.pop(fd, None)
             super().close(fd)
@@ -337,10 +346,10 @@ class CrashFS(FileSystem):
         return self._fd_paths[fd]
 
     def append(self, fd: int, data: bytes | bytearray | memoryview) -> None:
-        with self._mutex:
+        with self.lock:
             node = self._fds[fd]
             where = self._path_of(fd)
-            short, error = self._begin("append", where)
+            _short, error = self._begin("append", where)
             if error:  # a short write: half the data reaches the file, then the error
                 half = bytes(memoryview(data)[: len(data) // 2])
                 super().append(fd, half)
@@ -351,17 +360,17 @@ class CrashFS(FileSystem):
             self._end("append", where)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
-        with self._mutex:
+        with self.lock:
             self._begin("pread", self._path_of(fd))
             return super().pread(fd, size, offset)
 
     def read_all(self, fd: int) -> bytes:
-        with self._mutex:
+        with self.lock:
             self._begin("read_all", self._path_of(fd))
             return super().read_all(fd)
 
     def _sync(self, op: str, fd: int, call: Callable[[int], None]) -> None:
-        with self._mutex:
+        with self.lock:
             node = self._fds[fd]
             where = self._path_of(fd)
             self._begin(op, where)
@@ -376,7 +385,7 @@ class CrashFS(FileSystem):
         self._sync("fdatasync", fd, super().fdatasync)
 
     def truncate(self, fd: int, size: int) -> None:
-        with self._mutex:
+        with self.lock:
             node = self._fds[fd]
             where = self._path_of(fd)
             self._begin("truncate", where)
@@ -396,7 +405,7 @@ class CrashFS(FileSystem):
     # ------------------------------------------------------------------ checks
     def check(self) -> None:
         """Assert the model's view of every current file matches the real directory."""
-        with self._mutex:
+        with self.lock:
             for rel, node in self._walk(self._root, ""):
                 full = os.path.join(self.root, rel)
                 if isinstance(node, _Dir):
@@ -413,7 +422,7 @@ class CrashFS(FileSystem):
 
     def unsynced_bytes(self) -> int:
         """Bytes of current files not known durable (0: a power loss now loses no data)."""
-        with self._mutex:
+        with self.lock:
             return sum(
                 len(node.data) - len(node.synced)
                 for _rel, node in self._walk(self._root, "")
@@ -423,17 +432,17 @@ class CrashFS(FileSystem):
     # ------------------------------------------------------------------ power loss
     def crash_states(self, rng: random.Random, n: int) -> list[CrashState]:
         """``n`` random on-disk states a power loss right now may leave."""
-        with self._mutex:
+        with self.lock:
             return [self._crash_state(rng) for _ in range(n)]
 
     def durable_state(self) -> CrashState:
         """The power loss that keeps only what is known durable."""
-        with self._mutex:
+        with self.lock:
             return self._build(lambda _d: 0, lambda f: (bytes(f.synced), "synced only"))
 
     def process_crash_state(self) -> CrashState:
         """The power loss that keeps everything (as if only the process died)."""
-        with self._mutex:
+        with self.lock:
             return self._build(lambda d: len(d.pending), lambda f: (bytes(f.data), "all kept"))
 
     def directory_prefix_states(self, keep_unsynced: bool) -> list[CrashState]:
@@ -443,7 +452,7 @@ class CrashFS(FileSystem):
         the other directories' operations all durable: enough to enumerate
         the directory outcomes of a step that changes one directory.
         """
-        with self._mutex:
+        with self.lock:
             pending = [d for _r, d in self._walk_dirs() if d.pending]
 
             def fate(node: _File) -> tuple[bytes, str]:
@@ -475,7 +484,7 @@ class CrashFS(FileSystem):
             return subsets[d.ident]
 
         def fate(node: _File) -> tuple[bytes, str]:
-            return _tail_fate(rng, node.synced, bytes(node.data))
+            return _tail_fate(rng, node.synced, bytes(node.data), self.intact_prefix)
 
         return self._build(choose, fate)
 
@@ -517,7 +526,8 @@ class CrashFS(FileSystem):
                     entries[new_name] = child
                 applied += 1
             else:
-                state.undone.append(f"{kind} {prefix}{name} {prefix}{new_name}".rstrip())
+                target = f" {prefix}{new_name}" if kind == "rename" else ""
+                state.undone.append(f"{kind} {prefix}{name}{target}")
         if node.pending:
             how = "prefix" if isinstance(kept, int) else "subset"
             state.notes.append(f"dir {label}: {applied}/{len(node.pending)} pending ops ({how})")
@@ -552,8 +562,14 @@ def _prefix_chooser(target: _Dir, k: int) -> Callable[[_Dir], int | list[bool]]:
     return lambda d: k if d is target else len(d.pending)
 
 
-def _tail_fate(rng: random.Random, synced: bytes, data: bytes) -> tuple[bytes, str]:
-    """What of a file's unsynced bytes a power loss keeps (see the module docstring)."""
+def _tail_fate(
+    rng: random.Random, synced: bytes, data: bytes, intact_prefix: int = 0
+) -> tuple[bytes, str]:
+    """What of a file's unsynced bytes a power loss keeps (see the module docstring).
+
+    ``intact_prefix``: the file's first bytes are never torn into data followed
+    by zeros or garbage (see :class:`CrashFS`).
+    """
     if not data.startswith(synced):
         # Truncated (or rewritten) since the last sync: the change may be undone.
         if rng.random() < 0.5:
@@ -579,6 +595,8 @@ def _tail_fate(rng: random.Random, synced: bytes, data: bytes) -> tuple[bytes, s
         return base + tail[:k], f"{label}unsynced bytes cut at {k}/{n}"
     size = rng.randint(1, n)  # the size grew this far...
     k = rng.randint(0, size - 1)  # ...but only this much data reached the disk
+    if len(base) + k < intact_prefix:
+        k, how = 0, "zeros"  # the atomic prefix: none of it, the size grown over zeros
     filler = bytes(size - k) if how == "zeros" else rng.randbytes(size - k)
     return base + tail[:k] + filler, f"{label}unsynced {k}/{n} bytes then {size - k} {how}"
 
@@ -587,7 +605,9 @@ def _tail_fate(rng: random.Random, synced: bytes, data: bytes) -> tuple[bytes, s
 LogicalState = tuple[dict[str, dict[str, Any]], Any]  # ({sub-storage path: items}, checkpoint)
 
 
-def open_storage(fs: FileSystem, directory: str | os.PathLike[str], **options: Any) -> LocalFileStorage:
+def open_storage(
+    fs: FileSystem, directory: str | os.PathLike[str], **options: Any
+) -> LocalFileStorage:
     """A public handle on an engine that does its I/O through ``fs``."""
     engine = _engine.acquire_engine(os.fspath(directory), options, create=True, fs=fs)
     try:

@@ -311,7 +311,7 @@ class FakeTTY(io.StringIO):
         return True
 
 
-# ============================================================ entry points and usage
+# ============================================================================ usage
 
 
 def test_the_console_script_runs_cli_main() -> None:
@@ -421,7 +421,7 @@ def test_a_directory_that_is_not_a_store_is_refused_and_left_untouched(
     assert snapshot(directory) == before
 
 
-# ============================================================ a store held by a live process
+# ============================================================================ a held store
 
 
 @pytest.mark.parametrize("command", ["compact", "repair", "import-quix"])
@@ -926,7 +926,7 @@ def test_repair_of_a_damaged_segment_header_keeps_the_valid_records(
 # ============================================================================ compact
 
 
-def check_compacted(directory: Path, out: str, dump_before: str, sizes_before: int) -> None:
+def check_compacted(directory: Path, out: str, sizes_before: int) -> None:
     sizes_after = sum(p.stat().st_size for p in segment_files(directory))
     assert sizes_after < sizes_before
     match = re.search(r"before: ([\d,]+) bytes .* in (\d+) segment", out)
@@ -951,7 +951,7 @@ def test_compact_reclaims_space_and_keeps_every_value(
 
     code, out, err = run_main(capsys, "compact", str(directory))
     assert (code, err) == (0, "")
-    check_compacted(directory, out, dump_before, sizes_before)
+    check_compacted(directory, out, sizes_before)
     _, dump_after, _ = run_main(capsys, "dump", str(directory))
     assert parse_dump(dump_after) == parse_dump(dump_before)
     code, out, err = run_main(capsys, "check", str(directory))
@@ -960,7 +960,7 @@ def test_compact_reclaims_space_and_keeps_every_value(
     copy = tmp_path / "copy"
     result = _run("compact", "--quiet", str(copy))
     assert (result.returncode, result.stderr) == (0, "")
-    check_compacted(copy, result.stdout, dump_before, sizes_before)
+    check_compacted(copy, result.stdout, sizes_before)
     _, dump_copy, _ = run_main(capsys, "dump", str(copy))
     assert parse_dump(dump_copy) == parse_dump(dump_before)
 

@@ -4,7 +4,7 @@ The promises checked (issue 4, ``logstate/_compact.py``):
 
 - Compaction never changes the logical contents: a seeded random workload
   (sets, overwrites, removes, clears, sub-storage create/drop, plain and
-  zstd-compressed batches, an InMemoryStorage flush with a checkpoint) reads
+  zstd-compressed batches, InMemoryStorage flushes with a checkpoint) reads
   the same as a plain dict model before and after ``compact()``, after a
   second compaction and after a reopen; deleted keys never come back; empty
   sub-storages and the checkpoint survive; disk use shrinks.
@@ -19,10 +19,16 @@ The promises checked (issue 4, ``logstate/_compact.py``):
   compaction dropped stays deleted.
 - Writers running during a compaction lose nothing; readers never see an
   error or a wrong value.
-- Automatic compaction keeps disk use within the bound its trigger implies,
-  and close during a background compaction neither hangs nor corrupts.
+- Automatic compaction keeps disk use within the bound its trigger implies;
+  close during a compaction (background, or compact() in another thread)
+  neither hangs nor corrupts, and no file is touched once close returned.
 - Compaction never touches the active segment (its descriptor or its path).
-- A read-only open of a store with compaction leftovers changes no file.
+- A read-only open of a store with compaction leftovers changes no file and
+  refuses every write with ReadOnlyStorageError.
+
+Every reopen is checked twice: loading the index snapshot written at close,
+and scanning every segment (``use_snapshot=False``), which replays the
+compaction output itself.
 """
 
 from __future__ import annotations
