@@ -31,6 +31,7 @@ from logstate._errors import (
     StorageClosedError,
     StorageFailedError,
     SubStorageDeletedError,
+    UnsupportedFormatError,
 )
 from logstate._format import (
     FRAME_HEADER_SIZE,
@@ -58,6 +59,7 @@ from logstate._location import (
     location_size,
     pack_location,
     sizes,
+    unpack_location,
 )
 from logstate._snapshot import (
     SNAPSHOT_FILE_NAME,
@@ -368,13 +370,13 @@ class Engine:
                 f"before segment {before}); open with recovery='salvage' to accept the loss",
             )
         self.report.missing_segments.extend(missing)
+        if self.options.read_only:
+            return  # reported only: a read-only open changes nothing
         log.warning(
             "%s: segments %s are missing; replaced by empty segments (salvage)",
             self.path,
             missing,
         )
-        if self.options.read_only:
-            return
         for lost in missing:
             # An empty segment in the gap records that salvage accepted
             # the loss, so that later strict opens do not fail again.
@@ -491,7 +493,24 @@ class Engine:
             self._fs.fdatasync(fd)
             segment.size = SEGMENT_HEADER_SIZE
             return
-        self._check_header(path, number, data)
+        try:
+            self._check_header(path, number, data)
+        except UnsupportedFormatError:
+            raise  # not a logstate segment (or a newer one): never guess
+        except CorruptionError as exc:
+            if self.options.recovery != "salvage":
+                raise
+            # Salvage: the header is damaged but the file is in the sequence:
+            # report it, keep its bytes aside, and read on with a new header.
+            header = fmt.encode_segment_header(number)
+            damaged = data[:SEGMENT_HEADER_SIZE]
+            data = header + data[SEGMENT_HEADER_SIZE:]
+            self.report.salvaged.append((path, 0, SEGMENT_HEADER_SIZE, exc.reason))
+            if not self.options.read_only:
+                aside = self._aside_path(path, 0, DAMAGED_SUFFIX)
+                self._fs.write_new_file(aside, damaged)
+                log.warning("%s: damaged header (%s) moved to %s", path, exc.reason, aside)
+                self._salvage_rewrite(segment, data, [])
         self._scan_segment(segment, data, 0, is_newest)
 
     def _check_header(self, path: str, number: int, data: bytes) -> None:
@@ -1205,6 +1224,18 @@ class Engine:
                 segment.path, offset, f"index points to key {op.key!r}, expected {key!r}"
             )
         return data[op.value_start : op.value_end]
+
+    def where(self, ns: str, key: str) -> tuple[str, int]:
+        """(segment path, record offset) of ``key``'s value, for error messages."""
+        loc = self._namespace_for_read(ns).get(key)
+        if loc is None:
+            return self.path, 0
+        if type(loc) is int:
+            number, offset, _size, _kind = unpack_location(loc)
+        else:
+            assert isinstance(loc, tuple)
+            number, offset = loc[0], loc[1]
+        return self._file(segment_file_name(number)), offset
 
     def _segment_of(self, number: int, key: str) -> Segment:
         segment = self._segments.get(number)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import math
 import os
 import sys
@@ -23,9 +24,9 @@ from typing import Any, TextIO
 from logstate import __version__
 from logstate._demo import DemoRefusedError, run_demo, run_worker
 from logstate._errors import CorruptionError, LogstateError
-from logstate._values import TAG_BYTEARRAY, TAG_BYTES, TAG_PICKLE, decode_value
+from logstate._values import TAG_BYTEARRAY, TAG_BYTES, TAG_PICKLE
 from logstate.compat.quix_import import import_quix_directory
-from logstate.storage import LocalFileStorage
+from logstate.storage import LocalFileStorage, is_storage_directory
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -65,8 +66,11 @@ def _storages(root: LocalFileStorage) -> Iterator[LocalFileStorage]:
 
 
 def _open_existing(directory: str, **options: Any) -> LocalFileStorage:
+    """Open a directory that already is a logstate storage (never create one)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory")
+    if not is_storage_directory(directory):
+        raise FileNotFoundError(f"{directory} is not a logstate storage (no segment files)")
     return LocalFileStorage(directory, auto_create_dir=False, **options)
 
 
@@ -74,7 +78,9 @@ def _mib(size: int) -> str:
     return f"{size:,} bytes ({size / 1048576:.2f} MiB)"
 
 
-def _json_value(encoded: bytes, unpickle: bool) -> tuple[str, Any]:
+def _json_value(
+    storage: LocalFileStorage, key: str, encoded: bytes, unpickle: bool
+) -> tuple[str, Any]:
     """(type name, JSON-able value) of an encoded value."""
     tag = encoded[0]
     if tag in (TAG_BYTES, TAG_BYTEARRAY):
@@ -82,7 +88,7 @@ def _json_value(encoded: bytes, unpickle: bool) -> tuple[str, Any]:
         return name, base64.b64encode(encoded[1:]).decode("ascii")
     if tag == TAG_PICKLE and not unpickle:
         return "pickle", None
-    value = decode_value(encoded, allow_pickle=True)
+    value = storage.decode_stored(key, encoded, allow_pickle=True)
     if isinstance(value, float) and not math.isfinite(value):
         return "float", repr(value)
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -125,12 +131,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "a writable open cuts it off)"
             )
         for number in report.missing_segments:
-            problems.append(f"segment {number} is missing")
+            name = os.path.join(storage.path, f"segment-{number:010d}.seg")
+            problems.append(f"{name} is missing (segment {number}): its records are lost")
         for sub in _storages(storage):
             where = f" (sub-storage {sub.name})" if sub.name else ""
             for key in sub.get_all_keys():
                 try:
-                    sub.get_encoded(key)
+                    encoded = sub.get_encoded(key)
+                    if encoded is not None and encoded[0] != TAG_PICKLE:
+                        sub.decode_stored(key, encoded)  # a pickle is not loaded: it runs code
                 except CorruptionError as exc:
                     problems.append(f"{exc.path} at offset {exc.offset}: {exc.reason}{where}")
                 checked += 1
@@ -183,7 +192,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
                     encoded = sub.get_encoded(key)
                     if encoded is None:  # removed meanwhile (not with read_only)
                         continue
-                    line["type"], line["value"] = _json_value(encoded, args.unpickle)
+                    line["type"], line["value"] = _json_value(sub, key, encoded, args.unpickle)
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
     return EXIT_OK
 
@@ -209,6 +218,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_import_quix(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.src):
+        raise FileNotFoundError(f"legacy state directory {args.src} does not exist")
     progress = Progress(args.quiet)
     with LocalFileStorage(args.dir) as storage:
         report = import_quix_directory(
@@ -334,14 +345,30 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
+    logger = logging.getLogger("logstate")
+    quiet_log = args.command in ("check", "repair", "stats", "dump")
+    propagate = logger.propagate
+    if quiet_log:
+        # these print what the engine found on stdout: its log lines would repeat it
+        logger.propagate = False
+        silence = logging.NullHandler()
+        logger.addHandler(silence)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # the reader went away (``logstate dump DIR | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (LogstateError, OSError, DemoRefusedError) as exc:
         print(f"logstate {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"logstate {args.command}: interrupted", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if quiet_log:
+            logger.removeHandler(silence)
+            logger.propagate = propagate
 
 
 if __name__ == "__main__":  # pragma: no cover

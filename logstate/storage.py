@@ -23,9 +23,10 @@ from logstate._engine import (
     acquire_engine,
     add_reference,
     join_namespace,
+    parse_segment_file_name,
     release_engine,
 )
-from logstate._errors import KeyNotFoundError, StorageClosedError
+from logstate._errors import CorruptionError, KeyNotFoundError, StorageClosedError
 from logstate._format import (
     MAX_KEY_SIZE,
     MAX_NAME_SIZE,
@@ -43,6 +44,14 @@ DEFAULT_DIRECTORY: Final = "./state"
 MAX_SUB_STORAGE_NAME_SIZE: Final = 255  # UTF-8 bytes, like a file name
 _MISSING: Final[Any] = object()
 _FORBIDDEN_NAME_CHARS: Final = frozenset("/\\\0")
+
+
+def is_storage_directory(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory holding at least one logstate segment."""
+    directory = os.fspath(path)
+    return os.path.isdir(directory) and any(
+        parse_segment_file_name(name) is not None for name in os.listdir(directory)
+    )
 
 
 def encode_key(key: object) -> bytes:
@@ -303,7 +312,24 @@ class LocalFileStorage(MutableMapping[str, Any]):
         raw = self._engine.get(self._ns, self._ns_bytes, key)
         if raw is None:
             return default
-        return decode_value(raw, self._allow_pickle)
+        try:
+            return decode_value(raw, self._allow_pickle)
+        except CorruptionError as exc:  # the record's CRC held, its value does not decode
+            raise self._value_error(key, exc) from None
+
+    def _value_error(self, key: str, exc: CorruptionError) -> CorruptionError:
+        """``exc`` (from decoding ``key``'s value) with the record's file and offset."""
+        path, offset = self._engine.where(self._ns, key)
+        return CorruptionError(path, offset, f"value of key {key!r}: {exc.reason}")
+
+    def decode_stored(self, key: str, encoded: bytes, allow_pickle: bool | None = None) -> Any:
+        """Decode bytes from :meth:`get_encoded`; errors name the record's file and offset."""
+        try:
+            return decode_value(
+                encoded, self._allow_pickle if allow_pickle is None else allow_pickle
+            )
+        except CorruptionError as exc:
+            raise self._value_error(key, exc) from None
 
     def get_encoded(self, key: str) -> bytes | None:
         """The stored bytes of ``key``'s value (tag + data, see docs/format.md),
