@@ -130,7 +130,7 @@ def _with_checkpoint(state: LogicalState) -> LogicalState:
 
 
 # (name, action, the logical state once it succeeded)
-STEPS: Final[list[tuple[str, Callable[[Run], None], Callable[[LogicalState], LogicalState]]]] = [
+STEPS: Final[list[tuple[str, Callable[[Run], object], Callable[[LogicalState], LogicalState]]]] = [
     ("open", _open, _same),
     ("set a", _set("", "a", b"A" * 300), _changed(lambda n: n[""].update(a=b"A" * 300))),
     ("set b", _set("", "b", b"B" * 1500), _changed(lambda n: n[""].update(b=b"B" * 1500))),

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -276,7 +277,7 @@ class Workload:
 
     def start(self) -> None:
         """Open the store and create the sub-storage behind the InMemoryStorage."""
-        after = {"": {}, "mem": {}}
+        after: dict[str, dict[str, Any]] = {"": {}, "mem": {}}
 
         def action() -> None:
             self.open()
@@ -570,9 +571,7 @@ def test_power_loss_during_a_roll_loses_no_acknowledged_write(tmp_path: Path) ->
         after_state = copy.deepcopy(workload.model)
         key, value = f"k{i % 9}", bytes([i]) * 700
         after_state[""][key] = value
-        workload.run(
-            f"set {key}", after_state, lambda k=key, v=value: workload.handles[""].set(k, v)
-        )
+        workload.run(f"set {key}", after_state, partial(workload.handles[""].set, key, value))
     with no_hooks(fs):
         workload.close()
     verify(recorder.points, workload.history, tmp_path / "recovered")
