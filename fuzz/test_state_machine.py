@@ -3,7 +3,8 @@
 Property checked. A ``RuleBasedStateMachine`` runs sets, removes, clears,
 sub-storage creates and deletes, batches (some rolled back by an exception),
 InMemoryStorage flushes with checkpoints, explicit syncs, compactions
-(explicit, and in the background with ``auto_compact``), clean close+reopen
+(explicit, and in the background with ``auto_compact``; each step waits for
+the background compaction it started, so that runs replay), clean close+reopen
 and simulated crashes on a real directory (segment_size 4096, so segments
 roll every few operations; sync "none", "interval" or "always").
 
@@ -229,7 +230,16 @@ class RecoveryMachine(RuleBasedStateMachine):
         return newest, os.path.getsize(segments[newest])
 
     def _written(self, what: str, durable: bool = False) -> None:
-        """Record the model after an operation; ``durable``: synced before it returned."""
+        """Record the model after an operation; ``durable``: synced before it returned.
+
+        A background compaction the operation started is waited for first:
+        it rolls the active segment, which makes earlier records durable, so
+        its timing would decide what a later crash may lose and hypothesis
+        could not replay (or shrink) a run.
+        """
+        compaction = self._storage()._engine._compact_thread
+        if compaction is not None:
+            compaction.join()
         point = Point(self.model.copy(), self._end(), what, not self.in_flight)
         if self.in_flight:
             self.history.append(point)
@@ -575,7 +585,7 @@ class RecoveryMachine(RuleBasedStateMachine):
 
 RecoveryMachine.TestCase.settings = settings(
     settings.get_profile("logstate-fuzz"),  # registered in fuzz/conftest.py
-    max_examples=2_000 if LONG else 60,
+    max_examples=2_000 if LONG else 100,
     stateful_step_count=60 if LONG else 30,
 )
 TestRecovery = RecoveryMachine.TestCase

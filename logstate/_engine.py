@@ -196,6 +196,25 @@ class RecoveryReport:
         return not (self.torn_tails or self.salvaged or self.missing_segments)
 
 
+def _header_torn(data: bytes) -> bool:
+    """Could ``data`` be a segment whose header write was torn by a crash?
+
+    True for a file shorter than a header, a zeroed header, or a header that
+    fails its magic or checksum. False for a valid header, and for a header
+    of another format version (whole and checksummed: written by a newer
+    logstate, not torn).
+    """
+    if len(data) < SEGMENT_HEADER_SIZE or not any(data[:SEGMENT_HEADER_SIZE]):
+        return True
+    try:
+        fmt.decode_segment_header(data)
+    except UnsupportedFormatError:
+        return bytes(data[: len(fmt.SEGMENT_MAGIC)]) != fmt.SEGMENT_MAGIC
+    except CorruptionError:
+        return True
+    return False
+
+
 def join_namespace(parent: str, name: str) -> str:
     return name if not parent else parent + NS_SEPARATOR + name
 
@@ -278,6 +297,11 @@ class Engine:
             self._map(segment)
         if numbers:
             self._active = self._segments[numbers[-1]]
+            if not read_only:
+                # What a crashed writer left unsynced is readable now: make it
+                # durable before anyone acts on it (flush() syncs only what
+                # this process writes).
+                self._fs.fdatasync(self._active.fd)
         elif read_only:
             raise FileNotFoundError(f"{self.path} holds no logstate segment (read-only open)")
         else:
@@ -476,14 +500,15 @@ class Engine:
                 self._scan_segment(segment, appended, start, is_newest)
             return
         data = self._fs.read_all(fd)
-        if is_newest and (len(data) < SEGMENT_HEADER_SIZE or not any(data[:SEGMENT_HEADER_SIZE])):
+        if is_newest and _header_torn(data):
             # Crash while the segment was being created: its header never
-            # reached the disk whole. Nothing after it can be valid.
+            # reached the disk whole (short, zeros, or garbage from a power
+            # loss before the header's fdatasync). Nothing after it is valid.
             if next(fmt.scan_records(data, SEGMENT_HEADER_SIZE, lambda _d: None), None):
                 # ...yet valid records follow: the header was durable before
                 # they were appended, so this is damage, not a torn write.
                 raise CorruptionError(
-                    path, 0, "segment header is zero-filled but valid records follow it"
+                    path, 0, "segment header is damaged but valid records follow it"
                 )
             if read_only:
                 self.report.torn_tails.append((path, 0, len(data), ""))
@@ -736,11 +761,16 @@ class Engine:
             raise StorageFailedError(f"{self.path}: segment numbers exhausted")
         path = self._file(segment_file_name(number))
         fd = self._fs.create_file(path)
+        try:
+            self._fs.append(fd, fmt.encode_segment_header(number))
+            self._fs.fdatasync(fd)
+            self._fs.fsync_dir(self.path)
+        except BaseException:
+            # the half-made file is the newest: the next open cuts it as torn
+            self._fs.close(fd)
+            raise
         segment = Segment(number, path, fd, SEGMENT_HEADER_SIZE)
         self._segments[number] = segment
-        self._fs.append(fd, fmt.encode_segment_header(number))
-        self._fs.fdatasync(fd)
-        self._fs.fsync_dir(self.path)
         return segment
 
     # ================================================================== write path
