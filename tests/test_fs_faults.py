@@ -139,6 +139,7 @@ FAULTS = {
     "fdatasync-ENOSPC-sync-always": ("fdatasync", errno.ENOSPC, False, "always"),
 }
 
+
 def batch_of_one(s: LocalFileStorage) -> Batch:
     batch = s.batch()
     batch.set("y", 1)

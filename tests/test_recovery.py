@@ -173,8 +173,9 @@ def frames(data: bytes) -> list[fmt.Frame]:
 
 
 def key_of(data: bytes, frame: fmt.Frame) -> str:
-    op = fmt.decode_op(frame.record_type, data, frame.offset + fmt.RECORD_OVERHEAD,
-                       frame.offset + frame.size)
+    op = fmt.decode_op(
+        frame.record_type, data, frame.offset + fmt.RECORD_OVERHEAD, frame.offset + frame.size
+    )
     return op.key
 
 
@@ -410,6 +411,7 @@ def test_segment_of_an_unknown_format_version_is_refused(tmp_path: Path) -> None
 
 
 # ============================================================================ damage in the middle
+
 
 # positions inside a record: crc, length, type, seq, body start, middle, last byte
 def flip_positions(size: int) -> list[int]:

@@ -326,8 +326,9 @@ def test_allow_pickle_false_refuses_to_read_a_pickle_written_by_another_handle(
     assert writer["d"] == {"a": 1}  # the other handle still may
     writer.close()
     reader.close()
-    with LocalFileStorage(store_dir, allow_pickle=False) as again, pytest.raises(
-        PickleNotAllowedError
+    with (
+        LocalFileStorage(store_dir, allow_pickle=False) as again,
+        pytest.raises(PickleNotAllowedError),
     ):
         again["d"]
 
