@@ -1022,13 +1022,32 @@ class Engine:
                 op_offset = 0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
                 apply = self._apply_op
                 op_header = fmt.GROUP_OP_SIZE
+                high = segment << 74 | KIND_GROUP_OP
+                live = 0
+                current_ns: str | None = None
+                index: dict[str, Location] = {}
                 for (op_type, op_body), (ns, key) in zip(ops, names, strict=True):
                     op_size = op_header + len(op_body)
-                    if compressed:
-                        apply(op_type, ns, key, (segment, offset, size, op_offset, op_size))
+                    if op_type == REC_SET and not compressed:
+                        # the common case, inlined: one dict store per key
+                        if ns != current_ns:
+                            index = self._namespace_for_replay(ns)
+                            current_ns = ns
+                        old = index.get(key)
+                        index[key] = high | op_offset << 34 | op_size << 2
+                        live += op_size if old is None else op_size - location_size(old)
                     else:
-                        apply(op_type, ns, key, pack_location(segment, op_offset, op_size, 1))
+                        self._live_bytes += live
+                        live = 0
+                        current_ns = None  # a clear or drop may replace the dict
+                        where: Location
+                        if compressed:
+                            where = (segment, offset, size, op_offset, op_size)
+                        else:
+                            where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
+                        apply(op_type, ns, key, where)
                     op_offset += op_size
+                self._live_bytes += live
         if self._sync_always:
             self._commit(end_pos)
         if self._backlog:
