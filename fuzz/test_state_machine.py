@@ -352,7 +352,6 @@ class RecoveryMachine(RuleBasedStateMachine):
             shadow = copy.deepcopy(self.model.namespaces[ns])
             assert dict(memory.items()) == shadow, "InMemoryStorage loaded other values"
             for ops, checkpoint in rounds:
-                cleared = False
                 for op in ops:
                     if op[0] == "set":
                         memory.set(op[1], copy.deepcopy(op[2]))
@@ -361,9 +360,8 @@ class RecoveryMachine(RuleBasedStateMachine):
                         memory.remove(op[1])
                         shadow.pop(op[1], None)
                     elif op[0] == "clear":
-                        memory.clear()
+                        memory.clear()  # its keys only: sub-storages stay
                         shadow.clear()
-                        cleared = True
                     else:
                         value = memory.get(op[1])
                         if type(value) is list:  # mutated in place: the flush must see it
@@ -374,8 +372,6 @@ class RecoveryMachine(RuleBasedStateMachine):
                 else:
                     memory.flush(checkpoint=checkpoint)
                     self.model.checkpoint = checkpoint
-                if cleared:  # one REC_CLEAR of the backing storage: sub-storages too
-                    self.model.clear(ns)
                 self.model.namespaces[ns] = copy.deepcopy(shadow)
                 self._written(f"memory flush on {ns!r}", durable=self.options["sync"] != "none")
 

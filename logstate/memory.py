@@ -1,7 +1,7 @@
 """The public :class:`InMemoryStorage`: a dict at memory speed, flushed atomically.
 
 Owns: the in-memory dict, the record of what changed since the last flush
-(keys set, keys deleted, a clear), the watch on mutable values handed out,
+(keys set, keys deleted), the watch on mutable values handed out,
 and turning a flush into ONE group record on the backing storage.
 Must never: write anything outside :meth:`InMemoryStorage.flush`, or write a
 flush in more than one record (a crash must leave all of it or none).
@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Final
 
-from logstate._format import NAME_LEN, REC_CLEAR, REC_DELETE, REC_SET
+from logstate._format import NAME_LEN, REC_DELETE, REC_SET
 from logstate._values import decode_value, encode_value
 from logstate.storage import LocalFileStorage, encode_key
 
@@ -61,7 +61,6 @@ class InMemoryStorage(MutableMapping[str, Any]):
         self._data: dict[str, Any] = {}
         self._pending: dict[str, bytes | Any] = {}  # key -> encoded value, or _DELETED
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
-        self._cleared = False
         self._allow_pickle = True
         if backing_storage is not None:
             self._allow_pickle = backing_storage._allow_pickle
@@ -121,13 +120,18 @@ class InMemoryStorage(MutableMapping[str, Any]):
             return True
 
     def clear(self) -> None:
-        """Remove every key (persisted by the next flush as one clear)."""
+        """Remove every key (persisted by the next flush as deletes of those keys).
+
+        Only this storage's keys: sub-storages of the backing storage, which
+        an InMemoryStorage does not hold, are left alone (a clear record
+        would remove them too).
+        """
         with self._lock:
-            self._data.clear()
-            self._pending.clear()
-            self._watched.clear()
             if self._backing is not None:
-                self._cleared = True
+                for key in self._data:
+                    self._pending[key] = _DELETED
+            self._data.clear()
+            self._watched.clear()
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str, default: Any = None) -> Any:
@@ -185,7 +189,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
     # ------------------------------------------------------------------ flush
     def pending_changes(self) -> int:
         """How many operations the next flush would write at least (watched values aside)."""
-        return len(self._pending) + int(self._cleared)
+        return len(self._pending)
 
     def flush(self, *args: object, checkpoint: Any = _MISSING, **kwargs: object) -> int:
         """Persist every change since the last flush as ONE atomic record group.
@@ -219,9 +223,6 @@ class InMemoryStorage(MutableMapping[str, Any]):
             ns_bytes = backing._ns_bytes
             ops: list[tuple[int, bytes]] = []
             names: list[tuple[str, str]] = []
-            if self._cleared:
-                ops.append((REC_CLEAR, ns_bytes))
-                names.append((ns, ""))
             rewritten: dict[str, bytes] = {}
             watched = self._watched
             pack = NAME_LEN.pack
@@ -252,6 +253,5 @@ class InMemoryStorage(MutableMapping[str, Any]):
             if engine.options.sync != "none":
                 engine.sync()  # "always" already synced in write_group: this is then free
             self._pending.clear()
-            self._cleared = False
             watched.update(rewritten)
             return written

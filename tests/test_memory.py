@@ -93,14 +93,21 @@ def test_flush_accepts_positional_arguments_as_a_commit_callback(tmp_path: Path)
         assert on_committing(object(), "extra", kw=1) == 1
 
 
-def test_clear_is_flushed_as_one_clear_then_the_new_keys(tmp_path: Path) -> None:
+def test_clear_is_flushed_as_deletes_of_its_keys_and_spares_sub_storages(tmp_path: Path) -> None:
     with LocalFileStorage(tmp_path) as backing:
         backing.set("old", 1)
+        backing.set("older", 0)
+        other = backing.get_or_create_sub_storage("other")
+        other["x"] = 1
         storage = InMemoryStorage(backing)
         storage.clear()
         storage["new"] = 2
-        assert storage.flush() == 2
+        assert storage.flush() == 3  # delete old, delete older, set new: one group
+        assert backing.get_sub_storages() == ["other"] and other["x"] == 1
+        other.close()
     assert _reopen(tmp_path) == {"new": 2}
+    with LocalFileStorage(tmp_path) as backing:
+        assert backing.get_or_create_sub_storage("other")["x"] == 1
 
 
 def test_in_place_mutation_of_a_value_read_from_the_storage_is_persisted(tmp_path: Path) -> None:
