@@ -898,7 +898,12 @@ class Engine:
                         self._cond.notify()
             old = index.get(key)
             index[key] = segment << 74 | offset << 34 | size << 2  # KIND_RECORD
-            self._live_bytes += size if old is None else size - location_size(old)
+            if old is None:
+                self._live_bytes += size
+            elif type(old) is int:
+                self._live_bytes += size - ((old >> 2) & U32)
+            else:
+                self._live_bytes += size - location_size(old)
             end_pos = self._written_pos
         if self._sync_always:
             self._commit(end_pos)
