@@ -14,6 +14,7 @@ Locations (what the index maps keys to) are defined in ``_location``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import threading
@@ -196,6 +197,10 @@ class RecoveryReport:
         return not (self.torn_tails or self.salvaged or self.missing_segments)
 
 
+def _ignore(_damage: object) -> None:
+    """A scanner report nobody needs."""
+
+
 def _header_torn(data: bytes) -> bool:
     """Could ``data`` be a segment whose header write was torn by a crash?
 
@@ -259,6 +264,8 @@ class Engine:
         self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
         self._retired_maps: list[mmap.mmap] = []  # likewise, mappings replaced
         self._backlog = False  # writers wait: a running compaction is a segment behind
+        self._compacting = False  # a background compaction is running (under _lock)
+        self._closed_event = threading.Event()  # set when close() has finished
         self._backlog_cond = threading.Condition(threading.Lock())
         self._sync_always = options.sync == "always"
         self._sync_interval = options.sync == "interval"
@@ -500,16 +507,12 @@ class Engine:
                 self._scan_segment(segment, appended, start, is_newest)
             return
         data = self._fs.read_all(fd)
-        if is_newest and _header_torn(data):
+        salvage = self.options.recovery == "salvage"
+        records_follow = bool(next(fmt.scan_records(data, SEGMENT_HEADER_SIZE, _ignore), None))
+        if is_newest and _header_torn(data) and not records_follow:
             # Crash while the segment was being created: its header never
             # reached the disk whole (short, zeros, or garbage from a power
-            # loss before the header's fdatasync). Nothing after it is valid.
-            if next(fmt.scan_records(data, SEGMENT_HEADER_SIZE, lambda _d: None), None):
-                # ...yet valid records follow: the header was durable before
-                # they were appended, so this is damage, not a torn write.
-                raise CorruptionError(
-                    path, 0, "segment header is damaged but valid records follow it"
-                )
+            # loss before the header's fdatasync), and nothing valid follows.
             if read_only:
                 self.report.torn_tails.append((path, 0, len(data), ""))
                 return
@@ -520,10 +523,19 @@ class Engine:
             return
         try:
             self._check_header(path, number, data)
-        except UnsupportedFormatError:
-            raise  # not a logstate segment (or a newer one): never guess
         except CorruptionError as exc:
-            if self.options.recovery != "salvage":
+            # A whole header of another version, or a file with no logstate
+            # record in it: never guess. A damaged header before valid
+            # records (the header was durable before them): damage.
+            foreign = isinstance(exc, UnsupportedFormatError) and not _header_torn(data)
+            if foreign or not (salvage and records_follow):
+                if not foreign and records_follow:
+                    raise CorruptionError(
+                        path,
+                        exc.offset,
+                        f"{exc.reason}; valid records follow the header: open with "
+                        "recovery='salvage' to keep them",
+                    ) from None
                 raise
             # Salvage: the header is damaged but the file is in the sequence:
             # report it, keep its bytes aside, and read on with a new header.
@@ -1099,13 +1111,14 @@ class Engine:
         dead = total - self._live_bytes
         if total < options.compact_min_size or dead < options.compact_ratio * total:
             return
-        if self._compact_thread is not None and self._compact_thread.is_alive():
+        if self._compacting:
             trigger_size = max(
                 options.compact_min_size, self._live_bytes / (1 - options.compact_ratio)
             )
             if total >= trigger_size + self._segment_size:
                 self._backlog = True
             return
+        self._compacting = True
         self._compact_thread = threading.Thread(
             target=self._background_compaction, name=f"logstate-compact:{self.path}", daemon=True
         )
@@ -1119,6 +1132,8 @@ class Engine:
         except Exception:
             log.exception("%s: background compaction failed", self.path)
         finally:
+            with self._lock:
+                self._compacting = False  # from here a roll starts a new one
             with self._backlog_cond:
                 self._backlog = False
                 self._backlog_cond.notify_all()
@@ -1151,6 +1166,11 @@ class Engine:
         output: Segment,
     ) -> None:
         """Point the index at the compaction output, where nothing changed meanwhile."""
+        try:
+            self._map(output)  # first: if it fails, nothing below has changed
+        except (OSError, ValueError) as exc:
+            self._failed = exc  # the files changed under the engine: reopen
+            raise
         with self._lock:
             for ns, key, old, new in moved:
                 index = self._namespaces.get(ns)
@@ -1164,7 +1184,6 @@ class Engine:
                 self._retired_fds.append(retired.fd)
                 if retired.map is not None:
                     self._retired_maps.append(retired.map)
-            self._map(output)
             self._segments[output.number] = output
             self._segments = dict(sorted(self._segments.items()))
 
@@ -1219,9 +1238,10 @@ class Engine:
             if segment is not None:
                 offset = (loc >> 34) & U40
                 end = offset + ((loc >> 2) & U32)
+                mapping = segment.map
                 try:
-                    if end <= segment.mapped:
-                        data = segment.map[offset:end]  # type: ignore[index]
+                    if mapping is not None and end <= segment.mapped:
+                        data = mapping[offset:end]
                     else:
                         data = self._fs.pread(segment.fd, end - offset, offset)
                 except (ValueError, OSError):  # a mapping or fd retired meanwhile
@@ -1245,6 +1265,8 @@ class Engine:
         segments agree: a failure here is real damage, raised with its place.
         """
         with self._lock:
+            if self._closed or self._closing:
+                raise StorageClosedError(f"storage {self.path} is closed")
             index = self._namespaces.get(ns)
             if index is None:
                 raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
@@ -1346,9 +1368,26 @@ class Engine:
         Raises:
             CorruptionError: a value fails its checksum (path and offset named).
         """
-        index = self._namespace_for_read(ns)
+        try:
+            return self._load_namespace(ns, locked=False)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:  # a real I/O error: never retried away
+                raise
+        except (CorruptionError, KeyError):
+            pass
+        # A compaction switched segments under the unlocked bulk read (stale
+        # offsets, a retired descriptor): read again under the write lock,
+        # where index and files agree; a failure there is real damage.
         with self._lock:
+            return self._load_namespace(ns, locked=True)
+
+    def _load_namespace(self, ns: str, locked: bool) -> dict[str, bytes | memoryview]:
+        index = self._namespace_for_read(ns)
+        if locked:
             items = list(index.items())
+        else:
+            with self._lock:
+                items = list(index.items())
         plain = sorted((loc, key) for key, loc in items if type(loc) is int)
         result: dict[str, bytes | memoryview] = {}
         data = b""
@@ -1414,10 +1453,13 @@ class Engine:
 
     def checkpoint(self) -> bytes | memoryview | None:
         """The encoded value of the last checkpoint written, or None."""
-        loc = self._checkpoint
-        if loc is None:
-            return None
-        return self._read_value(loc, "", "")
+        with self._lock:  # rare: read it where the index and the files agree
+            if self._closed:
+                raise StorageClosedError(f"storage {self.path} is closed")
+            loc = self._checkpoint
+            if loc is None:
+                return None
+            return self._read_value(loc, "", "")
 
     # ================================================================== lifecycle
     @property
@@ -1456,14 +1498,20 @@ class Engine:
             with self._sync_lock:
                 if self._failed is None and self._active is not None and not self.options.read_only:
                     self._fs.fdatasync(self._active.fd)
+                    # every byte is durable now: a writer still on its way to
+                    # _commit must find its record covered, not sync a closed fd
+                    self._synced_pos = self._written_pos
                     try:
                         self._write_snapshot()
                     except OSError as exc:  # a cache: the next open scans instead
                         log.warning("%s: index snapshot not written: %r", self.path, exc)
         finally:
-            self._release_resources()
+            with self._lock:  # readers that fall back to the lock see a closed engine
+                self._release_resources()
+            self._closed_event.set()
 
     def _release_resources(self) -> None:
+        self._closed = True  # first: unlocked readers check it before anything else
         for segment in self._segments.values():
             if segment.map is not None:
                 self._retired_maps.append(segment.map)
@@ -1539,24 +1587,42 @@ def acquire_engine(
         fs.make_dirs(path)
     real = fs.canonical_path(path)
     key = real + ("\0read-only" if options.read_only else "")
-    with _registry_lock:
-        engine = _registry.get(key)
-        if engine is not None and not engine.closed:
-            conflicts = [
-                f"{name}={value!r} (open with {getattr(engine.options, name)!r})"
-                for name, value in given.items()
-                if name != "recovery" and getattr(options, name) != getattr(engine.options, name)
-            ]
-            if conflicts:
-                raise OptionConflictError(
-                    f"storage directory {real} is already open in this process with other "
-                    f"options: {', '.join(conflicts)}; close it first or pass the same options"
-                )
-        else:
-            engine = Engine(real, options, fs)
-            _registry[key] = engine
-        engine._refs += 1
-        return engine
+    while True:
+        with _registry_lock:
+            engine = _registry.get(key)
+            closing = engine is not None and engine._refs == 0 and not engine.closed
+            if not closing:
+                return _share_or_open(engine, key, real, options, given, fs)
+        # The last handle is closing it (final sync, snapshot): wait, then open anew.
+        assert engine is not None
+        engine._closed_event.wait()
+
+
+def _share_or_open(
+    engine: Engine | None,
+    key: str,
+    real: str,
+    options: EngineOptions,
+    given: dict[str, object],
+    fs: FileSystem,
+) -> Engine:
+    """Under ``_registry_lock``: one more reference on ``engine``, or a new engine."""
+    if engine is not None and not engine.closed:
+        conflicts = [
+            f"{name}={value!r} (open with {getattr(engine.options, name)!r})"
+            for name, value in given.items()
+            if name != "recovery" and getattr(options, name) != getattr(engine.options, name)
+        ]
+        if conflicts:
+            raise OptionConflictError(
+                f"storage directory {real} is already open in this process with other "
+                f"options: {', '.join(conflicts)}; close it first or pass the same options"
+            )
+    else:
+        engine = Engine(real, options, fs)
+        _registry[key] = engine
+    engine._refs += 1
+    return engine
 
 
 def add_reference(engine: Engine) -> None:
@@ -1568,15 +1634,23 @@ def add_reference(engine: Engine) -> None:
 
 
 def release_engine(engine: Engine) -> None:
-    """Drop one reference; the last one closes the engine and releases the lock."""
+    """Drop one reference; the last one closes the engine and releases the lock.
+
+    The engine stays registered while it closes, so that a new open of the
+    same directory in this process waits for the close instead of finding
+    the directory locked by itself.
+    """
     with _registry_lock:
         engine._refs -= 1
         if engine._refs > 0:
             return
+    try:
+        engine.close()
+    finally:
         key = engine.path + ("\0read-only" if engine.options.read_only else "")
-        if _registry.get(key) is engine:
-            del _registry[key]
-    engine.close()
+        with _registry_lock:
+            if _registry.get(key) is engine:
+                del _registry[key]
 
 
 def open_engines() -> Iterable[Engine]:
