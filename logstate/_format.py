@@ -17,10 +17,10 @@ Layout summary (docs/format.md has the full grammar)::
 
 from __future__ import annotations
 
+import importlib
 import struct
-import sys
 from collections.abc import Callable, Iterator
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import crcmod.predefined
 import zstandard
@@ -28,25 +28,66 @@ import zstandard
 from logstate._errors import CorruptionError, UnsupportedFormatError
 
 # --------------------------------------------------------------------------- CRC-32C
-# crcmod's table-driven C extension; the pure-Python fallback is ~50x slower,
-# which would make every read and write crawl, so refuse to run on it.
-if not getattr(sys.modules.get("crcmod.crcmod"), "_usingExtension", False):  # pragma: no cover
-    raise ImportError(
-        "logstate needs crcmod's C extension (crcmod._crcfunext) for CRC-32C; only the "
-        "pure-Python fallback is importable. Reinstall crcmod with a C compiler and the "
-        "Python headers available: python -m pip install --force-reinstall --no-binary "
-        "crcmod crcmod"
-    )
-from crcmod._crcfunext import _crc32r
-
-_crc32c_fun = crcmod.predefined.mkCrcFun("crc-32c")
-_CRC32C_TABLE: Final[bytes] = _crc32c_fun.__defaults__[1]
+# Two implementations of the same function, chosen at import:
+# - google-crc32c's C extension (Google's crc32c library), which uses the CPU's
+#   CRC-32C instruction (SSE 4.2 / ARMv8) when there is one: about 130 ns for
+#   a 130-byte record against crcmod's 600 ns, 43 us per MiB against 2.6 ms.
+#   It takes only ``bytes`` (not memoryview or bytearray).
+# - crcmod's table-driven C extension, the fallback where google-crc32c's
+#   extension does not import. Its pure-Python fallback is ~50x slower
+#   still, so logstate refuses to run on it.
+# Both compute CRC-32C (Castagnoli); tests check them against each other.
 _CRC_XOR: Final = 0xFFFFFFFF
 
+# crcmod's own function: C extension or pure Python, always importable.
+crcmod_crc32c: Final[Callable[..., int]] = crcmod.predefined.mkCrcFun("crc-32c")
 
-def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (0 to start)."""
-    return _crc32r(data, crc ^ _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR  # type: ignore[no-any-return]
+
+def _google_crc32c() -> Any:
+    """google-crc32c's C extension module, or None where it does not import.
+
+    (Tests force the fallback by putting None in ``sys.modules`` for it.)
+    """
+    try:
+        return importlib.import_module("google_crc32c._crc32c")
+    except ImportError:
+        return None
+
+
+_hw = _google_crc32c()
+crc_bytes: Callable[[bytes], int]
+"""CRC-32C of a ``bytes`` object (the hot paths' entry: no type check)."""
+
+if _hw is not None:
+    CRC_IMPLEMENTATION = "google-crc32c"
+    _extend: Callable[[int, bytes], int] = _hw.extend
+    crc_bytes = _hw.value
+
+    def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+        """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (0 to start)."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        return _extend(crc, data)
+
+else:
+    try:
+        from crcmod._crcfunext import _crc32r
+    except ImportError:  # pragma: no cover
+        raise ImportError(
+            "logstate needs google-crc32c's or crcmod's C extension for CRC-32C; only "
+            "pure-Python fallbacks are importable. Reinstall with a C compiler and the "
+            "Python headers available: python -m pip install --force-reinstall "
+            "google-crc32c crcmod"
+        ) from None
+    CRC_IMPLEMENTATION = "crcmod"
+    _table: bytes = crcmod_crc32c.__defaults__[1]  # type: ignore[index]
+
+    def crc_bytes(data: bytes) -> int:
+        return _crc32r(data, _CRC_XOR, _table) ^ _CRC_XOR  # type: ignore[no-any-return]
+
+    def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+        """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (0 to start)."""
+        return _crc32r(data, crc ^ _CRC_XOR, _table) ^ _CRC_XOR  # type: ignore[no-any-return]
 
 
 assert crc32c(b"123456789") == 0xE3069283, "crc-32c check value"
@@ -183,9 +224,8 @@ def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryvi
         raise ValueError(
             f"record of {length} bytes exceeds the limit of {MAX_RECORD_SIZE} (MAX_RECORD_SIZE)"
         )
-    head = _pack_length_type_seq(length, record_type, seq)
-    crc = _crc32r(body, _crc32r(head, _CRC_XOR, _CRC32C_TABLE), _CRC32C_TABLE) ^ _CRC_XOR
-    return _pack_u32(crc) + head + body
+    rest = _pack_length_type_seq(length, record_type, seq) + body
+    return _pack_u32(crc_bytes(rest)) + rest
 
 
 def set_record_value(data: bytes, prefix: bytes) -> bytes | None:
@@ -201,8 +241,7 @@ def set_record_value(data: bytes, prefix: bytes) -> bytes | None:
         and data[8] == REC_SET
         and _unpack_u32(data, 4)[0] + FRAME_HEADER_SIZE == size
         and data.startswith(prefix, RECORD_OVERHEAD)
-        and _unpack_u32(data, 0)[0]
-        == _crc32r(memoryview(data)[4:], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR
+        and _unpack_u32(data, 0)[0] == crc_bytes(data[4:])
     ):
         return data[RECORD_OVERHEAD + len(prefix) :]
     return None
@@ -216,8 +255,7 @@ def set_group_op_value(data: bytes, prefix: bytes) -> bytes | None:
         and data[4] == REC_SET
         and _unpack_u32(data, 5)[0] + GROUP_OP_SIZE == size
         and data.startswith(prefix, GROUP_OP_SIZE)
-        and _unpack_u32(data, 0)[0]
-        == _crc32r(memoryview(data)[4:], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR
+        and _unpack_u32(data, 0)[0] == crc_bytes(data[4:])
     ):
         return data[GROUP_OP_SIZE + len(prefix) :]
     return None
@@ -228,15 +266,15 @@ def encode_group_ops(ops: list[tuple[int, bytes]]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     pack_head = _OP_TYPE_LEN.pack
+    pack_crc = _pack_u32
+    crc_of = crc_bytes
     allowed = OP_TYPES
     for op_type, body in ops:
         if op_type not in allowed:
             raise ValueError(f"operation type {op_type} cannot be part of a group")
-        head = pack_head(op_type, len(body))
-        crc = _crc32r(body, _crc32r(head, _CRC_XOR, _CRC32C_TABLE), _CRC32C_TABLE) ^ _CRC_XOR
-        append(_pack_u32(crc))
-        append(head)
-        append(body)
+        rest = pack_head(op_type, len(body)) + body
+        append(pack_crc(crc_of(rest)))
+        append(rest)
     return b"".join(parts)
 
 
@@ -523,7 +561,7 @@ def scan_records(
     end = len(data)
     offset = start
     unpack = _CRC_LENGTH_TYPE_SEQ.unpack_from
-    view = memoryview(data)
+    crc_of: Callable[[Any], int] = crc_bytes if isinstance(data, bytes) else crc32c
     while offset < end:
         # fast path: a whole, valid record (the checks _frame_error makes)
         if offset + RECORD_OVERHEAD <= end:
@@ -533,7 +571,7 @@ def scan_records(
                 0 < record_type <= MAX_RECORD_TYPE
                 and MIN_PAYLOAD_SIZE <= length <= MAX_RECORD_SIZE
                 and frame_end <= end
-                and crc == _crc32r(view[offset + 4 : frame_end], _CRC_XOR, _CRC32C_TABLE) ^ _CRC_XOR
+                and crc == crc_of(data[offset + 4 : frame_end])
             ):
                 yield Frame(offset, frame_end - offset, record_type, seq)
                 offset = frame_end
@@ -635,7 +673,7 @@ def replay_frame(
         op_end = body + op_len
         if op_end > end:
             raise CorruptionError("", pos, "group operation overruns its group")
-        if _unpack_u32(data, pos)[0] != crc32c(memoryview(data)[pos + 4 : op_end]):
+        if _unpack_u32(data, pos)[0] != crc32c(data[pos + 4 : op_end]):
             raise CorruptionError("", pos, "group operation checksum mismatch")
         if op_type not in OP_TYPES:
             raise CorruptionError("", pos, f"operation type {op_type} inside a group")

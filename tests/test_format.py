@@ -6,6 +6,7 @@ Buffers are built in memory and damaged byte by byte; no files are involved.
 from __future__ import annotations
 
 import mmap
+import pathlib
 import struct
 from collections.abc import Iterator
 
@@ -141,6 +142,69 @@ def test_crc32c_matches_the_castagnoli_check_value_and_continues() -> None:
     assert crc32c(b"") == 0
     assert crc32c(b"56789", crc32c(b"1234")) == crc32c(b"123456789")
     assert crc32c(memoryview(b"123456789")) == crc32c(bytearray(b"123456789"))
+
+
+def test_the_hardware_crc_is_the_one_in_use() -> None:
+    # google-crc32c is a dependency: if its extension stops importing, every
+    # read and write silently gets 4-60x slower; say so here instead.
+    assert fmt.CRC_IMPLEMENTATION == "google-crc32c"
+
+
+@given(st.binary(max_size=3000), st.binary(max_size=300))
+@example(b"", b"")
+@example(b"123456789", b"")
+def test_both_crc_implementations_agree(data: bytes, more: bytes) -> None:
+    expected = fmt.crcmod_crc32c(data + more)
+    assert crc32c(data + more) == expected
+    assert fmt.crc_bytes(data + more) == expected
+    assert crc32c(more, crc32c(data)) == expected
+    assert crc32c(memoryview(data + more)) == expected
+    assert crc32c(bytearray(data + more)) == expected
+    assert fmt.crcmod_crc32c(more, fmt.crcmod_crc32c(data)) == expected
+
+
+_FALLBACK_ROUND_TRIP = """
+import sys
+if sys.argv[1] == "crcmod":
+    sys.modules["google_crc32c._crc32c"] = None  # as on a platform without its wheel
+from logstate import LocalFileStorage, _format
+assert _format.CRC_IMPLEMENTATION == sys.argv[1], _format.CRC_IMPLEMENTATION
+store = LocalFileStorage(sys.argv[2])
+seen = {key: store.get(key) for key in store.get_all_keys()}
+with store.batch() as batch:
+    for i in range(50):
+        batch.set(f"{sys.argv[1]}-group-{i}", i * 7)
+store.set(sys.argv[1] + "-plain", b"x" * 200)
+store.close()
+print(sorted(seen.items()))
+"""
+
+
+def test_a_store_written_with_one_crc_implementation_reads_with_the_other(
+    tmp_path: pathlib.Path,
+) -> None:
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "store")
+
+    def run(implementation: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _FALLBACK_ROUND_TRIP, implementation, path],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert run("crcmod") == "[]\n"
+    written_by_crcmod = run("google-crc32c")
+    assert "('crcmod-group-49', 343)" in written_by_crcmod
+    assert "('crcmod-plain', b'" + "x" * 200 + "')" in written_by_crcmod
+    read_back = run("crcmod")
+    assert "('google-crc32c-group-0', 0)" in read_back
+    assert "('google-crc32c-plain', b'" + "x" * 200 + "')" in read_back
 
 
 # =========================================================================== segment header
