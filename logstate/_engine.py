@@ -241,7 +241,8 @@ class Engine:
         self.options = options
         self._fs = fs
         self._lock = threading.Lock()
-        self._sync_lock = threading.Lock()
+        self._sync_cond = threading.Condition(threading.Lock())  # group commit
+        self._syncing = False  # a thread is in its fdatasync turn (_sync_turn)
         self._cond = threading.Condition(threading.Lock())
         self._namespaces: dict[str, dict[str, Location]] = {"": {}}
         self._segments: dict[int, Segment] = {}
@@ -844,12 +845,22 @@ class Engine:
         return new
 
     def _commit(self, end_pos: int) -> None:
-        """Make every byte up to ``end_pos`` durable; concurrent callers share one sync."""
+        """Make every byte up to ``end_pos`` durable; concurrent callers share one sync.
+
+        Group commit, leader and followers: a caller whose bytes are not yet
+        durable takes the sync turn and fdatasyncs everything written so far.
+        Callers arriving during that sync wait, and are woken together when
+        it ends: covered by it, or the first of them leads the next sync,
+        which covers all of their records at once. (A plain lock handed from
+        waiter to waiter wakes them one by one; each late wake-up then starts
+        a sync of its own record alone.)
+        """
         if self._synced_pos >= end_pos:
             return
-        with self._sync_lock:
-            if self._synced_pos >= end_pos:
-                return  # another writer's fdatasync covered ours: group commit
+        if not self._sync_turn(end_pos):
+            return  # another writer's fdatasync covered ours
+        target = -1
+        try:
             with self._lock:
                 if self._failed is not None:
                     self._check_writable()
@@ -860,9 +871,34 @@ class Engine:
                 self._fs.fdatasync(active.fd)
             except OSError as exc:
                 self._failed = exc
+                target = -1
                 raise
-            if target > self._synced_pos:
-                self._synced_pos = target
+        finally:
+            self._end_sync_turn(target)
+
+    def _sync_turn(self, end_pos: int | None) -> bool:
+        """Wait for the sync turn; False (no turn taken) once ``end_pos`` is durable.
+
+        ``end_pos`` None (close) always takes the turn. Pair with
+        :meth:`_end_sync_turn`.
+        """
+        cond = self._sync_cond
+        with cond:
+            while True:
+                if end_pos is not None and self._synced_pos >= end_pos:
+                    return False
+                if not self._syncing:
+                    self._syncing = True
+                    return True
+                cond.wait()
+
+    def _end_sync_turn(self, synced_to: int) -> None:
+        """Give the sync turn back, recording ``synced_to`` (-1: nothing) as durable."""
+        with self._sync_cond:
+            if synced_to > self._synced_pos:
+                self._synced_pos = synced_to
+            self._syncing = False
+            self._sync_cond.notify_all()
 
     def _write(self, record_type: int, body: bytes) -> tuple[int, int, int, int]:
         """Frame and append one record. Call with ``_lock`` held.
@@ -1495,16 +1531,20 @@ class Engine:
         if compaction is not None and compaction is not threading.current_thread():
             compaction.join()
         try:
-            with self._sync_lock:
+            self._sync_turn(None)
+            synced_to = -1
+            try:
                 if self._failed is None and self._active is not None and not self.options.read_only:
                     self._fs.fdatasync(self._active.fd)
                     # every byte is durable now: a writer still on its way to
                     # _commit must find its record covered, not sync a closed fd
-                    self._synced_pos = self._written_pos
+                    synced_to = self._written_pos
                     try:
                         self._write_snapshot()
                     except OSError as exc:  # a cache: the next open scans instead
                         log.warning("%s: index snapshot not written: %r", self.path, exc)
+            finally:
+                self._end_sync_turn(synced_to)
         finally:
             with self._lock:  # readers that fall back to the lock see a closed engine
                 self._release_resources()
