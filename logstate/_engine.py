@@ -97,6 +97,12 @@ _pack_name_len = NAME_LEN.pack
 _encode_record = fmt.encode_record
 _set_record_value = fmt.set_record_value
 _set_group_op_value = fmt.set_group_op_value
+_pack_length_type_seq = fmt.LENGTH_TYPE_SEQ.pack
+_pack_u32 = fmt.U32_STRUCT.pack
+_crc_bytes = fmt.crc_bytes
+_unpack_frame_header = fmt.FRAME_HEADER.unpack_from
+_MAX_BODY_SIZE: Final = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
+SEQ_SIZE: Final = fmt.SEQ_SIZE
 MAX_SEGMENT_SIZE: Final = 1 << 31
 
 
@@ -240,6 +246,7 @@ class Engine:
         self.path = path
         self.options = options
         self._fs = fs
+        self._os_write = fs.raw_write_function()
         self._lock = threading.Lock()
         self._sync_cond = threading.Condition(threading.Lock())  # group commit
         self._syncing = False  # a thread is in its fdatasync turn (_sync_turn)
@@ -924,7 +931,10 @@ class Engine:
             if index is None:
                 raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
             self._seq = seq = self._seq + 1
-            record = _encode_record(REC_SET, seq, body)
+            if len(body) > _MAX_BODY_SIZE:
+                _encode_record(REC_SET, seq, body)  # raises, naming the limit
+            rest = _pack_length_type_seq(SEQ_SIZE + len(body), REC_SET, seq) + body
+            record = _pack_u32(_crc_bytes(rest)) + rest  # fmt.encode_record, inlined
             size = len(record)
             active = self._active
             assert active is not None
@@ -933,7 +943,12 @@ class Engine:
                 segment, offset = self._append(record)
             else:
                 try:
-                    self._fs.append(active.fd, record)
+                    # one write(2) straight from here when the file system is
+                    # the plain one (a test's may inject faults in append)
+                    os_write = self._os_write
+                    written = 0 if os_write is None else os_write(active.fd, record)
+                    if written != size:
+                        self._fs.append(active.fd, memoryview(record)[written:])
                 except OSError as exc:
                     self._failed = exc
                     raise
@@ -1106,6 +1121,63 @@ class Engine:
         if self._backlog:
             self._wait_for_compaction()
         return len(ops)
+
+    def write_keys(
+        self,
+        ns: str,
+        ns_bytes: bytes,
+        keys: list[str],
+        values: list[bytes | None],
+        checkpoint: bytes | None = None,
+    ) -> int:
+        """Set (or, where the value is None, delete) ``keys`` of ``ns`` as ONE group.
+
+        The same record :meth:`write_group` writes for these operations, by a
+        path with no per-operation tuples (InMemoryStorage.flush). Keys must
+        be valid (checked with ``encode_key``) and distinct.
+
+        Returns:
+            The number of operations written (the checkpoint counts as one).
+        """
+        ops = fmt.encode_key_ops(ns_bytes, keys, values)
+        count = len(ops) + (checkpoint is not None)
+        compress_from = self.options.compress_min_size
+        if count < 2 or (compress_from is not None and sum(map(len, ops)) >= compress_from):
+            # one record, or a compressed group: the general path
+            pairs: list[tuple[int, bytes]] = []
+            for op in ops:
+                pairs.append((op[4], op[fmt.GROUP_OP_SIZE :]))
+            return self.write_group(pairs, checkpoint, names=[(ns, key) for key in keys])
+        if checkpoint is not None:
+            ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
+        body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
+        with self._lock:
+            self._check_writable()
+            index = self._namespace(ns)  # raises SubStorageDeletedError
+            segment, offset, _size, end_pos = self._write(REC_GROUP, body)
+            op_offset = offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+            high = segment << 74 | KIND_GROUP_OP
+            live = 0
+            get = index.get
+            for key, value, op in zip(keys, values, ops, strict=False):
+                op_size = len(op)
+                if value is None:
+                    old = index.pop(key, None)
+                    if old is not None:
+                        live -= location_size(old)
+                else:
+                    old = get(key)
+                    index[key] = high | op_offset << 34 | op_size << 2
+                    live += op_size if old is None else op_size - location_size(old)
+                op_offset += op_size
+            if checkpoint is not None:
+                self._checkpoint = high | op_offset << 34 | len(ops[-1]) << 2
+            self._live_bytes += live
+        if self._sync_always:
+            self._commit(end_pos)
+        if self._backlog:
+            self._wait_for_compaction()
+        return count
 
     def _namespace(self, ns: str) -> dict[str, Location]:
         index = self._namespaces.get(ns)
@@ -1285,11 +1357,21 @@ class Engine:
                 key_bytes = key.encode("utf-8")
                 prefix = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes
                 if loc & 3 == KIND_RECORD:
-                    value = _set_record_value(data, prefix)
+                    # fmt.set_record_value, inlined: the hottest read path
+                    start = RECORD_OVERHEAD + len(prefix)
+                    if len(data) > start:
+                        crc, length, record_type = _unpack_frame_header(data)
+                        if (
+                            record_type == REC_SET
+                            and length + FRAME_HEADER_SIZE == len(data)
+                            and data.startswith(prefix, RECORD_OVERHEAD)
+                            and crc == _crc_bytes(data[4:])
+                        ):
+                            return data[start:]
                 else:
                     value = _set_group_op_value(data, prefix)
-                if value is not None:
-                    return value
+                    if value is not None:
+                        return value
         return self._read_settled(ns, key)
 
     def _read_settled(self, ns: str, key: str) -> bytes | memoryview | None:

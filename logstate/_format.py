@@ -108,8 +108,8 @@ SEQ: Final = struct.Struct("<Q")
 SEQ_SIZE: Final = SEQ.size
 assert SEQ_SIZE == 8
 # crc is over everything after itself: length, type, payload
-_LENGTH_TYPE_SEQ: Final = struct.Struct("<IBQ")
-assert _LENGTH_TYPE_SEQ.size == 13
+LENGTH_TYPE_SEQ: Final = struct.Struct("<IBQ")
+assert LENGTH_TYPE_SEQ.size == 13
 RECORD_OVERHEAD: Final = FRAME_HEADER_SIZE + SEQ_SIZE  # bytes before the body
 _CRC_LENGTH_TYPE_SEQ: Final = struct.Struct("<IIBQ")
 assert _CRC_LENGTH_TYPE_SEQ.size == RECORD_OVERHEAD == 17
@@ -206,10 +206,10 @@ def encode_set_body(ns: bytes, key: bytes, value: bytes) -> bytes:
     return ns + key + value
 
 
-_pack_length_type_seq = _LENGTH_TYPE_SEQ.pack
-_U32: Final = struct.Struct("<I")
-_pack_u32 = _U32.pack
-_unpack_u32 = _U32.unpack_from
+_pack_length_type_seq = LENGTH_TYPE_SEQ.pack
+U32_STRUCT: Final = struct.Struct("<I")
+_pack_u32 = U32_STRUCT.pack
+_unpack_u32 = U32_STRUCT.unpack_from
 
 
 def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryview) -> bytes:
@@ -276,6 +276,40 @@ def encode_group_ops(ops: list[tuple[int, bytes]]) -> bytes:
         append(pack_crc(crc_of(rest)))
         append(rest)
     return b"".join(parts)
+
+
+def encode_key_ops(ns_bytes: bytes, keys: list[str], values: list[bytes | None]) -> list[bytes]:
+    """Group operations on keys of one namespace, one ``bytes`` per operation.
+
+    For each key: a set to its encoded value, or a delete where the value is
+    None; each element is ``op_crc type length body`` as
+    :func:`encode_group_ops` writes it. The flush path of InMemoryStorage: one
+    pass, no intermediate (type, body) pairs. Keys are valid (the callers
+    checked them with ``encode_key``); ``ns_bytes`` is ``encode_name(ns)``.
+    """
+    # type, length, namespace and the key's length in one pack
+    pack_head = struct.Struct(f"<BI{len(ns_bytes)}sH").pack
+    pack_crc = U32_STRUCT.pack
+    crc_of = crc_bytes
+    fixed = len(ns_bytes) + NAME_LEN.size
+    ops: list[bytes] = []
+    append = ops.append
+    for key, value in zip(keys, values, strict=True):
+        raw = key.encode("utf-8")
+        if value is None:
+            rest = pack_head(REC_DELETE, fixed + len(raw), ns_bytes, len(raw)) + raw
+        else:
+            rest = (
+                pack_head(REC_SET, fixed + len(raw) + len(value), ns_bytes, len(raw)) + raw + value
+            )
+        append(pack_crc(crc_of(rest)) + rest)
+    return ops
+
+
+def encode_op(op_type: int, body: bytes) -> bytes:
+    """One group operation: ``op_crc type length body``."""
+    rest = _OP_TYPE_LEN.pack(op_type, len(body)) + body
+    return U32_STRUCT.pack(crc_bytes(rest)) + rest
 
 
 def encode_group_body(

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Callable
 
 from logstate._errors import StorageLockedError
 
@@ -97,6 +98,14 @@ class FileSystem:
             if n == 0:  # pragma: no cover - POSIX write never returns 0 for n > 0
                 raise OSError(errno.EIO, "write returned 0")
             written += n
+
+    def raw_write_function(self) -> Callable[[int, bytes], int] | None:
+        """``os.write`` itself, for a hot path that finishes short writes with :meth:`append`.
+
+        None when a subclass overrides :meth:`append` (tests inject faults
+        there, and must see every write).
+        """
+        return os.write if type(self).append is FileSystem.append else None
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` (fewer only at end of file)."""

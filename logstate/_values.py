@@ -53,7 +53,7 @@ _NONE_BYTES: Final = bytes((TAG_NONE,))
 _FALSE_BYTES: Final = bytes((TAG_FALSE,))
 _TRUE_BYTES: Final = bytes((TAG_TRUE,))
 _STR_PREFIX: Final = bytes((TAG_STR,))
-_BYTES_PREFIX: Final = bytes((TAG_BYTES,))
+BYTES_PREFIX: Final = bytes((TAG_BYTES,))
 _BYTEARRAY_PREFIX: Final = bytes((TAG_BYTEARRAY,))
 _INT_PREFIX: Final = bytes((TAG_INT,))
 _FLOAT_PREFIX: Final = bytes((TAG_FLOAT,))
@@ -79,7 +79,7 @@ def encode_value(value: object, allow_pickle: bool = True) -> bytes:
         text: str = value  # type: ignore[assignment]
         return _STR_PREFIX + text.encode("utf-8", "surrogatepass")
     if t is bytes:
-        return _BYTES_PREFIX + value  # type: ignore[operator]
+        return BYTES_PREFIX + value  # type: ignore[operator]
     if t is int:
         n: int = value  # type: ignore[assignment]
         return _INT_PREFIX + n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)

@@ -23,14 +23,12 @@ import threading
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Final
 
-from logstate._format import NAME_LEN, REC_DELETE, REC_SET
 from logstate._values import decode_value, encode_value
 from logstate.storage import LocalFileStorage, encode_key
 
 __all__ = ["InMemoryStorage"]
 
 _IMMUTABLE: Final = frozenset((str, bytes, int, float, bool, type(None)))
-_DELETED: Final[Any] = object()
 _MISSING: Final[Any] = object()
 
 
@@ -59,7 +57,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
         self._backing = backing_storage
         self._lock = threading.RLock()
         self._data: dict[str, Any] = {}
-        self._pending: dict[str, bytes | Any] = {}  # key -> encoded value, or _DELETED
+        self._pending: dict[str, bytes | None] = {}  # key -> encoded value, or None: deleted
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
         self._allow_pickle = True
         if backing_storage is not None:
@@ -116,7 +114,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
             del self._data[key]
             self._watched.pop(key, None)
             if self._backing is not None:
-                self._pending[key] = _DELETED
+                self._pending[key] = None
             return True
 
     def clear(self) -> None:
@@ -129,7 +127,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
         with self._lock:
             if self._backing is not None:
                 for key in self._data:
-                    self._pending[key] = _DELETED
+                    self._pending[key] = None
             self._data.clear()
             self._watched.clear()
 
@@ -219,39 +217,29 @@ class InMemoryStorage(MutableMapping[str, Any]):
         if checkpoint is not _MISSING:
             checkpoint_bytes = encode_value(checkpoint, self._allow_pickle)
         with self._lock:
-            ns = backing._ns
-            ns_bytes = backing._ns_bytes
-            ops: list[tuple[int, bytes]] = []
-            names: list[tuple[str, str]] = []
+            changes = self._pending
             rewritten: dict[str, bytes] = {}
             watched = self._watched
-            pack = NAME_LEN.pack
-            for key, encoded in self._pending.items():
-                raw_key = key.encode("utf-8")
-                prefix = ns_bytes + pack(len(raw_key)) + raw_key
-                names.append((ns, key))
-                if encoded is _DELETED:
-                    ops.append((REC_DELETE, prefix))
-                    continue
-                if key in watched:  # mutable: take its bytes as of now
-                    encoded = encode_value(self._data[key], self._allow_pickle)
-                    rewritten[key] = encoded
-                ops.append((REC_SET, prefix + encoded))
-            for key, last in watched.items():
-                if key in self._pending:
-                    continue
-                encoded = encode_value(self._data[key], self._allow_pickle)
-                if encoded != last:
-                    raw_key = key.encode("utf-8")
-                    ops.append((REC_SET, ns_bytes + pack(len(raw_key)) + raw_key + encoded))
-                    names.append((ns, key))
-                    rewritten[key] = encoded
-            if not ops and checkpoint_bytes is None:
+            if watched:  # mutable values: take their bytes as of now
+                changes = dict(changes)
+                allow = self._allow_pickle
+                for key, last in watched.items():
+                    encoded = encode_value(self._data[key], allow)
+                    if key in changes or encoded != last:
+                        changes[key] = encoded
+                        rewritten[key] = encoded
+            if not changes and checkpoint_bytes is None:
                 return 0
             engine = backing._engine
-            written = engine.write_group(ops, checkpoint_bytes, names=names)
+            written = engine.write_keys(
+                backing._ns,
+                backing._ns_bytes,
+                list(changes),
+                list(changes.values()),
+                checkpoint_bytes,
+            )
             if engine.options.sync != "none":
-                engine.sync()  # "always" already synced in write_group: this is then free
-            self._pending.clear()
+                engine.sync()  # "always" already synced in write_keys: this is then free
+            self._pending = {}
             watched.update(rewritten)
             return written

@@ -36,7 +36,7 @@ from logstate._format import (
     REC_SET,
     encode_name,
 )
-from logstate._values import decode_value, encode_value
+from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
 
 __all__ = ["DEFAULT_DIRECTORY", "MAX_SUB_STORAGE_NAME_SIZE", "Batch", "LocalFileStorage"]
 
@@ -293,9 +293,11 @@ class LocalFileStorage(MutableMapping[str, Any]):
                 encode_key(key)  # raises with the reason
         else:
             raw_key = encode_key(key)
-        self._engine.set(
-            self._ns, self._ns_bytes, key, raw_key, encode_value(value, self._allow_pickle)
-        )
+        if type(value) is bytes:  # encode_value's bytes case, inlined
+            encoded = BYTES_PREFIX + value
+        else:
+            encoded = encode_value(value, self._allow_pickle)
+        self._engine.set(self._ns, self._ns_bytes, key, raw_key, encoded)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none.
@@ -312,6 +314,8 @@ class LocalFileStorage(MutableMapping[str, Any]):
         raw = self._engine.get(self._ns, self._ns_bytes, key)
         if raw is None:
             return default
+        if type(raw) is bytes and raw[0] == TAG_BYTES:  # decode_value's bytes case, inlined
+            return raw[1:]
         try:
             return decode_value(raw, self._allow_pickle)
         except CorruptionError as exc:  # the record's CRC held, its value does not decode
