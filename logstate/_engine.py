@@ -1661,6 +1661,8 @@ class Engine:
                     parent = ns.rpartition(NS_SEPARATOR)[0]
                     assert parent in self._namespaces, f"namespace {ns!r} without parent"
             assert self._synced_pos <= self._written_pos
+            live = sum(sizes(index) for index in self._namespaces.values())
+            assert self._live_bytes == live, f"live bytes {self._live_bytes}, index says {live}"
             if self._closed:
                 return
             assert self._active is not None

@@ -892,3 +892,28 @@ def test_set_group_op_value_returns_the_value_of_that_key_only() -> None:
     assert set_group_op_value(flip(op, 0), prefix) is None
     assert set_group_op_value(op + b"x", prefix) is None
     assert set_group_op_value(op_bytes(REC_DELETE, prefix), prefix) is None
+
+
+@given(
+    st.text(max_size=20),
+    st.lists(
+        st.tuples(st.text(min_size=1, max_size=30), st.one_of(st.none(), st.binary(max_size=200))),
+        max_size=20,
+    ),
+)
+def test_key_ops_are_the_group_ops_of_the_same_sets_and_deletes(
+    ns: str, changes: list[tuple[str, bytes | None]]
+) -> None:
+    ns_bytes = encode_name(ns)
+    keys = [key for key, _ in changes]
+    values = [value for _, value in changes]
+    expected = [
+        fmt.encode_group_ops(
+            [(REC_DELETE, ns_bytes + encode_name(key))]
+            if value is None
+            else [(REC_SET, ns_bytes + encode_name(key) + value)]
+        )
+        for key, value in changes
+    ]
+    assert fmt.encode_key_ops(ns_bytes, keys, values) == expected
+    assert fmt.encode_op(REC_CHECKPOINT, b"cp") == fmt.encode_group_ops([(REC_CHECKPOINT, b"cp")])

@@ -10,6 +10,8 @@ import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, PickleNotAllowedError
 from logstate._engine import segment_file_name
+from logstate._format import REC_DELETE, REC_SET, encode_name
+from logstate._values import encode_value
 
 
 def _segment(path: Path) -> Path:
@@ -269,3 +271,75 @@ def test_a_group_larger_than_the_segment_size_goes_into_one_segment_whole(tmp_pa
         assert len(reopened) == 202
         assert reopened["k199"] == "v" * 50
         reopened._check()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"compress_min_size": 0}],
+    ids=["plain group", "compressed group"],
+)
+def test_flush_of_sets_deletes_and_a_checkpoint_round_trips(
+    tmp_path: Path, options: dict[str, object]
+) -> None:
+    with LocalFileStorage(tmp_path, **options) as backing:  # type: ignore[arg-type]
+        storage = InMemoryStorage(backing)
+        for i in range(50):
+            storage[f"k{i}"] = i
+        storage.flush()
+        for i in range(0, 50, 3):
+            del storage[f"k{i}"]
+        storage["k1"] = "one"
+        storage["new"] = [1, 2]
+        assert storage.flush(checkpoint="cp") == 17 + 2 + 1
+        backing._check()  # index, live bytes and every record agree
+        expected = dict(storage.items())
+    with LocalFileStorage(tmp_path) as reopened:
+        reopened._check()
+        assert reopened.checkpoint == "cp"
+        assert {key: reopened[key] for key in reopened} == expected
+
+
+def test_flush_of_one_change_is_a_plain_record(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path) as backing:
+        storage = InMemoryStorage(backing)
+        storage["only"] = b"value"
+        assert storage.flush() == 1
+        size = _segment(tmp_path).stat().st_size
+        del storage["only"]
+        assert storage.flush() == 1
+        assert _segment(tmp_path).stat().st_size > size
+        backing._check()
+    with LocalFileStorage(tmp_path) as reopened:
+        assert "only" not in reopened
+
+
+def test_flush_writes_the_same_bytes_as_the_general_group_path(tmp_path: Path) -> None:
+    # Engine.write_keys (the flush path) must produce exactly the record that
+    # write_group (Batch's path, the reference) produces for the same operations.
+    changes: dict[str, object] = {"a": 1, "é": "x" * 30, "gone": None, "z": [1, 2]}
+
+    def build(path: Path, via_flush: bool) -> bytes:
+        with LocalFileStorage(path) as backing:
+            backing.set("gone", 0)
+            sub = backing.get_or_create_sub_storage("sub")
+            sub.set("gone", 0)
+            engine, ns_bytes = sub._engine, sub._ns_bytes
+            keys = list(changes)
+            values = [None if v is None else encode_value(v) for v in changes.values()]
+            checkpoint = encode_value({"p": 1})
+            if via_flush:
+                assert engine.write_keys(sub._ns, ns_bytes, keys, values, checkpoint) == 5
+            else:
+                ops = [
+                    (REC_DELETE, ns_bytes + encode_name(k))
+                    if v is None
+                    else (REC_SET, ns_bytes + encode_name(k) + v)
+                    for k, v in zip(keys, values, strict=True)
+                ]
+                assert engine.write_group(ops, checkpoint) == 5
+            backing._check()
+            assert sub.get_all_keys() == ["a", "é", "z"]
+            assert backing.checkpoint == {"p": 1}
+        return _segment(path).read_bytes()
+
+    assert build(tmp_path / "flush", True) == build(tmp_path / "group", False)
