@@ -103,6 +103,7 @@ _crc_bytes = fmt.crc_bytes
 _unpack_frame_header = fmt.FRAME_HEADER.unpack_from
 _MAX_BODY_SIZE: Final = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
 SEQ_SIZE: Final = fmt.SEQ_SIZE
+NAME_LEN_SIZE: Final = NAME_LEN.size
 MAX_SEGMENT_SIZE: Final = 1 << 31
 
 
@@ -923,7 +924,9 @@ class Engine:
 
         The hot path: one lock, one encode, one write; ``_append`` inlined.
         """
-        body = ns_bytes + _pack_name_len(len(key_bytes)) + key_bytes + value
+        body_size = len(ns_bytes) + NAME_LEN_SIZE + len(key_bytes) + len(value)
+        if body_size > _MAX_BODY_SIZE:
+            raise fmt.record_too_large(SEQ_SIZE + body_size)
         with self._lock:
             if self._failed is not None or self._closing or self._closed or self._read_only:
                 self._check_writable()
@@ -931,10 +934,17 @@ class Engine:
             if index is None:
                 raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
             self._seq = seq = self._seq + 1
-            if len(body) > _MAX_BODY_SIZE:
-                _encode_record(REC_SET, seq, body)  # raises, naming the limit
-            rest = _pack_length_type_seq(SEQ_SIZE + len(body), REC_SET, seq) + body
-            record = _pack_u32(_crc_bytes(rest)) + rest  # fmt.encode_record, inlined
+            # fmt.encode_record(REC_SET, seq, ns key value), inlined: one join
+            rest = b"".join(
+                (
+                    _pack_length_type_seq(SEQ_SIZE + body_size, REC_SET, seq),
+                    ns_bytes,
+                    _pack_name_len(len(key_bytes)),
+                    key_bytes,
+                    value,
+                )
+            )
+            record = _pack_u32(_crc_bytes(rest)) + rest
             size = len(record)
             active = self._active
             assert active is not None

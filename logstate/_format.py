@@ -212,6 +212,13 @@ _pack_u32 = U32_STRUCT.pack
 _unpack_u32 = U32_STRUCT.unpack_from
 
 
+def record_too_large(length: int) -> ValueError:
+    """The error for a record whose ``length`` field would exceed MAX_RECORD_SIZE."""
+    return ValueError(
+        f"record of {length} bytes exceeds the limit of {MAX_RECORD_SIZE} (MAX_RECORD_SIZE)"
+    )
+
+
 def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryview) -> bytes:
     """Frame one record: crc, length, type, seq, body.
 
@@ -221,9 +228,7 @@ def encode_record(record_type: int, seq: int, body: bytes | bytearray | memoryvi
     """
     length = SEQ_SIZE + len(body)
     if length > MAX_RECORD_SIZE:
-        raise ValueError(
-            f"record of {length} bytes exceeds the limit of {MAX_RECORD_SIZE} (MAX_RECORD_SIZE)"
-        )
+        raise record_too_large(length)
     rest = _pack_length_type_seq(length, record_type, seq) + body
     return _pack_u32(crc_bytes(rest)) + rest
 

@@ -831,3 +831,21 @@ def test_interval_mode_syncs_in_the_background_soon_after_a_write(store_dir: Pat
     assert thread is not None and thread.is_alive()
     s.close()
     assert not thread.is_alive(), "close stops the sync thread"
+
+
+def test_a_set_over_the_record_size_limit_is_refused_and_changes_nothing(
+    store: LocalFileStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from logstate import _engine
+
+    store.set("kept", b"v")
+    segment_bytes = store._engine.stats()["total_bytes"]
+    # the limit counts the whole body: namespace, key and value
+    monkeypatch.setattr(_engine, "_MAX_BODY_SIZE", 2 + 2 + len("big") + 1 + 9)
+    store.set("big", b"x" * 9)  # exactly at the limit
+    with pytest.raises(ValueError, match="MAX_RECORD_SIZE"):
+        store.set("big", b"x" * 10)
+    assert store.get("big") == b"x" * 9
+    assert store._engine.stats()["total_bytes"] > segment_bytes
+    store.set("after", 1)  # still writable
+    store._check()
