@@ -848,7 +848,8 @@ class Engine:
             raise
         self._active = new
         self._written_pos += SEGMENT_HEADER_SIZE
-        self._synced_pos = self._written_pos
+        with self._sync_cond:  # lock order: _lock, then _sync_cond
+            self._synced_pos = max(self._synced_pos, self._written_pos)
         self._maybe_start_compaction()
         return new
 
@@ -865,13 +866,16 @@ class Engine:
         """
         if self._synced_pos >= end_pos:
             return
+        target = -1
         if not self._sync_turn(end_pos):
             return  # another writer's fdatasync covered ours
-        target = -1
         try:
             with self._lock:
-                if self._failed is not None:
-                    self._check_writable()
+                if self._failed is not None or self._closed:
+                    # After a failed write or sync (close()'s too) never sync
+                    # again and report success (fsyncgate); a closed engine's
+                    # descriptors are gone (or reused by another file).
+                    self._refuse_commit()
                 target = self._written_pos
                 active = self._active
                 assert active is not None
@@ -883,6 +887,15 @@ class Engine:
                 raise
         finally:
             self._end_sync_turn(target)
+
+    def _refuse_commit(self) -> None:
+        """Raise why a commit cannot sync: an earlier I/O error, or a closed engine."""
+        if self._failed is not None:
+            raise StorageFailedError(
+                f"storage {self.path}: the write was not made durable: an earlier "
+                f"write or sync failed ({self._failed!r}); close every handle and reopen it"
+            ) from self._failed
+        raise StorageClosedError(f"storage {self.path} is closed")
 
     def _sync_turn(self, end_pos: int | None) -> bool:
         """Wait for the sync turn; False (no turn taken) once ``end_pos`` is durable.
@@ -925,14 +938,14 @@ class Engine:
         The hot path: one lock, one encode, one write; ``_append`` inlined.
         """
         body_size = len(ns_bytes) + NAME_LEN_SIZE + len(key_bytes) + len(value)
-        if body_size > _MAX_BODY_SIZE:
-            raise fmt.record_too_large(SEQ_SIZE + body_size)
         with self._lock:
             if self._failed is not None or self._closing or self._closed or self._read_only:
                 self._check_writable()
             index = self._namespaces.get(ns)
             if index is None:
                 raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
+            if body_size > _MAX_BODY_SIZE:
+                raise fmt.record_too_large(SEQ_SIZE + body_size)
             self._seq = seq = self._seq + 1
             # fmt.encode_record(REC_SET, seq, ns key value), inlined: one join
             rest = b"".join(
@@ -957,8 +970,10 @@ class Engine:
                     # the plain one (a test's may inject faults in append)
                     os_write = self._os_write
                     written = 0 if os_write is None else os_write(active.fd, record)
-                    if written != size:
-                        self._fs.append(active.fd, memoryview(record)[written:])
+                    if written != size:  # a short write, or a file system of a test's
+                        self._fs.append(
+                            active.fd, memoryview(record)[written:] if written else record
+                        )
                 except OSError as exc:
                     self._failed = exc
                     raise
@@ -1150,16 +1165,14 @@ class Engine:
             The number of operations written (the checkpoint counts as one).
         """
         ops = fmt.encode_key_ops(ns_bytes, keys, values)
-        count = len(ops) + (checkpoint is not None)
+        if checkpoint is not None:
+            ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
+        count = len(ops)
         compress_from = self.options.compress_min_size
         if count < 2 or (compress_from is not None and sum(map(len, ops)) >= compress_from):
             # one record, or a compressed group: the general path
-            pairs: list[tuple[int, bytes]] = []
-            for op in ops:
-                pairs.append((op[4], op[fmt.GROUP_OP_SIZE :]))
+            pairs = [(op[4], op[fmt.GROUP_OP_SIZE :]) for op in ops[: len(keys)]]
             return self.write_group(pairs, checkpoint, names=[(ns, key) for key in keys])
-        if checkpoint is not None:
-            ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
         body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
         with self._lock:
             self._check_writable()
@@ -1627,7 +1640,11 @@ class Engine:
             synced_to = -1
             try:
                 if self._failed is None and self._active is not None and not self.options.read_only:
-                    self._fs.fdatasync(self._active.fd)
+                    try:
+                        self._fs.fdatasync(self._active.fd)
+                    except OSError as exc:
+                        self._failed = exc  # writers still waiting must not sync again
+                        raise
                     # every byte is durable now: a writer still on its way to
                     # _commit must find its record covered, not sync a closed fd
                     synced_to = self._written_pos

@@ -385,3 +385,59 @@ def test_sigkilled_holder_releases_the_lock_and_its_acknowledged_writes_survive(
     with LocalFileStorage(directory, sync="none") as s:  # sync="none" survives SIGKILL
         s._check()
         assert dict(s.items()) == {f"k{i}": i for i in range(200)}
+
+
+class FailNextSyncFS(FileSystem):
+    """The next fdatasync after ``arm()`` fails with EIO, then calls ``on_fail``."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.on_fail: Callable[[], None] = lambda: None
+
+    def fdatasync(self, fd: int) -> None:
+        if self.armed:
+            self.armed = False
+            self.on_fail()
+            raise OSError(errno.EIO, "injected fdatasync failure")
+        super().fdatasync(fd)
+
+
+def test_a_writer_racing_a_close_whose_sync_fails_is_not_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression (review): close()'s fdatasync failed, then a sync="always"
+    # writer whose record was already appended synced again and was
+    # acknowledged (fsyncgate), or synced a descriptor close() had released.
+    fs = FailNextSyncFS()
+    engine = _engine.acquire_engine(str(tmp_path), {"sync": "always"}, create=True, fs=fs)
+    storage = LocalFileStorage(tmp_path)
+    _engine.release_engine(engine)
+    in_commit, go = threading.Event(), threading.Event()
+    commit = _engine.Engine._commit
+
+    def held_commit(self: _engine.Engine, end_pos: int) -> None:
+        if threading.current_thread().name == "writer":
+            in_commit.set()  # appended, not yet synced: held here
+            go.wait(10)
+        commit(self, end_pos)
+
+    monkeypatch.setattr(_engine.Engine, "_commit", held_commit)
+    outcome: list[object] = []
+
+    def writer() -> None:
+        try:
+            storage["late"] = 1
+            outcome.append("acknowledged")
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=writer, name="writer")
+    thread.start()
+    assert in_commit.wait(10)
+    fs.armed = True
+    fs.on_fail = go.set  # the writer goes on while close()'s sync is failing
+    with pytest.raises(OSError, match="injected"):
+        engine.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], StorageFailedError), outcome

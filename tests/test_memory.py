@@ -313,20 +313,29 @@ def test_flush_of_one_change_is_a_plain_record(tmp_path: Path) -> None:
         assert "only" not in reopened
 
 
-def test_flush_writes_the_same_bytes_as_the_general_group_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "compress_min_size",
+    [None, 1, 130, 200],
+    # 130: the key operations alone are below it, with the checkpoint above
+    # (a review found write_keys left the checkpoint out of that decision)
+    ids=["never compressed", "always compressed", "checkpoint tips it", "never reached"],
+)
+def test_flush_writes_the_same_bytes_as_the_general_group_path(
+    tmp_path: Path, compress_min_size: int | None
+) -> None:
     # Engine.write_keys (the flush path) must produce exactly the record that
     # write_group (Batch's path, the reference) produces for the same operations.
     changes: dict[str, object] = {"a": 1, "é": "x" * 30, "gone": None, "z": [1, 2]}
 
     def build(path: Path, via_flush: bool) -> bytes:
-        with LocalFileStorage(path) as backing:
+        with LocalFileStorage(path, compress_min_size=compress_min_size) as backing:
             backing.set("gone", 0)
             sub = backing.get_or_create_sub_storage("sub")
             sub.set("gone", 0)
             engine, ns_bytes = sub._engine, sub._ns_bytes
             keys = list(changes)
             values = [None if v is None else encode_value(v) for v in changes.values()]
-            checkpoint = encode_value({"p": 1})
+            checkpoint = encode_value({"p": "c" * 40})
             if via_flush:
                 assert engine.write_keys(sub._ns, ns_bytes, keys, values, checkpoint) == 5
             else:
@@ -339,7 +348,7 @@ def test_flush_writes_the_same_bytes_as_the_general_group_path(tmp_path: Path) -
                 assert engine.write_group(ops, checkpoint) == 5
             backing._check()
             assert sub.get_all_keys() == ["a", "é", "z"]
-            assert backing.checkpoint == {"p": 1}
+            assert backing.checkpoint == {"p": "c" * 40}
         return _segment(path).read_bytes()
 
     assert build(tmp_path / "flush", True) == build(tmp_path / "group", False)
