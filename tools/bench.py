@@ -9,7 +9,10 @@ Smoke run (CI: small sizes, one repetition, asserts nothing about speed)::
     python tools/bench.py --quick
 
 Workload (fixed seed): keys ``key-%08d``, 100-byte random values, each store in
-a fresh directory, the median of ``--repeat`` runs (3 by default). Peers are
+a fresh directory, the median of ``--repeat`` runs (3 by default). The
+throughput rows (set, get, durable-set, durable-set-4t, batch) run interleaved:
+one repetition of every store per round, so that a slow spell of the machine
+hits every store of the row. Peers are
 those of the optional extra ``bench`` that import (semidbm, sqlitedict,
 diskcache, lmdb, plyvel, rocksdict) and the stdlib ``dbm`` the machine has;
 a peer that is missing is listed as such, never silently dropped.
