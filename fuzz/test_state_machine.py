@@ -237,9 +237,7 @@ class RecoveryMachine(RuleBasedStateMachine):
         its timing would decide what a later crash may lose and hypothesis
         could not replay (or shrink) a run.
         """
-        compaction = self._storage()._engine._compact_thread
-        if compaction is not None:
-            compaction.join()
+        self._storage()._engine.wait_for_background_compaction()
         point = Point(self.model.copy(), self._end(), what, not self.in_flight)
         if self.in_flight:
             self.history.append(point)
@@ -279,14 +277,10 @@ class RecoveryMachine(RuleBasedStateMachine):
         """
         root = self._storage()
         engine = root._engine
-        compaction = engine._compact_thread
-        if compaction is not None:
-            compaction.join()
-        with engine._cond:
+        engine.wait_for_background_compaction()
+        with engine._lock:
             engine._closing = True
-            engine._cond.notify_all()
-        if engine._thread is not None:
-            engine._thread.join()
+        engine._stop_background()  # the sync thread exits without syncing
         engine._release_resources()
         with _registry_lock:
             for key, value in list(_registry.items()):
@@ -537,9 +531,7 @@ class RecoveryMachine(RuleBasedStateMachine):
     @rule(stage=st.sampled_from(["output not renamed", "inputs not deleted"]))
     def crash_inside_compaction(self, stage: str) -> None:
         root = self._storage()
-        compaction = root._engine._compact_thread
-        if compaction is not None:
-            compaction.join()
+        root._engine.wait_for_background_compaction()
         if stage == "output not renamed":
             # the output was being written under its temporary name
             sealed = sorted(self._segments())[:-1]

@@ -18,6 +18,7 @@ import errno
 import logging
 import mmap
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
@@ -248,19 +249,30 @@ class Engine:
         self.options = options
         self._fs = fs
         self._os_write = fs.raw_write_function()
+        self._unlock_function = fs.raw_unlock_function()
+        # Every lock is a plain C lock taken with ``with``: an exception raised
+        # between two bytecodes (KeyboardInterrupt, SystemExit from a signal
+        # handler) can never leave one held (threading.Condition and Event
+        # are Python code that can be interrupted half-way; none is used).
         self._lock = threading.Lock()
-        self._sync_cond = threading.Condition(threading.Lock())  # group commit
-        self._syncing = False  # a thread is in its fdatasync turn (_sync_turn)
-        self._cond = threading.Condition(threading.Lock())
+        self._sync_lock = threading.Lock()  # the fdatasync turn (group commit)
+        self._close_lock = threading.Lock()  # held while a close() runs
+        self._stop_sync = threading.Lock()  # held until close: the interval thread's timer
+        self._wake_compactor = threading.Lock()  # held while no compaction is requested
+        self._compaction_gate = threading.Lock()  # held while a background compaction runs
+        # (segment, offset, size, written_pos before) of the record being
+        # appended while its bookkeeping is not finished: see _settle
+        self._in_flight: tuple[Segment, int, int, int] | None = None
         self._namespaces: dict[str, dict[str, Location]] = {"": {}}
         self._segments: dict[int, Segment] = {}
         self._active: Segment | None = None
         self._seq = 0
         self._written_pos = 0  # bytes appended since open (all segments)
         self._synced_pos = 0  # bytes of that known durable
-        self._dirty = False
         self._closing = False
         self._closed = False
+        self._released = False  # _release_resources finished
+        self._final_synced = False  # close() made everything durable
         self._failed: BaseException | None = None
         self._refs = 0
         self._lock_fd: int | None = None
@@ -269,16 +281,24 @@ class Engine:
         self._covers: dict[int, int] = {}
         self._live_bytes = 0  # bytes of the records the index points to
         self._compact_lock = threading.Lock()
-        self._compact_thread: threading.Thread | None = None
+        self._compact_thread: threading.Thread | None = None  # the background compactor
         self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
         self._retired_maps: list[mmap.mmap] = []  # likewise, mappings replaced
         self._backlog = False  # writers wait: a running compaction is a segment behind
-        self._compacting = False  # a background compaction is running (under _lock)
-        self._closed_event = threading.Event()  # set when close() has finished
-        self._backlog_cond = threading.Condition(threading.Lock())
+        self._compacting = False  # a background compaction is requested or running (_lock)
         self._sync_always = options.sync == "always"
         self._sync_interval = options.sync == "interval"
         self._segment_size = options.segment_size
+        # Early roll: compaction covers sealed segments only, so the active
+        # segment is looked at every _roll_step bytes past _roll_size, and
+        # sealed there when the store is due for compaction: a small, hot
+        # store does not fill a whole segment with dead records first.
+        self._roll_step = (
+            max(options.compact_min_size // 4, 64 * 1024)
+            if options.auto_compact
+            else options.segment_size
+        )
+        self._roll_size = options.segment_size  # bytes of the active segment; set at open
         self._read_only = options.read_only
         self.report = RecoveryReport()
         try:
@@ -322,11 +342,24 @@ class Engine:
             raise FileNotFoundError(f"{self.path} holds no logstate segment (read-only open)")
         else:
             self._active = self._create_segment(1)
-        if self._sync_interval and not read_only:
+        assert self._active is not None
+        self._roll_size = min(self._segment_size, self._active.size + self._roll_step)
+        if read_only:
+            return
+        # Background threads are started here, never on a write path: a
+        # Thread.start() interrupted half-way can leave the new thread stuck.
+        if self._sync_interval:
+            self._stop_sync.acquire()  # released by close: wakes the thread to exit
             self._thread = threading.Thread(
                 target=self._interval_loop, name=f"logstate-sync:{self.path}", daemon=True
             )
             self._thread.start()
+        if self.options.auto_compact:
+            self._wake_compactor.acquire()  # released by a roll that requests a compaction
+            self._compact_thread = threading.Thread(
+                target=self._compactor_loop, name=f"logstate-compact:{self.path}", daemon=True
+            )
+            self._compact_thread.start()
 
     def _map(self, segment: Segment) -> None:
         """Map the segment's bytes so far for reads; an older mapping is retired."""
@@ -781,6 +814,15 @@ class Engine:
         if number > fmt.MAX_SEGMENT_NUMBER:
             raise StorageFailedError(f"{self.path}: segment numbers exhausted")
         path = self._file(segment_file_name(number))
+        stale = self._segments.pop(number, None)
+        if stale is not None:
+            # made by a roll that an exception interrupted before it switched
+            # to it: never written to (records go to the active segment only)
+            self._fs.close(stale.fd)
+        if self._fs.exists(path) and self._active is not None:
+            # likewise, half-made (we hold the directory lock: nobody else
+            # creates segments here, and open loaded every segment there was)
+            self._fs.unlink(path)
         fd = self._fs.create_file(path)
         try:
             self._fs.append(fd, fmt.encode_segment_header(number))
@@ -796,7 +838,9 @@ class Engine:
 
     # ================================================================== write path
     def _check_writable(self) -> None:
-        """Raise unless writes are allowed. Call with ``_lock`` held."""
+        """Raise unless writes are allowed; finish an interrupted write first. Under ``_lock``."""
+        if self._in_flight is not None:
+            self._settle()
         if self.options.read_only:
             raise ReadOnlyStorageError(f"storage {self.path} was opened read-only")
         if self._closed or self._closing:
@@ -816,9 +860,15 @@ class Engine:
         active = self._active
         assert active is not None
         size = len(record)
-        if active.size + size > self.options.segment_size and active.size > SEGMENT_HEADER_SIZE:
-            active = self._roll()
+        if active.size + size > self._roll_size and active.size > SEGMENT_HEADER_SIZE:
+            if active.size + size > self._segment_size or self._compaction_due(early=True):
+                active = self._roll()
+            else:  # look again after another step
+                self._roll_size = min(self._segment_size, active.size + size + self._roll_step)
         offset = active.size
+        # The caller clears _in_flight once its index bookkeeping is done too;
+        # until then an exception anywhere leaves it for _settle.
+        self._in_flight = (active, offset, size, self._written_pos)
         try:
             self._fs.append(active.fd, record)
         except OSError as exc:
@@ -826,14 +876,65 @@ class Engine:
             raise
         active.size = offset + size
         self._written_pos += size
-        if self._sync_interval and not self._dirty:
-            with self._cond:
-                self._dirty = True
-                self._cond.notify()
         return active.number, offset
 
+    def _settle(self) -> None:
+        """Finish, or undo, the record an exception interrupted. Under ``_lock``.
+
+        An exception (KeyboardInterrupt, SystemExit from a signal handler)
+        can land between any two bytecodes of a write: after ``write(2)``
+        returned but before the segment size, the written position and the
+        index were updated. The file says which state is true: the record is
+        whole in the file (the after state: its bookkeeping is redone from
+        its bytes, as recovery would), or it is not there at all, or only
+        part of it is (the before state: the part is cut off). Every step is
+        idempotent, so a second interrupt here leaves ``_in_flight`` set and
+        the next call under the lock settles it again.
+        """
+        pending = self._in_flight
+        if pending is None:
+            return
+        segment, offset, size, pos_before = pending
+        if self._failed is not None or segment is not self._active:
+            # A failed write (the engine refuses writes; the next open cuts
+            # what it left) or a segment already sealed: nothing to redo.
+            self._in_flight = None
+            return
+        try:
+            on_disk = self._fs.file_size(segment.fd)
+            if on_disk >= offset + size:
+                record = self._fs.pread(segment.fd, size, offset)
+                frames = list(fmt.scan_records(record, 0, _ignore))
+                if len(frames) != 1 or frames[0].size != size:
+                    raise CorruptionError(
+                        segment.path, offset, "interrupted record reads back wrong"
+                    )
+                self._apply_frame(record, frames[0], segment.number, -offset)
+                segment.size = offset + size
+                self._written_pos = pos_before + size
+            else:
+                if on_disk > offset:
+                    self._fs.truncate(segment.fd, offset)  # a part of an unacknowledged record
+                segment.size = offset
+                self._written_pos = pos_before
+        except (OSError, CorruptionError) as exc:
+            self._failed = exc  # the file cannot be trusted to say: refuse writes until reopen
+            self._in_flight = None
+            raise
+        self._live_bytes = sum(sizes(index) for index in self._namespaces.values())
+        self._in_flight = None
+
+    def _interrupted(self) -> None:
+        """In a write path's ``except BaseException``: settle what the exception cut short."""
+        if self._in_flight is not None:
+            self._settle()
+
     def _roll(self) -> Segment:
-        """Seal the active segment (durable) and start the next one."""
+        """Seal the active segment (durable) and start the next one.
+
+        Interrupted anywhere, it leaves the old segment active and can run
+        again: ``_create_segment`` replaces a next segment left half-made.
+        """
         old = self._active
         assert old is not None
         try:
@@ -847,29 +948,34 @@ class Engine:
             self._failed = exc
             raise
         self._active = new
+        self._roll_size = min(self._segment_size, SEGMENT_HEADER_SIZE + self._roll_step)
         self._written_pos += SEGMENT_HEADER_SIZE
-        with self._sync_cond:  # lock order: _lock, then _sync_cond
-            self._synced_pos = max(self._synced_pos, self._written_pos)
+        # Every byte written so far is durable (the old segment's fdatasync,
+        # the new header's). No lock: _synced_pos only ever holds a position
+        # that is durable, and a racing _commit can only store a lower one.
+        if self._synced_pos < self._written_pos:
+            self._synced_pos = self._written_pos
         self._maybe_start_compaction()
         return new
 
     def _commit(self, end_pos: int) -> None:
         """Make every byte up to ``end_pos`` durable; concurrent callers share one sync.
 
-        Group commit, leader and followers: a caller whose bytes are not yet
-        durable takes the sync turn and fdatasyncs everything written so far.
-        Callers arriving during that sync wait, and are woken together when
-        it ends: covered by it, or the first of them leads the next sync,
-        which covers all of their records at once. (A plain lock handed from
-        waiter to waiter wakes them one by one; each late wake-up then starts
-        a sync of its own record alone.)
+        Group commit: the caller holding the sync turn (``_sync_lock``)
+        fdatasyncs everything written so far. Callers arriving during that
+        sync queue on the turn; each finds its bytes covered when it gets
+        the turn, or leads the next sync, which covers every record written
+        meanwhile at once.
+
+        Interrupt-safe: the turn is a C lock taken with ``with`` (released
+        whatever is raised), and ``_synced_pos`` moves only after the
+        fdatasync returned, to the position read before it started.
         """
         if self._synced_pos >= end_pos:
             return
-        target = -1
-        if not self._sync_turn(end_pos):
-            return  # another writer's fdatasync covered ours
-        try:
+        with self._sync_lock:
+            if self._synced_pos >= end_pos:
+                return  # another writer's fdatasync covered ours
             with self._lock:
                 if self._failed is not None or self._closed:
                     # After a failed write or sync (close()'s too) never sync
@@ -883,10 +989,9 @@ class Engine:
                 self._fs.fdatasync(active.fd)
             except OSError as exc:
                 self._failed = exc
-                target = -1
                 raise
-        finally:
-            self._end_sync_turn(target)
+            if target > self._synced_pos:
+                self._synced_pos = target
 
     def _refuse_commit(self) -> None:
         """Raise why a commit cannot sync: an earlier I/O error, or a closed engine."""
@@ -896,30 +1001,6 @@ class Engine:
                 f"write or sync failed ({self._failed!r}); close every handle and reopen it"
             ) from self._failed
         raise StorageClosedError(f"storage {self.path} is closed")
-
-    def _sync_turn(self, end_pos: int | None) -> bool:
-        """Wait for the sync turn; False (no turn taken) once ``end_pos`` is durable.
-
-        ``end_pos`` None (close) always takes the turn. Pair with
-        :meth:`_end_sync_turn`.
-        """
-        cond = self._sync_cond
-        with cond:
-            while True:
-                if end_pos is not None and self._synced_pos >= end_pos:
-                    return False
-                if not self._syncing:
-                    self._syncing = True
-                    return True
-                cond.wait()
-
-    def _end_sync_turn(self, synced_to: int) -> None:
-        """Give the sync turn back, recording ``synced_to`` (-1: nothing) as durable."""
-        with self._sync_cond:
-            if synced_to > self._synced_pos:
-                self._synced_pos = synced_to
-            self._syncing = False
-            self._sync_cond.notify_all()
 
     def _write(self, record_type: int, body: bytes) -> tuple[int, int, int, int]:
         """Frame and append one record. Call with ``_lock`` held.
@@ -939,7 +1020,13 @@ class Engine:
         """
         body_size = len(ns_bytes) + NAME_LEN_SIZE + len(key_bytes) + len(value)
         with self._lock:
-            if self._failed is not None or self._closing or self._closed or self._read_only:
+            if (
+                self._failed is not None
+                or self._closing
+                or self._closed
+                or self._read_only
+                or self._in_flight is not None
+            ):
                 self._check_writable()
             index = self._namespaces.get(ns)
             if index is None:
@@ -962,9 +1049,17 @@ class Engine:
             active = self._active
             assert active is not None
             offset = active.size
-            if offset + size > self._segment_size and offset > SEGMENT_HEADER_SIZE:
-                segment, offset = self._append(record)
+            if offset + size > self._roll_size and offset > SEGMENT_HEADER_SIZE:
+                try:
+                    segment, offset = self._append(record)
+                    self._index_set(index, key, segment << 74 | offset << 34 | size << 2)
+                except BaseException:
+                    self._interrupted()
+                    raise
+                self._in_flight = None
+                end_pos = self._written_pos
             else:
+                pos_before = self._written_pos
                 try:
                     # one write(2) straight from here when the file system is
                     # the plain one (a test's may inject faults in append)
@@ -974,29 +1069,35 @@ class Engine:
                         self._fs.append(
                             active.fd, memoryview(record)[written:] if written else record
                         )
+                    active.size = offset + size
+                    self._written_pos = end_pos = pos_before + size
+                    old = index.get(key)
+                    index[key] = active.number << 74 | offset << 34 | size << 2  # KIND_RECORD
+                    if old is None:
+                        self._live_bytes += size
+                    elif type(old) is int:
+                        self._live_bytes += size - ((old >> 2) & U32)
+                    else:
+                        self._live_bytes += size - location_size(old)
                 except OSError as exc:
                     self._failed = exc
                     raise
-                active.size = offset + size
-                self._written_pos += size
-                segment = active.number
-                if self._sync_interval and not self._dirty:
-                    with self._cond:
-                        self._dirty = True
-                        self._cond.notify()
-            old = index.get(key)
-            index[key] = segment << 74 | offset << 34 | size << 2  # KIND_RECORD
-            if old is None:
-                self._live_bytes += size
-            elif type(old) is int:
-                self._live_bytes += size - ((old >> 2) & U32)
-            else:
-                self._live_bytes += size - location_size(old)
-            end_pos = self._written_pos
+                except BaseException:
+                    # interrupted: no store before this one, so that no call
+                    # can be interrupted again before _in_flight is set
+                    self._in_flight = (active, offset, size, pos_before)
+                    self._settle()
+                    raise
         if self._sync_always:
             self._commit(end_pos)
         if self._backlog:
             self._wait_for_compaction()
+
+    def _index_set(self, index: dict[str, Location], key: str, loc: Location) -> None:
+        """Point ``key`` at ``loc`` and account for the live bytes."""
+        old = index.get(key)
+        index[key] = loc
+        self._live_bytes += location_size(loc) - (0 if old is None else location_size(old))
 
     def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
         """Delete ``key``; write nothing and return False when it is absent."""
@@ -1005,10 +1106,15 @@ class Engine:
             index = self._namespace(ns)
             if key not in index:
                 return False
-            *_, end_pos = self._write(
-                REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
-            )
-            self._live_bytes -= location_size(index.pop(key))
+            try:
+                *_, end_pos = self._write(
+                    REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
+                )
+                self._live_bytes -= location_size(index.pop(key))
+            except BaseException:
+                self._interrupted()
+                raise
+            self._in_flight = None
         if self._sync_always:
             self._commit(end_pos)
         return True
@@ -1018,8 +1124,13 @@ class Engine:
         with self._lock:
             self._check_writable()
             self._namespace(ns)
-            *_, end_pos = self._write(REC_CLEAR, fmt.encode_name(ns))
-            self._clear_namespace(ns, drop_self=False)
+            try:
+                *_, end_pos = self._write(REC_CLEAR, fmt.encode_name(ns))
+                self._clear_namespace(ns, drop_self=False)
+            except BaseException:
+                self._interrupted()
+                raise
+            self._in_flight = None
         if self._sync_always:
             self._commit(end_pos)
 
@@ -1031,8 +1142,13 @@ class Engine:
             self._check_writable()
             parent = ns.rpartition(NS_SEPARATOR)[0]
             self._namespace(parent)
-            *_, end_pos = self._write(REC_CREATE_NS, fmt.encode_name(ns))
-            self._namespaces[ns] = {}
+            try:
+                *_, end_pos = self._write(REC_CREATE_NS, fmt.encode_name(ns))
+                self._namespaces[ns] = {}
+            except BaseException:
+                self._interrupted()
+                raise
+            self._in_flight = None
         if self._sync_always:
             self._commit(end_pos)
 
@@ -1048,12 +1164,18 @@ class Engine:
             if not present:
                 return 0
             if len(present) == 1:
-                *_, end_pos = self._write(REC_DROP_NS, fmt.encode_name(present[0]))
+                record_type, body = REC_DROP_NS, fmt.encode_name(present[0])
             else:
+                record_type = REC_GROUP
                 body = fmt.encode_group_body([(REC_DROP_NS, fmt.encode_name(ns)) for ns in present])
-                *_, end_pos = self._write(REC_GROUP, body)
-            for ns in present:
-                self._clear_namespace(ns, drop_self=True)
+            try:
+                *_, end_pos = self._write(record_type, body)
+                for ns in present:
+                    self._clear_namespace(ns, drop_self=True)
+            except BaseException:
+                self._interrupted()
+                raise
+            self._in_flight = None
         if self._sync_always:
             self._commit(end_pos)
         return len(present)
@@ -1100,47 +1222,54 @@ class Engine:
                     created.add(ns)
                 elif ns not in namespaces and ns not in created and op_type != REC_CHECKPOINT:
                     self._namespace(ns)  # raises SubStorageDeletedError
-            if len(ops) == 1:
-                segment, offset, size, end_pos = self._write(ops[0][0], ops[0][1])
-                ns, key = names[0]
-                loc = pack_location(segment, offset, size, KIND_RECORD)
-                self._apply_op(ops[0][0], ns, key, loc)
-            else:
-                body = fmt.encode_group_body(
-                    ops, self.options.compress_min_size, self.options.zstd_level
-                )
-                segment, offset, size, end_pos = self._write(REC_GROUP, body)
-                compressed = body[0] & fmt.GROUP_FLAG_ZSTD
-                # where each op landed: in the file, or in the decompressed op list
-                op_offset = 0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
-                apply = self._apply_op
-                op_header = fmt.GROUP_OP_SIZE
-                high = segment << 74 | KIND_GROUP_OP
-                live = 0
-                current_ns: str | None = None
-                index: dict[str, Location] = {}
-                for (op_type, op_body), (ns, key) in zip(ops, names, strict=True):
-                    op_size = op_header + len(op_body)
-                    if op_type == REC_SET and not compressed:
-                        # the common case, inlined: one dict store per key
-                        if ns != current_ns:
-                            index = self._namespace_for_replay(ns)
-                            current_ns = ns
-                        old = index.get(key)
-                        index[key] = high | op_offset << 34 | op_size << 2
-                        live += op_size if old is None else op_size - location_size(old)
-                    else:
-                        self._live_bytes += live
-                        live = 0
-                        current_ns = None  # a clear or drop may replace the dict
-                        where: Location
-                        if compressed:
-                            where = (segment, offset, size, op_offset, op_size)
+            try:
+                if len(ops) == 1:
+                    segment, offset, size, end_pos = self._write(ops[0][0], ops[0][1])
+                    ns, key = names[0]
+                    loc = pack_location(segment, offset, size, KIND_RECORD)
+                    self._apply_op(ops[0][0], ns, key, loc)
+                else:
+                    body = fmt.encode_group_body(
+                        ops, self.options.compress_min_size, self.options.zstd_level
+                    )
+                    segment, offset, size, end_pos = self._write(REC_GROUP, body)
+                    compressed = body[0] & fmt.GROUP_FLAG_ZSTD
+                    # where each op landed: in the file, or in the decompressed op list
+                    op_offset = (
+                        0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+                    )
+                    apply = self._apply_op
+                    op_header = fmt.GROUP_OP_SIZE
+                    high = segment << 74 | KIND_GROUP_OP
+                    live = 0
+                    current_ns: str | None = None
+                    index: dict[str, Location] = {}
+                    for (op_type, op_body), (ns, key) in zip(ops, names, strict=True):
+                        op_size = op_header + len(op_body)
+                        if op_type == REC_SET and not compressed:
+                            # the common case, inlined: one dict store per key
+                            if ns != current_ns:
+                                index = self._namespace_for_replay(ns)
+                                current_ns = ns
+                            old = index.get(key)
+                            index[key] = high | op_offset << 34 | op_size << 2
+                            live += op_size if old is None else op_size - location_size(old)
                         else:
-                            where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
-                        apply(op_type, ns, key, where)
-                    op_offset += op_size
-                self._live_bytes += live
+                            self._live_bytes += live
+                            live = 0
+                            current_ns = None  # a clear or drop may replace the dict
+                            where: Location
+                            if compressed:
+                                where = (segment, offset, size, op_offset, op_size)
+                            else:
+                                where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
+                            apply(op_type, ns, key, where)
+                        op_offset += op_size
+                    self._live_bytes += live
+            except BaseException:
+                self._interrupted()
+                raise
+            self._in_flight = None
         if self._sync_always:
             self._commit(end_pos)
         if self._backlog:
@@ -1177,25 +1306,30 @@ class Engine:
         with self._lock:
             self._check_writable()
             index = self._namespace(ns)  # raises SubStorageDeletedError
-            segment, offset, _size, end_pos = self._write(REC_GROUP, body)
-            op_offset = offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
-            high = segment << 74 | KIND_GROUP_OP
-            live = 0
-            get = index.get
-            for key, value, op in zip(keys, values, ops, strict=False):
-                op_size = len(op)
-                if value is None:
-                    old = index.pop(key, None)
-                    if old is not None:
-                        live -= location_size(old)
-                else:
-                    old = get(key)
-                    index[key] = high | op_offset << 34 | op_size << 2
-                    live += op_size if old is None else op_size - location_size(old)
-                op_offset += op_size
-            if checkpoint is not None:
-                self._checkpoint = high | op_offset << 34 | len(ops[-1]) << 2
-            self._live_bytes += live
+            try:
+                segment, offset, _size, end_pos = self._write(REC_GROUP, body)
+                op_offset = offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+                high = segment << 74 | KIND_GROUP_OP
+                live = 0
+                get = index.get
+                for key, value, op in zip(keys, values, ops, strict=False):
+                    op_size = len(op)
+                    if value is None:
+                        old = index.pop(key, None)
+                        if old is not None:
+                            live -= location_size(old)
+                    else:
+                        old = get(key)
+                        index[key] = high | op_offset << 34 | op_size << 2
+                        live += op_size if old is None else op_size - location_size(old)
+                    op_offset += op_size
+                if checkpoint is not None:
+                    self._checkpoint = high | op_offset << 34 | len(ops[-1]) << 2
+                self._live_bytes += live
+            except BaseException:
+                self._interrupted()
+                raise
+            self._in_flight = None
         if self._sync_always:
             self._commit(end_pos)
         if self._backlog:
@@ -1226,54 +1360,74 @@ class Engine:
                 "sub_storages": len(self._namespaces) - 1,
             }
 
-    def _maybe_start_compaction(self) -> None:
-        """Start a background compaction when dead bytes reach the trigger. Under ``_lock``.
+    def _compaction_due(self, early: bool = False) -> bool:
+        """Has the store reached the automatic compaction trigger? Under ``_lock``.
 
         The trigger: the store holds at least ``compact_min_size`` bytes and
-        dead bytes are at least ``compact_ratio`` of them. When a compaction
-        is already running and the store has grown a whole segment past the
-        trigger size, writers are held back (``_backlog``) until it ends:
-        disk use stays within trigger size + two segments.
+        dead bytes are at least ``compact_ratio`` of them. ``early``: asked
+        before the active segment is full (see ``_roll_size``): only when no
+        compaction is running, since rolling early is what lets one start.
         """
         options = self.options
-        if not options.auto_compact or self._closing:
-            return
+        if not options.auto_compact or self._closing or (early and self._compacting):
+            return False
         total = sum(segment.size for segment in self._segments.values())
         dead = total - self._live_bytes
-        if total < options.compact_min_size or dead < options.compact_ratio * total:
+        return total >= options.compact_min_size and dead >= options.compact_ratio * total
+
+    def _maybe_start_compaction(self) -> None:
+        """Request a background compaction when the trigger is reached. Under ``_lock``.
+
+        When a compaction is already running and the store has grown a
+        whole segment past the trigger size, writers are held back
+        (``_backlog``) until it ends: disk use stays within trigger size +
+        two segments.
+        """
+        if not self._compaction_due():
             return
+        options = self.options
         if self._compacting:
             trigger_size = max(
                 options.compact_min_size, self._live_bytes / (1 - options.compact_ratio)
             )
+            total = sum(segment.size for segment in self._segments.values())
             if total >= trigger_size + self._segment_size:
                 self._backlog = True
             return
         self._compacting = True
-        self._compact_thread = threading.Thread(
-            target=self._background_compaction, name=f"logstate-compact:{self.path}", daemon=True
-        )
-        self._compact_thread.start()
+        self._wake_compactor.release()  # C call: the request is made, or it was not
 
-    def _background_compaction(self) -> None:
-        try:
-            run_compaction(self)
-        except (StorageClosedError, StorageFailedError):
-            pass  # closing, or an earlier failure already reported to writers
-        except Exception:
-            log.exception("%s: background compaction failed", self.path)
-        finally:
-            with self._lock:
-                self._compacting = False  # from here a roll starts a new one
-            with self._backlog_cond:
-                self._backlog = False
-                self._backlog_cond.notify_all()
+    def _compactor_loop(self) -> None:
+        """The background compactor: one compaction per request, until close."""
+        while True:
+            self._wake_compactor.acquire()
+            if self._closing:
+                return
+            try:
+                with self._compaction_gate:
+                    run_compaction(self)
+            except (StorageClosedError, StorageFailedError):
+                pass  # closing, or an earlier failure already reported to writers
+            except Exception:
+                log.exception("%s: background compaction failed", self.path)
+            finally:
+                with self._lock:
+                    self._compacting = False  # from here a roll requests a new one
+                    self._backlog = False
 
     def _wait_for_compaction(self) -> None:
         """Hold a writer back while compaction is a whole segment behind (outside ``_lock``)."""
-        with self._backlog_cond:
-            while self._backlog and not self._closing:
-                self._backlog_cond.wait(1.0)
+        if self._backlog and not self._closing:
+            with self._compaction_gate:  # held by the compactor while it runs
+                pass
+
+    def wait_for_background_compaction(self) -> None:
+        """Return once no background compaction is requested or running (for tests, tools)."""
+        while self._compacting and not self._closed:
+            with self._compaction_gate:
+                pass
+            if self._compacting:
+                time.sleep(0.001)  # requested, not started yet
 
     def _close_retired_fds(self) -> None:
         """Close descriptors and mappings replaced earlier (by a compaction or a roll).
@@ -1329,24 +1483,27 @@ class Engine:
         self._commit(end_pos)
 
     def _interval_loop(self) -> None:
-        cond = self._cond
+        """sync="interval": every ``sync_interval`` s, fdatasync what was written since.
+
+        Waits on ``_stop_sync`` (held until close releases it) with a
+        timeout instead of being notified by writers: the write path does
+        no work for it, and no writer can leave it stuck.
+        """
         interval = self.options.sync_interval
-        while True:
-            with cond:
-                while not self._dirty and not self._closing:
-                    cond.wait()
-                if self._closing:
-                    return
-                cond.wait(interval)  # close() wakes it early; close syncs itself
-                if self._closing:
-                    return
-                self._dirty = False
+        while not self._stop_sync.acquire(timeout=interval):
+            if self._closing:
+                return
+            if self._written_pos <= self._synced_pos or self._failed is not None:
+                continue
             try:
                 self._commit(self._written_pos)
             except (OSError, StorageFailedError) as exc:
                 # Recorded in _failed by _commit: every later write raises.
                 log.error("%s: background sync failed: %r; writes are refused", self.path, exc)
                 return
+            except StorageClosedError:
+                return
+        self._stop_sync.release()  # taken only to wait: give it back
 
     # ================================================================== reads
     def get(self, ns: str, ns_bytes: bytes, key: str) -> bytes | memoryview | None:
@@ -1612,54 +1769,76 @@ class Engine:
         return self._failed
 
     def close(self) -> None:
-        """Stop the sync thread, sync (unless failed), close files, release the lock.
+        """Stop the background threads, sync (unless failed), close files, release the lock.
+
+        Resumable: an exception that interrupts it part-way (a
+        KeyboardInterrupt, a SystemExit from a signal handler) leaves every
+        step either done or not started, and the next ``close()`` (or the
+        next open of this directory in this process) finishes it.
 
         Raises:
             OSError: the final sync failed (files are closed and the lock released).
         """
-        with self._lock:
-            if self._closed or self._closing:
+        with self._close_lock:  # a C lock: released whatever interrupts the close
+            if self._released:
                 return
-            self._closing = True
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        with self._backlog_cond:
-            self._backlog = False
-            self._backlog_cond.notify_all()
-        # A compaction (background, or compact() in another thread) sees
-        # _closing and stops before its rename; one past it finishes first.
-        with self._compact_lock:
-            pass
-        compaction = self._compact_thread
-        if compaction is not None and compaction is not threading.current_thread():
-            compaction.join()
-        try:
-            self._sync_turn(None)
-            synced_to = -1
+            with self._lock:
+                self._closing = True
             try:
-                if self._failed is None and self._active is not None and not self.options.read_only:
-                    try:
-                        self._fs.fdatasync(self._active.fd)
-                    except OSError as exc:
-                        self._failed = exc  # writers still waiting must not sync again
-                        raise
-                    # every byte is durable now: a writer still on its way to
-                    # _commit must find its record covered, not sync a closed fd
-                    synced_to = self._written_pos
-                    try:
-                        self._write_snapshot()
-                    except OSError as exc:  # a cache: the next open scans instead
-                        log.warning("%s: index snapshot not written: %r", self.path, exc)
+                self._stop_background()
+                if not self._final_synced and self._failed is None and not self._read_only:
+                    self._final_sync()
             finally:
-                self._end_sync_turn(synced_to)
-        finally:
-            with self._lock:  # readers that fall back to the lock see a closed engine
-                self._release_resources()
-            self._closed_event.set()
+                with self._sync_lock, self._lock:  # no commit is between its read and its sync
+                    self._release_resources()
+
+    def _stop_background(self) -> None:
+        """Stop the interval sync thread and the compactor; wait for a running compaction.
+
+        Call after setting ``_closing``: no new compaction is requested then,
+        and a running one stops before its rename (one past it finishes).
+        """
+        with self._lock:
+            for wake in (self._stop_sync, self._wake_compactor):
+                if wake.locked():  # only close releases them once held: never twice
+                    wake.release()
+            self._backlog = False
+            if self._in_flight is not None:
+                self._settle()
+        for thread in (self._thread, self._compact_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+        with self._compact_lock:  # compact() in another thread
+            pass
+
+    def _final_sync(self) -> None:
+        """close(): make every byte durable, then save the index snapshot."""
+        with self._sync_lock:
+            active = self._active
+            if active is not None:
+                try:
+                    self._fs.fdatasync(active.fd)
+                except OSError as exc:
+                    self._failed = exc  # writers still waiting must not sync again
+                    raise
+            # every byte is durable now: a writer still on its way to
+            # _commit must find its record covered, not sync a closed fd
+            self._final_synced = True
+            if self._synced_pos < self._written_pos:
+                self._synced_pos = self._written_pos
+        try:
+            self._write_snapshot()
+        except OSError as exc:  # a cache: the next open scans instead
+            log.warning("%s: index snapshot not written: %r", self.path, exc)
 
     def _release_resources(self) -> None:
+        """Close every mapping and descriptor and release the directory lock.
+
+        Idempotent, for a close that an exception interrupted: each resource
+        is taken out of the engine before it is closed, and the lock's
+        descriptor is closed by a C call with nothing interruptible between
+        forgetting it and closing it.
+        """
         self._closed = True  # first: unlocked readers check it before anything else
         for segment in self._segments.values():
             if segment.map is not None:
@@ -1667,16 +1846,18 @@ class Engine:
                 segment.map = None
                 segment.mapped = 0
         self._close_retired_fds()
-        for segment in self._segments.values():
+        while self._segments:
+            _number, segment = self._segments.popitem()
             try:
                 self._fs.close(segment.fd)
             except OSError:  # pragma: no cover - close of a valid fd does not fail on Linux
                 log.exception("closing %s", segment.path)
-        self._segments.clear()
-        if self._lock_fd is not None:
-            self._fs.unlock_dir(self._lock_fd)
+        fd = self._lock_fd
+        if fd is not None:
+            unlock = self._unlock_function
             self._lock_fd = None
-        self._closed = True
+            unlock(fd)
+        self._released = True
 
     # ================================================================== invariants
     def _check(self) -> None:
@@ -1741,12 +1922,16 @@ def acquire_engine(
     while True:
         with _registry_lock:
             engine = _registry.get(key)
-            closing = engine is not None and engine._refs == 0 and not engine.closed
+            closing = engine is not None and engine._refs == 0 and not engine._released
             if not closing:
                 return _share_or_open(engine, key, real, options, given, fs)
-        # The last handle is closing it (final sync, snapshot): wait, then open anew.
+        # The last handle is closing it (final sync, snapshot): wait for that
+        # close, or finish one that an exception interrupted, then open anew.
         assert engine is not None
-        engine._closed_event.wait()
+        try:
+            engine.close()
+        except OSError as exc:  # the closing handle's error, raised there too
+            log.warning("%s: closing the previous engine failed: %r", engine.path, exc)
 
 
 def _share_or_open(
@@ -1758,7 +1943,7 @@ def _share_or_open(
     fs: FileSystem,
 ) -> Engine:
     """Under ``_registry_lock``: one more reference on ``engine``, or a new engine."""
-    if engine is not None and not engine.closed:
+    if engine is not None and not engine._released:
         conflicts = [
             f"{name}={value!r} (open with {getattr(engine.options, name)!r})"
             for name, value in given.items()
@@ -1784,23 +1969,50 @@ def add_reference(engine: Engine) -> None:
         engine._refs += 1
 
 
-def release_engine(engine: Engine) -> None:
+class Reference:
+    """One handle's reference on an engine; released once, however often asked."""
+
+    __slots__ = ("engine", "released")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.released = False
+
+    def release(self) -> None:
+        """Drop this reference (see :func:`release_engine`); later calls do nothing."""
+        release_engine(self.engine, self)
+
+
+def release_engine(engine: Engine, reference: Reference | None = None) -> None:
     """Drop one reference; the last one closes the engine and releases the lock.
 
     The engine stays registered while it closes, so that a new open of the
-    same directory in this process waits for the close instead of finding
-    the directory locked by itself.
+    same directory in this process waits for the close (or finishes one an
+    exception interrupted) instead of finding the directory locked by itself.
+
+    Args:
+        reference: the handle's reference; dropping it twice drops one.
     """
     with _registry_lock:
+        if reference is not None:
+            if reference.released:
+                return
+            reference.released = True  # with the decrement: no call in between
         engine._refs -= 1
         if engine._refs > 0:
             return
     try:
         engine.close()
+    except BaseException:
+        if not engine._released:
+            # An interrupt stopped the close part-way: finish it, so that
+            # the directory is released (a failed sync already released it).
+            engine.close()
+        raise
     finally:
         key = engine.path + ("\0read-only" if engine.options.read_only else "")
         with _registry_lock:
-            if _registry.get(key) is engine:
+            if _registry.get(key) is engine and engine._released:
                 del _registry[key]
 
 

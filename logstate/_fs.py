@@ -107,6 +107,15 @@ class FileSystem:
         """
         return os.write if type(self).append is FileSystem.append else None
 
+    def raw_unlock_function(self) -> Callable[[int], None]:
+        """:meth:`unlock_dir` as a C function (``os.close``) when it is the plain one.
+
+        An exception raised between bytecodes (KeyboardInterrupt) cannot
+        land inside a C call: the engine forgets the descriptor and closes it
+        with nothing interruptible in between, so the lock is never kept.
+        """
+        return os.close if type(self).unlock_dir is FileSystem.unlock_dir else self.unlock_dir
+
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
         return os.pread(fd, size, offset)

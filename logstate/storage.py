@@ -20,11 +20,11 @@ from logstate._compact import CompactionResult
 from logstate._engine import (
     Engine,
     RecoveryReport,
+    Reference,
     acquire_engine,
     add_reference,
     join_namespace,
     parse_segment_file_name,
-    release_engine,
 )
 from logstate._errors import CorruptionError, KeyNotFoundError, StorageClosedError
 from logstate._format import (
@@ -169,7 +169,8 @@ class LocalFileStorage(MutableMapping[str, Any]):
     _ns_bytes: bytes
     _allow_pickle: bool
     _closed: bool
-    _finalizer: weakref.finalize[[Engine], LocalFileStorage]
+    _reference: Reference
+    _finalizer: weakref.finalize[[], LocalFileStorage]
 
     def __init__(
         self,
@@ -230,7 +231,9 @@ class LocalFileStorage(MutableMapping[str, Any]):
         self._ns_bytes = encode_name(ns)
         self._allow_pickle = allow_pickle
         self._closed = False
-        self._finalizer = weakref.finalize(self, release_engine, engine)
+        self._reference = Reference(engine)
+        # the reference is released by close(), or when the handle is collected
+        self._finalizer = weakref.finalize(self, self._reference.release)
 
     @classmethod
     def _new_handle(cls, engine: Engine, ns: str, allow_pickle: bool) -> LocalFileStorage:
@@ -499,8 +502,11 @@ class LocalFileStorage(MutableMapping[str, Any]):
         :class:`StorageClosedError`.
         """
         if not self._closed:
+            # Released before the handle is marked closed: an interrupt in
+            # between leaves a handle whose close() can be called again.
+            self._reference.release()
             self._closed = True
-            self._finalizer()
+            self._finalizer.detach()
 
     def __enter__(self) -> LocalFileStorage:
         if self._closed:

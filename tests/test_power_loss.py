@@ -720,11 +720,9 @@ def test_a_new_segment_whose_header_a_power_loss_tore_opens_as_an_empty_segment(
 def kill(handle: LocalFileStorage) -> None:
     """Simulate ``kill -9`` of the process using ``handle``: no further call reaches the disk."""
     engine = handle._engine
-    with engine._cond:
+    with engine._lock:
         engine._closing = True
-        engine._cond.notify_all()
-    if engine._thread is not None:
-        engine._thread.join()
+    engine._stop_background()  # the sync thread exits without syncing
     engine._release_resources()  # closes descriptors and the lock: no write, no sync
     with _engine._registry_lock:
         _engine._registry.pop(engine.path, None)
