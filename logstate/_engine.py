@@ -263,6 +263,17 @@ class Engine:
         # (segment, offset, size, written_pos before) of the record being
         # appended while its bookkeeping is not finished: see _settle
         self._in_flight: tuple[Segment, int, int, int] | None = None
+        # a compaction's index switch an exception interrupted: see _switch_to_output
+        self._installing: (
+            tuple[
+                list[tuple[str, str, Location, int]],
+                Location | None,
+                int | None,
+                list[int],
+                Segment,
+            ]
+            | None
+        ) = None
         self._namespaces: dict[str, dict[str, Location]] = {"": {}}
         self._segments: dict[int, Segment] = {}
         self._active: Segment | None = None
@@ -341,7 +352,7 @@ class Engine:
         elif read_only:
             raise FileNotFoundError(f"{self.path} holds no logstate segment (read-only open)")
         else:
-            self._active = self._create_segment(1)
+            self._active = self._segments[1] = self._create_segment(1)
         assert self._active is not None
         self._roll_size = min(self._segment_size, self._active.size + self._roll_step)
         if read_only:
@@ -454,7 +465,6 @@ class Engine:
             # An empty segment in the gap records that salvage accepted
             # the loss, so that later strict opens do not fail again.
             self._fs.close(self._create_segment(lost).fd)
-            del self._segments[lost]
 
     def _file(self, name: str) -> str:
         return self.path + "/" + name
@@ -810,18 +820,18 @@ class Engine:
                 index.clear()
 
     def _create_segment(self, number: int) -> Segment:
-        """Create segment ``number`` with its header, durable before it is used."""
+        """Create segment ``number`` with its header, durable before it is used.
+
+        The caller registers it in ``_segments`` (with nothing interruptible
+        between that and making it active).
+        """
         if number > fmt.MAX_SEGMENT_NUMBER:
             raise StorageFailedError(f"{self.path}: segment numbers exhausted")
         path = self._file(segment_file_name(number))
-        stale = self._segments.pop(number, None)
-        if stale is not None:
-            # made by a roll that an exception interrupted before it switched
-            # to it: never written to (records go to the active segment only)
-            self._fs.close(stale.fd)
-        if self._fs.exists(path) and self._active is not None:
-            # likewise, half-made (we hold the directory lock: nobody else
-            # creates segments here, and open loaded every segment there was)
+        if self._active is not None and self._fs.exists(path):
+            # Made by a roll that an exception interrupted before it switched
+            # to it: never written to, as records go to the active segment
+            # only (we hold the directory lock, and open loaded every segment).
             self._fs.unlink(path)
         fd = self._fs.create_file(path)
         try:
@@ -829,17 +839,20 @@ class Engine:
             self._fs.fdatasync(fd)
             self._fs.fsync_dir(self.path)
         except BaseException:
-            # the half-made file is the newest: the next open cuts it as torn
+            # Nothing is in it: remove it (if that fails too, or a crash comes
+            # first, the next open cuts the half-made newest segment as torn).
             self._fs.close(fd)
+            try:
+                self._fs.unlink(path)
+            except OSError:
+                pass
             raise
-        segment = Segment(number, path, fd, SEGMENT_HEADER_SIZE)
-        self._segments[number] = segment
-        return segment
+        return Segment(number, path, fd, SEGMENT_HEADER_SIZE)
 
     # ================================================================== write path
     def _check_writable(self) -> None:
         """Raise unless writes are allowed; finish an interrupted write first. Under ``_lock``."""
-        if self._in_flight is not None:
+        if self._in_flight is not None or self._installing is not None:
             self._settle()
         if self.options.read_only:
             raise ReadOnlyStorageError(f"storage {self.path} was opened read-only")
@@ -891,6 +904,8 @@ class Engine:
         idempotent, so a second interrupt here leaves ``_in_flight`` set and
         the next call under the lock settles it again.
         """
+        if self._installing is not None:
+            self._switch_to_output()
         pending = self._in_flight
         if pending is None:
             return
@@ -925,8 +940,8 @@ class Engine:
         self._in_flight = None
 
     def _interrupted(self) -> None:
-        """In a write path's ``except BaseException``: settle what the exception cut short."""
-        if self._in_flight is not None:
+        """In an ``except BaseException``: settle what the exception cut short."""
+        if self._in_flight is not None or self._installing is not None:
             self._settle()
 
     def _roll(self) -> Segment:
@@ -947,6 +962,7 @@ class Engine:
         except OSError as exc:
             self._failed = exc
             raise
+        self._segments[new.number] = new
         self._active = new
         self._roll_size = min(self._segment_size, SEGMENT_HEADER_SIZE + self._roll_step)
         self._written_pos += SEGMENT_HEADER_SIZE
@@ -1457,20 +1473,42 @@ class Engine:
             self._failed = exc  # the files changed under the engine: reopen
             raise
         with self._lock:
-            for ns, key, old, new in moved:
-                index = self._namespaces.get(ns)
-                if index is not None and index.get(key) == old:
-                    index[key] = new
-                    self._live_bytes += location_size(new) - location_size(old)
-            if new_checkpoint is not None and self._checkpoint == old_checkpoint:
-                self._checkpoint = new_checkpoint
-            for number in inputs:
-                retired = self._segments.pop(number)
-                self._retired_fds.append(retired.fd)
-                if retired.map is not None:
-                    self._retired_maps.append(retired.map)
-            self._segments[output.number] = output
-            self._segments = dict(sorted(self._segments.items()))
+            self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output)
+            try:
+                self._switch_to_output()
+            except BaseException:
+                self._interrupted()  # an interrupt: finish the switch (idempotent)
+                raise
+
+    def _switch_to_output(self) -> None:
+        """The index switch of ``_install_compaction``. Under ``_lock``; idempotent.
+
+        The output reuses the last input's number, so until the switch is
+        whole, a location with that number is ambiguous: an interrupted
+        switch is finished by the next call under the lock (``_settle``).
+        """
+        pending = self._installing
+        if pending is None:
+            return
+        moved, old_checkpoint, new_checkpoint, inputs, output = pending
+        for ns, key, old, new in moved:
+            index = self._namespaces.get(ns)
+            if index is not None and index.get(key) == old:
+                index[key] = new
+                self._live_bytes += location_size(new) - location_size(old)
+        if new_checkpoint is not None and self._checkpoint == old_checkpoint:
+            self._checkpoint = new_checkpoint
+        for number in inputs:
+            retired = self._segments.get(number)
+            if retired is None or retired is output:
+                continue  # retired by the interrupted run
+            del self._segments[number]
+            self._retired_fds.append(retired.fd)
+            if retired.map is not None:
+                self._retired_maps.append(retired.map)
+        self._segments[output.number] = output
+        self._segments = dict(sorted(self._segments.items()))
+        self._installing = None
 
     # ================================================================== durability
     def sync(self) -> None:
@@ -1513,8 +1551,8 @@ class Engine:
         that proves the record is this key's; anything unusual (a value in a
         compressed group, a mismatch to report) takes :meth:`_read_value`.
         """
-        if self._closed:
-            raise StorageClosedError(f"storage {self.path} is closed")
+        if self._closed or self._in_flight is not None:
+            return self._read_settled(ns, key)
         index = self._namespaces.get(ns)
         if index is None:
             raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
@@ -1562,9 +1600,12 @@ class Engine:
         reuses the last input's number). Under the lock the index and the
         segments agree: a failure here is real damage, raised with its place.
         """
+        if self._closed:
+            raise StorageClosedError(f"storage {self.path} is closed")
         with self._lock:
             if self._closed or self._closing:
                 raise StorageClosedError(f"storage {self.path} is closed")
+            self._interrupted()  # a write or switch an exception cut short: finish it
             index = self._namespaces.get(ns)
             if index is None:
                 raise SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
@@ -1732,6 +1773,9 @@ class Engine:
     def _namespace_for_read(self, ns: str) -> dict[str, Location]:
         if self._closed:
             raise StorageClosedError(f"storage {self.path} is closed")
+        if self._in_flight is not None or self._installing is not None:
+            with self._lock:
+                self._interrupted()
         return self._namespace(ns)
 
     def has_namespace(self, ns: str) -> bool:
@@ -1786,11 +1830,15 @@ class Engine:
                 self._closing = True
             try:
                 self._stop_background()
-                if not self._final_synced and self._failed is None and not self._read_only:
+                if not (self._final_synced or self._failed or self._read_only or self._closed):
                     self._final_sync()
-            finally:
-                with self._sync_lock, self._lock:  # no commit is between its read and its sync
+            except OSError:
+                with self._sync_lock, self._lock:
                     self._release_resources()
+                raise
+            # (an interrupt above leaves the rest to the close that resumes this one)
+            with self._sync_lock, self._lock:  # no commit is between its read and its sync
+                self._release_resources()
 
     def _stop_background(self) -> None:
         """Stop the interval sync thread and the compactor; wait for a running compaction.
