@@ -14,6 +14,7 @@ Locations (what the index maps keys to) are defined in ``_location``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -79,6 +80,7 @@ __all__ = [
     "EngineOptions",
     "RecoveryReport",
     "acquire_engine",
+    "acquire_reference",
     "release_engine",
     "segment_file_name",
 ]
@@ -842,10 +844,8 @@ class Engine:
             # Nothing is in it: remove it (if that fails too, or a crash comes
             # first, the next open cuts the half-made newest segment as torn).
             self._fs.close(fd)
-            try:
+            with contextlib.suppress(OSError):
                 self._fs.unlink(path)
-            except OSError:
-                pass
             raise
         return Segment(number, path, fd, SEGMENT_HEADER_SIZE)
 
@@ -1936,13 +1936,13 @@ _registry: dict[str, Engine] = {}
 _registry_lock = threading.Lock()
 
 
-def acquire_engine(
+def acquire_reference(
     path: str,
     given: dict[str, object],
     create: bool,
     fs: FileSystem = OS_FS,
-) -> Engine:
-    """The engine for directory ``path``, opened if needed, with one more reference.
+) -> Reference:
+    """A new reference on the engine for directory ``path``, opened if needed.
 
     Args:
         path: the storage directory.
@@ -1982,6 +1982,18 @@ def acquire_engine(
             log.warning("%s: closing the previous engine failed: %r", engine.path, exc)
 
 
+def acquire_engine(
+    path: str,
+    given: dict[str, object],
+    create: bool,
+    fs: FileSystem = OS_FS,
+) -> Engine:
+    """:func:`acquire_reference` for a caller that releases with ``release_engine(engine)``."""
+    reference = acquire_reference(path, given, create, fs)
+    reference.released = True  # the count is the caller's now
+    return reference.engine
+
+
 def _share_or_open(
     engine: Engine | None,
     key: str,
@@ -1989,7 +2001,7 @@ def _share_or_open(
     options: EngineOptions,
     given: dict[str, object],
     fs: FileSystem,
-) -> Engine:
+) -> Reference:
     """Under ``_registry_lock``: one more reference on ``engine``, or a new engine."""
     if engine is not None and not engine._released:
         conflicts = [
@@ -2005,30 +2017,54 @@ def _share_or_open(
     else:
         engine = Engine(real, options, fs)
         _registry[key] = engine
+    return _counted(engine)
+
+
+def _counted(engine: Engine) -> Reference:
+    """Count one more reference on ``engine``. Under ``_registry_lock``.
+
+    The count and the Reference that gives it back are made together, with
+    nothing interruptible in between: a Reference lost to an interrupt
+    before its caller stored it releases the count when it is collected.
+    """
+    reference = Reference(engine)
     engine._refs += 1
-    return engine
+    reference.released = False
+    return reference
 
 
-def add_reference(engine: Engine) -> None:
+def add_reference(engine: Engine) -> Reference:
     """One more handle shares ``engine`` (a sub-storage handle)."""
     with _registry_lock:
         if engine.closed:
             raise StorageClosedError(f"storage {engine.path} is closed")
-        engine._refs += 1
+        return _counted(engine)
 
 
 class Reference:
-    """One handle's reference on an engine; released once, however often asked."""
+    """One handle's reference on an engine; released once, however often asked.
+
+    Made by :func:`acquire_reference` and :func:`add_reference` only. One
+    that is collected unreleased (lost to an interrupt between its making and
+    its handle) releases itself.
+    """
 
     __slots__ = ("engine", "released")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.released = False
+        self.released = True  # until _counted counts it
 
     def release(self) -> None:
         """Drop this reference (see :func:`release_engine`); later calls do nothing."""
         release_engine(self.engine, self)
+
+    def __del__(self) -> None:
+        if not self.released:
+            try:
+                release_engine(self.engine, self)
+            except Exception:  # pragma: no cover - nothing to raise to in a finalizer
+                log.exception("%s: releasing a lost reference", self.engine.path)
 
 
 def release_engine(engine: Engine, reference: Reference | None = None) -> None:

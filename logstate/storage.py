@@ -21,7 +21,7 @@ from logstate._engine import (
     Engine,
     RecoveryReport,
     Reference,
-    acquire_engine,
+    acquire_reference,
     add_reference,
     join_namespace,
     parse_segment_file_name,
@@ -222,24 +222,25 @@ class LocalFileStorage(MutableMapping[str, Any]):
         }
         if compress_min_size is not _MISSING:
             given["compress_min_size"] = compress_min_size
-        engine = acquire_engine(path, given, create=auto_create_dir)
-        self._attach(engine, "", allow_pickle)
+        reference = acquire_reference(path, given, create=auto_create_dir)
+        self._attach(reference, "", allow_pickle)
 
-    def _attach(self, engine: Engine, ns: str, allow_pickle: bool) -> None:
-        self._engine = engine
+    def _attach(self, reference: Reference, ns: str, allow_pickle: bool) -> None:
+        self._reference = reference
+        self._engine = reference.engine
         self._ns = ns
         self._ns_bytes = encode_name(ns)
         self._allow_pickle = allow_pickle
         self._closed = False
-        self._reference = Reference(engine)
-        # the reference is released by close(), or when the handle is collected
-        self._finalizer = weakref.finalize(self, self._reference.release)
+        # the reference is released by close(), or when the handle is
+        # collected (or at exit: legacy code never closes its storages)
+        self._finalizer = weakref.finalize(self, reference.release)
 
     @classmethod
     def _new_handle(cls, engine: Engine, ns: str, allow_pickle: bool) -> LocalFileStorage:
-        add_reference(engine)
+        reference = add_reference(engine)
         handle = cls.__new__(cls)
-        handle._attach(engine, ns, allow_pickle)
+        handle._attach(reference, ns, allow_pickle)
         return handle
 
     def _closed_error(self) -> StorageClosedError:

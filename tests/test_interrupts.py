@@ -238,7 +238,7 @@ def test_an_interrupt_in_a_set_that_rolls_the_segment_leaves_before_or_after(
     def after_state() -> State:
         return {"": {"a": "new", "b": 1, "filler": b"f" * 100}, "sub": {"x": [1, 2]}}
 
-    before = {"": {"a": "old", "b": 1, "filler": b"f" * 100}, "sub": {"x": [1, 2]}}
+    before: State = {"": {"a": "old", "b": 1, "filler": b"f" * 100}, "sub": {"x": [1, 2]}}
 
     def big_set(s: LocalFileStorage) -> None:
         s["a"] = "new"
@@ -322,9 +322,7 @@ class Armed:
         self.delivered = 0
 
 
-def random_signals(
-    tmp_path: Path, sync: str, interrupts: int, seed: int
-) -> tuple[int, int]:
+def random_signals(tmp_path: Path, sync: str, interrupts: int, seed: int) -> tuple[int, int]:
     """Ops in a loop while another thread sends SIGUSR1 at random moments; the
     handler raises (as a SIGTERM handler raising SystemExit would). Every
     acknowledged write must be there, and every interrupted one before or after.

@@ -4,6 +4,20 @@ Commands::
 
     python tools/crashtest.py --kills 5                          # CI round, ~5 s
     python tools/crashtest.py --kills 2000 --seed 1 --mode mixed   # long round, ~20 min
+    python tools/crashtest.py --interrupts 10000 --mode mixed     # interrupt workload
+
+With ``--interrupts N`` the parent also sends the child SIGINT at random
+moments while it runs (every 0-4 ms), until N of them have landed inside an
+operation; the child's handler raises KeyboardInterrupt only while an
+operation runs (as Ctrl-C would, but never in the tool's own bookkeeping).
+After each one the child reads the storage back through the same handles
+and reports ``int <id> before`` or ``int <id> after``: the interrupted
+operation must have left exactly the state before it or after it (anything
+else is reported as ``bad <id>`` and is a violation); it then goes on with
+the same open storage, so stale bookkeeping shows in later operations and in
+the verifying open. Each round ends with a SIGKILL or, in half the rounds,
+with a SIGTERM whose handler raises SystemExit (a graceful stop: the child
+closes its storage); either way every acknowledged operation must be there.
 
 Options: ``--kills N`` (rounds, each ends with a SIGKILL), ``--seed S`` (the
 workload and the kill delays), ``--dir D`` (the storage directory; default a
@@ -307,6 +321,7 @@ class Workload:
         self._open(sync)
 
     def _open(self, sync: str) -> None:
+        self.sync = sync
         self.root = LocalFileStorage(self.path, sync=sync, **STORE_OPTIONS)
         self.mem_handle = self.root.get_or_create_sub_storage(MEM)
         self.mem = InMemoryStorage(self.mem_handle)
@@ -314,6 +329,21 @@ class Workload:
     def close(self) -> None:
         self.mem_handle.close()
         self.root.close()
+
+    def settle(self, op: Op | None) -> None:
+        """After an interrupted operation: finish a close or reopen it cut short.
+
+        An interrupted InMemoryStorage flush keeps its changes pending (they
+        are written by the next flush); the tool's model wants the state of
+        this flush decided now, so pending changes are dropped by loading the
+        storage anew: whatever the interrupted flush wrote stays written.
+        """
+        if self.root.closed or self.mem_handle.closed:
+            self.mem_handle.close()
+            self.root.close()
+            self._open(op.mode if op is not None and op.kind == "reopen" else self.sync)
+        elif op is not None and op.kind == "flush":
+            self.mem = InMemoryStorage(self.mem_handle)
 
     def run(self, op: Op) -> None:
         """Perform ``op``; returns at its durability point (module docstring)."""
@@ -372,6 +402,24 @@ def report(line: str) -> None:
     os.write(1, f"{line}\n".encode())
 
 
+class _Armed:
+    """Whether an operation is running: signals raise only then (see --interrupts)."""
+
+    running = False
+    stop = False  # SIGTERM came between operations: stop at the next one
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    if _Armed.running:
+        raise KeyboardInterrupt
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if _Armed.running:
+        raise SystemExit(0)
+    _Armed.stop = True
+
+
 def child_main(args: argparse.Namespace) -> None:
     rng = random.Random(f"{args.seed}:{args.round}")
     sync = pick_mode(rng, args.mode)
@@ -379,13 +427,45 @@ def child_main(args: argparse.Namespace) -> None:
     workload = Workload(args.dir, sync)
     model = read_model(workload.root)
     op_id = args.start_id
+    if args.interrupts:
+        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGTERM, _on_sigterm)
     report(f"ready {op_id}")
-    while True:
-        op = plan_op(rng, model, op_id, args.mode)
-        workload.run(op)
-        apply_op(model, op)
-        report(f"ack {op_id}")
-        op_id += 1
+    try:
+        while not _Armed.stop:
+            op = plan_op(rng, model, op_id, args.mode)
+            after = copy.deepcopy(model)
+            apply_op(after, op)
+            _Armed.running = True
+            try:
+                workload.run(op)
+                _Armed.running = False
+            except KeyboardInterrupt:
+                _Armed.running = False
+                workload.settle(op)
+                found = read_model(workload.root)
+                if found == after:
+                    model = after
+                    report(f"int {op_id} after")
+                elif found == model:
+                    report(f"int {op_id} before")
+                else:
+                    report(f"bad {op_id} {describe(found, model, after, op)[:3]}")
+                    raise SystemExit(3) from None
+                op_id += 1
+                continue
+            model = after
+            report(f"ack {op_id}")
+            op_id += 1
+    except SystemExit as stop:
+        # SIGTERM in an operation: the graceful shutdown of a service, which
+        # closes its storage (the operation is the running one: before or after)
+        _Armed.running = False
+        if stop.code == 3:
+            raise
+    workload.settle(None)
+    workload.close()
+    report("closed")
 
 
 # =========================================================================== parent
@@ -395,13 +475,30 @@ class Round:
 
     opened: bool  # the child had started opening the directory
     ready: bool  # ... and had opened it: operations may have run
-    acks: list[int]
+    acks: list[int]  # operations done (acknowledged, or interrupted after their effect)
+    undone: set[int]  # operations interrupted before their effect
+    interrupts: int  # operations interrupted (before or after)
+    bad: list[str]  # interrupted operations that left another state
+    closed: bool  # the child closed its storage and exited (SIGTERM)
 
 
 def parse_output(text: str) -> Round:
     lines = text.split("\n")[:-1]  # a last line without newline was cut by the kill
-    acks = [int(line.split()[1]) for line in lines if line.startswith("ack ")]
-    return Round("open" in lines, any(line.startswith("ready ") for line in lines), acks)
+    done = [int(line.split()[1]) for line in lines if line.startswith(("ack ", "int "))]
+    undone = {
+        int(line.split()[1])
+        for line in lines
+        if line.startswith("int ") and line.endswith(" before")
+    }
+    return Round(
+        "open" in lines,
+        any(line.startswith("ready ") for line in lines),
+        done,
+        undone,
+        sum(line.startswith("int ") for line in lines),
+        [line for line in lines if line.startswith("bad ")],
+        "closed" in lines,
+    )
 
 
 def describe(actual: Model, acked: Model, running: Model | None, op: Op | None) -> list[str]:
@@ -486,11 +583,15 @@ def parent_main(args: argparse.Namespace) -> int:
     out_path = path + ".child-out"
     err_path = path + ".child-err"
     print(f"crashtest: seed={args.seed} mode={args.mode} kills={args.kills} dir={path}", flush=True)
-    for round_number in range(args.kills):
+    interrupts = 0
+    rounds = range(args.kills) if not args.interrupts else iter(int, 1)  # forever
+    for round_number, _ in enumerate(rounds):
+        if args.interrupts and interrupts >= args.interrupts:
+            break
         start_id = next_id
         command = [sys.executable, script, "--child", "--dir", path, "--seed", str(args.seed)]
         command += ["--round", str(round_number), "--start-id", str(start_id)]
-        command += ["--mode", args.mode]
+        command += ["--mode", args.mode, "--interrupts", str(args.interrupts)]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             child = subprocess.Popen(command, stdout=out, stderr=err, env=env)
         kill_while_opening = rng.random() < KILL_WHILE_OPENING
@@ -502,13 +603,36 @@ def parent_main(args: argparse.Namespace) -> int:
                 if marker in out_file.read():
                     break
             time.sleep(0.002)
-        time.sleep(delay_s)
-        child.send_signal(signal.SIGKILL)
+        graceful = False
+        if args.interrupts and not kill_while_opening:
+            # interrupts at random moments, then a SIGTERM (graceful) or a SIGKILL
+            end = time.monotonic() + delay_s
+            while time.monotonic() < end and child.poll() is None:
+                time.sleep(rng.uniform(0, 0.004))
+                child.send_signal(signal.SIGINT)
+            graceful = rng.random() < 0.5
+            if graceful and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(READY_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    graceful = False  # a hang: reported below
+        else:
+            time.sleep(delay_s)
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
         child.wait()
         with open(out_path, encoding="utf-8", errors="replace") as out_file:
             output = parse_output(out_file.read())
-        problems: list[str] = []
-        if child.returncode != -signal.SIGKILL:
+        interrupts += output.interrupts
+        problems: list[str] = list(output.bad)
+        if graceful and (child.returncode != 0 or not output.closed):
+            with open(err_path, encoding="utf-8", errors="replace") as err_file:
+                problems.append(
+                    f"the child did not close after SIGTERM ({child.returncode}): "
+                    f"{err_file.read()[-3000:]}"
+                )
+        elif not graceful and child.returncode != -signal.SIGKILL:
             with open(err_path, encoding="utf-8", errors="replace") as err_file:
                 problems.append(
                     f"the child exited by itself ({child.returncode}): {err_file.read()[-3000:]}"
@@ -523,10 +647,12 @@ def parent_main(args: argparse.Namespace) -> int:
         if output.acks != expected_ids:
             problems.append(f"acknowledgements out of order: {output.acks[:5]}...")
         for op_id in expected_ids:
-            apply_op(acked, plan_op(replay, acked, op_id, args.mode))
+            planned = plan_op(replay, acked, op_id, args.mode)
+            if op_id not in output.undone:
+                apply_op(acked, planned)
         running: Model | None = None
         running_op: Op | None = None
-        if output.ready:
+        if output.ready:  # the operation a SIGKILL or SIGTERM interrupted
             running_op = plan_op(replay, acked, start_id + len(output.acks), args.mode)
             running = copy.deepcopy(acked)
             apply_op(running, running_op)
@@ -539,7 +665,7 @@ def parent_main(args: argparse.Namespace) -> int:
             problems.append(f"verification open failed: {exc!r}")
         if actual is not None and actual != acked and actual != running:
             problems.extend(describe(actual, acked, running, running_op))
-        verified += len(output.acks)
+        verified += len(output.acks) - len(output.undone)
         if problems:
             violations += 1
             print(
@@ -562,8 +688,8 @@ def parent_main(args: argparse.Namespace) -> int:
         if args.progress and (round_number + 1) % args.progress == 0:
             elapsed_s = time.monotonic() - started
             print(
-                f"  round {round_number + 1}: kills={kills} verified={verified} "
-                f"violations={violations} ({elapsed_s:.0f} s)",
+                f"  round {round_number + 1}: kills={kills} interrupts={interrupts} "
+                f"verified={verified} violations={violations} ({elapsed_s:.0f} s)",
                 flush=True,
             )
     elapsed_s = time.monotonic() - started
@@ -578,7 +704,11 @@ def parent_main(args: argparse.Namespace) -> int:
         f"{stats.read_only} rounds verified read-only; last op id {next_id - 1}",
         flush=True,
     )
-    print(f"kills={kills} operations verified={verified} violations={violations}", flush=True)
+    interrupted = f" interrupts={interrupts}" if args.interrupts else ""
+    print(
+        f"kills={kills}{interrupted} operations verified={verified} violations={violations}",
+        flush=True,
+    )
     return 1 if violations else 0
 
 
@@ -590,6 +720,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=[*MODES, "mixed"], default="mixed")
     parser.add_argument("--max-life-s", type=float, default=0.4, help="seconds after ready")
     parser.add_argument("--progress", type=int, default=0, help="print every N rounds")
+    parser.add_argument(
+        "--interrupts",
+        type=int,
+        default=0,
+        help="also interrupt operations with SIGINT until N landed (rounds end with SIGTERM "
+        "or SIGKILL; --kills is then ignored)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--start-id", type=int, default=1, help=argparse.SUPPRESS)
