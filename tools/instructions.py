@@ -1,6 +1,6 @@
 """Instructions per operation, counted by callgrind: a repeatable cost of the hot paths.
 
-Command (about 3 minutes on 2 cores)::
+Commands (the first takes about a minute on 2 cores)::
 
     python tools/instructions.py                    # the three rows, N = 20,000
     python tools/instructions.py --rows set --ops 2000 --json
@@ -19,7 +19,8 @@ Rows (keys ``key-%08d`` and 100-byte random values of a fixed seed, as in
 ``tools/bench.py``; every store is fresh, ``sync="none"``,
 ``auto_compact=False``):
 
-- ``set``: ``LocalFileStorage.set`` of N distinct keys in an empty store;
+- ``set``: ``LocalFileStorage.set`` of N distinct keys in an empty store
+  (``store.set`` bound once, called in a ``for`` loop; ``get`` likewise);
 - ``get``: ``LocalFileStorage.get`` of N existing keys in a shuffled order,
   after the N keys were written, the store closed and reopened (as the
   benchmark's get);
@@ -32,12 +33,15 @@ Rows (keys ``key-%08d`` and 100-byte random values of a fixed seed, as in
 Only the measured calls are counted: the workload runs with
 ``--collect-atstart=no --toggle-collect=sys_call_tracing`` and makes every
 measured call through ``sys.call_tracing`` (a C function that nothing else
-calls, and that changes nothing when no tracer is set),
-so interpreter start-up, imports, data generation, populating the store and
-exit are not in either count. The subtraction of the 0-operation run then
+calls, and that changes nothing when no tracer is set), so interpreter
+start-up, imports, data generation, populating the store, ``close()`` and
+exit are in neither count. The subtraction of the 0-operation run then
 removes what is left outside the operations: entering the toggle and the
-empty loop. Hash randomisation is off (``PYTHONHASHSEED=0``), so two runs
-give the same counts to within a few instructions per operation.
+empty loop. Instrumentation itself starts off (``--instr-atstart=no``) and
+the workload switches it on with ``callgrind_control`` after its setup,
+which makes the setup about 3x faster and changes no count
+(``--instr-atstart`` keeps it on from the start). Hash randomisation is off
+(``PYTHONHASHSEED=0``): two runs at N = 20,000 give identical counts.
 
 ``--repo DIR`` measures the ``logstate`` of another checkout (DIR goes first
 on the workload's ``PYTHONPATH``), with this script's workload, so that the
