@@ -40,8 +40,9 @@ removes what is left outside the operations: entering the toggle and the
 empty loop. Instrumentation itself starts off (``--instr-atstart=no``) and
 the workload switches it on with ``callgrind_control`` after its setup,
 which makes the setup about 3x faster (``--instr-atstart`` keeps it on
-from the start: at N = 20,000 the counts then differ by at most 0.11%). Hash randomisation is off
-(``PYTHONHASHSEED=0``): two runs at N = 20,000 give identical counts.
+from the start: at N = 20,000 the counts then differ by at most 0.11%).
+Hash randomisation is off (``PYTHONHASHSEED=0``): two runs at N = 20,000
+give identical counts.
 
 ``--repo DIR`` measures the ``logstate`` of another checkout (DIR goes first
 on the workload's ``PYTHONPATH``), with this script's workload, so that the
