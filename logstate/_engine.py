@@ -589,6 +589,8 @@ class Engine:
                 self._scan_segment(segment, appended, start, is_newest)
             return
         data = self._fs.read_all(fd)
+        if read_only and is_newest and len(data) < SEGMENT_HEADER_SIZE:
+            data = self._wait_for_header(fd, data)
         salvage = self.options.recovery == "salvage"
         records_follow = bool(next(fmt.scan_records(data, SEGMENT_HEADER_SIZE, _ignore), None))
         if is_newest and _header_torn(data) and not records_follow:
@@ -631,6 +633,22 @@ class Engine:
                 log.warning("%s: damaged header (%s) moved to %s", path, exc.reason, aside)
                 self._salvage_rewrite(segment, data, [])
         self._scan_segment(segment, data, 0, is_newest)
+
+    def _wait_for_header(self, fd: int, data: bytes) -> bytes:
+        """The newest segment's bytes once its header is whole (read-only open).
+
+        A newest segment shorter than a header is either being created right
+        now by the process holding the directory (a roll: the file exists a
+        moment before its header is written) or the leftover of a crash
+        during its creation. Read it again a few times with a short backoff;
+        still short, it is reported as a torn tail (as before).
+        """
+        for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
+            time.sleep(min(0.001 * 2**attempt, 0.05))
+            data = self._fs.read_all(fd)
+            if len(data) >= SEGMENT_HEADER_SIZE:
+                break
+        return data
 
     def _check_header(self, path: str, number: int, data: bytes) -> None:
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from logstate import CorruptionError, LocalFileStorage, StorageChangedError, _engine
+from logstate import _format as fmt
 from logstate._fs import FileSystem
 from logstate.cli import main as cli_main
 
@@ -148,6 +149,55 @@ def test_segment_missing_before_a_read_only_open_is_still_damage(tmp_path: Path)
         LocalFileStorage(tmp_path, read_only=True, use_snapshot=False)
     with LocalFileStorage(tmp_path, read_only=True, recovery="salvage") as salvaged:
         assert salvaged.report.missing_segments == [2]
+
+
+class HeaderWrittenAfterFirstRead(FileSystem):
+    """The holder finishes creating a segment (its header) just after the open first reads it."""
+
+    def __init__(self, path: Path, header: bytes) -> None:
+        self._path = path
+        self._header: bytes | None = header
+        self.short_reads = 0
+
+    def read_all(self, fd: int) -> bytes:
+        data = super().read_all(fd)
+        if len(data) == 0 and self._header is not None:
+            self.short_reads += 1
+            with open(self._path, "ab") as f:
+                f.write(self._header)
+            self._header = None
+        return data
+
+
+def newest_segment_being_created(directory: Path) -> Path:
+    """A closed store plus an empty newest segment (as a roll makes it, before its header)."""
+    fill(directory).close()
+    numbers = [_engine.parse_segment_file_name(p.name) for p in directory.iterdir()]
+    newest = directory / _engine.segment_file_name(max(n for n in numbers if n is not None) + 1)
+    newest.touch()
+    return newest
+
+
+def test_read_only_open_waits_for_the_header_of_a_segment_being_created(tmp_path: Path) -> None:
+    newest = newest_segment_being_created(tmp_path)
+    number = _engine.parse_segment_file_name(newest.name)
+    assert number is not None
+    fs = HeaderWrittenAfterFirstRead(newest, fmt.encode_segment_header(number))
+    with open_read_only(fs, tmp_path, use_snapshot=False) as reader:
+        assert fs.short_reads == 1
+        assert reader.report.clean, reader.report
+        assert reader.report.segments == number
+        assert dict(reader.items()) == {f"k{i}": 2000 + i for i in range(KEYS)}
+
+
+def test_read_only_open_still_reports_a_newest_segment_left_without_header(
+    tmp_path: Path,
+) -> None:
+    newest = newest_segment_being_created(tmp_path)
+    with LocalFileStorage(tmp_path, read_only=True) as reader:
+        assert reader.report.torn_tails == [(str(newest.resolve()), 0, 0, "")]
+        assert len(reader) == KEYS
+    assert newest.stat().st_size == 0  # read-only: nothing changed
 
 
 @contextlib.contextmanager
