@@ -16,11 +16,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
 from logstate import LocalFileStorage, StorageClosedError, StorageLockedError, _engine
+from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import OS_FS, FileSystem
 
 
@@ -155,28 +157,38 @@ def test_sigterm_handled_as_system_exit_with_sync_interval_loses_no_acknowledged
     file's final size); the 60 s interval never synced meanwhile. A power loss
     cannot be simulated here: durability rests on fdatasync's contract."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    err_path = tmp_path / "child.stderr"
+    with open(err_path, "w") as err_file:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+            env=env,
+        )
+    watchdog = threading.Timer(60, child.kill)  # bounded: a hang fails, never blocks
+    watchdog.start()
     try:
         assert child.stdout is not None
         lines = []
-        while sum(line.startswith("ack ") for line in lines) < 300:
-            line = child.stdout.readline()
-            assert line, f"child ended early: {child.stderr.read() if child.stderr else ''}"
+        acks_read = 0
+        signalled = False
+        for line in child.stdout:  # to EOF (the child's exit), buffered lines included
             lines.append(line)
-        child.send_signal(signal.SIGTERM)
-        rest, err = child.communicate(timeout=60)
+            acks_read += line.startswith("ack ")
+            if acks_read >= 300 and not signalled:
+                child.send_signal(signal.SIGTERM)
+                signalled = True
+        child.wait()
     finally:
+        watchdog.cancel()
         if child.poll() is None:  # pragma: no cover - only when the test fails
             child.kill()
             child.wait()
+    err = err_path.read_text()
+    assert signalled, err
     assert child.returncode == 0, err
-    out = "".join(lines) + rest
+    out = "".join(lines)
     events = out.splitlines()
     acked = [int(m.group(1)) for line in events if (m := re.fullmatch(r"ack (\d+)", line))]
     assert len(acked) >= 300 and acked == list(range(len(acked)))
@@ -184,10 +196,13 @@ def test_sigterm_handled_as_system_exit_with_sync_interval_loses_no_acknowledged
     last_ack = max(i for i, line in enumerate(events) if line.startswith("ack "))
     synced_after = [int(line.split()[1]) for line in events[last_ack:] if line.startswith("synced")]
     assert synced_after, "close() must fdatasync after the last write"
+    synced_before = [int(x.split()[1]) for x in events[:last_ack] if x.startswith("synced")]
+    assert synced_before == [SEGMENT_HEADER_SIZE], "only the new segment's header was synced"
     segments = sorted(p for p in tmp_path.iterdir() if p.suffix == ".seg")
     assert len(segments) == 1
     assert synced_after[-1] == os.stat(segments[0]).st_size
-    with LocalFileStorage(tmp_path, use_snapshot=False) as reopened:
-        assert reopened.report.clean
-        for i in acked:
-            assert reopened[f"k{i}"] == i
+    for use_snapshot in (False, True):
+        with LocalFileStorage(tmp_path, use_snapshot=use_snapshot) as reopened:
+            assert reopened.report.clean
+            for i in acked:
+                assert reopened[f"k{i}"] == i
