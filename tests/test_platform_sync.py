@@ -10,6 +10,7 @@ requirement. We run on Linux: the macOS selection is tested by substitution.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -44,8 +45,8 @@ class Calls:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
     recorder = Calls()
-    monkeypatch.setattr(_fs.fcntl, "fcntl", recorder.fake_fcntl)
-    monkeypatch.setattr(_fs.os, "fsync", recorder.fake_fsync)
+    monkeypatch.setattr(fcntl, "fcntl", recorder.fake_fcntl)  # the module _fs calls
+    monkeypatch.setattr(os, "fsync", recorder.fake_fsync)
     return recorder
 
 
@@ -53,7 +54,7 @@ def test_without_f_fullfsync_the_plain_fsync_and_fdatasync_are_used() -> None:
     fsync, fdatasync = _fs.sync_functions(None)
     assert fsync is os.fsync
     assert fdatasync is getattr(os, "fdatasync", os.fsync)
-    if not hasattr(_fs.fcntl, "F_FULLFSYNC"):  # Linux: what the module chose at import
+    if not hasattr(fcntl, "F_FULLFSYNC"):  # Linux: what the module chose at import
         assert (_fs._fsync, _fs._fdatasync) == (fsync, fdatasync)
 
 
@@ -77,7 +78,11 @@ def test_with_f_fullfsync_every_sync_of_the_file_system_is_a_full_fsync(
     assert calls.fsync == []
 
 
-@pytest.mark.parametrize("error", [errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY])
+@pytest.mark.parametrize(
+    "error",
+    [errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY],
+    ids=["ENOTSUP", "EOPNOTSUPP", "EINVAL", "ENOTTY"],
+)
 def test_full_fsync_unsupported_by_the_file_system_falls_back_to_fsync(
     calls: Calls, error: int
 ) -> None:
@@ -89,7 +94,9 @@ def test_full_fsync_unsupported_by_the_file_system_falls_back_to_fsync(
     assert calls.fsync == [7, 8]
 
 
-@pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC, errno.EBADF])
+@pytest.mark.parametrize(
+    "error", [errno.EIO, errno.ENOSPC, errno.EBADF], ids=["EIO", "ENOSPC", "EBADF"]
+)
 def test_full_fsync_io_error_is_raised_not_retried_as_fsync(calls: Calls, error: int) -> None:
     calls.error = error
     fsync, fdatasync = _fs.sync_functions(F_FULLFSYNC)
