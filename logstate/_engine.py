@@ -31,6 +31,7 @@ from logstate._errors import (
     CorruptionError,
     OptionConflictError,
     ReadOnlyStorageError,
+    StorageChangedError,
     StorageClosedError,
     StorageFailedError,
     SubStorageDeletedError,
@@ -96,6 +97,7 @@ DAMAGED_SUFFIX: Final = ".damaged"  # damaged ranges moved aside by salvage
 TMP_SUFFIX: Final = ".tmp"
 
 MIN_SEGMENT_SIZE: Final = 4096
+READ_ONLY_OPEN_ATTEMPTS: Final = 10  # a listed segment vanished: list again, this many times
 _pack_name_len = NAME_LEN.pack
 _encode_record = fmt.encode_record
 _set_record_value = fmt.set_record_value
@@ -123,6 +125,14 @@ def parse_segment_file_name(name: str) -> int | None:
     if len(digits) != 10 or not digits.isdigit():
         return None
     return int(digits)
+
+
+class _SegmentVanished(Exception):
+    """A segment file named by the directory listing was gone when opened (read-only open)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 class EngineOptions(NamedTuple):
@@ -292,6 +302,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._checkpoint: Location | None = None
         self._covers: dict[int, int] = {}
+        self._held: dict[int, int] = {}  # read-only open: segment fds opened by _covers_from
         self._live_bytes = 0  # bytes of the records the index points to
         self._compact_lock = threading.Lock()
         self._compact_thread: threading.Thread | None = None  # the background compactor
@@ -317,6 +328,7 @@ class Engine:
         try:
             self._open()
         except BaseException:
+            self._close_held()
             self._release_resources()
             raise
 
@@ -333,7 +345,7 @@ class Engine:
                     # temporary file; the originals are still in place.
                     self._fs.unlink(self._file(name))
         numbers = sorted(n for n in (parse_segment_file_name(x) for x in names) if n is not None)
-        numbers = self._select_segments(numbers)
+        numbers = self._select_read_only(numbers) if read_only else self._select_segments(numbers)
         # salvage checks every byte: it never trusts a snapshot
         use_snapshot = self.options.use_snapshot and self.options.recovery != "salvage"
         starts = self._load_snapshot(numbers) if use_snapshot else {}
@@ -392,12 +404,27 @@ class Engine:
         return self._fs.pread(segment.fd, size, offset)
 
     def _covers_from(self, number: int) -> int:
-        """The first segment number whose records segment ``number`` holds."""
-        fd = self._fs.open_read_only(self._file(segment_file_name(number)))
-        try:
+        """The first segment number whose records segment ``number`` holds.
+
+        A read-only open keeps the descriptor (in ``_held``): the file read
+        here is the one loaded, even if a compaction renames another over it.
+
+        Raises:
+            _SegmentVanished: read-only open, and the file is gone.
+        """
+        path = self._file(segment_file_name(number))
+        if self._read_only:
+            try:
+                fd = self._held[number] = self._fs.open_read_only(path)
+            except FileNotFoundError:
+                raise _SegmentVanished(path) from None
             start = self._fs.pread(fd, fmt.SEGMENT_START_SIZE, 0)
-        finally:
-            self._fs.close(fd)
+        else:
+            fd = self._fs.open_read_only(path)
+            try:
+                start = self._fs.pread(fd, fmt.SEGMENT_START_SIZE, 0)
+            finally:
+                self._fs.close(fd)
         covers_from = fmt.compacted_covers_from(start)
         if covers_from is None:
             return number
@@ -446,6 +473,45 @@ class Engine:
             expected = number + 1
         self._covers = covers
         return kept
+
+    def _select_read_only(self, numbers: list[int]) -> list[int]:
+        """:meth:`_select_segments` for a read-only open of a live store, retried.
+
+        The process holding the directory may compact between the listing and
+        the opens: a compaction renames its output over the last input, then
+        deletes the other inputs. The directory is consistent at every moment,
+        and each segment is opened once (``_covers_from`` keeps the
+        descriptor for the load), so the files opened form a consistent set
+        unless a listed one vanished before it was opened. Then the listing
+        is taken again and the selection redone, up to
+        READ_ONLY_OPEN_ATTEMPTS times with a short backoff. A segment that was
+        already missing is absent from the listing: a gap in the sequence,
+        reported as before (CorruptionError, or ``missing_segments``).
+
+        Raises:
+            StorageChangedError: a listed segment vanished in every attempt.
+        """
+        vanished = ""
+        for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
+            if attempt:
+                time.sleep(min(0.001 * 2**attempt, 0.05))
+                names = self._fs.list_dir(self.path)
+                numbers = sorted(
+                    n for n in (parse_segment_file_name(x) for x in names) if n is not None
+                )
+            try:
+                return self._select_segments(numbers)
+            except _SegmentVanished as exc:
+                vanished = exc.path
+                self._close_held()
+                log.debug("%s vanished during a read-only open: listing again", vanished)
+        raise StorageChangedError(self.path, READ_ONLY_OPEN_ATTEMPTS, vanished)
+
+    def _close_held(self) -> None:
+        """Close the descriptors ``_covers_from`` opened that no segment took."""
+        held, self._held = self._held, {}
+        for fd in held.values():
+            self._fs.close(fd)
 
     def _missing_segments(self, missing: list[int], before: int) -> None:
         if self.options.recovery != "salvage":
@@ -499,13 +565,19 @@ class Engine:
             if [m.number for m in marks] != numbers[: len(marks)] or not marks:
                 raise CorruptionError(path, 0, "snapshot names other segments")
             for i, mark in enumerate(marks):
-                seg_fd = self._fs.open_read_only(self._file(segment_file_name(mark.number)))
+                held = self._held.get(mark.number)  # read-only: the file that is loaded
+                seg_fd = (
+                    held
+                    if held is not None
+                    else self._fs.open_read_only(self._file(segment_file_name(mark.number)))
+                )
                 try:
                     size = self._fs.file_size(seg_fd)
                     start = max(0, mark.size - TAIL_BYTES)
                     tail = self._fs.pread(seg_fd, mark.size - start, start)
                 finally:
-                    self._fs.close(seg_fd)
+                    if held is None:
+                        self._fs.close(seg_fd)
                 last = i == len(marks) - 1
                 if (
                     mark.covers_from != self._covers[mark.number]
@@ -547,7 +619,7 @@ class Engine:
     def _load_segment(self, number: int, is_newest: bool, start: int = 0) -> None:
         path = self._file(segment_file_name(number))
         read_only = self.options.read_only
-        fd = self._fs.open_read_only(path) if read_only else self._fs.open_file(path)
+        fd = self._held.pop(number) if read_only else self._fs.open_file(path)
         segment = Segment(number, path, fd, 0, self._covers[number])
         self._segments[number] = segment
         if start > SEGMENT_HEADER_SIZE:
@@ -561,6 +633,8 @@ class Engine:
                 self._scan_segment(segment, appended, start, is_newest)
             return
         data = self._fs.read_all(fd)
+        if read_only and is_newest and len(data) < SEGMENT_HEADER_SIZE:
+            data = self._wait_for_header(fd, data)
         salvage = self.options.recovery == "salvage"
         records_follow = bool(next(fmt.scan_records(data, SEGMENT_HEADER_SIZE, _ignore), None))
         if is_newest and _header_torn(data) and not records_follow:
@@ -603,6 +677,22 @@ class Engine:
                 log.warning("%s: damaged header (%s) moved to %s", path, exc.reason, aside)
                 self._salvage_rewrite(segment, data, [])
         self._scan_segment(segment, data, 0, is_newest)
+
+    def _wait_for_header(self, fd: int, data: bytes) -> bytes:
+        """The newest segment's bytes once its header is whole (read-only open).
+
+        A newest segment shorter than a header is either being created right
+        now by the process holding the directory (a roll: the file exists a
+        moment before its header is written) or the leftover of a crash
+        during its creation. Read it again a few times with a short backoff;
+        still short, it is reported as a torn tail (as before).
+        """
+        for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
+            time.sleep(min(0.001 * 2**attempt, 0.05))
+            data = self._fs.read_all(fd)
+            if len(data) >= SEGMENT_HEADER_SIZE:
+                break
+        return data
 
     def _check_header(self, path: str, number: int, data: bytes) -> None:
         try:

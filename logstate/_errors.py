@@ -19,6 +19,7 @@ __all__ = [
     "OptionConflictError",
     "PickleNotAllowedError",
     "ReadOnlyStorageError",
+    "StorageChangedError",
     "StorageClosedError",
     "StorageFailedError",
     "StorageLockedError",
@@ -71,6 +72,36 @@ class StorageLockedError(LogstateError):
             f"storage directory {path} is locked by {holder} (lock file {path}/LOCK); "
             "only one process may open a storage directory at a time"
         )
+
+
+class StorageChangedError(LogstateError):
+    """A read-only open kept finding the directory changed under it; retry the open.
+
+    A read-only open lists the segment files, then opens them. A compaction by
+    the process that holds the directory can delete or replace a listed file
+    in between; the open then starts again, a bounded number of times. This
+    error means the store kept changing past those attempts (nothing is
+    damaged: open it again, e.g. a moment later).
+
+    Attributes:
+        path: the storage directory.
+        attempts: how many times the open was tried.
+        vanished: the segment file that disappeared during the last attempt.
+    """
+
+    def __init__(self, path: str, attempts: int, vanished: str) -> None:
+        self.path = path
+        self.attempts = attempts
+        self.vanished = vanished
+        super().__init__(
+            f"storage directory {path} kept changing during a read-only open: a listed "
+            f"segment file vanished before it was opened in each of {attempts} attempts "
+            f"(last: {vanished}; compactions by the process that holds the directory); "
+            "nothing is damaged, retry the open"
+        )
+
+    def __reduce__(self) -> tuple[type[StorageChangedError], tuple[str, int, str]]:
+        return (type(self), (self.path, self.attempts, self.vanished))
 
 
 class StorageClosedError(LogstateError):

@@ -10,26 +10,73 @@ Must never: interpret bytes (that is ``_format``) or decide policy (that is
 the engine). ``OSError`` is never swallowed here: a failed call raises.
 
 Files are created 0600 and directories 0700.
+
+POSIX only (Linux, macOS, the BSDs): the directory lock is ``flock`` and
+reads are ``pread``; without ``fcntl`` (Windows) importing this module, and
+so ``import logstate``, raises ImportError saying so. Where ``fcntl`` has
+``F_FULLFSYNC`` (macOS, whose ``fsync`` leaves the data in the drive's
+cache), every fsync and fdatasync is an ``F_FULLFSYNC``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 from collections.abc import Callable
 
 from logstate._errors import StorageLockedError
 
-__all__ = ["DIR_MODE", "FILE_MODE", "LOCK_FILE_NAME", "OS_FS", "FileSystem"]
+try:
+    import fcntl
+except ImportError:  # Windows
+    raise ImportError(
+        "logstate needs a POSIX system (Linux, macOS or a BSD): the fcntl module "
+        "(flock, F_FULLFSYNC) is not available on this platform; Windows is not supported"
+    ) from None
+
+__all__ = ["DIR_MODE", "FILE_MODE", "LOCK_FILE_NAME", "OS_FS", "FileSystem", "sync_functions"]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 LOCK_FILE_NAME = "LOCK"
 
-_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+# F_FULLFSYNC failing with one of these: the file system does not support it
+# (SQLite falls back to fsync then too). Any other error is an I/O error.
+_FULLFSYNC_UNSUPPORTED = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY))
+
+
+def sync_functions(full_fsync: int | None) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """The (fsync, fdatasync) to use, given ``fcntl.F_FULLFSYNC`` (None: the system has none).
+
+    On macOS ``fsync`` hands the data to the drive, which may keep it in its
+    volatile cache; ``fcntl(fd, F_FULLFSYNC)`` also flushes that cache. With
+    it both functions are that fcntl, falling back to ``os.fsync`` only when
+    the file system does not support it (ENOTSUP, EOPNOTSUPP, EINVAL,
+    ENOTTY); an I/O error is raised, never retried as a plain fsync (after a
+    failed sync the state of the data is unknown). Without it: ``os.fsync``
+    and ``os.fdatasync`` (``os.fsync`` where there is no fdatasync).
+
+    Returns:
+        (fsync, fdatasync), each taking a file descriptor.
+    """
+    if full_fsync is None:
+        return os.fsync, getattr(os, "fdatasync", os.fsync)
+    command = full_fsync
+
+    def fullfsync(fd: int) -> None:
+        try:
+            fcntl.fcntl(fd, command)
+        except OSError as exc:
+            if exc.errno not in _FULLFSYNC_UNSUPPORTED:
+                raise
+            os.fsync(fd)
+
+    return fullfsync, fullfsync
+
+
+_fsync, _fdatasync = sync_functions(getattr(fcntl, "F_FULLFSYNC", None))
 
 
 class FileSystem:
@@ -144,9 +191,11 @@ class FileSystem:
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
 
     def fsync(self, fd: int) -> None:
-        os.fsync(fd)
+        """Data and metadata to stable storage (F_FULLFSYNC where it exists)."""
+        _fsync(fd)
 
     def fdatasync(self, fd: int) -> None:
+        """Data (and the size) to stable storage (F_FULLFSYNC where it exists)."""
         _fdatasync(fd)
 
     def truncate(self, fd: int, size: int) -> None:
@@ -172,7 +221,7 @@ class FileSystem:
         """Make the directory's entries (creates, renames, unlinks) durable."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)
+            _fsync(fd)
         finally:
             os.close(fd)
 

@@ -335,7 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--restarts", type=int, default=6, help="how many kills (6)")
     c.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
 
-    worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
+    # no help=: argparse lists every sub-command given one (even SUPPRESS, which it prints)
+    worker = commands.add_parser("demo-worker", description="(internal) the demo's worker")
     worker.set_defaults(func=cmd_demo_worker)
     worker.add_argument("dir")
     worker.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any, Final
 
 from logstate._values import decode_value, encode_value
-from logstate.storage import LocalFileStorage, encode_key
+from logstate.storage import LocalFileStorage, check_key, encode_key
 
 __all__ = ["InMemoryStorage"]
 
@@ -88,7 +88,10 @@ class InMemoryStorage(MutableMapping[str, Any]):
             PickleNotAllowedError: the value needs pickle and the backing
                 storage has allow_pickle=False.
         """
-        encode_key(key)
+        if type(key) is str:
+            encode_key(key)
+        else:
+            key = check_key(key)[0]  # a str subclass is kept as exact str
         if self._backing is None:
             self._data[key] = value
             return
@@ -107,7 +110,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
 
     def _delete(self, key: str) -> bool:
         if type(key) is not str:
-            encode_key(key)
+            key = check_key(key)[0]
         with self._lock:
             if key not in self._data:
                 return False

@@ -10,6 +10,7 @@ byte is written, so a rejected call changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections.abc import Iterator, MutableMapping
@@ -26,7 +27,12 @@ from logstate._engine import (
     join_namespace,
     parse_segment_file_name,
 )
-from logstate._errors import CorruptionError, KeyNotFoundError, StorageClosedError
+from logstate._errors import (
+    CorruptionError,
+    KeyNotFoundError,
+    StorageClosedError,
+    StorageFailedError,
+)
 from logstate._format import (
     MAX_KEY_SIZE,
     MAX_NAME_SIZE,
@@ -38,7 +44,13 @@ from logstate._format import (
 )
 from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
 
-__all__ = ["DEFAULT_DIRECTORY", "MAX_SUB_STORAGE_NAME_SIZE", "Batch", "LocalFileStorage"]
+__all__ = [
+    "DEFAULT_DIRECTORY",
+    "MAX_SUB_STORAGE_NAME_SIZE",
+    "Batch",
+    "LocalFileStorage",
+    "check_key",
+]
 
 DEFAULT_DIRECTORY: Final = "./state"
 MAX_SUB_STORAGE_NAME_SIZE: Final = 255  # UTF-8 bytes, like a file name
@@ -74,8 +86,29 @@ def encode_key(key: object) -> bytes:
     return raw
 
 
+def check_key(key: object) -> tuple[str, bytes]:
+    """Check a key; return it as an exact ``str`` with its UTF-8 bytes.
+
+    A ``str`` subclass (an ``enum.StrEnum`` member, say) becomes the plain
+    ``str`` of the same characters: the index, the records and every key
+    handed back hold exact ``str`` (the subclass's type is not stored, and
+    its ``__str__``, which StrEnum and others override, is not used).
+
+    Raises:
+        TypeError / ValueError: as :func:`encode_key`.
+    """
+    raw = encode_key(key)
+    if type(key) is str:
+        return key, raw
+    assert isinstance(key, str)  # encode_key raised otherwise
+    return str.__str__(key), raw
+
+
 def check_sub_storage_name(name: object) -> str:
     """Check a sub-storage name.
+
+    Returns:
+        The name as an exact ``str`` (a ``str`` subclass is converted).
 
     Raises:
         TypeError: not a str.
@@ -104,7 +137,7 @@ def check_sub_storage_name(name: object) -> str:
         raise ValueError(
             f"sub-storage name is {size} bytes; the limit is {MAX_SUB_STORAGE_NAME_SIZE}"
         )
-    return name
+    return name if type(name) is str else str.__str__(name)
 
 
 class LocalFileStorage(MutableMapping[str, Any]):
@@ -296,7 +329,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
             if not raw_key or len(raw_key) > MAX_KEY_SIZE:
                 encode_key(key)  # raises with the reason
         else:
-            raw_key = encode_key(key)
+            key, raw_key = check_key(key)  # a str subclass is stored as exact str
         if type(value) is bytes:  # encode_value's bytes case, inlined
             encoded = BYTES_PREFIX + value
         else:
@@ -314,7 +347,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         if self._closed:
             raise self._closed_error()
         if type(key) is not str:
-            encode_key(key)
+            key = check_key(key)[0]
         raw = self._engine.get(self._ns, self._ns_bytes, key)
         if raw is None:
             return default
@@ -344,7 +377,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         CRC-verified but not decoded (no pickle is loaded), or None. For tools."""
         if self._closed:
             raise self._closed_error()
-        encode_key(key)
+        key = check_key(key)[0]
         raw = self._engine.get(self._ns, self._ns_bytes, key)
         return None if raw is None else bytes(raw)
 
@@ -355,7 +388,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
     def _remove(self, key: str) -> bool:
         if self._closed:
             raise self._closed_error()
-        raw_key = encode_key(key)
+        key, raw_key = check_key(key)
         return self._engine.delete(self._ns, self._ns_bytes, key, raw_key)
 
     def contains_key(self, key: str) -> bool:
@@ -363,7 +396,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         if self._closed:
             raise self._closed_error()
         if type(key) is not str:
-            encode_key(key)
+            key = check_key(key)[0]
         return self._engine.contains(self._ns, key)
 
     def has_key(self, key: str) -> bool:
@@ -497,10 +530,19 @@ class LocalFileStorage(MutableMapping[str, Any]):
         self._engine.sync()
 
     def close(self) -> None:
-        """Release this handle; the last handle of a directory closes it (after a sync).
+        """Sync, then release this handle; the last handle of a directory closes it.
 
-        Closing twice is allowed. Every other call on a closed handle raises
+        Every close syncs (fdatasync of everything written so far, in every
+        sync mode), also while other handles (sub-storages, other opens in
+        this process) keep the directory open; the last handle also writes
+        the index snapshot, closes the files and releases the directory lock.
+        Nothing is synced on a read-only or failed storage. Closing twice is
+        allowed. Every other call on a closed handle raises
         :class:`StorageClosedError`.
+
+        Raises:
+            OSError: the sync failed (the handle is released all the same;
+                the storage then refuses writes until reopened).
         """
         if not self._closed:
             # Released before the handle is marked closed: an interrupt in
@@ -508,6 +550,11 @@ class LocalFileStorage(MutableMapping[str, Any]):
             self._reference.release()
             self._closed = True
             self._finalizer.detach()
+            engine = self._engine
+            if not (engine.closed or engine.options.read_only or engine.failed is not None):
+                # closed meanwhile (after its own final sync) or failed: nothing to do
+                with contextlib.suppress(StorageClosedError, StorageFailedError):
+                    engine.sync()  # other handles keep it open: sync what was written
 
     def __enter__(self) -> LocalFileStorage:
         if self._closed:
@@ -552,7 +599,7 @@ class Batch:
     def set(self, key: str, value: Any) -> None:
         """Add a set of ``key`` to ``value``."""
         self._check_open()
-        raw_key = encode_key(key)
+        key, raw_key = check_key(key)
         value_bytes = encode_value(value, self._storage._allow_pickle)
         storage = self._storage
         self._ops.append(
@@ -563,7 +610,7 @@ class Batch:
     def remove(self, key: str) -> None:
         """Add a delete of ``key`` (no error when it is not stored)."""
         self._check_open()
-        raw_key = encode_key(key)
+        key, raw_key = check_key(key)
         storage = self._storage
         self._ops.append((REC_DELETE, storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key))
         self._names.append((storage._ns, key))

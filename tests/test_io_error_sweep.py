@@ -58,8 +58,15 @@ class Run:
         return self.handles[""]
 
     def close(self) -> None:
+        """Close every handle (sub-storages first; each close syncs); raise the first error."""
+        error: BaseException | None = None
         for name in sorted(self.handles, reverse=True):
-            self.handles[name].close()
+            try:
+                self.handles[name].close()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 Namespaces = dict[str, dict[str, Any]]
