@@ -9,7 +9,12 @@ simulates a power loss; the engine receives the instance and never calls
 Must never: interpret bytes (that is ``_format``) or decide policy (that is
 the engine). ``OSError`` is never swallowed here: a failed call raises.
 
-Files are created 0600 and directories 0700.
+Files are created 0600 and directories 0700. Every descriptor is opened
+close-on-exec (``O_CLOEXEC``; Python's default too, PEP 446), so an exec'd
+child inherits none. A forked child inherits them all: the directory locks
+this process holds are closed in the child at the fork (see
+:func:`_close_locks_in_child`), so that a child outliving its parent does
+not keep the parent's directory locked.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 from collections.abc import Callable
 
 from logstate._errors import StorageLockedError
@@ -30,6 +36,51 @@ DIR_MODE = 0o700
 LOCK_FILE_NAME = "LOCK"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# Descriptors of the directory locks this process holds (LOCK files, flock).
+# A forked child shares their open file descriptions, hence the locks: the
+# child closes its copies at the fork (closing a copy leaves the parent's
+# lock in place; only flock(LOCK_UN) or closing the last copy releases it).
+# _locks_guard is held while a lock descriptor is opened or closed, and
+# across fork(), so that the set matches the descriptors the child inherits.
+_held_locks: set[int] = set()
+_locks_guard = threading.Lock()
+
+
+def _hold_locks_guard_for_fork() -> None:
+    _locks_guard.acquire()
+
+
+def _release_locks_guard_after_fork() -> None:
+    _locks_guard.release()
+
+
+def _close_locks_in_child() -> None:
+    """In a forked child: close the inherited directory lock descriptors.
+
+    Raises:
+        OSError: a close failed (after trying every descriptor); Python
+            reports an exception of a fork handler and the child goes on.
+    """
+    fds = sorted(_held_locks)
+    _held_locks.clear()
+    _locks_guard.release()  # taken by this thread before the fork
+    errors: list[OSError] = []
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:  # pragma: no cover - closing a valid fd does not fail on Linux
+            errors.append(exc)
+    if errors:  # pragma: no cover
+        raise errors[0]
+
+
+os.register_at_fork(
+    before=_hold_locks_guard_for_fork,
+    after_in_parent=_release_locks_guard_after_fork,
+    after_in_child=_close_locks_in_child,
+)
 
 
 class FileSystem:
@@ -68,14 +119,16 @@ class FileSystem:
     # ------------------------------------------------------------------ files
     def create_file(self, path: str) -> int:
         """Create a new file (it must not exist) for reading and appending."""
-        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        return os.open(
+            path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _CLOEXEC, FILE_MODE
+        )
 
     def open_file(self, path: str) -> int:
         """Open an existing file for reading and appending."""
-        return os.open(path, os.O_RDWR | os.O_APPEND)
+        return os.open(path, os.O_RDWR | os.O_APPEND | _CLOEXEC)
 
     def open_read_only(self, path: str) -> int:
-        return os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY | _CLOEXEC)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -179,30 +232,34 @@ class FileSystem:
                 description) holds the lock; names the holder's pid when known.
         """
         lock_path = os.path.join(path, LOCK_FILE_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        with _locks_guard:  # no fork between the open and the record of the descriptor
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _CLOEXEC, FILE_MODE)
             try:
-                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                pid: int | None = int(text) if text.isdigit() else None
-            finally:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    pid: int | None = int(text) if text.isdigit() else None
+                finally:
+                    os.close(fd)
+                raise StorageLockedError(path, pid) from None
+            except BaseException:
                 os.close(fd)
-            raise StorageLockedError(path, pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
+                raise
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            _held_locks.add(fd)
         return fd
 
     def unlock_dir(self, fd: int) -> None:
         """Release the lock taken by :meth:`lock_dir` (closing releases the flock)."""
-        os.close(fd)
+        with _locks_guard:
+            _held_locks.discard(fd)
+            os.close(fd)
 
 
 OS_FS = FileSystem()

@@ -240,6 +240,8 @@ class LocalFileStorage(MutableMapping[str, Any]):
         return handle
 
     def _closed_error(self) -> StorageClosedError:
+        if self._engine._forked_from is not None:  # an inherited handle in a forked child
+            return self._engine._closed_error()
         return StorageClosedError(f"storage handle on {self.path} is closed")
 
     # ------------------------------------------------------------------ properties
