@@ -119,9 +119,7 @@ class FileSystem:
     # ------------------------------------------------------------------ files
     def create_file(self, path: str) -> int:
         """Create a new file (it must not exist) for reading and appending."""
-        return os.open(
-            path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _CLOEXEC, FILE_MODE
-        )
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _CLOEXEC, FILE_MODE)
 
     def open_file(self, path: str) -> int:
         """Open an existing file for reading and appending."""

@@ -32,7 +32,8 @@ __all__ = ["InMemoryStorage"]
 
 _IMMUTABLE: Final = frozenset((str, bytes, int, float, bool, type(None)))
 _MISSING: Final[Any] = object()
-_instances: weakref.WeakSet[InMemoryStorage] = weakref.WeakSet()  # for the fork handler
+# every live instance, for the fork handler (by id: a mapping is not hashable)
+_instances: weakref.WeakValueDictionary[int, InMemoryStorage] = weakref.WeakValueDictionary()
 
 
 class InMemoryStorage(MutableMapping[str, Any]):
@@ -59,7 +60,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
             )
         self._backing = backing_storage
         self._lock = threading.RLock()
-        _instances.add(self)
+        _instances[id(self)] = self
         self._data: dict[str, Any] = {}
         self._pending: dict[str, bytes | None] = {}  # key -> encoded value, or None: deleted
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
@@ -257,7 +258,7 @@ def _new_locks_in_child() -> None:
     child; a flush to a backing storage inherited from the parent raises
     StorageForkedError.
     """
-    for storage in list(_instances):
+    for storage in list(_instances.values()):
         storage._lock = threading.RLock()
 
 

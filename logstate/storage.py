@@ -578,7 +578,7 @@ class Batch:
         """Write the operations as one group; returns how many were written."""
         self._check_open()
         self._done = True
-        if self._storage._closed:
+        if self._storage.closed:  # the handle, or its engine (in a forked child, say)
             raise self._storage._closed_error()
         return self._storage._engine.write_group(self._ops, names=self._names)
 
