@@ -49,7 +49,7 @@ def _env() -> dict[str, str]:
 
 def _read_exactly_all(fd: int, deadline: float) -> bytes:
     """Everything written to pipe ``fd`` until it is closed, or raise at the deadline."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
@@ -113,10 +113,12 @@ def store_bytes(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def fill(storage: LocalFileStorage, n: int = 200) -> dict[str, Any]:
-    expected: dict[str, Any] = {}
-    for i in range(n):
-        storage[f"k{i}"] = expected[f"k{i}"] = {"i": i, "pad": "x" * (i % 50)}
+def fill(storage: LocalFileStorage, n: int = 100) -> dict[str, Any]:
+    """``n`` keys written in one batch (one sync whatever the mode); returns them."""
+    expected: dict[str, Any] = {f"k{i}": {"i": i, "pad": "x" * (i % 50)} for i in range(n)}
+    with storage.batch() as batch:
+        for key, value in expected.items():
+            batch.set(key, value)
     return expected
 
 
@@ -333,7 +335,7 @@ EXIT_SCRIPT = RECORDING + textwrap.dedent(
                                segment_size=4096, compact_min_size=0, compact_ratio=0.1)
     sub = storage.get_or_create_sub_storage("sub")
     memory = InMemoryStorage(storage)
-    for i in range(300):  # rolls segments: background compactions run meanwhile
+    for i in range(160):  # rolls segments: background compactions run meanwhile
         storage[f"k{i % 40}"] = "v" * 100 + str(i)
     memory["m"] = 1
     memory.flush()
@@ -442,8 +444,9 @@ HELD_LOCKS_SCRIPT = textwrap.dedent(
     directory = sys.argv[1]
     storage = LocalFileStorage(directory, sync="always")
     memory = InMemoryStorage(storage)
-    for i in range(50):
-        storage[f"k{i}"] = i
+    with storage.batch() as batch:
+        for i in range(50):
+            batch.set(f"k{i}", i)
     engine = storage._engine
     held, release = threading.Event(), threading.Event()
 
