@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import mmap
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ from logstate._errors import (
     StorageChangedError,
     StorageClosedError,
     StorageFailedError,
+    StorageForkedError,
     SubStorageDeletedError,
     UnsupportedFormatError,
 )
@@ -256,12 +258,15 @@ class Engine:
     (positioned reads of immutable, already-written bytes).
     """
 
+    # In a child forked from the process that opened this engine: that
+    # process's pid (see _after_fork_in_child); every method then raises.
+    _forked_from: int | None = None
+
     def __init__(self, path: str, options: EngineOptions, fs: FileSystem = OS_FS) -> None:
         self.path = path
         self.options = options
         self._fs = fs
         self._os_write = fs.raw_write_function()
-        self._unlock_function = fs.raw_unlock_function()
         # Every lock is a plain C lock taken with ``with``: an exception raised
         # between two bytecodes (KeyboardInterrupt, SystemExit from a signal
         # handler) can never leave one held (threading.Condition and Event
@@ -942,12 +947,14 @@ class Engine:
     # ================================================================== write path
     def _check_writable(self) -> None:
         """Raise unless writes are allowed; finish an interrupted write first. Under ``_lock``."""
+        if self._forked_from is not None:
+            raise self._closed_error()
         if self._in_flight is not None or self._installing is not None:
             self._settle()
         if self.options.read_only:
             raise ReadOnlyStorageError(f"storage {self.path} was opened read-only")
         if self._closed or self._closing:
-            raise StorageClosedError(f"storage {self.path} is closed")
+            raise self._closed_error()
         if self._failed is not None:
             raise StorageFailedError(
                 f"storage {self.path} refuses writes after an earlier I/O error "
@@ -1451,10 +1458,14 @@ class Engine:
     # ================================================================== compaction
     def compact(self) -> CompactionResult:
         """Compact every sealed segment now (see ``_compact``); returns what it did."""
+        if self._forked_from is not None:
+            raise self._closed_error()
         return run_compaction(self)
 
     def stats(self) -> dict[str, int]:
         """Sizes in bytes: total on disk, live (pointed to by the index), dead; counts."""
+        if self._forked_from is not None:
+            raise self._closed_error()
         with self._lock:
             total = sum(segment.size for segment in self._segments.values())
             return {
@@ -1605,7 +1616,7 @@ class Engine:
         """Make everything written so far durable now (fdatasync)."""
         with self._lock:
             if self._closed:
-                raise StorageClosedError(f"storage {self.path} is closed")
+                raise self._closed_error()
             self._check_writable()
             end_pos = self._written_pos
         self._commit(end_pos)
@@ -1641,7 +1652,9 @@ class Engine:
         that proves the record is this key's; anything unusual (a value in a
         compressed group, a mismatch to report) takes :meth:`_read_value`.
         """
-        if self._closed or self._in_flight is not None:
+        if self._closed:
+            raise self._closed_error()
+        if self._in_flight is not None:
             return self._read_settled(ns, key)
         index = self._namespaces.get(ns)
         if index is None:
@@ -1694,7 +1707,7 @@ class Engine:
             raise StorageClosedError(f"storage {self.path} is closed")
         with self._lock:
             if self._closed or self._closing:
-                raise StorageClosedError(f"storage {self.path} is closed")
+                raise self._closed_error()
             self._interrupted()  # a write or switch an exception cut short: finish it
             index = self._namespaces.get(ns)
             if index is None:
@@ -1862,19 +1875,21 @@ class Engine:
 
     def _namespace_for_read(self, ns: str) -> dict[str, Location]:
         if self._closed:
-            raise StorageClosedError(f"storage {self.path} is closed")
+            raise self._closed_error()
         if self._in_flight is not None or self._installing is not None:
             with self._lock:
                 self._interrupted()
         return self._namespace(ns)
 
     def has_namespace(self, ns: str) -> bool:
+        if self._forked_from is not None:
+            raise self._closed_error()
         return ns in self._namespaces
 
     def child_namespaces(self, ns: str) -> list[str]:
         """Names (not paths) of the sub-storages directly below ``ns``."""
         if self._closed:
-            raise StorageClosedError(f"storage {self.path} is closed")
+            raise self._closed_error()
         prefix = ns + NS_SEPARATOR if ns else ""
         with self._lock:
             return sorted(
@@ -1885,9 +1900,11 @@ class Engine:
 
     def checkpoint(self) -> bytes | memoryview | None:
         """The encoded value of the last checkpoint written, or None."""
+        if self._closed:
+            raise self._closed_error()
         with self._lock:  # rare: read it where the index and the files agree
             if self._closed:
-                raise StorageClosedError(f"storage {self.path} is closed")
+                raise self._closed_error()
             loc = self._checkpoint
             if loc is None:
                 return None
@@ -1969,13 +1986,62 @@ class Engine:
         except OSError as exc:  # a cache: the next open scans instead
             log.warning("%s: index snapshot not written: %r", self.path, exc)
 
+    def _closed_error(self) -> StorageClosedError:
+        """The error for a call on this closed engine (StorageForkedError in a forked child)."""
+        if self._forked_from is not None:
+            return StorageForkedError(self.path, self._forked_from, os.getpid())
+        return StorageClosedError(f"storage {self.path} is closed")
+
+    def _after_fork(self, owner_pid: int) -> None:
+        """In a child forked from ``owner_pid``: make this inherited engine unusable.
+
+        Writes nothing and syncs nothing (the files belong to the parent),
+        takes no lock (a parent thread may have held any of them at the
+        fork: the child has no such thread to release them), and closes the
+        child's copies of the segment descriptors and mappings (the parent's
+        stay open). The directory lock's descriptor is closed by ``_fs``'s
+        fork handler; closing the child's copy leaves the parent's lock held.
+        Marked closed, the hot paths take their slow checks, which raise
+        :class:`StorageForkedError`. Threads (interval sync, compaction) do
+        not survive a fork.
+        """
+        self._forked_from = owner_pid
+        self._closed = True
+        self._released = True  # close() returns at once: nothing here is the child's
+        self._in_flight = self._installing = None
+        self._lock = threading.Lock()
+        self._compact_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._compaction_gate = threading.Lock()
+        self._lock_fd = None
+        self._thread = None
+        self._compact_thread = None
+        self._active = None
+        segments = list(self._segments.values())
+        self._segments = {}
+        maps = self._retired_maps + [s.map for s in segments if s.map is not None]
+        fds = self._retired_fds + [s.fd for s in segments]
+        self._retired_maps = []
+        self._retired_fds = []
+        for segment in segments:
+            segment.map = None
+            segment.mapped = 0
+        for mapping in maps:
+            with contextlib.suppress(BufferError):  # a view of it still in use: left mapped
+                mapping.close()
+        for fd in fds:
+            try:
+                self._fs.close(fd)
+            except OSError:  # pragma: no cover - close of a valid fd does not fail on Linux
+                log.exception("%s: closing an inherited descriptor in a forked child", self.path)
+
     def _release_resources(self) -> None:
         """Close every mapping and descriptor and release the directory lock.
 
         Idempotent, for a close that an exception interrupted: each resource
         is taken out of the engine before it is closed, and the lock's
-        descriptor is closed by a C call with nothing interruptible between
-        forgetting it and closing it.
+        descriptor is forgotten only once ``unlock_dir`` (idempotent) closed it.
         """
         self._closed = True  # first: unlocked readers check it before anything else
         for segment in self._segments.values():
@@ -1992,14 +2058,15 @@ class Engine:
                 log.exception("closing %s", segment.path)
         fd = self._lock_fd
         if fd is not None:
-            unlock = self._unlock_function
+            self._fs.unlock_dir(fd, self.path)  # a resumed close may call it again
             self._lock_fd = None
-            unlock(fd)
         self._released = True
 
     # ================================================================== invariants
     def _check(self) -> None:
         """Assert the engine's invariants (tests call this after each step)."""
+        if self._forked_from is not None:
+            raise self._closed_error()
         with self._lock:
             assert "" in self._namespaces, "root namespace missing"
             for ns in self._namespaces:
@@ -2023,7 +2090,7 @@ class Engine:
 
 # ====================================================================== registry
 _registry: dict[str, Engine] = {}
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()  # re-entrant: a lost Reference may be released inside it
 
 
 def acquire_reference(
@@ -2127,7 +2194,7 @@ def add_reference(engine: Engine) -> Reference:
     """One more handle shares ``engine`` (a sub-storage handle)."""
     with _registry_lock:
         if engine.closed:
-            raise StorageClosedError(f"storage {engine.path} is closed")
+            raise engine._closed_error()
         return _counted(engine)
 
 
@@ -2150,7 +2217,7 @@ class Reference:
         release_engine(self.engine, self)
 
     def __del__(self) -> None:
-        if not self.released:
+        if not getattr(self, "released", True):  # (an __init__ cut short set nothing)
             try:
                 release_engine(self.engine, self)
             except Exception:  # pragma: no cover - nothing to raise to in a finalizer
@@ -2194,3 +2261,26 @@ def open_engines() -> Iterable[Engine]:
     """Engines currently open in this process (for tests and diagnostics)."""
     with _registry_lock:
         return list(_registry.values())
+
+
+_registry_pid = os.getpid()  # the process whose engines the registry holds
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: forget the parent's engines, and make them unusable.
+
+    The child is another process: a new open of a directory is a fresh open
+    (StorageLockedError while the parent holds it), and an inherited handle
+    raises StorageForkedError. The registry lock is created anew: a parent
+    thread may have held it at the fork.
+    """
+    global _registry_lock, _registry_pid
+    _registry_lock = threading.RLock()
+    owner, _registry_pid = _registry_pid, os.getpid()
+    engines = list(_registry.values())
+    _registry.clear()
+    for engine in engines:
+        engine._after_fork(owner)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

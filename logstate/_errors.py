@@ -22,6 +22,7 @@ __all__ = [
     "StorageChangedError",
     "StorageClosedError",
     "StorageFailedError",
+    "StorageForkedError",
     "StorageLockedError",
     "SubStorageDeletedError",
     "UnsupportedFormatError",
@@ -106,6 +107,36 @@ class StorageChangedError(LogstateError):
 
 class StorageClosedError(LogstateError):
     """An operation was attempted on a closed storage handle."""
+
+
+class StorageForkedError(StorageClosedError):
+    """A storage opened by a parent process was used in a child forked from it.
+
+    The child's copy of the open storage is closed at the fork, without
+    syncing or writing anything: the directory belongs to the parent, and
+    writes from a second process would corrupt the parent's view of it. A
+    child that needs the storage opens the directory itself (it then gets
+    :class:`StorageLockedError` while the parent has it open).
+
+    Attributes:
+        path: the storage directory.
+        owner_pid: the process that opened the storage (the parent).
+        pid: the forked process that tried to use it.
+    """
+
+    def __init__(self, path: str, owner_pid: int, pid: int) -> None:
+        self.path = path
+        self.owner_pid = owner_pid
+        self.pid = pid
+        super().__init__(
+            f"storage {path} was opened by process {owner_pid}; process {pid} is a child "
+            "forked from it and cannot use that open storage (closed in the child at the "
+            "fork, nothing written); open the directory in the child instead, after the "
+            "parent has closed it"
+        )
+
+    def __reduce__(self) -> tuple[type[StorageForkedError], tuple[str, int, int]]:
+        return (type(self), (self.path, self.owner_pid, self.pid))
 
 
 class StorageFailedError(LogstateError):

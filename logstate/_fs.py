@@ -9,7 +9,12 @@ simulates a power loss; the engine receives the instance and never calls
 Must never: interpret bytes (that is ``_format``) or decide policy (that is
 the engine). ``OSError`` is never swallowed here: a failed call raises.
 
-Files are created 0600 and directories 0700.
+Files are created 0600 and directories 0700. Every descriptor is opened
+close-on-exec (``O_CLOEXEC``; Python's default too, PEP 446), so an exec'd
+child inherits none. A forked child inherits them all: the directory locks
+this process holds are closed in the child at the fork (see
+:func:`_close_locks_in_child`), so that a child outliving its parent does
+not keep the parent's directory locked.
 
 POSIX only (Linux, macOS, the BSDs): the directory lock is ``flock`` and
 reads are ``pread``; without ``fcntl`` (Windows) importing this module, and
@@ -24,6 +29,7 @@ import contextlib
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Callable
 
 from logstate._errors import StorageLockedError
@@ -78,6 +84,52 @@ def sync_functions(full_fsync: int | None) -> tuple[Callable[[int], None], Calla
 
 _fsync, _fdatasync = sync_functions(getattr(fcntl, "F_FULLFSYNC", None))
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# Descriptors of the directory locks this process holds (LOCK files, flock).
+# A forked child shares their open file descriptions, hence the locks: the
+# child closes its copies at the fork (closing a copy leaves the parent's
+# lock in place; only flock(LOCK_UN) or closing the last copy releases it).
+# _locks_guard is held while a lock descriptor is opened or closed, and
+# across fork(), so that the set matches the descriptors the child inherits.
+_held_locks: dict[int, str] = {}  # descriptor -> the locked directory
+_locks_guard = threading.Lock()
+
+
+def _hold_locks_guard_for_fork() -> None:
+    _locks_guard.acquire()
+
+
+def _release_locks_guard_after_fork() -> None:
+    _locks_guard.release()
+
+
+def _close_locks_in_child() -> None:
+    """In a forked child: close the inherited directory lock descriptors.
+
+    Raises:
+        OSError: a close failed (after trying every descriptor); Python
+            reports an exception of a fork handler and the child goes on.
+    """
+    fds = sorted(_held_locks)
+    _held_locks.clear()
+    _locks_guard.release()  # taken by this thread before the fork
+    errors: list[OSError] = []
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:  # pragma: no cover - closing a valid fd does not fail on Linux
+            errors.append(exc)
+    if errors:  # pragma: no cover
+        raise errors[0]
+
+
+os.register_at_fork(
+    before=_hold_locks_guard_for_fork,
+    after_in_parent=_release_locks_guard_after_fork,
+    after_in_child=_close_locks_in_child,
+)
+
 
 class FileSystem:
     """Thin wrappers over ``os``; one instance is shared by every engine."""
@@ -115,14 +167,14 @@ class FileSystem:
     # ------------------------------------------------------------------ files
     def create_file(self, path: str) -> int:
         """Create a new file (it must not exist) for reading and appending."""
-        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _CLOEXEC, FILE_MODE)
 
     def open_file(self, path: str) -> int:
         """Open an existing file for reading and appending."""
-        return os.open(path, os.O_RDWR | os.O_APPEND)
+        return os.open(path, os.O_RDWR | os.O_APPEND | _CLOEXEC)
 
     def open_read_only(self, path: str) -> int:
-        return os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY | _CLOEXEC)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -153,15 +205,6 @@ class FileSystem:
         there, and must see every write).
         """
         return os.write if type(self).append is FileSystem.append else None
-
-    def raw_unlock_function(self) -> Callable[[int], None]:
-        """:meth:`unlock_dir` as a C function (``os.close``) when it is the plain one.
-
-        An exception raised between bytecodes (KeyboardInterrupt) cannot
-        land inside a C call: the engine forgets the descriptor and closes it
-        with nothing interruptible in between, so the lock is never kept.
-        """
-        return os.close if type(self).unlock_dir is FileSystem.unlock_dir else self.unlock_dir
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
@@ -237,30 +280,48 @@ class FileSystem:
                 description) holds the lock; names the holder's pid when known.
         """
         lock_path = os.path.join(path, LOCK_FILE_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        with _locks_guard:  # no fork between the open and the record of the descriptor
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _CLOEXEC, FILE_MODE)
             try:
-                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                pid: int | None = int(text) if text.isdigit() else None
-            finally:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    pid: int | None = int(text) if text.isdigit() else None
+                finally:
+                    os.close(fd)
+                raise StorageLockedError(path, pid) from None
+            except BaseException:
                 os.close(fd)
-            raise StorageLockedError(path, pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
+                raise
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            _held_locks[fd] = path
         return fd
 
-    def unlock_dir(self, fd: int) -> None:
-        """Release the lock taken by :meth:`lock_dir` (closing releases the flock)."""
-        os.close(fd)
+    def unlock_dir(self, fd: int, path: str | None = None) -> None:
+        """Release the lock taken by :meth:`lock_dir` (closing releases the flock).
+
+        Args:
+            path: the directory ``lock_dir`` locked; given, a descriptor that
+                no longer holds that directory's lock is left alone, so that
+                a release interrupted and called again closes it only once
+                (never a descriptor another lock reused the number for).
+        """
+        with _locks_guard:
+            if path is None:
+                _held_locks.pop(fd, None)
+            elif _held_locks.get(fd) == path:
+                # nothing interruptible between forgetting and closing it: a
+                # signal is raised after a call returns, and ``del`` is not one
+                del _held_locks[fd]
+            else:
+                return  # released already
+            os.close(fd)
 
 
 OS_FS = FileSystem()

@@ -19,7 +19,9 @@ a re-serialisation of every untouched key.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Final
 
@@ -30,6 +32,8 @@ __all__ = ["InMemoryStorage"]
 
 _IMMUTABLE: Final = frozenset((str, bytes, int, float, bool, type(None)))
 _MISSING: Final[Any] = object()
+# every live instance, for the fork handler (by id: a mapping is not hashable)
+_instances: weakref.WeakValueDictionary[int, InMemoryStorage] = weakref.WeakValueDictionary()
 
 
 class InMemoryStorage(MutableMapping[str, Any]):
@@ -56,6 +60,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
             )
         self._backing = backing_storage
         self._lock = threading.RLock()
+        _instances[id(self)] = self
         self._data: dict[str, Any] = {}
         self._pending: dict[str, bytes | None] = {}  # key -> encoded value, or None: deleted
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
@@ -246,3 +251,18 @@ class InMemoryStorage(MutableMapping[str, Any]):
             self._pending = {}
             watched.update(rewritten)
             return written
+
+
+def _new_locks_in_child() -> None:
+    """In a forked child: a new lock for every InMemoryStorage.
+
+    A parent thread may have held one at the fork (in a flush, say); the
+    child has no such thread to release it. The dicts stay usable in the
+    child; a flush to a backing storage inherited from the parent raises
+    StorageForkedError.
+    """
+    for storage in list(_instances.values()):
+        storage._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)

@@ -277,6 +277,8 @@ class LocalFileStorage(MutableMapping[str, Any]):
         return handle
 
     def _closed_error(self) -> StorageClosedError:
+        if self._engine._forked_from is not None:  # an inherited handle in a forked child
+            return self._engine._closed_error()
         return StorageClosedError(f"storage handle on {self.path} is closed")
 
     # ------------------------------------------------------------------ properties
@@ -630,7 +632,7 @@ class Batch:
         """Write the operations as one group; returns how many were written."""
         self._check_open()
         self._done = True
-        if self._storage._closed:
+        if self._storage.closed:  # the handle, or its engine (in a forked child, say)
             raise self._storage._closed_error()
         return self._storage._engine.write_group(self._ops, names=self._names)
 

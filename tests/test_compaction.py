@@ -408,9 +408,9 @@ class TrackingFS(FileSystem):
         self._closing(fd)
         super().close(fd)
 
-    def unlock_dir(self, fd: int) -> None:
+    def unlock_dir(self, fd: int, path: str | None = None) -> None:
         self._closing(fd)
-        super().unlock_dir(fd)
+        super().unlock_dir(fd, path)
 
     def write_new_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
         fd = self.create_file(path)

@@ -20,6 +20,7 @@ import faulthandler
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ State = dict[str, dict[str, Any]]
 
 @pytest.fixture(autouse=True)
 def watchdog() -> Iterator[None]:
-    faulthandler.dump_traceback_later(240, exit=True)
+    faulthandler.dump_traceback_later(240, exit=True, file=sys.__stderr__)
     yield
     faulthandler.cancel_dump_traceback_later()
 
