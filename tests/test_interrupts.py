@@ -38,7 +38,9 @@ State = dict[str, dict[str, Any]]
 
 @pytest.fixture(autouse=True)
 def watchdog() -> Iterator[None]:
-    faulthandler.dump_traceback_later(240, exit=True, file=sys.__stderr__)
+    stderr = sys.__stderr__
+    assert stderr is not None
+    faulthandler.dump_traceback_later(240, exit=True, file=stderr)
     yield
     faulthandler.cancel_dump_traceback_later()
 
