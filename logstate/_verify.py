@@ -101,7 +101,7 @@ def compare_snapshot_with_scan(scan: Engine) -> SnapshotComparison:
             False, "the segments are damaged: a full scan is not what open would rebuild", []
         )
     if not scan._fs.exists(scan.path + "/" + SNAPSHOT_FILE_NAME):
-        return SnapshotComparison(False, "no index snapshot (the next open scans)", [])
+        return SnapshotComparison(False, "there is none (the next open scans)", [])
     options = scan.options._replace(use_snapshot=True, recovery="strict")
     try:
         other = Engine(scan.path, options, scan._fs)
