@@ -64,7 +64,8 @@ HANG_TIMEOUT = 15.0  # seconds; an open that returns takes milliseconds
 
 
 def build_store(directory: Path) -> dict[str, Any]:
-    """Two segments (the sealed one larger): plain records, overwrites, a zstd group, a checkpoint."""
+    """Two segments (the sealed one larger): plain records, overwrites, a zstd
+    group, a checkpoint."""
     expected: dict[str, Any] = {}
     with LocalFileStorage(directory, compress_min_size=0, **OPTIONS) as s:
         for i in range(40):
@@ -255,7 +256,7 @@ def test_symlinks_among_temporary_and_aside_files_are_never_written_through(
     assert target.read_bytes() == before
 
 
-# ============================================================================ 2. FIFOs and other special files
+# ============================================================================ 2. FIFOs, directories
 
 
 @pytest.mark.parametrize("which", ["newest", "sealed"])
@@ -360,9 +361,13 @@ def a_location(snap: Snapshot, kind: str, sealed: bool = True) -> tuple[str, Any
     for key, loc in snap.namespaces[""].items():
         if kind == "compressed" and type(loc) is tuple:
             return key, loc
-        if kind == "record" and type(loc) is int and loc & 3 == KIND_RECORD:
-            if (unpack_location(loc)[0] == first) == sealed:
-                return key, loc
+        if (
+            kind == "record"
+            and type(loc) is int
+            and loc & 3 == KIND_RECORD
+            and (unpack_location(loc)[0] == first) == sealed
+        ):
+            return key, loc
     raise AssertionError(f"no {kind} location in the store")
 
 
@@ -480,6 +485,7 @@ def test_check_reports_a_snapshot_location_at_an_older_record_of_the_key(
         old = s._engine._namespaces[""]["k"]
         s["k"] = "new value"  # the same size
         new = s._engine._namespaces[""]["k"]
+    assert type(old) is int and type(new) is int
     assert location_size(old) == location_size(new)
     rewrite_snapshot(directory, lambda snap: with_location(snap, "k", old))
     with LocalFileStorage(directory, read_only=True) as s:
