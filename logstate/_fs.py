@@ -53,7 +53,7 @@ _KINDS: Final = (
 
 def not_regular_error(path: str, mode: int) -> CorruptionError:
     """The error for ``path`` (of ``st_mode`` ``mode``) found where a logstate file belongs."""
-    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    kind = next((name for test, name in _KINDS if test(mode)), "of an unknown kind")
     return CorruptionError(
         path,
         0,
@@ -138,9 +138,9 @@ class FileSystem:
             FileExistsError: ``path`` exists (a symbolic link included, even
                 a dangling one: it is never followed).
         """
-        return os.open(
-            path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _SAFE_OPEN, FILE_MODE
-        )
+        # O_EXCL makes it a new regular file: no O_NONBLOCK, no fstat needed
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(path, flags, FILE_MODE)
 
     def open_file(self, path: str) -> int:
         """Open an existing regular file for reading and appending.
