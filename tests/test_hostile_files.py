@@ -544,3 +544,20 @@ def test_check_of_a_clean_store_says_the_snapshot_matches_a_full_scan(
     (directory / SNAPSHOT_FILE_NAME).write_bytes(b"not a snapshot")
     code, out, _err = run_cli("check", str(directory))
     assert code == 0 and "index.snapshot: not compared: not used by open (" in out
+
+
+def test_the_snapshot_comparison_is_skipped_when_a_writer_appended_between_the_opens(
+    store: tuple[Path, dict[str, Any]],
+) -> None:
+    directory, _expected = store
+    with LocalFileStorage(directory, read_only=True) as used, pytest.raises(ValueError):
+        used.compare_snapshot_with_scan()  # not a full scan
+    with LocalFileStorage(
+        directory, read_only=True, use_snapshot=False, recovery="salvage"
+    ) as scan:
+        assert scan.compare_snapshot_with_scan() == (True, "", [])
+        with LocalFileStorage(directory, **OPTIONS) as writer:
+            writer["appended"] = "after the scan"
+        result = scan.compare_snapshot_with_scan()
+    assert (result.compared, result.differences) == (False, [])
+    assert "run it again" in result.note
