@@ -213,6 +213,7 @@ class RecoveryReport:
     )  # path, off, size, reason
     missing_segments: list[int] = field(default_factory=list)
     snapshot_used: bool = False  # the index came from index.snapshot (plus a scan of newer bytes)
+    snapshot_refused: str = ""  # why an index.snapshot present was not used ("" otherwise)
 
     @property
     def clean(self) -> bool:
@@ -564,6 +565,8 @@ class Engine:
             fd = self._fs.open_read_only(path)
             try:
                 snapshot = decode_snapshot(self._fs.read_all(fd))
+            except CorruptionError as exc:
+                raise CorruptionError(path, exc.offset, exc.reason) from None
             finally:
                 self._fs.close(fd)
             marks = snapshot.segments
@@ -594,6 +597,7 @@ class Engine:
                     raise CorruptionError(path, 0, f"segment {mark.number} changed since")
         except (CorruptionError, OSError, ValueError, OverflowError) as exc:
             log.info("%s: index snapshot not used (%s); scanning the segments", self.path, exc)
+            self.report.snapshot_refused = str(exc)
             return {}
         self._namespaces = snapshot.namespaces
         self._checkpoint = snapshot.checkpoint

@@ -21,6 +21,13 @@ reads are ``pread``; without ``fcntl`` (Windows) importing this module, and
 so ``import logstate``, raises ImportError saying so. Where ``fcntl`` has
 ``F_FULLFSYNC`` (macOS, whose ``fsync`` leaves the data in the drive's
 cache), every fsync and fdatasync is an ``F_FULLFSYNC``.
+
+Every file inside a storage directory is opened with ``O_NOFOLLOW`` and
+``O_NONBLOCK`` and checked with ``fstat`` before it is used: a symbolic link,
+a FIFO, a socket, a device or a directory where logstate expects one of its
+files raises :class:`CorruptionError` naming the file (never a write through
+a link, never an open that blocks on a FIFO). The storage directory's own
+path may be a symbolic link: :meth:`FileSystem.canonical_path` resolves it.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
+from typing import Final
 
-from logstate._errors import StorageLockedError
+from logstate._errors import CorruptionError, StorageLockedError
 
 try:
     import fcntl
@@ -42,7 +51,15 @@ except ImportError:  # Windows
         "(flock, F_FULLFSYNC) is not available on this platform; Windows is not supported"
     ) from None
 
-__all__ = ["DIR_MODE", "FILE_MODE", "LOCK_FILE_NAME", "OS_FS", "FileSystem", "sync_functions"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "LOCK_FILE_NAME",
+    "OS_FS",
+    "FileSystem",
+    "not_regular_error",
+    "sync_functions",
+]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -84,7 +101,6 @@ def sync_functions(full_fsync: int | None) -> tuple[Callable[[int], None], Calla
 
 _fsync, _fdatasync = sync_functions(getattr(fcntl, "F_FULLFSYNC", None))
 
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 # Descriptors of the directory locks this process holds (LOCK files, flock).
 # A forked child shares their open file descriptions, hence the locks: the
@@ -130,6 +146,63 @@ os.register_at_fork(
     after_in_child=_close_locks_in_child,
 )
 
+# Added to every open of a file inside a storage directory (see the module docstring).
+_SAFE_OPEN: Final = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS: Final = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def not_regular_error(path: str, mode: int) -> CorruptionError:
+    """The error for ``path`` (of ``st_mode`` ``mode``) found where a logstate file belongs."""
+    kind = next((name for test, name in _KINDS if test(mode)), "of an unknown kind")
+    return CorruptionError(
+        path,
+        0,
+        f"is {kind}, not a regular file; logstate writes only regular files into a storage "
+        "directory and never follows a link or reads a special file there: move it out of "
+        "the directory (or put the file itself in its place) and open again",
+    )
+
+
+def _open_regular(path: str, flags: int, mode: int = FILE_MODE) -> int:
+    """``os.open`` of a regular file inside a storage directory, never through a link.
+
+    Opens with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO does not block the open),
+    checks the result is a regular file, then clears ``O_NONBLOCK``.
+
+    Raises:
+        CorruptionError: ``path`` is a symbolic link, FIFO, socket, device or
+            directory (offset 0, ``reason`` names which).
+        OSError: any other failure (missing file, permissions, ...).
+    """
+    try:
+        fd = os.open(path, flags | _SAFE_OPEN, mode)
+    except OSError as exc:
+        # ELOOP (a link, with O_NOFOLLOW), EISDIR, ENXIO (a socket), ...: name
+        # what is in the way; anything else (ENOENT, EACCES) is raised as is.
+        try:
+            found = os.lstat(path).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISREG(found):
+            raise
+        raise not_regular_error(path, found) from None
+    try:
+        found = os.fstat(fd).st_mode
+        if not stat.S_ISREG(found):
+            raise not_regular_error(path, found)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 class FileSystem:
     """Thin wrappers over ``os``; one instance is shared by every engine."""
@@ -166,15 +239,32 @@ class FileSystem:
 
     # ------------------------------------------------------------------ files
     def create_file(self, path: str) -> int:
-        """Create a new file (it must not exist) for reading and appending."""
-        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _CLOEXEC, FILE_MODE)
+        """Create a new file (it must not exist) for reading and appending.
+
+        Raises:
+            FileExistsError: ``path`` exists (a symbolic link included, even
+                a dangling one: it is never followed).
+        """
+        # O_EXCL makes it a new regular file: no O_NONBLOCK, no fstat needed
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(path, flags, FILE_MODE)
 
     def open_file(self, path: str) -> int:
-        """Open an existing file for reading and appending."""
-        return os.open(path, os.O_RDWR | os.O_APPEND | _CLOEXEC)
+        """Open an existing regular file for reading and appending.
+
+        Raises:
+            CorruptionError: ``path`` is not a regular file (a symbolic link,
+                a FIFO, ...: see :func:`not_regular_error`).
+        """
+        return _open_regular(path, os.O_RDWR | os.O_APPEND)
 
     def open_read_only(self, path: str) -> int:
-        return os.open(path, os.O_RDONLY | _CLOEXEC)
+        """Open an existing regular file for reading.
+
+        Raises:
+            CorruptionError: ``path`` is not a regular file (as :meth:`open_file`).
+        """
+        return _open_regular(path, os.O_RDONLY)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -278,10 +368,12 @@ class FileSystem:
         Raises:
             StorageLockedError: another process (or another open file
                 description) holds the lock; names the holder's pid when known.
+            CorruptionError: ``LOCK`` is a symbolic link, a FIFO or another
+                non-regular file (refused before anything is written to it).
         """
         lock_path = os.path.join(path, LOCK_FILE_NAME)
         with _locks_guard:  # no fork between the open and the record of the descriptor
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _CLOEXEC, FILE_MODE)
+            fd = _open_regular(lock_path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -30,10 +30,22 @@ from __future__ import annotations
 import marshal
 import struct
 import sys
+from collections.abc import Iterable
 from typing import Any, Final, NamedTuple
 
 from logstate._errors import CorruptionError
-from logstate._format import crc32c
+from logstate._format import (
+    GROUP_HEADER_SIZE,
+    GROUP_OP_SIZE,
+    GROUP_RAW_SIZE,
+    MAX_RECORD_SIZE,
+    NS_SEPARATOR,
+    RECORD_OVERHEAD,
+    SEGMENT_HEADER_SIZE,
+    SEQ_SIZE,
+    crc32c,
+)
+from logstate._location import OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_SHIFT, U32, U40
 
 SNAPSHOT_FILE_NAME: Final = "index.snapshot"
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
@@ -42,6 +54,10 @@ SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
 assert SNAPSHOT_HEADER.size == 28
 TAIL_BYTES: Final = 4096
 MAX_MARK_FIELD: Final = 1 << 48  # segment numbers, sizes and offsets are far below this
+# A snapshot's sequence number must be below this: the record field holds
+# 2**64 - 1, and a store opened from the snapshot must be able to write (2**63
+# more records: no store comes near it).
+MAX_SEQ: Final = 1 << (8 * SEQ_SIZE - 1)
 
 
 class SegmentMark(NamedTuple):
@@ -88,6 +104,17 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
 def decode_snapshot(data: bytes) -> Snapshot:
     """Decode and sanity-check a snapshot.
 
+    Every field is checked against what logstate itself could have written:
+    the shape and types, ``seq`` below :data:`MAX_SEQ`, every segment mark's
+    size within the offset field, every location (and the checkpoint's)
+    inside the byte range of the segment it names, between the header and
+    the mark's size, no smaller than the smallest record or operation, of a
+    known kind, and ``live_bytes`` equal to the sum of the locations' sizes.
+    What no check of the snapshot alone can tell (a location inside its
+    segment but at another record) is caught when the value is read, which
+    proves the record is that key's, and by ``logstate check``, which
+    compares the snapshot with a full scan.
+
     Raises:
         CorruptionError: anything wrong (the caller then scans instead);
             ``reason`` says what.
@@ -109,8 +136,14 @@ def decode_snapshot(data: bytes) -> Snapshot:
     try:
         namespaces, checkpoint, seq, live_bytes, raw_marks = marshal.loads(body)
         marks = [SegmentMark(*mark) for mark in raw_marks]
-    except (ValueError, TypeError, EOFError) as exc:
-        raise CorruptionError("", SNAPSHOT_HEADER.size, f"snapshot body: {exc}") from None
+    except Exception as exc:
+        # marshal runs no code of the data's choosing, so whatever it raises
+        # comes from bytes logstate did not write: ValueError, EOFError and
+        # TypeError, but also SystemError (a code object with bad fields),
+        # MemoryError or RecursionError. Any of them means "scan".
+        raise CorruptionError(
+            "", SNAPSHOT_HEADER.size, f"snapshot body: {type(exc).__name__}: {exc}"
+        ) from None
     if not (
         type(namespaces) is dict
         and "" in namespaces
@@ -121,44 +154,107 @@ def decode_snapshot(data: bytes) -> Snapshot:
         and marks
     ):
         raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body has the wrong shape")
+    if not 0 <= seq < MAX_SEQ:
+        raise CorruptionError(
+            "", SNAPSHOT_HEADER.size, f"snapshot sequence number {seq} is out of range"
+        )
+    if any(mark.size > U40 for mark in marks):
+        raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot names a segment past 1 TiB")
     bad = CorruptionError("", SNAPSHOT_HEADER.size, "snapshot holds a bad key or location")
-    numbers = {mark.number for mark in marks}
-    if not _is_location(checkpoint, numbers, allow_none=True):
+    # [low, high) of a packed location in each segment: offset >= header;
+    # the end (``loc + (size << 34)`` puts offset + size in the offset field)
+    # at most the mark's size
+    low = {m.number: m.number << SEGMENT_SHIFT | SEGMENT_HEADER_SIZE << OFFSET_SHIFT for m in marks}
+    high = {m.number: m.number << SEGMENT_SHIFT | (m.size + 1) << OFFSET_SHIFT for m in marks}
+    limits = {mark.number: mark.size for mark in marks}
+    if checkpoint is not None and _mixed_locations_size([checkpoint], low, high, limits) is None:
         raise bad
+    total = 0
     for ns, index in namespaces.items():
-        if type(ns) is not str or (ns and ns.rpartition("/")[0] not in namespaces):
+        if type(ns) is not str or (ns and ns.rpartition(NS_SEPARATOR)[0] not in namespaces):
             raise bad
-        if not set(map(type, index)) <= {str}:
+        try:
+            # every name a str (join raises TypeError) that UTF-8 can encode
+            "".join(index).encode("utf-8")
+            ns.encode("utf-8")
+        except (TypeError, ValueError):
+            raise bad from None
+        try:
+            found = _int_locations_size(index.values(), low, high)
+        except TypeError:  # compressed-group tuples among them (or garbage)
+            found = _mixed_locations_size(index.values(), low, high, limits)
+        if found is None:
             raise bad
-        kinds = set(map(type, index.values()))
-        if not index:
-            continue
-        if kinds == {int}:
-            # Each int location's segment is not checked one by one (that
-            # would cost a third of the load time): the range is, and every
-            # read checks the record's CRC and key, and names a missing
-            # segment as corruption.
-            if min(index.values()) < 1 << 74 or max(index.values()) >> 74 > max(numbers):
-                raise bad
-        elif not kinds <= {int, tuple} or not all(
-            _is_location(loc, numbers) for loc in index.values()
-        ):
-            raise bad
+        total += found
+    if live_bytes != total:
+        raise CorruptionError(
+            "",
+            SNAPSHOT_HEADER.size,
+            f"snapshot says {live_bytes} live bytes, its locations add up to {total}",
+        )
     return Snapshot(namespaces, checkpoint, seq, live_bytes, marks)
 
 
-def _is_location(loc: object, numbers: set[int], allow_none: bool = False) -> bool:
-    """A packed int or a compressed-group tuple naming one of ``numbers``."""
-    if loc is None:
-        return allow_none
-    if type(loc) is int:
-        return loc >= 0 and loc >> 74 in numbers
-    return (
-        type(loc) is tuple
-        and len(loc) == 5
-        and all(type(x) is int and 0 <= x < MAX_MARK_FIELD for x in loc)
-        and loc[0] in numbers
-    )
+# Smallest size << 2 of a location of each kind (index: the kind); a kind
+# outside the tuple is refused by the IndexError.
+_MIN_SIZE: Final = (RECORD_OVERHEAD << SIZE_SHIFT, GROUP_OP_SIZE << SIZE_SHIFT)
+_SIZE_BITS: Final = U32 << SIZE_SHIFT
+_MIN_GROUP_RECORD: Final = RECORD_OVERHEAD + GROUP_HEADER_SIZE + GROUP_RAW_SIZE.size
+
+
+def _int_locations_size(
+    values: Iterable[Any], low: dict[int, int], high: dict[int, int]
+) -> int | None:
+    """Total size of packed-int locations, or None when one is out of bounds.
+
+    The hot loop of a snapshot load (one pass over every key): no call, no
+    unpacking. ``low``/``high`` map each segment number to the range its
+    packed locations must fall in (see :func:`decode_snapshot`).
+
+    Raises:
+        TypeError: a value is not an int (a compressed-group tuple, or
+            something else): the caller checks them one by one.
+    """
+    total = 0
+    min_size = _MIN_SIZE
+    size_bits = _SIZE_BITS
+    try:
+        for loc in values:
+            t = loc & size_bits  # size << 2
+            if t < min_size[loc & 3] or not low[loc >> 74] <= loc < high[loc >> 74] - (t << 32):
+                return None
+            total += t
+    except (KeyError, IndexError):  # no such segment; kind 2 or 3
+        return None
+    return total >> SIZE_SHIFT
+
+
+def _mixed_locations_size(
+    values: Iterable[Any], low: dict[int, int], high: dict[int, int], limits: dict[int, int]
+) -> int | None:
+    """As :func:`_int_locations_size` for values that may be compressed-group tuples."""
+    total = 0
+    for loc in values:
+        if type(loc) is int:
+            found = _int_locations_size((loc,), low, high)
+            if found is None:
+                return None
+            total += found
+        elif type(loc) is tuple and len(loc) == 5 and all(type(x) is int for x in loc):
+            number, record_offset, record_size, op_offset, op_size = loc
+            limit = limits.get(number)
+            if not (
+                limit is not None
+                and record_offset >= SEGMENT_HEADER_SIZE
+                and _MIN_GROUP_RECORD <= record_size <= limit - record_offset
+                and op_offset >= 0
+                and GROUP_OP_SIZE <= op_size <= MAX_RECORD_SIZE - op_offset
+            ):
+                return None
+            total += op_size
+        else:
+            return None
+    return total
 
 
 def tail_crc(data: bytes | memoryview) -> int:

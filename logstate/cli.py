@@ -74,6 +74,10 @@ def _open_existing(directory: str, **options: Any) -> LocalFileStorage:
     return LocalFileStorage(directory, auto_create_dir=False, **options)
 
 
+def _storage_name(ns: str) -> str:
+    return f"sub-storage {ns!r}" if ns else "the root storage"
+
+
 def _mib(size: int) -> str:
     return f"{size:,} bytes ({size / 1048576:.2f} MiB)"
 
@@ -110,7 +114,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Read-only: every record's checksum (salvage scan), every live value read back."""
+    """Read-only: every record's checksum (salvage scan), every live value read back,
+    and the index snapshot compared with that full scan."""
     progress = Progress(args.quiet)
     problems: list[str] = []
     try:
@@ -146,9 +151,29 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if checked % 10000 == 0:
                     progress.show(f"checked {checked:,} values")
         stats = storage.stats()
+        snapshot = storage.compare_snapshot_with_scan()
     progress.done()
+    snapshot_path = os.path.join(storage.path, "index.snapshot")
+    for diff in snapshot.differences:
+        subject = {
+            "key": f"key {diff.key!r} of {_storage_name(diff.namespace)}",
+            "sub-storage": _storage_name(diff.namespace),
+        }.get(diff.what, f"the {diff.what}")
+        problems.append(
+            f"{snapshot_path}: {subject}: the snapshot gives {diff.snapshot}, "
+            f"a full scan {diff.scan}"
+        )
     for line in problems:
         print(f"DAMAGED {line}")
+    if snapshot.differences:
+        print(
+            f"index.snapshot: {len(snapshot.differences)} difference(s) from a full scan: "
+            "delete it (a cache: the next open scans)"
+        )
+    elif snapshot.compared:
+        print("index.snapshot: matches a full scan")
+    else:
+        print(f"index.snapshot: not compared: {snapshot.note}")
     status = "damaged" if problems else "clean"
     print(
         f"{args.dir}: {status}: {stats['segments']} segment(s), {report.records:,} record(s) "
@@ -278,7 +303,8 @@ def _parser() -> argparse.ArgumentParser:
         "verify every record and structure (read-only); exit 0 clean, 1 damaged",
         cmd_check,
         "Scan every segment and verify every record's checksum, then read back every live "
-        "value. Read-only: works on a storage a live process holds, changes nothing.",
+        "value, and compare the index snapshot with the full scan (every difference is a "
+        "problem). Read-only: works on a storage a live process holds, changes nothing.",
     )
     c.add_argument("dir")
     c.add_argument("--quiet", action="store_true", help="no progress output")

@@ -43,6 +43,7 @@ from logstate._format import (
     encode_name,
 )
 from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
+from logstate._verify import SnapshotComparison, compare_snapshot_with_scan
 
 __all__ = [
     "DEFAULT_DIRECTORY",
@@ -523,6 +524,25 @@ class LocalFileStorage(MutableMapping[str, Any]):
     def report(self) -> RecoveryReport:
         """What the last open of the directory found and repaired."""
         return self._engine.report
+
+    def compare_snapshot_with_scan(self) -> SnapshotComparison:
+        """Compare what ``index.snapshot`` gives with this handle's index, a full scan.
+
+        The handle must be open with ``read_only=True, use_snapshot=False``.
+        A second, snapshot-based read-only view of the directory is opened
+        and closed; every difference (sub-storage, key and location,
+        checkpoint, sequence number, live bytes) is listed. ``logstate
+        check`` uses it: a snapshot whose locations are in bounds but point
+        at an older record of a key is found only this way.
+
+        Raises:
+            ValueError: the handle is writable or used the snapshot.
+            StorageClosedError: the handle is closed.
+            OSError: reading the files failed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        return compare_snapshot_with_scan(self._engine)
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
