@@ -69,7 +69,12 @@ _MAX_CHUNK_BYTES = 16 << 20
 
 @dataclass
 class CompactionResult:
-    """What one compaction did (all sizes in bytes)."""
+    """What one compaction did (all sizes in bytes).
+
+    ``output`` None: nothing was compacted (no sealed segment, or an output
+    that would have been larger than its inputs; then ``bytes_after`` equals
+    ``bytes_before`` and nothing changed on disk).
+    """
 
     inputs: list[int] = field(default_factory=list)
     output: int | None = None
