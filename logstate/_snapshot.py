@@ -41,7 +41,7 @@ from __future__ import annotations
 import marshal
 import struct
 import sys
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, overload
 
 import zstandard
 
@@ -76,6 +76,10 @@ class Snapshot(NamedTuple):
     segments: list[SegmentMark]
 
 
+@overload
+def encode_snapshot(snapshot: Snapshot) -> bytes: ...
+@overload
+def encode_snapshot(snapshot: Snapshot, max_size: int) -> bytes | None: ...
 def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | None:
     """The bytes of ``index.snapshot`` for ``snapshot``.
 

@@ -34,7 +34,13 @@ from hypothesis import strategies as st
 from logstate import InMemoryStorage, LocalFileStorage, _engine
 from logstate import _format as fmt
 from logstate._location import sizes
-from logstate._snapshot import SNAPSHOT_FILE_NAME, SNAPSHOT_HEADER, SNAPSHOT_MAGIC, decode_snapshot
+from logstate._snapshot import (
+    SNAPSHOT_FILE_NAME,
+    SNAPSHOT_HEADER,
+    SNAPSHOT_MAGIC,
+    decode_snapshot,
+    encode_snapshot,
+)
 
 SMALL: dict[str, Any] = {"sync": "none", "segment_size": 4096, "auto_compact": False}
 
@@ -280,7 +286,7 @@ def test_no_snapshot_is_written_when_even_compressed_it_outweighs_the_segments(
         for i in range(50):
             root.set(f"k{i}", i)
     assert (tmp_path / SNAPSHOT_FILE_NAME).exists()  # a stale one, from the first close
-    encode = _engine.encode_snapshot
+    encode = encode_snapshot
 
     def tiny_bound(snapshot: Any, max_size: int | None = None) -> bytes | None:
         return encode(snapshot, max_size=SNAPSHOT_HEADER.size)
@@ -324,7 +330,7 @@ def version_1_snapshot(data: bytes) -> bytes:
 
 def test_a_store_with_a_version_1_snapshot_still_opens_by_scanning(tmp_path: Path) -> None:
     with LocalFileStorage(tmp_path, **SMALL, compress_min_size=0) as root:
-        model = flush_keys(root, 300)
+        model: dict[str, Any] = dict(flush_keys(root, 300))
         root.set("plain", "record")
         model["plain"] = "record"
     path = tmp_path / SNAPSHOT_FILE_NAME
