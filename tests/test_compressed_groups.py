@@ -6,7 +6,9 @@ The promises checked (logstate/_location.py, _compact.py, _snapshot.py):
   the record takes on disk, not by its decompressed size: ``stats()`` never
   reports negative dead bytes, after a flush, after partial overwrites and
   deletes of the group's keys, and after a reopen (scan or snapshot), and
-  ``_check()`` holds (live bytes == sizes of the indexed locations <= disk).
+  ``_check()`` holds (live bytes == sizes of the indexed locations <= disk);
+  the automatic compaction trigger, which reads the same figures, sees a
+  dead compressed group.
 - Compaction never grows the store: values of compressed groups stay in
   compressed groups, operations of uncompressed groups stay in groups, and
   an output that would outgrow its inputs is abandoned (nothing changes).
@@ -344,3 +346,31 @@ def test_a_store_with_a_version_1_snapshot_still_opens_by_scanning(tmp_path: Pat
         root._check()
         assert contents(root) == model
     assert os.path.getsize(path) <= segment_bytes(tmp_path)
+
+
+def test_automatic_compaction_counts_a_compressed_groups_dead_share(tmp_path: Path) -> None:
+    """Two flushes of the same keys: the first group is dead, half the store. The
+    trigger (at the roll the third flush causes) sees it, and compacts."""
+    options: dict[str, Any] = {
+        "sync": "none",
+        "segment_size": 64 * 1024,
+        "compress_min_size": 0,
+        "auto_compact": True,
+        "compact_ratio": 0.4,
+        "compact_min_size": 0,
+    }
+    with LocalFileStorage(tmp_path, **options) as root:
+        flush_keys(root, 3_000)
+        flush_keys(root, 3_000)
+        engine = root._engine
+        assert len(engine._segments) == 1 and engine._compact_thread is None
+        stats = root.stats()
+        assert stats["dead_bytes"] >= 0.4 * stats["total_bytes"], stats
+        model = flush_keys(root, 3_000)  # does not fit: a roll, where the trigger is read
+        thread = engine._compact_thread
+        assert thread is not None, "the dead group did not start a compaction"
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert root.stats()["total_bytes"] < stats["total_bytes"]
+        assert_live_bytes_fit_the_disk(root)
+        assert contents(root) == model
