@@ -247,6 +247,12 @@ def test_compaction_never_grows_the_store_over_plain_and_compressed_writes(
             assert_live_bytes_fit_the_disk(root)
         root._check()
         assert dict(root.items()) == model
+        # what the compactions installed is exactly what replaying their output rebuilds
+        with LocalFileStorage(directory, read_only=True, use_snapshot=False) as scan:
+            engine, other = root._engine, scan._engine
+            assert other._namespaces == engine._namespaces
+            assert other._checkpoint == engine._checkpoint
+            assert other._live_bytes == engine._live_bytes
         sub.close()
     for use_snapshot in (True, False):
         with LocalFileStorage(directory, **SMALL, use_snapshot=use_snapshot) as again:
