@@ -14,13 +14,25 @@ before the output is durable under its final name; drop a tombstone unless
 the compaction covers every older segment. Every compaction covers all
 sealed segments, from the oldest, so the deletes, clears and sub-storage
 drops it leaves out can hide nothing older (Bitcask lost deletes by dropping
-tombstones in partial merges: its issues #82 and #148).
+tombstones in partial merges: its issues #82 and #148). Must never grow the
+store either: an output that would be larger than its inputs is abandoned,
+and the inputs stay as they are.
 
 Writers are blocked only twice, briefly: while the live locations are listed
 and while the index is switched to the output. A key written during the
 compaction keeps its newer location (the switch only moves a location that
 did not change meanwhile), and the output is numbered below the active
 segment, so replay order stays right.
+
+What the output holds: the live whole records, copied byte for byte; the
+live operations of groups, written again as groups (not as one record each,
+which would add 8 bytes per operation, or undo the compression): those of
+uncompressed groups in uncompressed groups of about ``_CHUNK_BYTES``, those
+of zstd-compressed groups in compressed groups (the store's ``zstd_level``)
+that end at the end of an input group once they hold ``_CHUNK_BYTES`` of
+operations, so that a group whose values are all live is written again
+whole. No output group holds more than ``_MAX_CHUNK_BYTES`` of operations
+(unless one operation is larger). Then the checkpoint, as one record.
 """
 
 from __future__ import annotations
@@ -31,11 +43,13 @@ from typing import TYPE_CHECKING
 
 from logstate import _format as fmt
 from logstate._errors import CorruptionError, StorageClosedError
-from logstate._format import REC_CREATE_NS, SEGMENT_HEADER_SIZE
+from logstate._format import REC_CREATE_NS, REC_GROUP, SEGMENT_HEADER_SIZE
 from logstate._location import (
+    KIND_GROUP_OP,
     KIND_RECORD,
     Location,
     Segment,
+    compressed_location,
     location_segment,
     pack_location,
     unpack_location,
@@ -43,16 +57,24 @@ from logstate._location import (
 
 if TYPE_CHECKING:
     from logstate._engine import Engine
+    from logstate._fs import FileSystem
 
 log = logging.getLogger("logstate")
 
 COMPACT_TMP_SUFFIX = ".compact.tmp"
 _FLUSH_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 20  # operations of an output group (see the module docstring)
+_MAX_CHUNK_BYTES = 16 << 20
 
 
 @dataclass
 class CompactionResult:
-    """What one compaction did (all sizes in bytes)."""
+    """What one compaction did (all sizes in bytes).
+
+    ``output`` None: nothing was compacted (no sealed segment, or an output
+    that would have been larger than its inputs; then ``bytes_after`` equals
+    ``bytes_before`` and nothing changed on disk).
+    """
 
     inputs: list[int] = field(default_factory=list)
     output: int | None = None
@@ -84,21 +106,32 @@ class _Reader:
 
     def record(self, location: Location, seq: int) -> tuple[int, bytes]:
         """(operation type, a whole record to copy) for a live location, CRC-checked."""
-        engine = self._engine
         if type(location) is int:
             number, offset, size, kind = unpack_location(location)
-            data = self._segment_data(number)
-            chunk = data[offset : offset + size]
-            path = engine._segments[number].path
-            try:
-                if kind == KIND_RECORD:  # copied byte for byte, seq and CRC included
+            if kind == KIND_RECORD:  # copied byte for byte, seq and CRC included
+                chunk = self._segment_data(number)[offset : offset + size]
+                try:
                     return fmt.check_record(chunk), chunk
+                except CorruptionError as exc:
+                    path = self._engine._segments[number].path
+                    raise CorruptionError(path, offset + exc.offset, exc.reason) from None
+        op = self.op(location)
+        return op[4], fmt.encode_record(op[4], seq, op[fmt.GROUP_OP_SIZE :])
+
+    def op(self, location: Location) -> bytes:
+        """The bytes (op_crc type length body) of a live operation of a group, CRC-checked."""
+        engine = self._engine
+        if type(location) is int:
+            number, offset, size, _kind = unpack_location(location)
+            chunk = self._segment_data(number)[offset : offset + size]
+            try:
                 fmt.check_group_op(chunk)
             except CorruptionError as exc:
+                path = engine._segments[number].path
                 raise CorruptionError(path, offset + exc.offset, exc.reason) from None
-            return chunk[4], fmt.encode_record(chunk[4], seq, chunk[fmt.GROUP_OP_SIZE :])
+            return chunk
         assert isinstance(location, tuple)
-        number, record_offset, _record_size, op_offset, op_size = location
+        number, record_offset, _record_size, op_offset, op_size = location[:5]
         self._segment_data(number)
         raw = self._groups.get((number, record_offset))
         if raw is None:
@@ -111,19 +144,107 @@ class _Reader:
             raise CorruptionError(
                 path, record_offset, f"in compressed group: {exc.reason}"
             ) from None
-        return op[4], fmt.encode_record(op[4], seq, op[fmt.GROUP_OP_SIZE :])
+        return op
+
+
+class _OutputNotSmaller(Exception):
+    """The output has outgrown its inputs: compacting would grow the store."""
+
+
+class _Output:
+    """The output file being written: buffered appends, and the size it must stay within."""
+
+    def __init__(self, fs: FileSystem, fd: int, header: bytes, limit: int) -> None:
+        self._fs = fs
+        self._fd = fd
+        self._limit = limit
+        self.buffer = bytearray(header)
+        self.written = 0
+
+    def add(self, record: bytes) -> int:
+        """Append ``record``; return its offset in the file.
+
+        Raises:
+            _OutputNotSmaller: the output now holds more bytes than its inputs.
+        """
+        offset = self.written + len(self.buffer)
+        if offset + len(record) > self._limit:
+            raise _OutputNotSmaller
+        self.buffer += record
+        if len(self.buffer) >= _FLUSH_BYTES:
+            self.flush()
+        return offset
+
+    def flush(self) -> None:
+        self._fs.append(self._fd, self.buffer)
+        self.written += len(self.buffer)
+        self.buffer.clear()
+
+
+@dataclass
+class _Chunk:
+    """Live operations of groups, waiting to be written as one output group."""
+
+    compress: bool  # they come from zstd-compressed groups
+    ops: list[bytes] = field(default_factory=list)
+    entries: list[tuple[str, str, Location]] = field(default_factory=list)  # ns, key, old
+    size: int = 0
+    source: object = None  # the input group of the last operation
+
+    def add(self, op: bytes, source: object, entry: tuple[str, str, Location]) -> bool:
+        """Take ``op`` (of input group ``source``); True when the chunk must be
+        written out first (then call :meth:`write`, and ``add`` again)."""
+        if self.ops and (
+            self.size + len(op) > _MAX_CHUNK_BYTES
+            or (self.size >= _CHUNK_BYTES and source != self.source)
+        ):
+            return True
+        self.ops.append(op)
+        self.entries.append(entry)
+        self.size += len(op)
+        self.source = source
+        return False
+
+    def write(
+        self,
+        out: _Output,
+        number: int,
+        seq: int,
+        zstd_level: int,
+        moved: list[tuple[str, str, Location, Location]],
+    ) -> None:
+        """Write the chunk as one group record of segment ``number``; empty it."""
+        raw = b"".join(self.ops)
+        body = fmt.group_body(raw, len(self.ops), 0 if self.compress else None, zstd_level)
+        record = fmt.encode_record(REC_GROUP, seq, body)
+        offset = out.add(record)
+        compressed = body[0] & fmt.GROUP_FLAG_ZSTD
+        op_offset = 0 if compressed else offset + fmt.RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+        for (ns, key, old), op in zip(self.entries, self.ops, strict=True):
+            size = len(op)
+            new: Location
+            if compressed:
+                new = compressed_location(number, offset, len(record), op_offset, size, len(raw))
+            else:
+                new = pack_location(number, op_offset, size, KIND_GROUP_OP)
+            moved.append((ns, key, old, new))
+            op_offset += size
+        self.ops.clear()
+        self.entries.clear()
+        self.size = 0
 
 
 def _depth_first(ns: str) -> tuple[int, str]:
     return ns.count("/"), ns
 
 
-def _read_order(item: tuple[Location, str, str]) -> tuple[int, int]:
+def _read_order(item: tuple[Location, str, str]) -> tuple[int, int, int]:
     location = item[0]
     if type(location) is int:
-        return unpack_location(location)[:2]
+        number, offset, _size, _kind = unpack_location(location)
+        return number, offset, 0
     assert isinstance(location, tuple)
-    return location[0], location[1]
+    return location[0], location[1], location[3]
 
 
 def compact(engine: Engine) -> CompactionResult:
@@ -177,37 +298,53 @@ def compact(engine: Engine) -> CompactionResult:
         if fs.exists(tmp_path):
             fs.unlink(tmp_path)
         fd = fs.create_file(tmp_path)
-        moved: list[tuple[str, str, Location, int]] = []
+        moved: list[tuple[str, str, Location, Location]] = []
         new_checkpoint: int | None = None
+        level = engine.options.zstd_level
         try:
-            buffer = bytearray(fmt.encode_segment_header(hi))
-            buffer += fmt.encode_compacted_record(seq, lo)
+            out = _Output(fs, fd, fmt.encode_segment_header(hi), result.bytes_before)
+            out.add(fmt.encode_compacted_record(seq, lo))
             for ns in namespaces:
-                buffer += fmt.encode_record(REC_CREATE_NS, seq, fmt.encode_name(ns))
-            written = 0
+                out.add(fmt.encode_record(REC_CREATE_NS, seq, fmt.encode_name(ns)))
             reader = _Reader(engine)
+            plain, packed = _Chunk(compress=False), _Chunk(compress=True)
             for loc, ns, key in live:
-                _op_type, record = reader.record(loc, seq)
-                offset = written + len(buffer)
-                moved.append((ns, key, loc, pack_location(hi, offset, len(record), KIND_RECORD)))
-                buffer += record
-                if len(buffer) >= _FLUSH_BYTES:
-                    fs.append(fd, buffer)
-                    written += len(buffer)
-                    buffer.clear()
+                if type(loc) is int and loc & 3 == KIND_RECORD:
+                    _op_type, record = reader.record(loc, seq)
+                    offset = out.add(record)
+                    moved.append(
+                        (ns, key, loc, pack_location(hi, offset, len(record), KIND_RECORD))
+                    )
+                else:
+                    op = reader.op(loc)
+                    # the input group: a compressed one's place; each plain op its own
+                    chunk, source = (packed, loc[:2]) if isinstance(loc, tuple) else (plain, loc)
+                    if chunk.add(op, source, (ns, key, loc)):
+                        chunk.write(out, hi, seq, level, moved)
+                        chunk.add(op, source, (ns, key, loc))
                 if engine._closing:
                     raise StorageClosedError(f"storage {engine.path} closed during compaction")
+            for chunk in (plain, packed):
+                if chunk.ops:
+                    chunk.write(out, hi, seq, level, moved)
             if checkpoint is not None:
                 _op_type, record = reader.record(checkpoint, seq)
-                offset = written + len(buffer)
+                offset = out.add(record)
                 new_checkpoint = pack_location(hi, offset, len(record), KIND_RECORD)
-                buffer += record
-            fs.append(fd, buffer)
-            written += len(buffer)
+            out.flush()
+            written = out.written
             fs.fdatasync(fd)
-        except BaseException:
+        except BaseException as exc:
             fs.close(fd)
             fs.unlink(tmp_path)
+            if isinstance(exc, _OutputNotSmaller):
+                log.info(
+                    "%s: compacting segments %s would not make them smaller; left as they are",
+                    engine.path,
+                    inputs,
+                )
+                before = result.bytes_before
+                return CompactionResult(bytes_before=before, bytes_after=before)
             raise
         fs.close(fd)
         result.bytes_after = written

@@ -62,6 +62,7 @@ from logstate._location import (
     CompressedLocation,
     Location,
     Segment,
+    compressed_location,
     location_size,
     pack_location,
     sizes,
@@ -284,7 +285,7 @@ class Engine:
         # a compaction's index switch an exception interrupted: see _switch_to_output
         self._installing: (
             tuple[
-                list[tuple[str, str, Location, int]],
+                list[tuple[str, str, Location, Location]],
                 Location | None,
                 int | None,
                 list[int],
@@ -616,9 +617,17 @@ class Engine:
                 SegmentMark(segment.number, segment.covers_from, segment.size, tail_crc(tail))
             )
         data = encode_snapshot(
-            Snapshot(self._namespaces, self._checkpoint, self._seq, self._live_bytes, marks)
+            Snapshot(self._namespaces, self._checkpoint, self._seq, self._live_bytes, marks),
+            max_size=sum(mark.size for mark in marks),
         )
         path = self._file(SNAPSHOT_FILE_NAME)
+        if data is None:
+            # Larger than the data it indexes, even compressed: open scans
+            # instead; an older snapshot would only be read to be refused.
+            log.info("%s: index snapshot not written (larger than the segments)", self.path)
+            if self._fs.exists(path):
+                self._fs.unlink(path)
+            return
         tmp = path + TMP_SUFFIX
         if self._fs.exists(tmp):
             self._fs.unlink(tmp)
@@ -858,6 +867,8 @@ class Engine:
         kind, ops = fmt.replay_frame(data, frame.offset, frame.size, frame.record_type)
         namespaces = self._namespaces
         high = segment << 74
+        compressed = kind == fmt.FRAME_COMPRESSED_GROUP and ops
+        raw_size = ops[-1][3] + ops[-1][4] if compressed else 0  # the decompressed op list
         for op_type, ns, key, op_offset, op_size in ops:
             loc: Location
             if kind == fmt.FRAME_PLAIN:
@@ -865,7 +876,10 @@ class Engine:
             elif kind == fmt.FRAME_GROUP:
                 loc = high | (op_offset - shift) << 34 | op_size << 2 | KIND_GROUP_OP
             else:
-                loc = (segment, frame.offset - shift, frame.size, op_offset, op_size)
+                loc = compressed_location(
+                    segment, frame.offset - shift, frame.size, op_offset, op_size, raw_size
+                )
+                op_size = loc[5]  # its share of the record's bytes on disk
             if op_type == REC_SET:
                 index = namespaces.get(ns)
                 if index is None:
@@ -1351,6 +1365,7 @@ class Engine:
                     )
                     segment, offset, size, end_pos = self._write(REC_GROUP, body)
                     compressed = body[0] & fmt.GROUP_FLAG_ZSTD
+                    raw_size = fmt.group_raw_size(body) if compressed else 0
                     # where each op landed: in the file, or in the decompressed op list
                     op_offset = (
                         0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
@@ -1377,7 +1392,9 @@ class Engine:
                             current_ns = None  # a clear or drop may replace the dict
                             where: Location
                             if compressed:
-                                where = (segment, offset, size, op_offset, op_size)
+                                where = compressed_location(
+                                    segment, offset, size, op_offset, op_size, raw_size
+                                )
                             else:
                                 where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
                             apply(op_type, ns, key, where)
@@ -1565,7 +1582,7 @@ class Engine:
 
     def _install_compaction(
         self,
-        moved: list[tuple[str, str, Location, int]],
+        moved: list[tuple[str, str, Location, Location]],
         old_checkpoint: Location | None,
         new_checkpoint: int | None,
         inputs: list[int],
@@ -1771,7 +1788,7 @@ class Engine:
 
     def _decompress_group(self, loc: CompressedLocation) -> bytes | memoryview:
         """The decompressed op list of the compressed group at ``loc`` (checked)."""
-        number, record_offset, record_size, _op_offset, _op_size = loc
+        number, record_offset, record_size = loc[:3]
         segment = self._segment_of(number, "")
         record = self._read(segment, record_size, record_offset)
         try:
@@ -1785,7 +1802,7 @@ class Engine:
         self, raw: bytes | memoryview, loc: CompressedLocation, ns: str, key: str
     ) -> bytes | memoryview:
         """The value of ``key`` in a decompressed op list (its op CRC checked)."""
-        number, record_offset, _record_size, op_offset, op_size = loc
+        number, record_offset, _record_size, op_offset, op_size = loc[:5]
         data = raw[op_offset : op_offset + op_size]
         path = self._segments[number].path
         try:
@@ -2080,6 +2097,8 @@ class Engine:
             assert self._synced_pos <= self._written_pos
             live = sum(sizes(index) for index in self._namespaces.values())
             assert self._live_bytes == live, f"live bytes {self._live_bytes}, index says {live}"
+            total = sum(segment.size for segment in self._segments.values())
+            assert self._closed or live <= total, f"live bytes {live} exceed the {total} on disk"
             if self._closed:
                 return
             assert self._active is not None

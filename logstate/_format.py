@@ -328,17 +328,27 @@ def encode_group_body(
             least this many bytes (None: never). Kept only if it is smaller.
         zstd_level: zstandard compression level.
     """
-    raw = encode_group_ops(ops)
+    return group_body(encode_group_ops(ops), len(ops), compress_min_size, zstd_level)
+
+
+def group_body(
+    raw: bytes, count: int, compress_min_size: int | None = None, zstd_level: int = 3
+) -> bytes:
+    """Like :func:`encode_group_body`, for ``count`` operations already encoded in ``raw``."""
     # raw_size is bounded by MAX_RECORD_SIZE on decoding: never compress more
     if compress_min_size is not None and compress_min_size <= len(raw) <= MAX_RECORD_SIZE:
         packed = zstandard.ZstdCompressor(level=zstd_level).compress(raw)
         if len(packed) + GROUP_RAW_SIZE.size < len(raw):
             return (
-                GROUP_HEADER.pack(GROUP_FLAG_ZSTD, len(ops))
-                + GROUP_RAW_SIZE.pack(len(raw))
-                + packed
+                GROUP_HEADER.pack(GROUP_FLAG_ZSTD, count) + GROUP_RAW_SIZE.pack(len(raw)) + packed
             )
-    return GROUP_HEADER.pack(0, len(ops)) + raw
+    return GROUP_HEADER.pack(0, count) + raw
+
+
+def group_raw_size(body: bytes) -> int:
+    """The decompressed size of the op list of a compressed group's ``body``."""
+    size: int = GROUP_RAW_SIZE.unpack_from(body, GROUP_HEADER_SIZE)[0]
+    return size
 
 
 # =========================================================================== decoding

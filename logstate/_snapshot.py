@@ -6,12 +6,23 @@ Must never: do I/O, or be trusted without those checks: a snapshot is only
 a cache of what scanning the segments would rebuild, and any doubt (wrong
 checksum, other Python version, segments that changed since) means "scan".
 
-Layout::
+Layout (version 2)::
 
     snapshot = magic:8 version:u16 py_major:u8 py_minor:u8 marshal_version:u16
-               reserved:u16 body_size:u64 body_crc:u32 body
+               flags:u16 body_size:u64 body_crc:u32 body
     body     = marshal((namespaces, checkpoint, seq, live_bytes, segments))
+               or, with flag bit 0 (SNAPSHOT_FLAG_ZSTD), one zstd frame of it
     segments = [(number, covers_from, size, tail_crc), ...]   # in order
+
+Version 1 (before compressed locations carried their share of the record's
+bytes, see ``_location``) had 5-tuples and no flags; it is not read (open
+scans instead, and the next close writes version 2).
+
+Size: a snapshot is a cache, never worth more disk than the data it
+indexes. The body is compressed only when the plain one would be larger
+than the segments (values in compressed groups: a tuple of six ints per key
+against a few compressed bytes), and :func:`encode_snapshot` gives None
+when even the compressed one is larger (then none is written).
 
 ``tail_crc`` is the CRC-32C of the last min(size, TAIL_BYTES) bytes of the
 segment below ``size``: open re-reads those bytes, so a segment that was
@@ -31,7 +42,9 @@ import marshal
 import struct
 import sys
 from collections.abc import Iterable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, overload
+
+import zstandard
 
 from logstate._errors import CorruptionError
 from logstate._format import (
@@ -49,7 +62,9 @@ from logstate._location import OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_SHIFT, U32, U40
 
 SNAPSHOT_FILE_NAME: Final = "index.snapshot"
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
-SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 2
+SNAPSHOT_FLAG_ZSTD: Final = 0x0001  # the body is one zstd frame of the marshal bytes
+SNAPSHOT_ZSTD_LEVEL: Final = 1
 SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
 assert SNAPSHOT_HEADER.size == 28
 TAIL_BYTES: Final = 4096
@@ -77,8 +92,19 @@ class Snapshot(NamedTuple):
     segments: list[SegmentMark]
 
 
-def encode_snapshot(snapshot: Snapshot) -> bytes:
-    """The bytes of ``index.snapshot`` for ``snapshot``."""
+@overload
+def encode_snapshot(snapshot: Snapshot) -> bytes: ...
+@overload
+def encode_snapshot(snapshot: Snapshot, max_size: int) -> bytes | None: ...
+def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | None:
+    """The bytes of ``index.snapshot`` for ``snapshot``.
+
+    Args:
+        max_size: the most bytes the file may take (the segments' size):
+            a larger body is compressed, and if that is still too large
+            the result is None. None: no bound, never compressed.
+    """
+    flags = 0
     body = marshal.dumps(
         (
             snapshot.namespaces,
@@ -88,13 +114,18 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
             [tuple(mark) for mark in snapshot.segments],
         )
     )
+    if max_size is not None and SNAPSHOT_HEADER.size + len(body) > max_size:
+        body = zstandard.ZstdCompressor(level=SNAPSHOT_ZSTD_LEVEL).compress(body)
+        flags = SNAPSHOT_FLAG_ZSTD
+        if SNAPSHOT_HEADER.size + len(body) > max_size:
+            return None
     header = SNAPSHOT_HEADER.pack(
         SNAPSHOT_MAGIC,
         SNAPSHOT_VERSION,
         sys.version_info[0],
         sys.version_info[1],
         marshal.version,
-        0,
+        flags,
         len(body),
         crc32c(body),
     )
@@ -121,18 +152,20 @@ def decode_snapshot(data: bytes) -> Snapshot:
     """
     if len(data) < SNAPSHOT_HEADER.size:
         raise CorruptionError("", 0, "snapshot header truncated")
-    magic, version, major, minor, marshal_version, reserved, size, crc = (
-        SNAPSHOT_HEADER.unpack_from(data, 0)
+    magic, version, major, minor, marshal_version, flags, size, crc = SNAPSHOT_HEADER.unpack_from(
+        data, 0
     )
-    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_VERSION or reserved != 0:
+    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_VERSION or flags & ~SNAPSHOT_FLAG_ZSTD:
         raise CorruptionError("", 0, "not a logstate index snapshot of a known version")
     if (major, minor) != sys.version_info[:2] or marshal_version != marshal.version:
         raise CorruptionError(
             "", 0, f"snapshot written by Python {major}.{minor} (marshal {marshal_version})"
         )
-    body = memoryview(data)[SNAPSHOT_HEADER.size :]
+    body: bytes | memoryview = memoryview(data)[SNAPSHOT_HEADER.size :]
     if len(body) != size or crc32c(body) != crc:
         raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body checksum mismatch")
+    if flags & SNAPSHOT_FLAG_ZSTD:
+        body = _decompress(body)
     try:
         namespaces, checkpoint, seq, live_bytes, raw_marks = marshal.loads(body)
         marks = [SegmentMark(*mark) for mark in raw_marks]
@@ -240,8 +273,8 @@ def _mixed_locations_size(
             if found is None:
                 return None
             total += found
-        elif type(loc) is tuple and len(loc) == 5 and all(type(x) is int for x in loc):
-            number, record_offset, record_size, op_offset, op_size = loc
+        elif type(loc) is tuple and len(loc) == 6 and all(type(x) is int for x in loc):
+            number, record_offset, record_size, op_offset, op_size, share = loc
             limit = limits.get(number)
             if not (
                 limit is not None
@@ -249,12 +282,28 @@ def _mixed_locations_size(
                 and _MIN_GROUP_RECORD <= record_size <= limit - record_offset
                 and op_offset >= 0
                 and GROUP_OP_SIZE <= op_size <= MAX_RECORD_SIZE - op_offset
+                and 0 <= share <= record_size  # its share of the record's bytes on disk
             ):
                 return None
-            total += op_size
+            total += share
         else:
             return None
     return total
+
+
+def _decompress(body: bytes | memoryview) -> bytes:
+    """The marshal bytes of a compressed body (its frame must declare its size)."""
+    packed = bytes(body)
+    try:
+        content_size = zstandard.frame_content_size(packed)
+        if content_size < 0:
+            raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot zstd frame without a size")
+        raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=content_size)
+    except zstandard.ZstdError as exc:
+        raise CorruptionError("", SNAPSHOT_HEADER.size, f"snapshot body: {exc}") from None
+    if len(raw) != content_size:
+        raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body has the wrong size")
+    return raw
 
 
 def tail_crc(data: bytes | memoryview) -> int:

@@ -67,10 +67,10 @@ def describe_location(location: Location | None) -> str:
         what = "record" if kind == KIND_RECORD else "group operation"
         return f"{segment_file_name(number)} offset {offset} ({size}-byte {what})"
     assert isinstance(location, tuple)
-    number, record_offset, record_size, op_offset, op_size = location
+    number, record_offset, record_size, op_offset, op_size, share = location
     return (
         f"{segment_file_name(number)} offset {record_offset} ({record_size}-byte compressed "
-        f"group, operation at {op_offset}, {op_size} bytes)"
+        f"group, operation at {op_offset}, {op_size} bytes, {share} of them on disk)"
     )
 
 

@@ -385,7 +385,7 @@ def _first_mark_size(snap: Snapshot) -> int:
 
 def _group(snap: Snapshot, **fields: int) -> Snapshot:
     key, loc = a_location(snap, "compressed")
-    names = ("segment", "record_offset", "record_size", "op_offset", "op_size")
+    names = ("segment", "record_offset", "record_size", "op_offset", "op_size", "share")
     parts = dict(zip(names, loc, strict=True))
     parts.update(fields)
     return with_location(snap, key, tuple(parts.values()))
@@ -406,6 +406,7 @@ OUT_OF_BOUNDS: dict[str, Callable[[Snapshot], Snapshot]] = {
     "kind 3": lambda s: _moved(s, kind=3),
     "compressed group past its segment": lambda s: _group(s, record_size=1 << 20),
     "compressed group inside the header": lambda s: _group(s, record_offset=3),
+    "compressed share larger than its record": lambda s: _group(s, share=1 << 30),
     "compressed operation below the smallest": lambda s: _group(s, op_size=2),
     "checkpoint past its segment": lambda s: s._replace(
         checkpoint=(*s.checkpoint[:2], 1 << 20, *s.checkpoint[3:])
