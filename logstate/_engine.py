@@ -525,7 +525,7 @@ class Engine:
         def records_follow() -> bool:
             """Is there a valid record anywhere after the header? (scanned once, if asked)"""
             if not follow:
-                scan = fmt.WindowedScan(self._reader(fd), SEGMENT_HEADER_SIZE, size, _ignore)
+                scan = self._scanner(fd, SEGMENT_HEADER_SIZE, size, _ignore)
                 follow.append(next(scan.frames(), None) is not None)
             return follow[0]
 
@@ -567,14 +567,19 @@ class Engine:
                 self._salvage_rewrite(segment, size, [], fmt.encode_segment_header(number))
         self._scan_segment(segment, 0, size, is_newest)
 
-    def _reader(self, fd: int) -> Callable[[int, int], bytes]:
-        """``read(offset, size)`` over ``fd``, for :class:`fmt.WindowedScan`."""
-        pread = self._fs.pread
+    def _scanner(
+        self, fd: int, start: int, end: int, report: Callable[[fmt.Damage], None]
+    ) -> fmt.WindowedScan:
+        """A windowed scan of ``fd``'s bytes ``start..end`` that jumps over holes."""
+        fs = self._fs
 
         def read(offset: int, size: int) -> bytes:
-            return pread(fd, size, offset)
+            return fs.pread(fd, size, offset)
 
-        return read
+        def skip(offset: int) -> int:
+            return fs.data_offset(fd, offset)
+
+        return fmt.WindowedScan(read, start, end, report, skip=skip)
 
     def _check_header(self, path: str, number: int, data: bytes) -> None:
         try:
@@ -602,7 +607,7 @@ class Engine:
         dropped: list[fmt.Damage] = []
         scan_from = SEGMENT_HEADER_SIZE if base == 0 else base
         prefix = self.options.recovery == "prefix" and is_newest
-        scan = fmt.WindowedScan(self._reader(segment.fd), scan_from, end, pending.append)
+        scan = self._scanner(segment.fd, scan_from, end, pending.append)
         last_end = scan_from  # where the last valid record ends
         for window, window_start, frame in scan.frames():
             if pending and prefix:
@@ -771,6 +776,10 @@ class Engine:
         start = written = self._fs.file_size(dst)  # dst's size so far
         position = 0
         while position < size:
+            data_at = self._fs.data_offset(src, offset + position) - offset
+            if data_at > position:  # a hole: zeros, not read
+                position = min(size, data_at)
+                continue
             chunk = self._fs.pread(src, min(fmt.SCAN_WINDOW, size - position), offset + position)
             if not chunk:
                 raise OSError(errno.EIO, f"file shorter than expected at offset {offset}")

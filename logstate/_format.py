@@ -18,7 +18,6 @@ Layout summary (docs/format.md has the full grammar)::
 from __future__ import annotations
 
 import importlib
-import re
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
@@ -624,7 +623,7 @@ def scan_records(
 
 
 SCAN_WINDOW: Final = 16 * 1024 * 1024  # bytes a windowed scan reads at a time
-_TYPE_BYTE: Final = re.compile(b"[\\x01-%c]" % MAX_RECORD_TYPE)  # a valid record type
+_TYPE_BYTES: Final = tuple(bytes([t]) for t in range(1, MAX_RECORD_TYPE + 1))
 
 
 class WindowedScan:
@@ -640,7 +639,10 @@ class WindowedScan:
     the same bytes (tests/test_recovery_limits.py checks that).
 
     ``end`` drops to where the data stopped when ``read`` returns fewer bytes
-    than asked (the file got shorter while it was read).
+    than asked (the file got shorter while it was read). ``skip(offset)``,
+    when given, returns the first offset from ``offset`` on that may hold a
+    non-zero byte (the end of a file's hole): resynchronisation jumps over
+    zeros there without reading them (no record type byte is zero).
     """
 
     def __init__(
@@ -650,6 +652,7 @@ class WindowedScan:
         end: int,
         report: Callable[[Damage], None],
         window: int = SCAN_WINDOW,
+        skip: Callable[[int], int] | None = None,
     ) -> None:
         if window < RECORD_OVERHEAD:
             raise ValueError(f"window must be at least {RECORD_OVERHEAD} bytes, got {window}")
@@ -660,6 +663,10 @@ class WindowedScan:
         self._window = window
         self._buf = b""
         self._buf_start = start
+        self._skip = skip
+        # resync: where each type byte next occurs in the window (see _next_type_byte)
+        self._found_in: tuple[bytes, int] | None = None
+        self._found: list[int] = []
 
     def _ensure(self, offset: int, size: int) -> int:
         """Make the window hold ``offset..offset+size`` (clipped at the end); its index there."""
@@ -717,20 +724,49 @@ class WindowedScan:
             return "record checksum mismatch"
         return size
 
+    def _next_type_byte(self, lo: int, stop: int) -> int:
+        """Index of the first valid record type byte in ``window[lo:stop]``, or -1.
+
+        One ``find`` per type byte, remembered while the window and ``stop``
+        stay the same and ``lo`` has not passed it: linear in the window.
+        """
+        buf = self._buf
+        if self._found_in is None or self._found_in[0] is not buf or self._found_in[1] != stop:
+            self._found_in = (buf, stop)
+            self._found = [-2] * len(_TYPE_BYTES)  # -2: not looked for yet
+        found = self._found
+        best = -1
+        for i, type_byte in enumerate(_TYPE_BYTES):
+            at = found[i]
+            if at != -1 and at < lo:
+                at = found[i] = buf.find(type_byte, lo, stop)
+            if at != -1 and (best == -1 or at < best):
+                best = at
+        return best
+
     def _resync(self, offset: int) -> int:
         """:func:`_resync`: the first offset after ``offset`` where a valid record starts."""
         candidate = offset + 1
         while candidate <= self.end - RECORD_OVERHEAD:
             last = self.end - RECORD_OVERHEAD
+            if self._skip is not None and (
+                candidate + RECORD_OVERHEAD > self._buf_start + len(self._buf)
+                or candidate < self._buf_start
+            ):
+                # a new window is needed: first jump over a hole (zeros)
+                data_at = self._skip(candidate + 8)
+                if data_at - 8 > candidate:
+                    candidate = data_at - 8
+                    continue
             rel = self._ensure(candidate, RECORD_OVERHEAD)
             buf = self._buf
             # only offsets whose type byte is valid can start a record
             stop = min(len(buf), last - self._buf_start + 9)
-            found = _TYPE_BYTE.search(buf, rel + 8, stop)
-            if found is None:
+            found = self._next_type_byte(rel + 8, stop)
+            if found == -1:
                 candidate = self._buf_start + stop - 8
                 continue
-            candidate = self._buf_start + found.start() - 8
+            candidate = self._buf_start + found - 8
             if isinstance(self._frame_error(candidate), int):
                 return candidate
             candidate += 1
