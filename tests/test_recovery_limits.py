@@ -218,12 +218,12 @@ def test_failed_opens_on_a_full_disk_leave_no_copy_and_name_the_way_out(tmp_path
     for _ in range(3):  # a restart loop
         with pytest.raises(OSError) as info:
             open_with(fs, directory)
+        assert copies(directory) == []  # no partial copy is left behind
+        assert segment.read_bytes() == valid + tail  # nothing was cut
         assert info.value.errno == errno.ENOSPC
         message = str(info.value)
         assert "no space left" in message and "torn tail" in message
         assert f"logstate repair {directory.resolve()} --no-copy" in message
-        assert copies(directory) == []  # no partial copy is left behind
-        assert segment.read_bytes() == valid + tail  # nothing was cut
     fs.full = False  # space freed
     engine = open_with(fs, directory)
     (aside,) = copies(directory)
