@@ -831,17 +831,32 @@ class Engine:
         tmp = segment.path + TMP_SUFFIX
         fd = self._fs.create_file(tmp)
         try:
-            position = 0
-            if header:
-                self._fs.append(fd, header)
-                position = len(header)
-            for damage in damaged:
-                self._copy_range(segment.fd, position, damage.offset - position, fd)
-                position = damage.offset + damage.size
-            self._copy_range(segment.fd, position, end - position, fd)
-            self._fs.fsync(fd)
-        finally:
-            self._fs.close(fd)
+            try:
+                position = 0
+                if header:
+                    self._fs.append(fd, header)
+                    position = len(header)
+                for damage in damaged:
+                    self._copy_range(segment.fd, position, damage.offset - position, fd)
+                    position = damage.offset + damage.size
+                self._copy_range(segment.fd, position, end - position, fd)
+                self._fs.fsync(fd)
+            finally:
+                self._fs.close(fd)
+        except OSError as exc:
+            try:
+                self._fs.unlink(tmp)
+            except OSError as cleanup:  # the next open removes it
+                log.warning("%s: could not remove %s: %r", self.path, tmp, cleanup)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OSError(
+                exc.errno,
+                f"no space left on the disk to rewrite {segment.path} without its damaged "
+                f"bytes (salvage needs room for a copy of the segment, {end} bytes): free "
+                "space and open again",
+                tmp,
+            ) from exc
         self._fs.rename(tmp, segment.path)
         self._fs.fsync_dir(self.path)
         self._fs.close(segment.fd)

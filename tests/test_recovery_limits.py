@@ -86,9 +86,9 @@ def _segment_bytes(rng: random.Random) -> bytes:
         elif fate < 0.16:
             parts.append(rng.randbytes(rng.randint(1, 200)))  # garbage
         elif fate < 0.22:
-            record = bytearray(record)
-            record[rng.randrange(len(record))] ^= 1 << rng.randrange(8)  # bit flip
-            record = bytes(record)
+            flipped = bytearray(record)
+            flipped[rng.randrange(len(record))] ^= 1 << rng.randrange(8)  # bit flip
+            record = bytes(flipped)
         elif fate < 0.25:
             record = fmt.FRAME_HEADER.pack(1, rng.randint(8, 1 << 30), fmt.REC_SET)
         parts.append(record)
