@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
@@ -152,6 +152,7 @@ class EngineOptions(NamedTuple):
     compact_min_size: int = 4 * 1024 * 1024  # ... and the store holds at least this many bytes
     read_only: bool = False  # no lock, no change to any file; writes raise
     use_snapshot: bool = True  # load the index snapshot written at close, if it checks out
+    copy_torn_tails: bool = True  # False: a torn tail is cut without a copy aside (full disk)
 
 
 DEFAULT_OPTIONS: Final = EngineOptions()
@@ -189,7 +190,7 @@ def validate_options(given: dict[str, object]) -> EngineOptions:
         raise ValueError(f"compress_min_size must be None or an int >= 0, got {cms!r}")
     if type(opts.zstd_level) is not int or not 1 <= opts.zstd_level <= 22:
         raise ValueError(f"zstd_level must be an int from 1 to 22, got {opts.zstd_level!r}")
-    for name in ("auto_compact", "read_only", "use_snapshot"):
+    for name in ("auto_compact", "read_only", "use_snapshot", "copy_torn_tails"):
         if type(getattr(opts, name)) is not bool:
             raise TypeError(f"{name} must be a bool, got {getattr(opts, name)!r}")
     ratio = opts.compact_ratio
@@ -342,6 +343,9 @@ class Engine:
     # ================================================================== open / recovery
     def _open(self) -> None:
         read_only = self.options.read_only
+        # read-only: where each segment's last valid record ends (a torn tail
+        # or dropped damage after it stays in the file and is never mapped)
+        self._map_limit: dict[int, int] = {}
         if not read_only:
             self._lock_fd = self._fs.lock_dir(self.path)
         names = self._fs.list_dir(self.path)
@@ -362,7 +366,7 @@ class Engine:
             )
         self.report.segments = len(numbers)
         for segment in self._segments.values():
-            self._map(segment)
+            self._map(segment, self._map_limit.get(segment.number))
         if numbers:
             self._active = self._segments[numbers[-1]]
             if not read_only:
@@ -393,12 +397,13 @@ class Engine:
             )
             self._compact_thread.start()
 
-    def _map(self, segment: Segment) -> None:
-        """Map the segment's bytes so far for reads; an older mapping is retired."""
+    def _map(self, segment: Segment, size: int | None = None) -> None:
+        """Map the segment's bytes so far (or its first ``size``) for reads; retire an older map."""
         if segment.map is not None:
             self._retired_maps.append(segment.map)
-        segment.map = self._fs.map_read_only(segment.fd, segment.size)
-        segment.mapped = segment.size if segment.map is not None else 0
+        size = segment.size if size is None else min(size, segment.size)
+        segment.map = self._fs.map_read_only(segment.fd, size)
+        segment.mapped = size if segment.map is not None else 0
 
     def _read(self, segment: Segment, size: int, offset: int) -> bytes:
         """``size`` bytes at ``offset``: from the mapping when it covers them."""
@@ -538,19 +543,17 @@ class Engine:
         )
         for lost in missing:
             # An empty segment in the gap records that salvage accepted
-            # the loss, so that later strict opens do not fail again.
-            self._fs.close(self._create_segment(lost).fd)
+            # the loss, so that later strict opens do not fail again. It is
+            # written whole under a temporary name and renamed: a failure
+            # (a full disk) must not leave a headerless segment in the
+            # middle of the sequence, which no open could read.
+            path = self._file(segment_file_name(lost))
+            self._fs.write_new_file(path + TMP_SUFFIX, fmt.encode_segment_header(lost))
+            self._fs.rename(path + TMP_SUFFIX, path)
+        self._fs.fsync_dir(self.path)
 
     def _file(self, name: str) -> str:
         return self.path + "/" + name
-
-    def _aside_path(self, base: str, offset: int, suffix: str) -> str:
-        name = f"{base}.{offset}{suffix}"
-        candidate, n = name, 1
-        while self._fs.exists(candidate):
-            candidate = f"{name}.{n}"
-            n += 1
-        return candidate
 
     def _load_snapshot(self, numbers: list[int]) -> dict[int, int]:
         """Load the index snapshot if it matches the segments; {segment: scan from}.
@@ -640,42 +643,52 @@ class Engine:
         fd = self._held.pop(number) if read_only else self._fs.open_file(path)
         segment = Segment(number, path, fd, 0, self._covers[number])
         self._segments[number] = segment
+        size = self._fs.file_size(fd)
         if start > SEGMENT_HEADER_SIZE:
             # The index snapshot covers the bytes below ``start``: read the
             # header and what was appended after the snapshot, nothing else.
             self._check_header(path, number, self._fs.pread(fd, SEGMENT_HEADER_SIZE, 0))
-            size = self._fs.file_size(fd)
             segment.size = size
             if size > start:
-                appended = self._fs.pread(fd, size - start, start)
-                self._scan_segment(segment, appended, start, is_newest)
+                self._scan_segment(segment, start, size, is_newest)
             return
-        data = self._fs.read_all(fd)
-        if read_only and is_newest and len(data) < SEGMENT_HEADER_SIZE:
-            data = self._wait_for_header(fd, data)
+        # Only the header is read here; the records are scanned in windows
+        # (memory does not grow with the segment's size).
+        head = self._fs.pread(fd, SEGMENT_HEADER_SIZE, 0) if size else b""
+        if read_only and is_newest and len(head) < SEGMENT_HEADER_SIZE:
+            head = self._wait_for_header(fd, head)
+            size = self._fs.file_size(fd)
         salvage = self.options.recovery == "salvage"
-        records_follow = bool(next(fmt.scan_records(data, SEGMENT_HEADER_SIZE, _ignore), None))
-        if is_newest and _header_torn(data) and not records_follow:
+        follow: list[bool] = []
+
+        def records_follow() -> bool:
+            """Is there a valid record anywhere after the header? (scanned once, if asked)"""
+            if not follow:
+                scan = self._scanner(fd, SEGMENT_HEADER_SIZE, size, _ignore)
+                follow.append(next(scan.frames(), None) is not None)
+            return follow[0]
+
+        if is_newest and _header_torn(head) and not records_follow():
             # Crash while the segment was being created: its header never
             # reached the disk whole (short, zeros, or garbage from a power
             # loss before the header's fdatasync), and nothing valid follows.
             if read_only:
-                self.report.torn_tails.append((path, 0, len(data), ""))
+                self.report.torn_tails.append((path, 0, size, ""))
                 return
-            self._cut_tail(segment, data, 0, "incomplete segment header")
+            self._cut_tail(segment, 0, size, "incomplete segment header")
             self._fs.append(fd, fmt.encode_segment_header(number))
             self._fs.fdatasync(fd)
             segment.size = SEGMENT_HEADER_SIZE
             return
         try:
-            self._check_header(path, number, data)
+            self._check_header(path, number, head)
         except CorruptionError as exc:
             # A whole header of another version, or a file with no logstate
             # record in it: never guess. A damaged header before valid
             # records (the header was durable before them): damage.
-            foreign = isinstance(exc, UnsupportedFormatError) and not _header_torn(data)
-            if foreign or not (salvage and records_follow):
-                if not foreign and records_follow:
+            foreign = isinstance(exc, UnsupportedFormatError) and not _header_torn(head)
+            if foreign or not (salvage and records_follow()):
+                if not foreign and records_follow():
                     raise CorruptionError(
                         path,
                         exc.offset,
@@ -684,20 +697,31 @@ class Engine:
                     ) from None
                 raise
             # Salvage: the header is damaged but the file is in the sequence:
-            # report it, keep its bytes aside, and read on with a new header.
-            header = fmt.encode_segment_header(number)
-            damaged = data[:SEGMENT_HEADER_SIZE]
-            data = header + data[SEGMENT_HEADER_SIZE:]
+            # report it, keep its bytes aside, and read on with a new header
+            # (the scan starts after the header: its bytes are not read).
             self.report.salvaged.append((path, 0, SEGMENT_HEADER_SIZE, exc.reason))
             if not self.options.read_only:
-                aside = self._aside_path(path, 0, DAMAGED_SUFFIX)
-                self._fs.write_new_file(aside, damaged)
+                aside = self._copy_aside(segment, 0, SEGMENT_HEADER_SIZE, DAMAGED_SUFFIX)
                 log.warning("%s: damaged header (%s) moved to %s", path, exc.reason, aside)
-                self._salvage_rewrite(segment, data, [])
-        self._scan_segment(segment, data, 0, is_newest)
+                self._salvage_rewrite(segment, size, [], fmt.encode_segment_header(number))
+        self._scan_segment(segment, 0, size, is_newest)
+
+    def _scanner(
+        self, fd: int, start: int, end: int, report: Callable[[fmt.Damage], None]
+    ) -> fmt.WindowedScan:
+        """A windowed scan of ``fd``'s bytes ``start..end`` that jumps over holes."""
+        fs = self._fs
+
+        def read(offset: int, size: int) -> bytes:
+            return fs.pread(fd, size, offset)
+
+        def skip(offset: int) -> int:
+            return fs.data_offset(fd, offset)
+
+        return fmt.WindowedScan(read, start, end, report, skip=skip)
 
     def _wait_for_header(self, fd: int, data: bytes) -> bytes:
-        """The newest segment's bytes once its header is whole (read-only open).
+        """The newest segment's header once it is whole (read-only open).
 
         A newest segment shorter than a header is either being created right
         now by the process holding the directory (a roll: the file exists a
@@ -707,7 +731,7 @@ class Engine:
         """
         for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
             time.sleep(min(0.001 * 2**attempt, 0.05))
-            data = self._fs.read_all(fd)
+            data = self._fs.pread(fd, SEGMENT_HEADER_SIZE, 0)
             if len(data) >= SEGMENT_HEADER_SIZE:
                 break
         return data
@@ -720,11 +744,13 @@ class Engine:
         if found != number:
             raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
 
-    def _scan_segment(self, segment: Segment, data: bytes, base: int, is_newest: bool) -> None:
-        """Apply the records of ``data`` (the segment's bytes from file offset ``base``).
+    def _scan_segment(self, segment: Segment, base: int, end: int, is_newest: bool) -> None:
+        """Apply the records of the segment's bytes from file offset ``base`` to ``end``.
 
-        The recovery policy lives here: what each kind of damage the scanner
-        reports means, depending on where it is and on the recovery mode.
+        The bytes are read in windows (:class:`fmt.WindowedScan`); every
+        offset here is a file offset. The recovery policy lives here: what
+        each kind of damage the scanner reports means, depending on where it
+        is and on the recovery mode.
         """
         path = segment.path
         number = segment.number
@@ -732,11 +758,13 @@ class Engine:
         pending: list[fmt.Damage] = []
         salvage = self.options.recovery == "salvage"
         assert base == 0 or not salvage, "salvage never starts from a snapshot"
-        shift = -base  # file offset = data offset - shift (salvage: minus removed bytes)
+        removed = 0  # bytes a salvage rewrite removes before the current record
         dropped: list[fmt.Damage] = []
-        scan_from = SEGMENT_HEADER_SIZE if base == 0 else 0
+        scan_from = SEGMENT_HEADER_SIZE if base == 0 else base
         prefix = self.options.recovery == "prefix" and is_newest
-        for frame in fmt.scan_records(data, scan_from, pending.append):
+        scan = self._scanner(segment.fd, scan_from, end, pending.append)
+        last_end = scan_from  # where the last valid record ends
+        for window, window_start, frame in scan.frames():
             if pending and prefix:
                 # Damage followed by valid records in the newest segment: with
                 # sync="none"/"interval" a power loss can persist unsynced pages
@@ -744,7 +772,7 @@ class Engine:
                 # damage (a prefix of the history) and cuts the rest, valid
                 # records included, as a torn tail (copied aside).
                 damage = pending[0]
-                pending[:] = [fmt.Damage(damage.offset, len(data) - damage.offset, damage.reason)]
+                pending[:] = [fmt.Damage(damage.offset, scan.end - damage.offset, damage.reason)]
                 break
             if pending:
                 # Damage followed by a valid record: not a torn write (a torn
@@ -753,29 +781,34 @@ class Engine:
                 if not salvage:
                     raise CorruptionError(
                         path,
-                        base + damage.offset,
+                        damage.offset,
                         f"{damage.reason} ({damage.size} bytes), followed by valid records; "
                         "open with recovery='prefix' to keep the records before it (newest "
                         "segment only) or 'salvage' to keep every valid record",
                     )
                 dropped.extend(pending)
                 if not read_only:  # read-only salvage rewrites nothing: offsets stay
-                    shift += sum(d.size for d in pending)
+                    removed += sum(d.size for d in pending)
                 pending.clear()
+            at = window_start + frame.offset
             try:
-                self._apply_frame(data, frame, number, shift)
+                # locations: window offset + window_start - removed = file offset
+                self._apply_frame(window, frame, number, removed - window_start)
             except CorruptionError as exc:
                 # A record whose checksum is right but whose body does not parse.
                 if prefix:
-                    pending[:] = [fmt.Damage(frame.offset, len(data) - frame.offset, exc.reason)]
+                    pending[:] = [fmt.Damage(at, scan.end - at, exc.reason)]
                     break
                 if not salvage:
-                    raise CorruptionError(path, base + exc.offset, exc.reason) from None
-                dropped.append(fmt.Damage(frame.offset, frame.size, exc.reason))
+                    raise CorruptionError(path, window_start + exc.offset, exc.reason) from None
+                dropped.append(fmt.Damage(at, frame.size, exc.reason))
                 if not read_only:
-                    shift += frame.size
+                    removed += frame.size
+            else:
+                last_end = at + frame.size
             self.report.records += 1
-        valid_end = len(data) - sum(d.size for d in pending)
+        end = scan.end
+        valid_end = end - sum(d.size for d in pending)
         if pending:
             tail = pending[0]
             if is_newest:
@@ -786,7 +819,7 @@ class Engine:
             elif not salvage:
                 raise CorruptionError(
                     path,
-                    base + tail.offset,
+                    tail.offset,
                     f"{tail.reason} at the end of a sealed segment "
                     "(only the newest segment may have a torn tail); open with "
                     "recovery='salvage' to keep the valid records",
@@ -799,44 +832,154 @@ class Engine:
             for damage in dropped:
                 self.report.salvaged.append((path, damage.offset, damage.size, damage.reason))
             if pending:
-                torn = (path, base + valid_end, len(data) - valid_end, "")
+                torn = (path, valid_end, end - valid_end, "")
                 self.report.torn_tails.append(torn)
-            segment.size = base + len(data)
+            segment.size = end
+            if dropped or pending:
+                self._map_limit[number] = last_end  # never map the damaged bytes
             return
         if dropped:
-            self._salvage_rewrite(segment, data, dropped + pending)
-            segment.size = len(data) - sum(d.size for d in dropped + pending)
+            self._salvage_rewrite(segment, end, dropped + pending)
+            segment.size = end - sum(d.size for d in dropped + pending)
             return
         if pending:
-            self._cut_tail(segment, data[valid_end:], base + valid_end, pending[0].reason)
-        segment.size = base + valid_end
+            self._cut_tail(segment, valid_end, end, pending[0].reason)
+        segment.size = valid_end
 
-    def _cut_tail(self, segment: Segment, tail: bytes, offset: int, reason: str) -> None:
-        """Copy ``tail`` (the bytes from file ``offset`` on) aside, then truncate there."""
-        aside = self._aside_path(segment.path, offset, TORN_SUFFIX)
-        self._fs.write_new_file(aside, tail)
-        self._fs.fsync_dir(self.path)
+    def _cut_tail(self, segment: Segment, offset: int, end: int, reason: str) -> None:
+        """Copy the bytes ``offset..end`` aside (unless copy_torn_tails is off), cut there."""
+        size = end - offset
+        aside = ""
+        if self.options.copy_torn_tails:
+            aside = self._copy_aside(segment, offset, size, TORN_SUFFIX)
         self._fs.truncate(segment.fd, offset)
         self._fs.fsync(segment.fd)
-        size = len(tail)
         self.report.torn_tails.append((segment.path, offset, size, aside))
         log.warning(
-            "%s: torn write at offset %d (%s): %d bytes copied to %s and cut off",
+            "%s: torn write at offset %d (%s): %d bytes %s and cut off",
             segment.path,
             offset,
             reason,
             size,
-            aside,
+            f"copied to {aside}" if aside else "not copied (copy_torn_tails=False)",
         )
 
-    def _salvage_rewrite(self, segment: Segment, data: bytes, damaged: list[fmt.Damage]) -> None:
-        """Move damaged ranges aside and rewrite the segment without them."""
-        damaged = sorted(damaged)
-        kept = []
+    def _copy_aside(self, segment: Segment, offset: int, size: int, suffix: str) -> str:
+        """Keep the segment's bytes ``offset..offset+size`` in a file beside it; its path.
+
+        At most one copy per position and content: a copy with the same
+        bytes (left by an open that failed after making it) is reused; a new
+        one is written under a temporary name, made durable and renamed, so
+        that a failure leaves no partial copy (the next open removes the
+        temporary file). Copied in windows; runs of zeros become holes.
+
+        Raises:
+            OSError: ENOSPC/EDQUOT with a message naming the way out, or the
+                file system's error.
+        """
+        name = f"{segment.path}.{offset}{suffix}"
+        candidate, n = name, 1
+        while self._fs.exists(candidate):
+            if self._same_bytes(candidate, segment.fd, offset, size):
+                self._fs.fsync_dir(self.path)
+                return candidate
+            candidate = f"{name}.{n}"
+            n += 1
+        tmp = candidate + TMP_SUFFIX
+        created = False
+        try:
+            fd = self._fs.create_file(tmp)
+            created = True
+            try:
+                self._copy_range(segment.fd, offset, size, fd)
+                self._fs.fsync(fd)
+            finally:
+                self._fs.close(fd)
+            self._fs.rename(tmp, candidate)
+            created = False
+            self._fs.fsync_dir(self.path)
+        except OSError as exc:
+            if created:
+                try:
+                    self._fs.unlink(tmp)
+                except OSError as cleanup:  # the next open removes it
+                    log.warning("%s: could not remove %s: %r", self.path, tmp, cleanup)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            what = "torn tail" if suffix == TORN_SUFFIX else "damaged bytes"
+            way_out = (
+                f"; or cut it without a copy: logstate repair {self.path} --no-copy "
+                "(its bytes are then not kept)"
+                if suffix == TORN_SUFFIX
+                else ""
+            )
+            raise OSError(
+                exc.errno,
+                f"no space left on the disk to copy the {what} of {segment.path} "
+                f"({size} bytes at offset {offset}) aside before it is cut: free space "
+                f"and open again{way_out}",
+                tmp,
+            ) from exc
+        return candidate
+
+    def _copy_range(self, src: int, offset: int, size: int, dst: int) -> None:
+        """Append ``src``'s bytes ``offset..offset+size`` to the new file ``dst``, in windows.
+
+        A window of zeros is not written: the file is extended over it (a
+        hole), so that a zero-filled torn tail costs no disk space.
+        """
+        start = written = self._fs.file_size(dst)  # dst's size so far
         position = 0
+        while position < size:
+            data_at = self._fs.data_offset(src, offset + position) - offset
+            if data_at > position:  # a hole: zeros, not read
+                position = min(size, data_at)
+                continue
+            chunk = self._fs.pread(src, min(fmt.SCAN_WINDOW, size - position), offset + position)
+            if not chunk:
+                raise OSError(errno.EIO, f"file shorter than expected at offset {offset}")
+            if chunk.count(0) != len(chunk):
+                if written < start + position:
+                    self._fs.truncate(dst, start + position)
+                self._fs.append(dst, chunk)
+                written = start + position + len(chunk)
+            position += len(chunk)
+        if written < start + size:
+            self._fs.truncate(dst, start + size)
+
+    def _same_bytes(self, path: str, src: int, offset: int, size: int) -> bool:
+        """Does file ``path`` hold exactly ``src``'s bytes ``offset..offset+size``?
+
+        A link or another special file there is not a copy (never read through).
+        """
+        try:
+            fd = self._fs.open_read_only(path)
+        except CorruptionError:
+            return False
+        try:
+            if self._fs.file_size(fd) != size:
+                return False
+            position = 0
+            while position < size:
+                length = min(fmt.SCAN_WINDOW, size - position)
+                mine = self._fs.pread(fd, length, position)
+                if not mine or mine != self._fs.pread(src, length, offset + position):
+                    return False
+                position += len(mine)
+            return True
+        finally:
+            self._fs.close(fd)
+
+    def _salvage_rewrite(
+        self, segment: Segment, end: int, damaged: list[fmt.Damage], header: bytes = b""
+    ) -> None:
+        """Move damaged ranges aside and rewrite the segment without them (in windows).
+
+        ``header``: written instead of the segment's first bytes (a damaged header).
+        """
+        damaged = sorted(damaged)
         for damage in damaged:
-            aside = self._aside_path(segment.path, damage.offset, DAMAGED_SUFFIX)
-            self._fs.write_new_file(aside, data[damage.offset : damage.offset + damage.size])
+            aside = self._copy_aside(segment, damage.offset, damage.size, DAMAGED_SUFFIX)
             self.report.salvaged.append((segment.path, damage.offset, damage.size, damage.reason))
             log.warning(
                 "%s: %d damaged bytes at offset %d (%s) moved to %s",
@@ -846,11 +989,35 @@ class Engine:
                 damage.reason,
                 aside,
             )
-            kept.append(data[position : damage.offset])
-            position = damage.offset + damage.size
-        kept.append(data[position:])
         tmp = segment.path + TMP_SUFFIX
-        self._fs.write_new_file(tmp, b"".join(kept))
+        fd = self._fs.create_file(tmp)
+        try:
+            try:
+                position = 0
+                if header:
+                    self._fs.append(fd, header)
+                    position = len(header)
+                for damage in damaged:
+                    self._copy_range(segment.fd, position, damage.offset - position, fd)
+                    position = damage.offset + damage.size
+                self._copy_range(segment.fd, position, end - position, fd)
+                self._fs.fsync(fd)
+            finally:
+                self._fs.close(fd)
+        except OSError as exc:
+            try:
+                self._fs.unlink(tmp)
+            except OSError as cleanup:  # the next open removes it
+                log.warning("%s: could not remove %s: %r", self.path, tmp, cleanup)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OSError(
+                exc.errno,
+                f"no space left on the disk to rewrite {segment.path} without its damaged "
+                f"bytes (salvage needs room for a copy of the segment, {end} bytes): free "
+                "space and open again",
+                tmp,
+            ) from exc
         self._fs.rename(tmp, segment.path)
         self._fs.fsync_dir(self.path)
         self._fs.close(segment.fd)

@@ -632,6 +632,198 @@ def scan_records(
         offset = next_offset
 
 
+SCAN_WINDOW: Final = 16 * 1024 * 1024  # bytes a windowed scan reads at a time
+_TYPE_BYTES: Final = tuple(bytes([t]) for t in range(1, MAX_RECORD_TYPE + 1))
+
+
+class WindowedScan:
+    """:func:`scan_records` over bytes read window by window (a segment file).
+
+    Memory stays bounded by the window and by the largest valid record, not
+    by the data's size: the bytes ``start..end`` are read through ``read``
+    (``read(offset, size)`` returns ``size`` bytes, fewer only at the end of
+    the data) in windows of ``window`` bytes. A record larger than a window is
+    read whole once its checksum has been verified in windows. Frames, damage
+    reports (offsets in the data, not in a window), resynchronisation and so
+    the torn-tail decision are exactly those of :func:`scan_records` over
+    the same bytes (tests/test_recovery_limits.py checks that).
+
+    ``end`` drops to where the data stopped when ``read`` returns fewer bytes
+    than asked (the file got shorter while it was read). ``skip(offset)``,
+    when given, returns the first offset from ``offset`` on that may hold a
+    non-zero byte (the end of a file's hole): resynchronisation jumps over
+    zeros there without reading them (no record type byte is zero).
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int, int], bytes],
+        start: int,
+        end: int,
+        report: Callable[[Damage], None],
+        window: int = SCAN_WINDOW,
+        skip: Callable[[int], int] | None = None,
+    ) -> None:
+        if window < RECORD_OVERHEAD:
+            raise ValueError(f"window must be at least {RECORD_OVERHEAD} bytes, got {window}")
+        self._read = read
+        self.start = start
+        self.end = end
+        self._report = report
+        self._window = window
+        self._buf = b""
+        self._buf_start = start
+        self._skip = skip
+        # resync: where each type byte next occurs in the window (see _next_type_byte)
+        self._found_in: tuple[bytes, int] | None = None
+        self._found: list[int] = []
+
+    def _ensure(self, offset: int, size: int) -> int:
+        """Make the window hold ``offset..offset+size`` (clipped at the end); its index there."""
+        rel = offset - self._buf_start
+        if rel >= 0 and rel + size <= len(self._buf):
+            return rel
+        want = min(max(self._window, size), self.end - offset)
+        data = self._read(offset, want)
+        if type(data) is not bytes:
+            data = bytes(data)
+        self._buf = data
+        self._buf_start = offset
+        if len(data) < want:
+            self.end = offset + len(data)
+        return 0
+
+    def _crc(self, start: int, stop: int) -> int:
+        """CRC-32C of the data's bytes ``start..stop``, read in windows (a large record)."""
+        crc = 0
+        position = start
+        while position < stop:
+            chunk = self._read(position, min(self._window, stop - position))
+            if not chunk:
+                return -1  # the file got shorter: no record here
+            crc = crc32c(chunk, crc)
+            position += len(chunk)
+        return crc
+
+    def _frame_error(self, offset: int) -> str | int:
+        """:func:`_frame_error` at data offset ``offset``."""
+        end = self.end
+        if offset + FRAME_HEADER_SIZE > end:
+            return f"truncated record header ({end - offset} bytes before end of data)"
+        rel = self._ensure(offset, min(RECORD_OVERHEAD, end - offset))
+        if rel + FRAME_HEADER_SIZE > len(self._buf):
+            end = self.end
+            return f"truncated record header ({end - offset} bytes before end of data)"
+        crc, length, record_type = FRAME_HEADER.unpack_from(self._buf, rel)
+        if length == 0 and record_type == 0:
+            return "zero-filled space"
+        if record_type not in RECORD_TYPES:
+            return f"invalid record type {record_type}"
+        if length < MIN_PAYLOAD_SIZE or length > MAX_RECORD_SIZE:
+            return f"invalid record length {length}"
+        frame_end = offset + FRAME_HEADER_SIZE + length
+        if frame_end > self.end:
+            return f"record of {length} bytes extends past the end of data"
+        size: int = frame_end - offset
+        if size <= self._window:
+            rel = self._ensure(offset, size)
+            found = crc32c(self._buf[rel + 4 : rel + size])
+        else:
+            found = self._crc(offset + 4, frame_end)
+        if crc != found:
+            return "record checksum mismatch"
+        return size
+
+    def _next_type_byte(self, lo: int, stop: int) -> int:
+        """Index of the first valid record type byte in ``window[lo:stop]``, or -1.
+
+        One ``find`` per type byte, remembered while the window and ``stop``
+        stay the same and ``lo`` has not passed it: linear in the window.
+        """
+        buf = self._buf
+        if self._found_in is None or self._found_in[0] is not buf or self._found_in[1] != stop:
+            self._found_in = (buf, stop)
+            self._found = [-2] * len(_TYPE_BYTES)  # -2: not looked for yet
+        found = self._found
+        best = -1
+        for i, type_byte in enumerate(_TYPE_BYTES):
+            at = found[i]
+            if at != -1 and at < lo:
+                at = found[i] = buf.find(type_byte, lo, stop)
+            if at != -1 and (best == -1 or at < best):
+                best = at
+        return best
+
+    def _resync(self, offset: int) -> int:
+        """:func:`_resync`: the first offset after ``offset`` where a valid record starts."""
+        candidate = offset + 1
+        while candidate <= self.end - RECORD_OVERHEAD:
+            last = self.end - RECORD_OVERHEAD
+            if self._skip is not None and (
+                candidate + RECORD_OVERHEAD > self._buf_start + len(self._buf)
+                or candidate < self._buf_start
+            ):
+                # a new window is needed: first jump over a hole (zeros)
+                data_at = self._skip(candidate + 8)
+                if data_at - 8 > candidate:
+                    candidate = data_at - 8
+                    continue
+            rel = self._ensure(candidate, RECORD_OVERHEAD)
+            buf = self._buf
+            # only offsets whose type byte is valid can start a record
+            stop = min(len(buf), last - self._buf_start + 9)
+            found = self._next_type_byte(rel + 8, stop)
+            if found == -1:
+                candidate = self._buf_start + stop - 8
+                continue
+            candidate = self._buf_start + found - 8
+            if isinstance(self._frame_error(candidate), int):
+                return candidate
+            candidate += 1
+        return self.end
+
+    def frames(self) -> Iterator[tuple[bytes, int, Frame]]:
+        """Every valid record, as (window, data offset of the window, frame in the window).
+
+        ``frame.offset`` is an index into the window (its data offset is
+        ``window_start + frame.offset``); damage goes to ``report``.
+        """
+        unpack = _CRC_LENGTH_TYPE_SEQ.unpack_from
+        offset = self.start
+        while offset < self.end:
+            buf = self._buf
+            rel = offset - self._buf_start
+            n = len(buf)
+            if rel >= 0:
+                # fast path: whole, valid records inside the window
+                while rel + RECORD_OVERHEAD <= n:
+                    crc, length, record_type, seq = unpack(buf, rel)
+                    frame_end = rel + FRAME_HEADER_SIZE + length
+                    if (
+                        0 < record_type <= MAX_RECORD_TYPE
+                        and MIN_PAYLOAD_SIZE <= length <= MAX_RECORD_SIZE
+                        and frame_end <= n
+                        and crc == crc_bytes(buf[rel + 4 : frame_end])
+                    ):
+                        yield buf, self._buf_start, Frame(rel, frame_end - rel, record_type, seq)
+                        rel = frame_end
+                        continue
+                    break
+                offset = self._buf_start + rel
+                if offset >= self.end:
+                    break
+            found = self._frame_error(offset)
+            if isinstance(found, int):
+                rel = self._ensure(offset, found)
+                _crc, _length, record_type, seq = unpack(self._buf, rel)
+                yield self._buf, self._buf_start, Frame(rel, found, record_type, seq)
+                offset += found
+                continue
+            next_offset = self._resync(offset)
+            self._report(Damage(offset, next_offset - offset, found))
+            offset = next_offset
+
+
 def record_value(op: Op, buf: bytes | memoryview) -> memoryview:
     """The encoded value of a set or checkpoint operation, as a view into ``buf``."""
     return memoryview(buf)[op.value_start : op.value_end]

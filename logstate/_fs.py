@@ -313,6 +313,25 @@ class FileSystem:
             offset += len(chunk)
         return b"".join(chunks)
 
+    def data_offset(self, fd: int, offset: int) -> int:
+        """The first offset from ``offset`` on that is not inside a hole (``SEEK_DATA``).
+
+        Bytes before it read as zeros without being stored. Returns the file's
+        size when only a hole follows, and ``offset`` itself where the file
+        system does not report holes.
+        """
+        seek_data = getattr(os, "SEEK_DATA", None)
+        if seek_data is None:  # pragma: no cover - Linux and macOS have it
+            return offset
+        try:
+            return os.lseek(fd, offset, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset
+                return max(offset, os.fstat(fd).st_size)
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # holes not reported here
+                return offset
+            raise
+
     def map_read_only(self, fd: int, size: int) -> mmap.mmap | None:
         """A read-only shared mapping of the first ``size`` bytes (None when size is 0).
 

@@ -223,12 +223,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    with _open_existing(args.dir, recovery="salvage") as storage:
+    options: dict[str, Any] = {"copy_torn_tails": False} if args.no_copy else {}
+    with _open_existing(args.dir, recovery="salvage", **options) as storage:
         report = storage.report
         keys = storage.stats()["keys"]
     lost = report.salvaged or report.missing_segments
     for path, offset, size, aside in report.torn_tails:
-        print(f"cut a torn tail: {path} at offset {offset}, {size} bytes (kept in {aside})")
+        kept = f"kept in {aside}" if aside else "not kept: --no-copy"
+        print(f"cut a torn tail: {path} at offset {offset}, {size} bytes ({kept})")
     for path, offset, size, reason in report.salvaged:
         print(f"dropped {size} damaged bytes: {path} at offset {offset} ({reason}); moved aside")
     for number in report.missing_segments:
@@ -334,6 +336,12 @@ def _parser() -> argparse.ArgumentParser:
         "is printed. Refuses a storage another process has open.",
     )
     c.add_argument("dir")
+    c.add_argument(
+        "--no-copy",
+        action="store_true",
+        help="cut a torn tail without copying it into a *.torn file first (a full disk: "
+        "the copy cannot be written; the cut bytes are not kept)",
+    )
 
     c = command(
         "import-quix",

@@ -186,6 +186,10 @@ class LocalFileStorage(MutableMapping[str, Any]):
             (``index.snapshot``) when it matches the segments, instead of
             scanning them (default True; salvage never uses it). Pass False
             for a directory from an untrusted source.
+        copy_torn_tails: False cuts a torn tail at open without copying it
+            aside into a ``*.torn`` file first (default True). For a full
+            disk, where the copy cannot be written: ``logstate repair DIR
+            --no-copy``. The cut bytes are then not kept.
         allow_pickle: False refuses to write or read pickled values (for state
             from an untrusted source: loading a pickle can run code).
 
@@ -222,6 +226,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         compact_min_size: int | None = None,
         read_only: bool | None = None,
         use_snapshot: bool | None = None,
+        copy_torn_tails: bool | None = None,
         allow_pickle: bool = True,
     ) -> None:
         if storage_directory is None:
@@ -251,6 +256,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
                 ("compact_min_size", compact_min_size),
                 ("read_only", read_only),
                 ("use_snapshot", use_snapshot),
+                ("copy_torn_tails", copy_torn_tails),
             )
             if value is not None
         }

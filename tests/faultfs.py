@@ -391,6 +391,7 @@ class CrashFS(FileSystem):
             self._begin("truncate", where)
             super().truncate(fd, size)
             del node.data[size:]
+            node.data.extend(bytes(size - len(node.data)))  # ftruncate up: zeros
             self._end("truncate", where)
 
     def write_new_file(self, path: str, data: bytes | bytearray | memoryview) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from logstate import CorruptionError, LocalFileStorage, StorageChangedError, _engine
 from logstate import _format as fmt
+from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
 from logstate.cli import main as cli_main
 
@@ -87,17 +88,18 @@ def test_read_only_open_lists_again_when_a_compaction_deletes_listed_segments(
 
 
 class CompactAtFirstScan(FileSystem):
-    """Runs ``compaction`` when the open starts reading segments whole (after the listing
+    """Runs ``compaction`` when the open starts reading records (after the listing
     and the headers): it renames its output over one listed file and deletes the others."""
 
     def __init__(self, compaction: Callable[[], object]) -> None:
         self._compaction: Callable[[], object] | None = compaction
 
-    def read_all(self, fd: int) -> bytes:
-        compaction, self._compaction = self._compaction, None
-        if compaction is not None:
-            compaction()
-        return super().read_all(fd)
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if offset >= SEGMENT_HEADER_SIZE:
+            compaction, self._compaction = self._compaction, None
+            if compaction is not None:
+                compaction()
+        return super().pread(fd, size, offset)
 
 
 def test_read_only_open_loads_the_segment_files_it_listed_when_a_compaction_replaces_them(
@@ -159,14 +161,14 @@ class HeaderWrittenAfterFirstRead(FileSystem):
         self._header: bytes | None = header
         self.short_reads = 0
 
-    def read_all(self, fd: int) -> bytes:
-        data = super().read_all(fd)
-        if len(data) == 0 and self._header is not None:
+    def file_size(self, fd: int) -> int:
+        size = super().file_size(fd)
+        if size == 0 and self._header is not None:
             self.short_reads += 1
             with open(self._path, "ab") as f:
                 f.write(self._header)
             self._header = None
-        return data
+        return size
 
 
 def newest_segment_being_created(directory: Path) -> Path:
