@@ -48,7 +48,7 @@ from logstate._format import (
     RECORD_OVERHEAD,
     SEGMENT_HEADER_SIZE,
 )
-from logstate._fs import OS_FS, FileSystem
+from logstate._fs import LOCK_FILE_NAME, OS_FS, FileSystem
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
@@ -57,6 +57,7 @@ from logstate._location import (
     CompressedLocation,
     Location,
     Segment,
+    location_segment,
     location_size,
     pack_location,
     sizes,
@@ -105,6 +106,12 @@ _MAX_BODY_SIZE: Final = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
 SEQ_SIZE: Final = fmt.SEQ_SIZE
 NAME_LEN_SIZE: Final = NAME_LEN.size
 MAX_SEGMENT_SIZE: Final = 1 << 31
+# Open files: a sealed segment is read through a mapping (one descriptor
+# before Python 3.13), at most this many at once, and at most 1/8 of the
+# process's descriptor limit; one not mapped is mapped again by name when read.
+MAX_MAPPED_SEGMENTS: Final = 128
+MIN_MAPPED_SEGMENTS: Final = 4
+SEALED_FDS_KEPT: Final = 8  # sealed segments' own descriptors left open while a sync runs
 
 
 def segment_file_name(number: int) -> str:
@@ -270,8 +277,13 @@ class Engine:
         self._live_bytes = 0  # bytes of the records the index points to
         self._compact_lock = threading.Lock()
         self._compact_thread: threading.Thread | None = None
-        self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
-        self._retired_maps: list[mmap.mmap] = []  # likewise, mappings replaced
+        self._retired_maps: list[mmap.mmap] = []  # mappings replaced; closed at the next roll
+        self._mapped: dict[Segment, None] = {}  # sealed segments with a mapping, oldest first
+        self._mapping_cap = max(
+            MIN_MAPPED_SEGMENTS, min(MAX_MAPPED_SEGMENTS, fs.descriptor_limit() // 8)
+        )
+        self._sealed_fds: list[Segment] = []  # sealed, own descriptor still open (_map)
+        self._pinned: Segment | None = None  # never unmapped: compaction renames over its file
         self._backlog = False  # writers wait: a running compaction is a segment behind
         self._compacting = False  # a background compaction is running (under _lock)
         self._closed_event = threading.Event()  # set when close() has finished
@@ -284,7 +296,10 @@ class Engine:
         try:
             self._open()
         except BaseException:
-            self._release_resources()
+            try:
+                self._release_resources()
+            except OSError as release_error:  # the open's own error is the one raised
+                log.error("%s: releasing after a failed open: %r", path, release_error)
             raise
 
     # ================================================================== open / recovery
@@ -304,15 +319,17 @@ class Engine:
         # salvage checks every byte: it never trusts a snapshot
         use_snapshot = self.options.use_snapshot and self.options.recovery != "salvage"
         starts = self._load_snapshot(numbers) if use_snapshot else {}
-        for number in numbers:
+        for i, number in enumerate(numbers):
             self._load_segment(
                 number, is_newest=(number == numbers[-1]), start=starts.get(number, 0)
             )
+            if number != numbers[-1]:  # sealed: the newest ones mapped, no descriptor kept
+                self._seal_loaded(self._segments[number], i >= len(numbers) - 1 - self._mapping_cap)
         self.report.segments = len(numbers)
-        for segment in self._segments.values():
-            self._map(segment)
         if numbers:
             self._active = self._segments[numbers[-1]]
+            self._active.map = self._fs.map_read_only(self._active.fd, self._active.size)
+            self._active.mapped = self._active.size if self._active.map is not None else 0
             if not read_only:
                 # What a crashed writer left unsynced is readable now: make it
                 # durable before anyone acts on it (flush() syncs only what
@@ -328,22 +345,149 @@ class Engine:
             )
             self._thread.start()
 
-    def _map(self, segment: Segment) -> None:
-        """Map the segment's bytes so far for reads; an older mapping is retired."""
+    def _map(self, segment: Segment, close_older: bool = True) -> None:
+        """Seal ``segment``: map all its bytes for reads, and let its descriptor go.
+
+        Under ``_lock`` (a roll, a compaction's install). The mapping joins
+        the open ones (:meth:`_add_mapping`: beyond the cap the oldest is
+        closed); an older mapping of the segment is retired (closed at the
+        next roll). The segment's own descriptor stays open a while
+        (:meth:`_close_sealed_fds`): an unlocked reader, or a commit that
+        took the segment as the active one, may be about to use it.
+        ``close_older``: close those of segments sealed earlier now (a roll
+        does; a compaction leaves segments sealed meanwhile to the next roll).
+        """
+        mapping = self._fs.map_read_only(segment.fd, segment.size)
         if segment.map is not None:
             self._retired_maps.append(segment.map)
-        segment.map = self._fs.map_read_only(segment.fd, segment.size)
-        segment.mapped = segment.size if segment.map is not None else 0
+        segment.map = mapping
+        segment.mapped = segment.size if mapping is not None else 0
+        if mapping is not None:
+            self._add_mapping(segment)
+        self._sealed_fds.append(segment)
+        if close_older:
+            self._close_sealed_fds(keep=1)  # those sealed at earlier rolls
+
+    def _seal_loaded(self, segment: Segment, mapped: bool) -> None:
+        """At open, after its scan: map a sealed segment (``mapped``), close its descriptor."""
+        fd, segment.fd = segment.fd, -1
+        try:
+            if mapped:
+                segment.map = self._fs.map_read_only(fd, segment.size)
+                if segment.map is not None:
+                    segment.mapped = segment.size
+                    self._add_mapping(segment)
+        finally:
+            self._fs.close(fd)
+
+    def _add_mapping(self, segment: Segment) -> None:
+        """Count ``segment``'s new mapping among the open ones; unmap the oldest beyond the cap.
+
+        Under ``_lock`` (or at open). The pinned segment is never unmapped. A
+        reader still holding an unmapped segment's mapping gets ValueError and
+        reads again under the lock, where the segment is mapped again by name
+        (:meth:`_map_again`); closing a mapping while another thread slices it
+        is safe (a slice is copied under the GIL).
+        """
+        mapped = self._mapped
+        mapped[segment] = None
+        while len(mapped) > self._mapping_cap:
+            victim = next(s for s in mapped if s is not self._pinned)
+            del mapped[victim]
+            mapping = victim.map
+            victim.map = None
+            victim.mapped = 0
+            if mapping is not None:
+                mapping.close()
+
+    def _map_again(self, segment: Segment) -> None:
+        """Map a sealed segment unmapped earlier, opening its file by name. Under ``_lock``.
+
+        Under the lock the files agree with ``_segments`` (a compaction renames
+        its output over its last input only while that input is pinned, see
+        :meth:`_pin`). A file now shorter than the segment stays unmapped:
+        reading it then reports the damage.
+        """
+        fd = self._fs.open_read_only(segment.path)
+        try:
+            try:
+                mapping = self._fs.map_read_only(fd, segment.size)
+            except ValueError:  # shorter than the segment (damaged since)
+                mapping = None
+            if mapping is not None:
+                segment.map = mapping
+                segment.mapped = segment.size
+                self._add_mapping(segment)
+        finally:
+            self._fs.close(fd)
+
+    def _pin(self, segment: Segment) -> None:
+        """Keep ``segment`` mapped until the next compaction install. Under ``_lock``.
+
+        A compaction renames its output over its last input's file before the
+        index switches to the output: reads meanwhile need the input's bytes,
+        which only its mapping still holds.
+        """
+        if segment.map is None:
+            self._map_again(segment)
+        self._pinned = segment
+
+    def _close_sealed_fds(self, keep: int) -> None:
+        """Close sealed segments' own descriptors, all but the newest ``keep``. Under ``_lock``.
+
+        While a sync turn runs, the newest ``SEALED_FDS_KEPT`` stay open: a
+        commit takes the active segment under the lock and syncs its
+        descriptor after releasing it (``_commit``).
+        """
+        sealed = self._sealed_fds
+        if len(sealed) <= keep:
+            return
+        with self._sync_cond:  # lock order: _lock, then _sync_cond
+            if self._syncing:
+                keep = max(keep, SEALED_FDS_KEPT)
+        while len(sealed) > keep:
+            segment = sealed.pop(0)
+            fd, segment.fd = segment.fd, -1
+            self._fs.close(fd)
 
     def _read(self, segment: Segment, size: int, offset: int) -> bytes:
-        """``size`` bytes at ``offset``: from the mapping when it covers them."""
+        """``size`` bytes at ``offset``: from the mapping when it covers them.
+
+        Else through the segment's descriptor, or, for a sealed segment that
+        has neither now, its file opened by name. Callers verify what they
+        read: unlocked, a compaction may have replaced that file meanwhile.
+        """
         mapping = segment.map
         if mapping is not None and offset + size <= segment.mapped:
             try:
                 return mapping[offset : offset + size]
-            except ValueError:  # replaced and closed meanwhile
+            except ValueError:  # unmapped meanwhile
                 pass
-        return self._fs.pread(segment.fd, size, offset)
+        fd = segment.fd
+        if fd >= 0:
+            return self._fs.pread(fd, size, offset)
+        fd = self._fs.open_read_only(segment.path)
+        try:
+            return self._fs.pread(fd, size, offset)
+        finally:
+            self._fs.close(fd)
+
+    def _segment_bytes(self, segment: Segment) -> bytes:
+        """Every byte of ``segment`` (as :meth:`_read`: mapping, descriptor, or by name)."""
+        mapping = segment.map
+        if mapping is not None and segment.mapped == segment.size:
+            try:
+                return mapping[:]
+            except ValueError:  # unmapped meanwhile
+                pass
+        fd = segment.fd
+        if fd >= 0:
+            return self._fs.read_all(fd)
+        fd = self._fs.open_read_only(segment.path)
+        try:
+            return self._fs.read_all(fd)
+        finally:
+            self._fs.close(fd)
 
     def _covers_from(self, number: int) -> int:
         """The first segment number whose records segment ``number`` holds."""
@@ -485,7 +629,7 @@ class Engine:
         marks = []
         for segment in self._segments.values():
             start = max(0, segment.size - TAIL_BYTES)
-            tail = self._fs.pread(segment.fd, segment.size - start, start)
+            tail = self._read(segment, segment.size - start, start)
             marks.append(
                 SegmentMark(segment.number, segment.covers_from, segment.size, tail_crc(tail))
             )
@@ -1276,17 +1420,16 @@ class Engine:
                 self._backlog_cond.wait(1.0)
 
     def _close_retired_fds(self) -> None:
-        """Close descriptors and mappings replaced earlier (by a compaction or a roll).
+        """Close mappings replaced earlier, and sealed segments' descriptors but the newest.
 
-        Readers take no lock, so a reader may still hold one just retired;
-        they are closed one compaction later, not at once. Under ``_lock``.
+        Readers take no lock, so a reader may still hold one just retired:
+        the descriptor of the segment sealed last stays open (see
+        :meth:`_close_sealed_fds`). Under ``_lock``.
         """
-        fds, self._retired_fds = self._retired_fds, []
         maps, self._retired_maps = self._retired_maps, []
         for mapping in maps:
             mapping.close()
-        for fd in fds:
-            self._fs.close(fd)
+        self._close_sealed_fds(keep=1)
 
     def _install_compaction(
         self,
@@ -1297,12 +1440,12 @@ class Engine:
         output: Segment,
     ) -> None:
         """Point the index at the compaction output, where nothing changed meanwhile."""
-        try:
-            self._map(output)  # first: if it fails, nothing below has changed
-        except (OSError, ValueError) as exc:
-            self._failed = exc  # the files changed under the engine: reopen
-            raise
         with self._lock:
+            try:
+                self._map(output, close_older=False)  # first: if it fails, nothing changed
+            except (OSError, ValueError) as exc:
+                self._failed = exc  # the files changed under the engine: reopen
+                raise
             for ns, key, old, new in moved:
                 index = self._namespaces.get(ns)
                 if index is not None and index.get(key) == old:
@@ -1310,11 +1453,15 @@ class Engine:
                     self._live_bytes += location_size(new) - location_size(old)
             if new_checkpoint is not None and self._checkpoint == old_checkpoint:
                 self._checkpoint = new_checkpoint
+            self._pinned = None
             for number in inputs:
+                # sealed: its mapping closed now (a reader still using it reads
+                # again under the lock), its descriptor by _close_sealed_fds
                 retired = self._segments.pop(number)
-                self._retired_fds.append(retired.fd)
-                if retired.map is not None:
-                    self._retired_maps.append(retired.map)
+                self._mapped.pop(retired, None)
+                mapping, retired.map, retired.mapped = retired.map, None, 0
+                if mapping is not None:
+                    mapping.close()
             self._segments[output.number] = output
             self._segments = dict(sorted(self._segments.items()))
 
@@ -1414,6 +1561,9 @@ class Engine:
             loc = index.get(key)
             if loc is None:
                 return None
+            segment = self._segments.get(location_segment(loc))
+            if segment is not None and segment.map is None and segment is not self._active:
+                self._map_again(segment)  # unmapped (beyond the cap): map it for the next reads
             return self._read_value(loc, ns, key)
 
     def _read_value(self, loc: Location, ns: str, key: str) -> bytes | memoryview:
@@ -1464,11 +1614,17 @@ class Engine:
             )
         return segment
 
-    def _decompress_group(self, loc: CompressedLocation) -> bytes | memoryview:
-        """The decompressed op list of the compressed group at ``loc`` (checked)."""
+    def _decompress_group(
+        self, loc: CompressedLocation, record: bytes | None = None
+    ) -> bytes | memoryview:
+        """The decompressed op list of the compressed group at ``loc`` (checked).
+
+        ``record``: the group record's bytes when the caller read them already.
+        """
         number, record_offset, record_size, _op_offset, _op_size = loc
         segment = self._segment_of(number, "")
-        record = self._read(segment, record_size, record_offset)
+        if record is None:
+            record = self._read(segment, record_size, record_offset)
         try:
             fmt.check_record(record)
             _c, raw, _ops = fmt.decode_group(memoryview(record)[FRAME_HEADER_SIZE:])
@@ -1512,13 +1668,15 @@ class Engine:
         try:
             return self._load_namespace(ns, locked=False)
         except OSError as exc:
-            if exc.errno != errno.EBADF:  # a real I/O error: never retried away
+            # EBADF: a descriptor closed meanwhile; ENOENT: a segment file
+            # compacted away. Anything else is a real I/O error: raised.
+            if exc.errno not in (errno.EBADF, errno.ENOENT):
                 raise
         except (CorruptionError, KeyError):
             pass
         # A compaction switched segments under the unlocked bulk read (stale
-        # offsets, a retired descriptor): read again under the write lock,
-        # where index and files agree; a failure there is real damage.
+        # offsets, a retired descriptor or file): read again under the write
+        # lock, where index and files agree; a failure there is real damage.
         with self._lock:
             return self._load_namespace(ns, locked=True)
 
@@ -1536,7 +1694,7 @@ class Engine:
         for loc, key in plain:
             segment = loc >> 74
             if segment != loaded:
-                data = self._fs.read_all(self._segments[segment].fd)
+                data = self._segment_bytes(self._segments[segment])
                 loaded = segment
             offset = (loc >> 34) & U40
             size = (loc >> 2) & U32
@@ -1614,8 +1772,14 @@ class Engine:
     def close(self) -> None:
         """Stop the sync thread, sync (unless failed), close files, release the lock.
 
+        Whatever fails, every mapping and descriptor is closed (or its close
+        attempted) and the directory lock released before close returns or
+        raises: the same process can open the directory again at once.
+
         Raises:
-            OSError: the final sync failed (files are closed and the lock released).
+            OSError: the final sync failed, or else the first ``close(2)`` that
+                failed (EIO on NFS or FUSE: what the file system reports at
+                close); a later failure is logged.
         """
         with self._lock:
             if self._closed or self._closing:
@@ -1635,6 +1799,7 @@ class Engine:
         compaction = self._compact_thread
         if compaction is not None and compaction is not threading.current_thread():
             compaction.join()
+        failure: BaseException | None = None
         try:
             self._sync_turn(None)
             synced_to = -1
@@ -1654,29 +1819,64 @@ class Engine:
                         log.warning("%s: index snapshot not written: %r", self.path, exc)
             finally:
                 self._end_sync_turn(synced_to)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
-            with self._lock:  # readers that fall back to the lock see a closed engine
-                self._release_resources()
-            self._closed_event.set()
+            try:
+                with self._lock:  # readers that fall back to the lock see a closed engine
+                    self._release_resources()
+            except OSError as exc:
+                if failure is None:
+                    raise
+                log.error("%s: closing after %r: %r", self.path, failure, exc)
+            finally:
+                self._closed_event.set()
 
     def _release_resources(self) -> None:
+        """Close every mapping and descriptor, release the lock: each one whatever fails.
+
+        Raises:
+            OSError: the first close that failed, once everything is released
+                (the others are logged).
+        """
         self._closed = True  # first: unlocked readers check it before anything else
-        for segment in self._segments.values():
-            if segment.map is not None:
-                self._retired_maps.append(segment.map)
-                segment.map = None
-                segment.mapped = 0
-        self._close_retired_fds()
-        for segment in self._segments.values():
-            try:
-                self._fs.close(segment.fd)
-            except OSError:  # pragma: no cover - close of a valid fd does not fail on Linux
-                log.exception("closing %s", segment.path)
-        self._segments.clear()
-        if self._lock_fd is not None:
-            self._fs.unlock_dir(self._lock_fd)
-            self._lock_fd = None
-        self._closed = True
+        failures: list[tuple[str, OSError]] = []
+        try:
+            segments = [*self._segments.values(), *self._sealed_fds, *self._mapped]
+            maps = self._retired_maps
+            fds: dict[int, str] = {}
+            for segment in segments:
+                if segment.map is not None:
+                    maps.append(segment.map)
+                    segment.map = None
+                    segment.mapped = 0
+                if segment.fd >= 0:
+                    fds[segment.fd] = segment.path
+                    segment.fd = -1
+            self._retired_maps, self._sealed_fds = [], []
+            self._mapped.clear()
+            self._segments.clear()
+            self._pinned = None
+            for mapping in maps:
+                mapping.close()
+            for fd, path in fds.items():
+                try:
+                    self._fs.close(fd)
+                except OSError as exc:
+                    failures.append((path, exc))
+        finally:
+            if self._lock_fd is not None:
+                lock_fd, self._lock_fd = self._lock_fd, None
+                try:
+                    self._fs.unlock_dir(lock_fd)
+                except OSError as exc:
+                    failures.append((self._file(LOCK_FILE_NAME), exc))
+            self._closed = True
+        for path, error in failures[1:]:
+            log.error("%s: closing %s failed too: %r", self.path, path, error)
+        if failures:
+            raise failures[0][1]
 
     # ================================================================== invariants
     def _check(self) -> None:
@@ -1694,8 +1894,15 @@ class Engine:
                 return
             assert self._active is not None
             assert self._active.number == max(self._segments)
+            assert len(self._mapped) <= self._mapping_cap, "more mappings than the cap"
+            assert len(self._sealed_fds) <= SEALED_FDS_KEPT + 1, "sealed descriptors left open"
             for segment in self._segments.values():
-                assert self._fs.file_size(segment.fd) == segment.size, segment.path
+                fd = segment.fd if segment.fd >= 0 else self._fs.open_read_only(segment.path)
+                try:
+                    assert self._fs.file_size(fd) == segment.size, segment.path
+                finally:
+                    if fd != segment.fd:
+                        self._fs.close(fd)
             for ns, index in self._namespaces.items():
                 for key, loc in index.items():
                     value = self._read_value(loc, ns, key)

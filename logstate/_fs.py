@@ -19,6 +19,8 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
+import sys
 from collections.abc import Callable
 
 from logstate._errors import StorageLockedError
@@ -128,11 +130,21 @@ class FileSystem:
         """A read-only shared mapping of the first ``size`` bytes (None when size is 0).
 
         Reads through it cost no system call. The caller maps only bytes that
-        exist and are never truncated while mapped (sealed segments).
+        exist and are never truncated while mapped (sealed segments). Before
+        Python 3.13 the mapping keeps a duplicate of ``fd`` until it is closed
+        (closing ``fd`` does not release it): every open mapping costs one
+        descriptor. From 3.13 on it keeps none (``trackfd=False``).
         """
         if size <= 0:
             return None
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, trackfd=False)
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+    def descriptor_limit(self) -> int:
+        """The process's soft limit on open descriptors (``RLIMIT_NOFILE``); 2**20 if unlimited."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return 1 << 20 if soft == resource.RLIM_INFINITY or soft > 1 << 20 else soft
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)

@@ -1,0 +1,344 @@
+"""Open files: how many descriptors a store holds, and a close whose close(2) fails.
+
+A sealed segment is read through a mapping; at most a bounded number of them
+are mapped at once (the rest are mapped again by name when read), so a store
+of any number of segments works under a small ``RLIMIT_NOFILE``. Close
+releases every descriptor and the directory lock whatever fails, and raises
+the first ``close(2)`` error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from logstate import LocalFileStorage, _engine
+from logstate._engine import MAX_MAPPED_SEGMENTS, SEALED_FDS_KEPT
+from logstate._fs import FileSystem
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def descriptors_on(directory: Path) -> list[str]:
+    """What this process's open descriptors refer to under ``directory``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if target.startswith(str(directory)):
+            found.append(target)
+    return found
+
+
+def open_with(fs: FileSystem, directory: Path, **options: object) -> LocalFileStorage:
+    """A public handle on an engine that uses ``fs`` (the handle holds the only reference)."""
+    engine = _engine.acquire_engine(str(directory), dict(options), create=True, fs=fs)
+    handle = LocalFileStorage(directory)
+    _engine.release_engine(engine)
+    assert handle._engine is engine
+    return handle
+
+
+# ============================================================================ the bound
+
+STORE_SCRIPT = textwrap.dedent(
+    """
+    import os, resource, sys
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    from logstate import LocalFileStorage, _engine
+    from logstate._fs import FileSystem
+
+    class NoSyncFS(FileSystem):  # open files are checked here, not durability: no disk waits
+        def fsync(self, fd): pass
+        def fdatasync(self, fd): pass
+        def fsync_dir(self, path): pass
+
+    directory = sys.argv[1]
+    options = dict(segment_size=4096, auto_compact=False, sync="none")
+    most = 0
+
+    def LocalFileStorage(directory, **given):  # the public handle, on an engine using NoSyncFS
+        engine = _engine.acquire_engine(directory, given, create=True, fs=NoSyncFS())
+        handle = Handle(directory)
+        _engine.release_engine(engine)
+        return handle
+
+    from logstate import LocalFileStorage as Handle
+
+    def count():
+        global most
+        most = max(most, len(os.listdir("/proc/self/fd")))
+
+    value = "v" * 900  # four records to a 4 KiB segment
+    store = LocalFileStorage(directory, **options)
+    n = 0
+    while len(store._engine._segments) < 2000:
+        store[f"k{n}"] = f"{n}:{value}"
+        n += 1
+        if n % 50 == 0:
+            count()
+    for i in range(n):
+        assert store[f"k{i}"] == f"{i}:{value}", i
+        if i % 50 == 0:
+            count()
+    store._check()
+    store.close()
+    print("written", n, "segments", 2000, "most", most, flush=True)
+
+    store = LocalFileStorage(directory, **options)  # the snapshot, checked segment by segment
+    assert store.report.snapshot_used
+    for i in range(0, n, 7):
+        assert store[f"k{i}"] == f"{i}:{value}", i
+    count()
+    assert dict(store.items()) == {f"k{i}": f"{i}:{value}" for i in range(n)}
+    for i in range(n, n + 200):  # writes go on, rolling past the limit
+        store[f"k{i}"] = f"{i}:{value}"
+        count()
+    n += 200
+    store.close()
+
+    store = LocalFileStorage(directory, use_snapshot=False, **options)  # a full scan
+    assert len(store._engine._segments) >= 2000
+    for i in range(n):
+        assert store[f"k{i}"] == f"{i}:{value}", i
+    count()
+    store.close()
+
+    reader = LocalFileStorage(directory, read_only=True)
+    for i in reversed(range(n)):
+        assert reader[f"k{i}"] == f"{i}:{value}", i
+        if i % 50 == 0:
+            count()
+    reader.close()
+
+    store = LocalFileStorage(directory, **options)
+    for i in range(0, n, 2):
+        store[f"k{i}"] = "new"
+    count()
+    result = store.compact()
+    assert len(result.inputs) > 2000, result.inputs
+    count()
+    store._check()
+    store.close()
+    store = LocalFileStorage(directory, **options)
+    assert len(store._engine._segments) <= 3
+    for i in range(n):
+        assert store[f"k{i}"] == ("new" if i % 2 == 0 else f"{i}:{value}"), i
+    store.close()
+    print("ok most", most, flush=True)
+    """
+)
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs when there is one (creating 2,000 files on a busy
+    disk takes seconds), else ``tmp_path``."""
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    directory = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="logstate-test-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_store_of_2000_segments_works_under_a_limit_of_256_open_files(fast_dir: Path) -> None:
+    """2,000 sealed segments under RLIMIT_NOFILE 256: writes go on past 256
+    segments, every key reads back, reopen (snapshot, full scan, read-only)
+    and compaction work; the process never holds more than 64 descriptors."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", STORE_SCRIPT, str(fast_dir / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok most" in done.stdout, done.stdout
+    most = int(done.stdout.split()[-1])
+    # 32 mappings (256 / 8) + the active segment's descriptor and mapping +
+    # the lock + a few sealed descriptors not yet closed + the interpreter's own
+    assert most <= 64, done.stdout
+
+
+class LimitFS(FileSystem):
+    """The real file system, reporting a descriptor limit of ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def descriptor_limit(self) -> int:
+        return self.limit
+
+
+def test_mapped_segments_are_capped_at_an_eighth_of_the_descriptor_limit(fast_dir: Path) -> None:
+    directory = fast_dir / "store"
+    before = open_descriptors()
+    store = open_with(LimitFS(64), directory, segment_size=4096, auto_compact=False, sync="none")
+    engine = store._engine
+    assert engine._mapping_cap == 8
+    model = {}
+    for i in range(600):  # about 150 segments
+        store[f"k{i}"] = f"{i}" * 300
+        model[f"k{i}"] = f"{i}" * 300
+        if i % 10 == 0:
+            assert open_descriptors() - before <= 8 + SEALED_FDS_KEPT + 4
+    assert len(engine._segments) > 100
+    rng = random.Random(5)
+    for _ in range(400):
+        key = rng.choice(list(model))
+        assert store[key] == model[key]
+        assert len(engine._mapped) <= 8
+    assert dict(store.items()) == model  # load_namespace reads unmapped segments by name
+    store._check()
+    assert open_descriptors() - before <= 8 + SEALED_FDS_KEPT + 4
+    store.close()
+    assert open_descriptors() == before
+    assert _engine.MIN_MAPPED_SEGMENTS <= MAX_MAPPED_SEGMENTS
+
+
+def test_readers_racing_unmapping_and_compaction_read_every_value_right(fast_dir: Path) -> None:
+    """Threads reading (get, items) while others force mappings out (cap 4) and a
+    compaction switches the files: every value read is the one written."""
+    directory = fast_dir / "store"
+    store = open_with(LimitFS(32), directory, segment_size=4096, auto_compact=False, sync="none")
+    assert store._engine._mapping_cap == 4
+    model = {f"k{i}": f"{i}" * 200 for i in range(300)}
+    for key, value in model.items():
+        store[key] = value
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        keys = list(model)
+        try:
+            while not stop.is_set():
+                key = rng.choice(keys)
+                assert store[key] == model[key], key
+                if rng.random() < 0.02:
+                    assert dict(store.items()) == model
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            store.compact()
+            for key in list(model)[:50]:  # new segments to compact next time
+                store[key] = model[key]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "hung"
+    assert errors == []
+    store._check()
+    store.close()
+    with LocalFileStorage(directory) as again:
+        assert dict(again.items()) == model
+
+
+# ============================================================================ close(2) fails
+
+
+class FailingCloseFS(FileSystem):
+    """Once armed, every close of a segment's descriptor closes it, then raises EIO
+    (what close(2) does on NFS or FUSE: the descriptor is gone, the error reported)."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.armed = False
+        self.failed: list[str] = []
+
+    def create_file(self, path: str) -> int:
+        fd = super().create_file(path)
+        self.paths[fd] = path
+        return fd
+
+    def open_file(self, path: str) -> int:
+        fd = super().open_file(path)
+        self.paths[fd] = path
+        return fd
+
+    def open_read_only(self, path: str) -> int:
+        fd = super().open_read_only(path)
+        self.paths[fd] = path
+        return fd
+
+    def close(self, fd: int) -> None:
+        path = self.paths.pop(fd, "")
+        super().close(fd)
+        if self.armed and path.endswith(".seg"):
+            self.failed.append(path)
+            raise OSError(errno.EIO, "injected close failure", path)
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_a_close_whose_close_fails_releases_the_lock_and_raises(
+    tmp_path: Path, compacted: bool
+) -> None:
+    directory = tmp_path / "store"
+    fs = FailingCloseFS()
+    store = open_with(fs, directory, segment_size=4096, auto_compact=False)
+    model = {f"k{i}": f"{i}" * 100 for i in range(200)}
+    for key, value in model.items():
+        store[key] = value
+    if compacted:
+        store.compact()
+        store["after"] = "compaction"
+        model["after"] = "compaction"
+    fs.armed = True
+    with pytest.raises(OSError) as raised:
+        store.close()
+    assert raised.value.errno == errno.EIO
+    assert fs.failed, "no segment descriptor was closed"
+    assert store.closed
+    assert _engine.open_engines() == []  # the registry entry is gone
+    assert descriptors_on(directory) == []  # every descriptor released, the lock's too
+    with LocalFileStorage(directory) as again:  # the same process reopens at once
+        assert dict(again.items()) == model
+        again._check()
+
+
+def test_a_failed_close_still_raises_the_failed_final_sync_first(tmp_path: Path) -> None:
+    class FailingSyncAndCloseFS(FailingCloseFS):
+        def fdatasync(self, fd: int) -> None:
+            if self.armed:
+                raise OSError(errno.ENOSPC, "injected sync failure")
+            super().fdatasync(fd)
+
+    directory = tmp_path / "store"
+    fs = FailingSyncAndCloseFS()
+    store = open_with(fs, directory, segment_size=4096, sync="none")
+    store["a"] = 1
+    fs.armed = True
+    with pytest.raises(OSError) as raised:
+        store.close()
+    assert raised.value.errno == errno.ENOSPC  # the sync's: what was written is not durable
+    assert descriptors_on(directory) == []
+    assert _engine.open_engines() == []
+    with LocalFileStorage(directory) as again:
+        assert again["a"] == 1
