@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from logstate import LocalFileStorage, _engine
+from logstate import InMemoryStorage, LocalFileStorage, _engine
 from logstate._fs import FileSystem
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ STORE_SCRIPT = textwrap.dedent(
     """
     import os, resource, sys
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    from logstate import LocalFileStorage, _engine
+    from logstate import InMemoryStorage, LocalFileStorage, _engine
     from logstate._fs import FileSystem
 
     class NoSyncFS(FileSystem):  # open files are checked here, not durability: no disk waits
@@ -348,3 +348,47 @@ def test_a_failed_close_still_raises_the_failed_final_sync_first(tmp_path: Path)
     assert registered(directory) == []
     with LocalFileStorage(directory) as again:
         assert again["a"] == 1
+
+
+def test_every_read_path_reads_right_through_a_mapping_closed_under_it(fast_dir: Path) -> None:
+    """A reader that took a segment's mapping just before it was unmapped finds it
+    closed: get, items (load_namespace), checkpoint, _check, the compaction
+    reader and the snapshot written at close all read the bytes again (by name)."""
+    directory = fast_dir / "store"
+    store = open_with(LimitFS(64), directory, segment_size=4096, auto_compact=False, sync="none")
+    model: dict[str, object] = {f"k{i}": f"{i}" * 200 for i in range(60)}
+    for key, value in model.items():
+        store[key] = value
+    memory = InMemoryStorage(store)
+    for i in range(5):
+        memory[f"m{i}"] = i
+        model[f"m{i}"] = i
+    memory.flush(checkpoint="cp")  # a group, and the checkpoint, in a sealed segment
+    store["last"] = "x"
+    model["last"] = "x"
+    engine = store._engine
+    sealed = [s for s in engine._segments.values() if s is not engine._active]
+    assert len(sealed) > 3 and all(s.map is not None and s.fd < 0 for s in sealed[:-1])
+    for segment in sealed:
+        assert segment.map is not None
+        segment.map.close()  # still referenced: what an unlocked reader holds
+    assert all(store[key] == value for key, value in model.items())
+    for segment in sealed:
+        if segment.map is not None:
+            segment.map.close()
+    assert dict(store.items()) == model
+    assert store.checkpoint == "cp"
+    store._check()
+    for segment in engine._segments.values():
+        if segment is not engine._active and segment.map is not None:
+            segment.map.close()
+    store.compact()
+    assert dict(store.items()) == model
+    for segment in engine._segments.values():
+        if segment is not engine._active and segment.map is not None:
+            segment.map.close()
+    store.close()
+    with LocalFileStorage(directory) as again:
+        assert again.report.snapshot_used  # the tails were read right at close
+        assert dict(again.items()) == model
+        assert again.checkpoint == "cp"
