@@ -284,6 +284,7 @@ class Engine:
         )
         self._sealed_fds: list[Segment] = []  # sealed, own descriptor still open (_map)
         self._pinned: Segment | None = None  # never unmapped: compaction renames over its file
+        self._identities: dict[int, tuple[int, int]] = {}  # read-only: files scanned at open
         self._backlog = False  # writers wait: a running compaction is a segment behind
         self._compacting = False  # a background compaction is running (under _lock)
         self._closed_event = threading.Event()  # set when close() has finished
@@ -372,6 +373,8 @@ class Engine:
         """At open, after its scan: map a sealed segment (``mapped``), close its descriptor."""
         fd, segment.fd = segment.fd, -1
         try:
+            if self._read_only:  # a live writer may compact it away: tell when (_open_sealed)
+                self._identities[segment.number] = self._fs.file_identity(fd)
             if mapped:
                 segment.map = self._fs.map_read_only(fd, segment.size)
                 if segment.map is not None:
@@ -408,7 +411,7 @@ class Engine:
         :meth:`_pin`). A file now shorter than the segment stays unmapped:
         reading it then reports the damage.
         """
-        fd = self._fs.open_read_only(segment.path)
+        fd = self._open_sealed(segment)
         try:
             try:
                 mapping = self._fs.map_read_only(fd, segment.size)
@@ -420,6 +423,33 @@ class Engine:
                 self._add_mapping(segment)
         finally:
             self._fs.close(fd)
+
+    def _open_sealed(self, segment: Segment) -> int:
+        """A new read-only descriptor of a sealed segment's file, by name (the caller closes it).
+
+        Raises:
+            CorruptionError: (a read-only open) the file is not the one
+                scanned at open any more: the process holding the store
+                compacted it away since.
+            OSError: from the open.
+        """
+        expected = self._identities.get(segment.number)
+        replaced = CorruptionError(
+            segment.path,
+            0,
+            f"segment {segment.number} was replaced or removed since this read-only "
+            "open (compacted by the process holding the store); open it again",
+        )
+        try:
+            fd = self._fs.open_read_only(segment.path)
+        except FileNotFoundError:
+            if expected is None:
+                raise
+            raise replaced from None
+        if expected is not None and self._fs.file_identity(fd) != expected:
+            self._fs.close(fd)
+            raise replaced
+        return fd
 
     def _pin(self, segment: Segment) -> None:
         """Keep ``segment`` mapped until the next compaction install. Under ``_lock``.
@@ -466,7 +496,7 @@ class Engine:
         fd = segment.fd
         if fd >= 0:
             return self._fs.pread(fd, size, offset)
-        fd = self._fs.open_read_only(segment.path)
+        fd = self._open_sealed(segment)
         try:
             return self._fs.pread(fd, size, offset)
         finally:
@@ -483,7 +513,7 @@ class Engine:
         fd = segment.fd
         if fd >= 0:
             return self._fs.read_all(fd)
-        fd = self._fs.open_read_only(segment.path)
+        fd = self._open_sealed(segment)
         try:
             return self._fs.read_all(fd)
         finally:
@@ -1897,7 +1927,7 @@ class Engine:
             assert len(self._mapped) <= self._mapping_cap, "more mappings than the cap"
             assert len(self._sealed_fds) <= SEALED_FDS_KEPT + 1, "sealed descriptors left open"
             for segment in self._segments.values():
-                fd = segment.fd if segment.fd >= 0 else self._fs.open_read_only(segment.path)
+                fd = segment.fd if segment.fd >= 0 else self._open_sealed(segment)
                 try:
                     assert self._fs.file_size(fd) == segment.size, segment.path
                 finally:

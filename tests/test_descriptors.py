@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, _engine
+from logstate._errors import CorruptionError
 from logstate._fs import FileSystem
 
 REPO = Path(__file__).resolve().parent.parent
@@ -392,3 +393,32 @@ def test_every_read_path_reads_right_through_a_mapping_closed_under_it(fast_dir:
         assert again.report.snapshot_used  # the tails were read right at close
         assert dict(again.items()) == model
         assert again.checkpoint == "cp"
+
+
+def test_a_read_only_open_tells_a_segment_compacted_away_by_the_writer(fast_dir: Path) -> None:
+    """A read-only open maps only its newest sealed segments (cap 4 here): an older
+    one the writer compacted away since is reported as such, never read as
+    another file; what it still maps reads as at its open."""
+    directory = fast_dir / "store"
+    writer = open_with(LimitFS(1024), directory, segment_size=4096, auto_compact=False)
+    model = {f"k{i}": f"{i}" * 200 for i in range(100)}
+    for key, value in model.items():
+        writer[key] = value
+    engine = _engine.acquire_engine(
+        str(directory), {"read_only": True}, create=False, fs=LimitFS(32)
+    )
+    reader = LocalFileStorage(directory, read_only=True)
+    _engine.release_engine(engine)
+    try:
+        writer["k0"] = "new"
+        writer.compact()
+        assert writer["k0"] == "new"
+        assert reader["k99"] == model["k99"]  # in a segment still mapped
+        with pytest.raises(CorruptionError, match="replaced or removed since this read-only open"):
+            reader["k0"]  # in the first segment: deleted by the compaction
+    finally:
+        reader.close()
+        writer.close()
+    with LocalFileStorage(directory, read_only=True) as again:
+        assert again["k0"] == "new"
+        assert again["k99"] == model["k99"]
