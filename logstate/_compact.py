@@ -97,9 +97,20 @@ class _Reader:
         self._groups: dict[tuple[int, int], bytes | memoryview] = {}
 
     def _segment_data(self, number: int) -> bytes:
+        """The input's bytes, read through a descriptor of its own (closed at once).
+
+        Inputs are sealed and only a compaction (this one, under
+        ``_compact_lock``) replaces or deletes their files; the segment's
+        own descriptor and mapping may be closed meanwhile (open files are
+        bounded, see ``Engine._add_mapping``).
+        """
         if number != self._number:
-            segment = self._engine._segments[number]
-            self._data = self._engine._fs.read_all(segment.fd)
+            fs = self._engine._fs
+            fd = fs.open_read_only(self._engine._segments[number].path)
+            try:
+                self._data = fs.read_all(fd)
+            finally:
+                fs.close(fd)
             self._number = number
             self._groups.clear()
         return self._data
@@ -131,11 +142,12 @@ class _Reader:
                 raise CorruptionError(path, offset + exc.offset, exc.reason) from None
             return chunk
         assert isinstance(location, tuple)
-        number, record_offset, _record_size, op_offset, op_size = location[:5]
-        self._segment_data(number)
+        number, record_offset, record_size, op_offset, op_size = location[:5]
+        data = self._segment_data(number)
         raw = self._groups.get((number, record_offset))
         if raw is None:
-            raw = self._groups[(number, record_offset)] = engine._decompress_group(location)
+            record = data[record_offset : record_offset + record_size]
+            raw = self._groups[(number, record_offset)] = engine._decompress_group(location, record)
         op = bytes(raw[op_offset : op_offset + op_size])
         try:
             fmt.check_group_op(op)
@@ -351,7 +363,15 @@ def compact(engine: Engine) -> CompactionResult:
         result.records = len(moved)
 
         # ---- 3. install: rename over the last input; from here on a crash
-        # leaves the output counted and the other inputs deleted at open
+        # leaves the output counted and the other inputs deleted at open.
+        # Until the index switches, reads of the last input need its bytes:
+        # its mapping holds them (pinned, never unmapped), its name no more.
+        with engine._lock:
+            try:
+                engine._pin(segments[hi])
+            except OSError:  # nothing changed: the output is dropped
+                fs.unlink(tmp_path)
+                raise
         try:
             with engine._lock:
                 if engine._closing or engine._closed:

@@ -53,7 +53,7 @@ from logstate._format import (
     RECORD_OVERHEAD,
     SEGMENT_HEADER_SIZE,
 )
-from logstate._fs import OS_FS, FileSystem
+from logstate._fs import LOCK_FILE_NAME, OS_FS, FileSystem
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
@@ -63,6 +63,7 @@ from logstate._location import (
     Location,
     Segment,
     compressed_location,
+    location_segment,
     location_size,
     pack_location,
     sizes,
@@ -113,6 +114,12 @@ _MAX_BODY_SIZE: Final = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
 SEQ_SIZE: Final = fmt.SEQ_SIZE
 NAME_LEN_SIZE: Final = NAME_LEN.size
 MAX_SEGMENT_SIZE: Final = 1 << 31
+# Open files: a sealed segment is read through a mapping (one descriptor
+# before Python 3.13), at most this many at once, and at most 1/8 of the
+# process's descriptor limit; one not mapped is mapped again by name when read.
+MAX_MAPPED_SEGMENTS: Final = 128
+MIN_MAPPED_SEGMENTS: Final = 4
+SEALED_FDS_KEPT: Final = 8  # sealed segments' own descriptors left open while a sync runs
 
 
 def segment_file_name(number: int) -> str:
@@ -310,12 +317,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._checkpoint: Location | None = None
         self._covers: dict[int, int] = {}
-        self._held: dict[int, int] = {}  # read-only open: segment fds opened by _covers_from
+        self._listed: dict[int, tuple[int, int]] = {}  # read-only: the file _covers_from read
         self._live_bytes = 0  # bytes of the records the index points to
         self._compact_lock = threading.Lock()
         self._compact_thread: threading.Thread | None = None  # the background compactor
-        self._retired_fds: list[int] = []  # of compacted inputs; closed at the next compaction
-        self._retired_maps: list[mmap.mmap] = []  # likewise, mappings replaced
+        self._retired_maps: list[mmap.mmap] = []  # mappings replaced; closed at the next roll
+        self._mapped: dict[Segment, None] = {}  # sealed segments with a mapping, oldest first
+        self._mapping_cap = max(
+            MIN_MAPPED_SEGMENTS, min(MAX_MAPPED_SEGMENTS, fs.descriptor_limit() // 8)
+        )
+        self._sealed_fds: list[Segment] = []  # sealed, own descriptor still open (_map)
+        self._pinned: Segment | None = None  # never unmapped: compaction renames over its file
+        self._identities: dict[int, tuple[int, int]] = {}  # read-only: files scanned at open
         self._backlog = False  # writers wait: a running compaction is a segment behind
         self._compacting = False  # a background compaction is requested or running (_lock)
         self._sync_always = options.sync == "always"
@@ -336,8 +349,10 @@ class Engine:
         try:
             self._open()
         except BaseException:
-            self._close_held()
-            self._release_resources()
+            try:
+                self._release_resources()
+            except OSError as release_error:  # the open's own error is the one raised
+                log.error("%s: releasing after a failed open: %r", path, release_error)
             raise
 
     # ================================================================== open / recovery
@@ -356,19 +371,22 @@ class Engine:
                     # temporary file; the originals are still in place.
                     self._fs.unlink(self._file(name))
         numbers = sorted(n for n in (parse_segment_file_name(x) for x in names) if n is not None)
-        numbers = self._select_read_only(numbers) if read_only else self._select_segments(numbers)
+        numbers = self._select_segments(numbers)
         # salvage checks every byte: it never trusts a snapshot
         use_snapshot = self.options.use_snapshot and self.options.recovery != "salvage"
         starts = self._load_snapshot(numbers) if use_snapshot else {}
-        for number in numbers:
+        for i, number in enumerate(numbers):
             self._load_segment(
                 number, is_newest=(number == numbers[-1]), start=starts.get(number, 0)
             )
+            if number != numbers[-1]:  # sealed: the newest ones mapped, no descriptor kept
+                self._seal_loaded(self._segments[number], i >= len(numbers) - 1 - self._mapping_cap)
         self.report.segments = len(numbers)
-        for segment in self._segments.values():
-            self._map(segment, self._map_limit.get(segment.number))
         if numbers:
             self._active = self._segments[numbers[-1]]
+            size = self._map_size(self._active)
+            self._active.map = self._fs.map_read_only(self._active.fd, size)
+            self._active.mapped = size if self._active.map is not None else 0
             if not read_only:
                 # What a crashed writer left unsynced is readable now: make it
                 # durable before anyone acts on it (flush() syncs only what
@@ -397,46 +415,206 @@ class Engine:
             )
             self._compact_thread.start()
 
-    def _map(self, segment: Segment, size: int | None = None) -> None:
-        """Map the segment's bytes so far (or its first ``size``) for reads; retire an older map."""
+    def _map(self, segment: Segment, close_older: bool = True) -> None:
+        """Seal ``segment``: map all its bytes for reads, and let its descriptor go.
+
+        Under ``_lock`` (a roll, a compaction's install). The mapping joins
+        the open ones (:meth:`_add_mapping`: beyond the cap the oldest is
+        closed); an older mapping of the segment is retired (closed at the
+        next roll). The segment's own descriptor stays open a while
+        (:meth:`_close_sealed_fds`): an unlocked reader, or a commit that
+        took the segment as the active one, may be about to use it.
+        ``close_older``: close those of segments sealed earlier now (a roll
+        does; a compaction leaves segments sealed meanwhile to the next roll).
+        """
+        mapping = self._fs.map_read_only(segment.fd, segment.size)
         if segment.map is not None:
             self._retired_maps.append(segment.map)
-        size = segment.size if size is None else min(size, segment.size)
-        segment.map = self._fs.map_read_only(segment.fd, size)
-        segment.mapped = size if segment.map is not None else 0
+        segment.map = mapping
+        segment.mapped = segment.size if mapping is not None else 0
+        if mapping is not None:
+            self._add_mapping(segment)
+        self._sealed_fds.append(segment)
+        if close_older:
+            self._close_sealed_fds(keep=1)  # those sealed at earlier rolls
+
+    def _seal_loaded(self, segment: Segment, mapped: bool) -> None:
+        """At open, after its scan: map a sealed segment (``mapped``), close its descriptor."""
+        fd, segment.fd = segment.fd, -1
+        try:
+            if self._read_only:  # a live writer may compact it away: tell when (_open_sealed)
+                self._identities[segment.number] = self._fs.file_identity(fd)
+            if mapped:
+                size = self._map_size(segment)
+                segment.map = self._fs.map_read_only(fd, size)
+                if segment.map is not None:
+                    segment.mapped = size
+                    self._add_mapping(segment)
+        finally:
+            self._fs.close(fd)
+
+    def _map_size(self, segment: Segment) -> int:
+        """How much of ``segment`` to map at open: all of it, but for a read-only
+        open never the damaged bytes after its last valid record."""
+        return min(segment.size, self._map_limit.get(segment.number, segment.size))
+
+    def _add_mapping(self, segment: Segment) -> None:
+        """Count ``segment``'s new mapping among the open ones; unmap the oldest beyond the cap.
+
+        Under ``_lock`` (or at open). The pinned segment is never unmapped. A
+        reader still holding an unmapped segment's mapping gets ValueError and
+        reads again under the lock, where the segment is mapped again by name
+        (:meth:`_map_again`); closing a mapping while another thread slices it
+        is safe (a slice is copied under the GIL).
+        """
+        mapped = self._mapped
+        mapped[segment] = None
+        while len(mapped) > self._mapping_cap:
+            victim = next(s for s in mapped if s is not self._pinned)
+            del mapped[victim]
+            mapping = victim.map
+            victim.map = None
+            victim.mapped = 0
+            if mapping is not None:
+                mapping.close()
+
+    def _map_again(self, segment: Segment) -> None:
+        """Map a sealed segment unmapped earlier, opening its file by name. Under ``_lock``.
+
+        Under the lock the files agree with ``_segments`` (a compaction renames
+        its output over its last input only while that input is pinned, see
+        :meth:`_pin`). A file now shorter than the segment stays unmapped:
+        reading it then reports the damage.
+        """
+        fd = self._open_sealed(segment)
+        try:
+            try:
+                mapping = self._fs.map_read_only(fd, segment.size)
+            except ValueError:  # shorter than the segment (damaged since)
+                mapping = None
+            if mapping is not None:
+                segment.map = mapping
+                segment.mapped = segment.size
+                self._add_mapping(segment)
+        finally:
+            self._fs.close(fd)
+
+    def _open_sealed(self, segment: Segment) -> int:
+        """A new read-only descriptor of a sealed segment's file, by name (the caller closes it).
+
+        Raises:
+            CorruptionError: (a read-only open) the file is not the one
+                scanned at open any more: the process holding the store
+                compacted it away since.
+            OSError: from the open.
+        """
+        expected = self._identities.get(segment.number)
+        replaced = CorruptionError(
+            segment.path,
+            0,
+            f"segment {segment.number} was replaced or removed since this read-only "
+            "open (compacted by the process holding the store); open it again",
+        )
+        try:
+            fd = self._fs.open_read_only(segment.path)
+        except FileNotFoundError:
+            if expected is None:
+                raise
+            raise replaced from None
+        if expected is not None and self._fs.file_identity(fd) != expected:
+            self._fs.close(fd)
+            raise replaced
+        return fd
+
+    def _pin(self, segment: Segment) -> None:
+        """Keep ``segment`` mapped until the next compaction install. Under ``_lock``.
+
+        A compaction renames its output over its last input's file before the
+        index switches to the output: reads meanwhile need the input's bytes,
+        which only its mapping still holds.
+        """
+        if segment.map is None:
+            self._map_again(segment)
+        self._pinned = segment
+
+    def _close_sealed_fds(self, keep: int) -> None:
+        """Close sealed segments' own descriptors, all but the newest ``keep``. Under ``_lock``.
+
+        While a sync turn runs, the newest ``SEALED_FDS_KEPT`` stay open: a
+        commit takes the active segment under the lock and syncs its
+        descriptor after releasing it (``_commit``).
+        """
+        sealed = self._sealed_fds
+        if len(sealed) <= keep:
+            return
+        if self._sync_lock.locked():  # a commit may be about to sync one of them
+            keep = max(keep, SEALED_FDS_KEPT)
+        while len(sealed) > keep:
+            segment = sealed.pop(0)
+            fd, segment.fd = segment.fd, -1
+            self._fs.close(fd)
 
     def _read(self, segment: Segment, size: int, offset: int) -> bytes:
-        """``size`` bytes at ``offset``: from the mapping when it covers them."""
+        """``size`` bytes at ``offset``: from the mapping when it covers them.
+
+        Else through the segment's descriptor, or, for a sealed segment that
+        has neither now, its file opened by name. Callers verify what they
+        read: unlocked, a compaction may have replaced that file meanwhile.
+        """
         mapping = segment.map
         if mapping is not None and offset + size <= segment.mapped:
             try:
                 return mapping[offset : offset + size]
-            except ValueError:  # replaced and closed meanwhile
+            except ValueError:  # unmapped meanwhile
                 pass
-        return self._fs.pread(segment.fd, size, offset)
+        fd = segment.fd
+        if fd >= 0:
+            return self._fs.pread(fd, size, offset)
+        fd = self._open_sealed(segment)
+        try:
+            return self._fs.pread(fd, size, offset)
+        finally:
+            self._fs.close(fd)
+
+    def _segment_bytes(self, segment: Segment) -> bytes:
+        """Every byte of ``segment`` (as :meth:`_read`: mapping, descriptor, or by name)."""
+        mapping = segment.map
+        if mapping is not None and segment.mapped == segment.size:
+            try:
+                return mapping[:]
+            except ValueError:  # unmapped meanwhile
+                pass
+        fd = segment.fd
+        if fd >= 0:
+            return self._fs.read_all(fd)
+        fd = self._open_sealed(segment)
+        try:
+            return self._fs.read_all(fd)
+        finally:
+            self._fs.close(fd)
 
     def _covers_from(self, number: int) -> int:
         """The first segment number whose records segment ``number`` holds.
 
-        A read-only open keeps the descriptor (in ``_held``): the file read
-        here is the one loaded, even if a compaction renames another over it.
+        A read-only open records which file it read (``_listed``): the load
+        must find the same file there (see :func:`_open_engine`).
 
         Raises:
             _SegmentVanished: read-only open, and the file is gone.
         """
         path = self._file(segment_file_name(number))
-        if self._read_only:
-            try:
-                fd = self._held[number] = self._fs.open_read_only(path)
-            except FileNotFoundError:
-                raise _SegmentVanished(path) from None
-            start = self._fs.pread(fd, fmt.SEGMENT_START_SIZE, 0)
-        else:
+        try:
             fd = self._fs.open_read_only(path)
-            try:
-                start = self._fs.pread(fd, fmt.SEGMENT_START_SIZE, 0)
-            finally:
-                self._fs.close(fd)
+        except FileNotFoundError:
+            if not self._read_only:
+                raise
+            raise _SegmentVanished(path) from None
+        try:
+            if self._read_only:
+                self._listed[number] = self._fs.file_identity(fd)
+            start = self._fs.pread(fd, fmt.SEGMENT_START_SIZE, 0)
+        finally:
+            self._fs.close(fd)
         covers_from = fmt.compacted_covers_from(start)
         if covers_from is None:
             return number
@@ -486,44 +664,21 @@ class Engine:
         self._covers = covers
         return kept
 
-    def _select_read_only(self, numbers: list[int]) -> list[int]:
-        """:meth:`_select_segments` for a read-only open of a live store, retried.
-
-        The process holding the directory may compact between the listing and
-        the opens: a compaction renames its output over the last input, then
-        deletes the other inputs. The directory is consistent at every moment,
-        and each segment is opened once (``_covers_from`` keeps the
-        descriptor for the load), so the files opened form a consistent set
-        unless a listed one vanished before it was opened. Then the listing
-        is taken again and the selection redone, up to
-        READ_ONLY_OPEN_ATTEMPTS times with a short backoff. A segment that was
-        already missing is absent from the listing: a gap in the sequence,
-        reported as before (CorruptionError, or ``missing_segments``).
+    def _open_listed(self, number: int, path: str) -> int:
+        """Read-only open: segment ``number``'s file, the same one ``_covers_from`` read.
 
         Raises:
-            StorageChangedError: a listed segment vanished in every attempt.
+            _SegmentVanished: it is gone, or another file is under its name
+                (a compaction renamed its output over it): the open is retried.
         """
-        vanished = ""
-        for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
-            if attempt:
-                time.sleep(min(0.001 * 2**attempt, 0.05))
-                names = self._fs.list_dir(self.path)
-                numbers = sorted(
-                    n for n in (parse_segment_file_name(x) for x in names) if n is not None
-                )
-            try:
-                return self._select_segments(numbers)
-            except _SegmentVanished as exc:
-                vanished = exc.path
-                self._close_held()
-                log.debug("%s vanished during a read-only open: listing again", vanished)
-        raise StorageChangedError(self.path, READ_ONLY_OPEN_ATTEMPTS, vanished)
-
-    def _close_held(self) -> None:
-        """Close the descriptors ``_covers_from`` opened that no segment took."""
-        held, self._held = self._held, {}
-        for fd in held.values():
+        try:
+            fd = self._fs.open_read_only(path)
+        except FileNotFoundError:
+            raise _SegmentVanished(path) from None
+        if self._fs.file_identity(fd) != self._listed.get(number):
             self._fs.close(fd)
+            raise _SegmentVanished(path)
+        return fd
 
     def _missing_segments(self, missing: list[int], before: int) -> None:
         if self.options.recovery != "salvage":
@@ -577,19 +732,13 @@ class Engine:
             if [m.number for m in marks] != numbers[: len(marks)] or not marks:
                 raise CorruptionError(path, 0, "snapshot names other segments")
             for i, mark in enumerate(marks):
-                held = self._held.get(mark.number)  # read-only: the file that is loaded
-                seg_fd = (
-                    held
-                    if held is not None
-                    else self._fs.open_read_only(self._file(segment_file_name(mark.number)))
-                )
+                seg_fd = self._fs.open_read_only(self._file(segment_file_name(mark.number)))
                 try:
                     size = self._fs.file_size(seg_fd)
                     start = max(0, mark.size - TAIL_BYTES)
                     tail = self._fs.pread(seg_fd, mark.size - start, start)
                 finally:
-                    if held is None:
-                        self._fs.close(seg_fd)
+                    self._fs.close(seg_fd)
                 last = i == len(marks) - 1
                 if (
                     mark.covers_from != self._covers[mark.number]
@@ -615,7 +764,7 @@ class Engine:
         marks = []
         for segment in self._segments.values():
             start = max(0, segment.size - TAIL_BYTES)
-            tail = self._fs.pread(segment.fd, segment.size - start, start)
+            tail = self._read(segment, segment.size - start, start)
             marks.append(
                 SegmentMark(segment.number, segment.covers_from, segment.size, tail_crc(tail))
             )
@@ -640,7 +789,7 @@ class Engine:
     def _load_segment(self, number: int, is_newest: bool, start: int = 0) -> None:
         path = self._file(segment_file_name(number))
         read_only = self.options.read_only
-        fd = self._held.pop(number) if read_only else self._fs.open_file(path)
+        fd = self._open_listed(number, path) if read_only else self._fs.open_file(path)
         segment = Segment(number, path, fd, 0, self._covers[number])
         self._segments[number] = segment
         size = self._fs.file_size(fd)
@@ -1735,17 +1884,16 @@ class Engine:
                 time.sleep(0.001)  # requested, not started yet
 
     def _close_retired_fds(self) -> None:
-        """Close descriptors and mappings replaced earlier (by a compaction or a roll).
+        """Close mappings replaced earlier, and sealed segments' descriptors but the newest.
 
-        Readers take no lock, so a reader may still hold one just retired;
-        they are closed one compaction later, not at once. Under ``_lock``.
+        Readers take no lock, so a reader may still hold one just retired:
+        the descriptor of the segment sealed last stays open (see
+        :meth:`_close_sealed_fds`). Under ``_lock``.
         """
-        fds, self._retired_fds = self._retired_fds, []
         maps, self._retired_maps = self._retired_maps, []
         for mapping in maps:
             mapping.close()
-        for fd in fds:
-            self._fs.close(fd)
+        self._close_sealed_fds(keep=1)
 
     def _install_compaction(
         self,
@@ -1756,12 +1904,12 @@ class Engine:
         output: Segment,
     ) -> None:
         """Point the index at the compaction output, where nothing changed meanwhile."""
-        try:
-            self._map(output)  # first: if it fails, nothing below has changed
-        except (OSError, ValueError) as exc:
-            self._failed = exc  # the files changed under the engine: reopen
-            raise
         with self._lock:
+            try:
+                self._map(output, close_older=False)  # first: if it fails, nothing changed
+            except (OSError, ValueError) as exc:
+                self._failed = exc  # the files changed under the engine: reopen
+                raise
             self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output)
             try:
                 self._switch_to_output()
@@ -1787,14 +1935,18 @@ class Engine:
                 self._live_bytes += location_size(new) - location_size(old)
         if new_checkpoint is not None and self._checkpoint == old_checkpoint:
             self._checkpoint = new_checkpoint
+        self._pinned = None
         for number in inputs:
             retired = self._segments.get(number)
             if retired is None or retired is output:
                 continue  # retired by the interrupted run
+            # sealed: its mapping closed now (a reader still using it reads
+            # again under the lock), its descriptor by _close_sealed_fds
             del self._segments[number]
-            self._retired_fds.append(retired.fd)
-            if retired.map is not None:
-                self._retired_maps.append(retired.map)
+            self._mapped.pop(retired, None)
+            mapping, retired.map, retired.mapped = retired.map, None, 0
+            if mapping is not None:
+                mapping.close()
         self._segments[output.number] = output
         self._segments = dict(sorted(self._segments.items()))
         self._installing = None
@@ -1903,6 +2055,9 @@ class Engine:
             loc = index.get(key)
             if loc is None:
                 return None
+            segment = self._segments.get(location_segment(loc))
+            if segment is not None and segment.map is None and segment is not self._active:
+                self._map_again(segment)  # unmapped (beyond the cap): map it for the next reads
             return self._read_value(loc, ns, key)
 
     def _read_value(self, loc: Location, ns: str, key: str) -> bytes | memoryview:
@@ -1953,11 +2108,17 @@ class Engine:
             )
         return segment
 
-    def _decompress_group(self, loc: CompressedLocation) -> bytes | memoryview:
-        """The decompressed op list of the compressed group at ``loc`` (checked)."""
+    def _decompress_group(
+        self, loc: CompressedLocation, record: bytes | None = None
+    ) -> bytes | memoryview:
+        """The decompressed op list of the compressed group at ``loc`` (checked).
+
+        ``record``: the group record's bytes when the caller read them already.
+        """
         number, record_offset, record_size = loc[:3]
         segment = self._segment_of(number, "")
-        record = self._read(segment, record_size, record_offset)
+        if record is None:
+            record = self._read(segment, record_size, record_offset)
         try:
             fmt.check_record(record)
             _c, raw, _ops = fmt.decode_group(memoryview(record)[FRAME_HEADER_SIZE:])
@@ -2001,13 +2162,15 @@ class Engine:
         try:
             return self._load_namespace(ns, locked=False)
         except OSError as exc:
-            if exc.errno != errno.EBADF:  # a real I/O error: never retried away
+            # EBADF: a descriptor closed meanwhile; ENOENT: a segment file
+            # compacted away. Anything else is a real I/O error: raised.
+            if exc.errno not in (errno.EBADF, errno.ENOENT):
                 raise
         except (CorruptionError, KeyError):
             pass
         # A compaction switched segments under the unlocked bulk read (stale
-        # offsets, a retired descriptor): read again under the write lock,
-        # where index and files agree; a failure there is real damage.
+        # offsets, a retired descriptor or file): read again under the write
+        # lock, where index and files agree; a failure there is real damage.
         with self._lock:
             return self._load_namespace(ns, locked=True)
 
@@ -2025,7 +2188,7 @@ class Engine:
         for loc, key in plain:
             segment = loc >> 74
             if segment != loaded:
-                data = self._fs.read_all(self._segments[segment].fd)
+                data = self._segment_bytes(self._segments[segment])
                 loaded = segment
             offset = (loc >> 34) & U40
             size = (loc >> 2) & U32
@@ -2115,8 +2278,14 @@ class Engine:
         step either done or not started, and the next ``close()`` (or the
         next open of this directory in this process) finishes it.
 
+        Whatever fails, every mapping and descriptor is closed (or its close
+        attempted) and the directory lock released before close returns or
+        raises: the same process can open the directory again at once.
+
         Raises:
-            OSError: the final sync failed (files are closed and the lock released).
+            OSError: the final sync failed, or else the first ``close(2)`` that
+                failed (EIO on NFS or FUSE: what the file system reports at
+                close); a later failure is logged.
         """
         with self._close_lock:  # a C lock: released whatever interrupts the close
             if self._released:
@@ -2127,13 +2296,18 @@ class Engine:
                 self._stop_background()
                 if not (self._final_synced or self._failed or self._read_only or self._closed):
                     self._final_sync()
-            except OSError:
-                with self._sync_lock, self._lock:
-                    self._release_resources()
+            except OSError as failure:
+                # the final sync failed: release everything all the same, and
+                # raise that error (a close(2) failing too is logged)
+                try:
+                    with self._sync_lock, self._lock:
+                        self._release_resources()
+                except OSError as exc:
+                    log.error("%s: closing after %r: %r", self.path, failure, exc)
                 raise
             # (an interrupt above leaves the rest to the close that resumes this one)
             with self._sync_lock, self._lock:  # no commit is between its read and its sync
-                self._release_resources()
+                self._release_resources()  # raises the first close(2) that failed
 
     def _stop_background(self) -> None:
         """Stop the interval sync thread and the compactor; wait for a running compaction.
@@ -2206,15 +2380,18 @@ class Engine:
         self._thread = None
         self._compact_thread = None
         self._active = None
-        segments = list(self._segments.values())
+        segments = {*self._segments.values(), *self._sealed_fds, *self._mapped}
         self._segments = {}
+        self._sealed_fds = []
+        self._mapped = {}
+        self._pinned = None
         maps = self._retired_maps + [s.map for s in segments if s.map is not None]
-        fds = self._retired_fds + [s.fd for s in segments]
+        fds = [s.fd for s in segments if s.fd >= 0]
         self._retired_maps = []
-        self._retired_fds = []
         for segment in segments:
             segment.map = None
             segment.mapped = 0
+            segment.fd = -1
         for mapping in maps:
             with contextlib.suppress(BufferError):  # a view of it still in use: left mapped
                 mapping.close()
@@ -2225,30 +2402,55 @@ class Engine:
                 log.exception("%s: closing an inherited descriptor in a forked child", self.path)
 
     def _release_resources(self) -> None:
-        """Close every mapping and descriptor and release the directory lock.
+        """Close every mapping and descriptor, release the lock: each one whatever fails.
 
         Idempotent, for a close that an exception interrupted: each resource
         is taken out of the engine before it is closed, and the lock's
-        descriptor is forgotten only once ``unlock_dir`` (idempotent) closed it.
+        descriptor is forgotten only once ``unlock_dir`` (idempotent for its
+        directory) released it.
+
+        Raises:
+            OSError: the first close that failed, once everything is released
+                (the others are logged).
         """
         self._closed = True  # first: unlocked readers check it before anything else
-        for segment in self._segments.values():
-            if segment.map is not None:
-                self._retired_maps.append(segment.map)
-                segment.map = None
-                segment.mapped = 0
-        self._close_retired_fds()
-        while self._segments:
-            _number, segment = self._segments.popitem()
-            try:
-                self._fs.close(segment.fd)
-            except OSError:  # pragma: no cover - close of a valid fd does not fail on Linux
-                log.exception("closing %s", segment.path)
-        fd = self._lock_fd
-        if fd is not None:
-            self._fs.unlock_dir(fd, self.path)  # a resumed close may call it again
-            self._lock_fd = None
-        self._released = True
+        failures: list[tuple[str, OSError]] = []
+        try:
+            segments = [*self._segments.values(), *self._sealed_fds, *self._mapped]
+            maps = self._retired_maps
+            fds: dict[int, str] = {}
+            for segment in segments:
+                if segment.map is not None:
+                    maps.append(segment.map)
+                    segment.map = None
+                    segment.mapped = 0
+                if segment.fd >= 0:
+                    fds[segment.fd] = segment.path
+                    segment.fd = -1
+            self._retired_maps, self._sealed_fds = [], []
+            self._mapped.clear()
+            self._segments.clear()
+            self._pinned = None
+            for mapping in maps:
+                mapping.close()
+            for fd, path in fds.items():
+                try:
+                    self._fs.close(fd)
+                except OSError as exc:
+                    failures.append((path, exc))
+        finally:
+            lock_fd = self._lock_fd
+            if lock_fd is not None:
+                try:
+                    self._fs.unlock_dir(lock_fd, self.path)  # a resumed close may call it again
+                except OSError as exc:
+                    failures.append((self._file(LOCK_FILE_NAME), exc))
+                self._lock_fd = None
+            self._released = True
+        for path, error in failures[1:]:
+            log.error("%s: closing %s failed too: %r", self.path, path, error)
+        if failures:
+            raise failures[0][1]
 
     # ================================================================== invariants
     def _check(self) -> None:
@@ -2270,8 +2472,15 @@ class Engine:
                 return
             assert self._active is not None
             assert self._active.number == max(self._segments)
+            assert len(self._mapped) <= self._mapping_cap, "more mappings than the cap"
+            assert len(self._sealed_fds) <= SEALED_FDS_KEPT + 1, "sealed descriptors left open"
             for segment in self._segments.values():
-                assert self._fs.file_size(segment.fd) == segment.size, segment.path
+                fd = segment.fd if segment.fd >= 0 else self._open_sealed(segment)
+                try:
+                    assert self._fs.file_size(fd) == segment.size, segment.path
+                finally:
+                    if fd != segment.fd:
+                        self._fs.close(fd)
             for ns, index in self._namespaces.items():
                 for key, loc in index.items():
                     value = self._read_value(loc, ns, key)
@@ -2362,9 +2571,39 @@ def _share_or_open(
                 f"options: {', '.join(conflicts)}; close it first or pass the same options"
             )
     else:
-        engine = Engine(real, options, fs)
+        engine = _open_engine(real, options, fs)
         _registry[key] = engine
     return _counted(engine)
+
+
+def _open_engine(path: str, options: EngineOptions, fs: FileSystem) -> Engine:
+    """A new engine; a read-only open of a live store retried over a compaction's switch.
+
+    The process holding the directory may compact while a read-only open
+    lists and loads it: a compaction renames its output over its last input,
+    then deletes the other inputs. The directory is consistent at every
+    moment, so the open is consistent unless a listed segment vanished, or
+    was replaced, before it was loaded (``_SegmentVanished``). The open is
+    then done again, up to READ_ONLY_OPEN_ATTEMPTS times with a short
+    backoff. A segment that was already missing is absent from the listing:
+    a gap in the sequence, reported as always (CorruptionError, or
+    ``missing_segments``).
+
+    Raises:
+        StorageChangedError: a listed segment vanished in every attempt.
+    """
+    if not options.read_only:
+        return Engine(path, options, fs)
+    vanished = ""
+    for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
+        if attempt:
+            time.sleep(min(0.001 * 2**attempt, 0.05))
+        try:
+            return Engine(path, options, fs)
+        except _SegmentVanished as exc:
+            vanished = exc.path
+            log.debug("%s vanished during a read-only open: opening again", vanished)
+    raise StorageChangedError(path, READ_ONLY_OPEN_ATTEMPTS, vanished)
 
 
 def _counted(engine: Engine) -> Reference:

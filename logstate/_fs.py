@@ -36,7 +36,9 @@ import contextlib
 import errno
 import mmap
 import os
+import resource
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from typing import Final
@@ -272,6 +274,11 @@ class FileSystem:
     def file_size(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
+    def file_identity(self, fd: int) -> tuple[int, int]:
+        """(device, inode) of the open file: tells a file from another put under its name."""
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
     def append(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at the end of the file (loops over short writes).
 
@@ -336,11 +343,21 @@ class FileSystem:
         """A read-only shared mapping of the first ``size`` bytes (None when size is 0).
 
         Reads through it cost no system call. The caller maps only bytes that
-        exist and are never truncated while mapped (sealed segments).
+        exist and are never truncated while mapped (sealed segments). Before
+        Python 3.13 the mapping keeps a duplicate of ``fd`` until it is closed
+        (closing ``fd`` does not release it): every open mapping costs one
+        descriptor. From 3.13 on it keeps none (``trackfd=False``).
         """
         if size <= 0:
             return None
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, trackfd=False)
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+    def descriptor_limit(self) -> int:
+        """The process's soft limit on open descriptors (``RLIMIT_NOFILE``); 2**20 if unlimited."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return 1 << 20 if soft == resource.RLIM_INFINITY or soft > 1 << 20 else soft
 
     def fsync(self, fd: int) -> None:
         """Data and metadata to stable storage (F_FULLFSYNC where it exists)."""

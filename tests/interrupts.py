@@ -20,7 +20,7 @@ import dis
 import os
 import sys
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import logstate
@@ -45,6 +45,21 @@ _AFTER = frozenset(
 )
 
 Trace = Callable[[FrameType, str, Any], Any]
+_HANDLERS: dict[CodeType, list[tuple[int, int, int]]] = {}
+
+
+def _handler(code: CodeType, offset: int) -> int:
+    """The exception handler covering ``offset`` in ``code`` (-1: none)."""
+    entries = _HANDLERS.get(code)
+    if entries is None:
+        bytecode = dis.Bytecode(code)
+        entries = _HANDLERS[code] = [
+            (e.start, e.end, e.target) for e in getattr(bytecode, "exception_entries", ())
+        ]
+    for start, end, target in entries:
+        if start <= offset < end:
+            return target
+    return -1
 
 
 class Interrupt(BaseException):
@@ -62,20 +77,27 @@ class Injector:
     def _local(self) -> Trace:
         first = True
         last_op = -1
+        last_offset = -1
 
         def trace(frame: FrameType, event: str, arg: Any) -> Any:
-            nonlocal first, last_op
+            nonlocal first, last_op, last_offset
             if event != "opcode":
                 return trace
-            if first or last_op in _AFTER:
+            code = frame.f_code
+            # After a call, CPython raises the signal's exception as the call's
+            # own (its exception handler applies): raising it here is the same
+            # only where the same handler covers both instructions.
+            if first or (
+                last_op in _AFTER and _handler(code, last_offset) == _handler(code, frame.f_lasti)
+            ):
                 if self.points == self.target:
-                    code = frame.f_code
                     self.fired_at = f"{code.co_name}:{frame.f_lineno}"
                     self.points += 1
                     raise Interrupt(self.fired_at)
                 self.points += 1
             first = False
-            last_op = frame.f_code.co_code[frame.f_lasti]
+            last_offset = frame.f_lasti
+            last_op = code.co_code[last_offset]
             return trace
 
         return trace

@@ -464,3 +464,20 @@ def test_random_real_signals_lose_no_acknowledged_write_and_hang_nothing(
 ) -> None:
     delivered, acknowledged = random_signals(tmp_path, sync, interrupts=600, seed=11)
     assert delivered >= 600 and acknowledged >= 100
+
+
+@pytest.fixture(autouse=True)
+def registry_lock_is_free() -> Iterator[None]:
+    yield
+    lock = _engine._registry_lock
+    free: list[bool] = []
+
+    def probe() -> None:  # from another thread: the lock is re-entrant
+        free.append(lock.acquire(timeout=1))
+        if free[0]:
+            lock.release()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    assert free == [True], "the registry lock was left held"
