@@ -283,6 +283,7 @@ class Engine:
         # are Python code that can be interrupted half-way; none is used).
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()  # the fdatasync turn (group commit)
+        self._sync_gate = threading.Lock()  # held by the leader during its sync (_commit)
         self._close_lock = threading.Lock()  # held while a close() runs
         self._stop_sync = threading.Lock()  # held until close: the interval thread's timer
         self._wake_compactor = threading.Lock()  # held while no compaction is requested
@@ -1408,37 +1409,51 @@ class Engine:
     def _commit(self, end_pos: int) -> None:
         """Make every byte up to ``end_pos`` durable; concurrent callers share one sync.
 
-        Group commit: the caller holding the sync turn (``_sync_lock``)
-        fdatasyncs everything written so far. Callers arriving during that
-        sync queue on the turn; each finds its bytes covered when it gets
-        the turn, or leads the next sync, which covers every record written
-        meanwhile at once.
+        Group commit, leader and followers: the caller that takes the sync
+        turn (``_sync_lock``) fdatasyncs everything written so far. A caller
+        arriving while a sync runs does not queue for the turn: it waits for
+        that round's gate (a lock the leader holds during its sync), so that
+        every caller the sync covered returns when it ends, and the first one
+        it did not cover leads the next sync, which covers all of them.
 
-        Interrupt-safe: the turn is a C lock taken with ``with`` (released
-        whatever is raised), and ``_synced_pos`` moves only after the
-        fdatasync returned, to the position read before it started.
+        Interrupt-safe: the turn and the gates are C locks taken with
+        ``with`` (released whatever is raised), and ``_synced_pos`` moves
+        only after the fdatasync returned, to the position read before it.
         """
-        if self._synced_pos >= end_pos:
+        while self._synced_pos < end_pos:
+            if self._sync_lock.locked():
+                # a sync is running: wait for the end of its round (a gate
+                # already open is the previous round's: look again)
+                gate = self._sync_gate
+                if gate.locked():
+                    with gate:
+                        pass
+                else:
+                    time.sleep(0)  # let the leader publish its gate
+                continue
+            with self._sync_lock:
+                if self._synced_pos >= end_pos:
+                    return  # another writer's fdatasync covered ours
+                gate = threading.Lock()
+                with gate:
+                    self._sync_gate = gate
+                    with self._lock:
+                        if self._failed is not None or self._closed:
+                            # After a failed write or sync (close()'s too) never
+                            # sync again and report success (fsyncgate); a closed
+                            # engine's descriptors are gone (or reused).
+                            self._refuse_commit()
+                        target = self._written_pos
+                        active = self._active
+                        assert active is not None
+                    try:
+                        self._fs.fdatasync(active.fd)
+                    except OSError as exc:
+                        self._failed = exc
+                        raise
+                    if target > self._synced_pos:
+                        self._synced_pos = target
             return
-        with self._sync_lock:
-            if self._synced_pos >= end_pos:
-                return  # another writer's fdatasync covered ours
-            with self._lock:
-                if self._failed is not None or self._closed:
-                    # After a failed write or sync (close()'s too) never sync
-                    # again and report success (fsyncgate); a closed engine's
-                    # descriptors are gone (or reused by another file).
-                    self._refuse_commit()
-                target = self._written_pos
-                active = self._active
-                assert active is not None
-            try:
-                self._fs.fdatasync(active.fd)
-            except OSError as exc:
-                self._failed = exc
-                raise
-            if target > self._synced_pos:
-                self._synced_pos = target
 
     def _refuse_commit(self) -> None:
         """Raise why a commit cannot sync: an earlier I/O error, or a closed engine."""
@@ -2375,6 +2390,7 @@ class Engine:
         self._compact_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._sync_lock = threading.Lock()
+        self._sync_gate = threading.Lock()
         self._compaction_gate = threading.Lock()
         self._lock_fd = None
         self._thread = None
