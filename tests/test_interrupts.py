@@ -160,6 +160,25 @@ def check_durable_claim(handle: LocalFileStorage, fs: SyncRecordingFS) -> None:
         )
 
 
+def still_writable(handle: LocalFileStorage, point: int, where: str | None) -> None:
+    """A write and a flush after the interrupt work, and do not hang (bounded wait)."""
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            handle["probe"] = point
+            handle.flush()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), f"interrupted at {where}: a later write hangs"
+    assert not errors, f"interrupted at {where}: a later write fails: {errors[0]!r}"
+    assert handle["probe"] == point
+
+
 def run_everywhere(
     tmp_path: Path,
     setup: Callable[[LocalFileStorage], None],
@@ -194,9 +213,7 @@ def run_everywhere(
             check_durable_claim(handle, fs)
         if check is not None:
             check(handle, point)
-        handle["probe"] = point  # still writable
-        handle.flush()
-        assert handle["probe"] == point
+        still_writable(handle, point, where)
         handle.close()
         reopened = LocalFileStorage(directory, recovery="strict")
         on_disk = observed(reopened)
@@ -224,8 +241,8 @@ def test_an_interrupt_inside_group_commit_never_hangs_or_claims_unsynced_bytes(
 
     def turn_is_free(handle: LocalFileStorage, point: int) -> None:
         engine = handle._engine
-        assert not engine._sync_lock.locked(), "the sync turn was left taken"
         assert not engine._lock.locked(), "the write lock was left taken"
+        assert not engine._sync_lock.locked(), "the sync turn was left taken"
 
     run_everywhere(tmp_path, populate, op, BEFORE, after, {"sync": "always"}, turn_is_free)
 
