@@ -358,7 +358,6 @@ def compact(engine: Engine) -> CompactionResult:
                 before = result.bytes_before
                 return CompactionResult(bytes_before=before, bytes_after=before)
             raise
-        fs.close(fd)
         result.bytes_after = written
         result.records = len(moved)
 
@@ -366,27 +365,33 @@ def compact(engine: Engine) -> CompactionResult:
         # leaves the output counted and the other inputs deleted at open.
         # Until the index switches, reads of the last input need its bytes:
         # its mapping holds them (pinned, never unmapped), its name no more.
+        # The output keeps the descriptor it was written with: after the
+        # rename it is the segment's.
         with engine._lock:
             try:
+                if engine._closing or engine._closed:
+                    raise StorageClosedError(f"storage {engine.path} closed during compaction")
                 engine._pin(segments[hi])
-            except OSError:  # nothing changed: the output is dropped
+            except BaseException:  # nothing changed: the output is dropped
+                fs.close(fd)
                 fs.unlink(tmp_path)
                 raise
+        output = Segment(hi, final_path, fd, written, lo)
         try:
-            with engine._lock:
-                if engine._closing or engine._closed:
-                    fs.unlink(tmp_path)
-                    raise StorageClosedError(f"storage {engine.path} closed during compaction")
             fs.rename(tmp_path, final_path)
             fs.fsync_dir(engine.path)
-            new_fd = fs.open_file(final_path)
         except OSError as exc:
             engine._failed = exc
             raise
+        except BaseException:
+            # An interrupt: the file system says whether the rename happened,
+            # and the engine follows it (switch to the output, or drop it).
+            engine._installing = (moved, checkpoint, new_checkpoint, inputs, output, tmp_path)
+            with engine._lock:
+                engine._interrupted()
+            raise
         # ---- 4. switch the index to the output (locations that did not change)
-        engine._install_compaction(
-            moved, checkpoint, new_checkpoint, inputs, Segment(hi, final_path, new_fd, written, lo)
-        )
+        engine._install_compaction(moved, checkpoint, new_checkpoint, inputs, output)
         # ---- 5. delete the other inputs (open would delete them after a crash)
         try:
             for number in inputs[:-1]:

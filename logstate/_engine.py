@@ -14,6 +14,7 @@ Locations (what the index maps keys to) are defined in ``_location``.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import logging
@@ -143,6 +144,41 @@ class _SegmentVanished(Exception):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.path = path
+
+
+class Worker:
+    """A background thread of an engine (interval sync, compactor).
+
+    Started with ``_thread.start_new_thread``, not ``threading.Thread.start``:
+    the latter waits on a Python ``Event`` that an interrupt (Ctrl-C during an
+    open) can leave with its lock in a wrong state, replacing the
+    KeyboardInterrupt with a RuntimeError. ``join`` waits on a C lock the
+    thread holds while it runs (a thread not started yet exits at once: it
+    finds the engine closing).
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._target = target
+        self.name = name
+        self.ident: int | None = None
+        self._running = threading.Lock()
+
+    def start(self) -> None:
+        _thread.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        with self._running:
+            self.ident = threading.get_ident()
+            threading.current_thread().name = self.name
+            self._target()
+
+    def is_alive(self) -> bool:
+        return self._running.locked()
+
+    def join(self) -> None:
+        """Wait for the thread to finish (at once if it has not started)."""
+        with self._running:
+            pass
 
 
 class EngineOptions(NamedTuple):
@@ -299,6 +335,7 @@ class Engine:
                 int | None,
                 list[int],
                 Segment,
+                str | None,  # the output's temporary name: the rename may not have happened
             ]
             | None
         ) = None
@@ -315,13 +352,13 @@ class Engine:
         self._failed: BaseException | None = None
         self._refs = 0
         self._lock_fd: int | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: Worker | None = None
         self._checkpoint: Location | None = None
         self._covers: dict[int, int] = {}
         self._listed: dict[int, tuple[int, int]] = {}  # read-only: the file _covers_from read
         self._live_bytes = 0  # bytes of the records the index points to
         self._compact_lock = threading.Lock()
-        self._compact_thread: threading.Thread | None = None  # the background compactor
+        self._compact_thread: Worker | None = None  # the background compactor
         self._retired_maps: list[mmap.mmap] = []  # mappings replaced; closed at the next roll
         self._mapped: dict[Segment, None] = {}  # sealed segments with a mapping, oldest first
         self._mapping_cap = max(
@@ -405,15 +442,11 @@ class Engine:
         # Thread.start() interrupted half-way can leave the new thread stuck.
         if self._sync_interval:
             self._stop_sync.acquire()  # released by close: wakes the thread to exit
-            self._thread = threading.Thread(
-                target=self._interval_loop, name=f"logstate-sync:{self.path}", daemon=True
-            )
+            self._thread = Worker(self._interval_loop, f"logstate-sync:{self.path}")
             self._thread.start()
         if self.options.auto_compact:
             self._wake_compactor.acquire()  # released by a roll that requests a compaction
-            self._compact_thread = threading.Thread(
-                target=self._compactor_loop, name=f"logstate-compact:{self.path}", daemon=True
-            )
+            self._compact_thread = Worker(self._compactor_loop, f"logstate-compact:{self.path}")
             self._compact_thread.start()
 
     def _map(self, segment: Segment, close_older: bool = True) -> None:
@@ -1925,12 +1958,23 @@ class Engine:
             except (OSError, ValueError) as exc:
                 self._failed = exc  # the files changed under the engine: reopen
                 raise
-            self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output)
+            self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output, None)
             try:
                 self._switch_to_output()
             except BaseException:
                 self._interrupted()  # an interrupt: finish the switch (idempotent)
                 raise
+
+    def _renamed_over(self, output: Segment) -> bool:
+        """Is ``output``'s file (the compaction's, by its descriptor) under its final name?"""
+        try:
+            fd = self._fs.open_read_only(output.path)
+        except FileNotFoundError:
+            return False
+        try:
+            return self._fs.file_identity(fd) == self._fs.file_identity(output.fd)
+        finally:
+            self._fs.close(fd)
 
     def _switch_to_output(self) -> None:
         """The index switch of ``_install_compaction``. Under ``_lock``; idempotent.
@@ -1942,7 +1986,24 @@ class Engine:
         pending = self._installing
         if pending is None:
             return
-        moved, old_checkpoint, new_checkpoint, inputs, output = pending
+        moved, old_checkpoint, new_checkpoint, inputs, output, tmp_path = pending
+        if tmp_path is not None and not self._renamed_over(output):
+            # interrupted before the rename: the compaction never happened
+            self._installing = None
+            self._pinned = None
+            fd, output.fd = output.fd, -1
+            if fd >= 0:
+                self._fs.close(fd)
+            if self._fs.exists(tmp_path):
+                self._fs.unlink(tmp_path)
+            return
+        if tmp_path is not None:
+            # interrupted after the rename: finish the install here
+            self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output, None)
+            self._map(output, close_older=False)
+            for number in inputs[:-1]:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.unlink(self._file(segment_file_name(number)))
         for ns, key, old, new in moved:
             index = self._namespaces.get(ns)
             if index is not None and index.get(key) == old:
@@ -2338,7 +2399,7 @@ class Engine:
             if self._in_flight is not None:
                 self._settle()
         for thread in (self._thread, self._compact_thread):
-            if thread is not None and thread is not threading.current_thread():
+            if thread is not None and thread.ident != threading.get_ident():
                 thread.join()
         with self._compact_lock:  # compact() in another thread
             pass

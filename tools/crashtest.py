@@ -338,10 +338,12 @@ class Workload:
         this flush decided now, so pending changes are dropped by loading the
         storage anew: whatever the interrupted flush wrote stays written.
         """
-        if self.root.closed or self.mem_handle.closed:
+        reopen = op is not None and op.kind == "reopen"
+        if reopen or self.root.closed or self.mem_handle.closed:
+            # (an interrupted reopen may have replaced some of the three only)
             self.mem_handle.close()
             self.root.close()
-            self._open(op.mode if op is not None and op.kind == "reopen" else self.sync)
+            self._open(op.mode if op is not None and reopen else self.sync)
         elif op is not None and op.kind == "flush":
             self.mem = InMemoryStorage(self.mem_handle)
 
@@ -442,6 +444,7 @@ def child_main(args: argparse.Namespace) -> None:
                 _Armed.running = False
             except KeyboardInterrupt:
                 _Armed.running = False
+                # settled with no interrupt armed: the tool's own repair
                 workload.settle(op)
                 found = read_model(workload.root)
                 if found == after:
@@ -463,6 +466,8 @@ def child_main(args: argparse.Namespace) -> None:
         _Armed.running = False
         if stop.code == 3:
             raise
+    finally:
+        _Armed.running = False  # an error escaping: no signal raises in the exit path
     workload.settle(None)
     workload.close()
     report("closed")
