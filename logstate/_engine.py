@@ -468,7 +468,8 @@ class Engine:
         segment.mapped = segment.size if mapping is not None else 0
         if mapping is not None:
             self._add_mapping(segment)
-        self._sealed_fds.append(segment)
+        if segment not in self._sealed_fds:
+            self._sealed_fds.append(segment)
         if close_older:
             self._close_sealed_fds(keep=1)  # those sealed at earlier rolls
 
@@ -586,7 +587,8 @@ class Engine:
         while len(sealed) > keep:
             segment = sealed.pop(0)
             fd, segment.fd = segment.fd, -1
-            self._fs.close(fd)
+            if fd >= 0:  # (closed already: listed twice by a roll an interrupt repeated)
+                self._fs.close(fd)
 
     def _read(self, segment: Segment, size: int, offset: int) -> bytes:
         """``size`` bytes at ``offset``: from the mapping when it covers them.
