@@ -1414,14 +1414,22 @@ class Engine:
     def _roll(self) -> Segment:
         """Seal the active segment (durable) and start the next one.
 
-        Interrupted anywhere, it leaves the old segment active and can run
-        again: ``_create_segment`` replaces a next segment left half-made.
+        Interrupted before the switch, it leaves the old segment active and
+        can run again (``_create_segment`` replaces a next segment left
+        half-made); the old one is sealed (``_map``: mapped, its descriptor
+        let go) only once it is no longer the active one.
         """
         old = self._active
         assert old is not None
         try:
             self._fs.fdatasync(old.fd)
             new = self._create_segment(old.number + 1)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        self._segments[new.number] = new  # with the switch: nothing interruptible between
+        self._active = new
+        try:
             for mapping in self._retired_maps:  # retired one roll ago: no reader left
                 mapping.close()
             self._retired_maps.clear()
@@ -1429,8 +1437,6 @@ class Engine:
         except OSError as exc:
             self._failed = exc
             raise
-        self._segments[new.number] = new
-        self._active = new
         self._roll_size = min(self._segment_size, SEGMENT_HEADER_SIZE + self._roll_step)
         self._written_pos += SEGMENT_HEADER_SIZE
         # Every byte written so far is durable (the old segment's fdatasync,
