@@ -795,7 +795,10 @@ class WindowedScan:
             rel = offset - self._buf_start
             n = len(buf)
             if rel >= 0:
-                # fast path: whole, valid records inside the window
+                # fast path: whole, valid records inside the window (a copy of
+                # scan_records' fast path, kept inline for speed; the two are
+                # proved equal by tests/test_recovery_limits.py::
+                # test_windowed_scan_reports_exactly_what_the_whole_buffer_scan_reports)
                 while rel + RECORD_OVERHEAD <= n:
                     crc, length, record_type, seq = unpack(buf, rel)
                     frame_end = rel + FRAME_HEADER_SIZE + length
