@@ -37,6 +37,7 @@ whole. No output group holds more than ``_MAX_CHUNK_BYTES`` of operations
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -366,36 +367,44 @@ def compact(engine: Engine) -> CompactionResult:
         # Until the index switches, reads of the last input need its bytes:
         # its mapping holds them (pinned, never unmapped), its name no more.
         # The output keeps the descriptor it was written with: after the
-        # rename it is the segment's.
-        with engine._lock:
-            try:
+        # rename it is the segment's. The switch is recorded (``_installing``)
+        # before the rename: an exception anywhere from here on leaves it to
+        # be finished (or, if the rename did not happen, dropped) by the next
+        # call under the lock, never forgotten; while the rename runs
+        # (``_renaming``, no lock held) no other call decides it.
+        recorded = False
+        try:
+            with engine._lock:
                 if engine._closing or engine._closed:
                     raise StorageClosedError(f"storage {engine.path} closed during compaction")
                 engine._pin(segments[hi])
-            except BaseException:  # nothing changed: the output is dropped
+                output = Segment(hi, final_path, fd, written, lo)
+                engine._renaming = True
+                engine._installing = (moved, checkpoint, new_checkpoint, inputs, output, tmp_path)
+                recorded = True
+            fs.rename(tmp_path, final_path)
+            engine._renaming = False
+            fs.fsync_dir(engine.path)
+        except BaseException as exc:
+            engine._renaming = False  # (first: nothing interruptible before it)
+            if not recorded:  # nothing changed: the output is dropped
                 fs.close(fd)
                 fs.unlink(tmp_path)
                 raise
-        output = Segment(hi, final_path, fd, written, lo)
-        try:
-            fs.rename(tmp_path, final_path)
-            fs.fsync_dir(engine.path)
-        except OSError as exc:
-            engine._failed = exc
-            raise
-        except BaseException:
-            # An interrupt: the file system says whether the rename happened,
-            # and the engine follows it (switch to the output, or drop it).
-            engine._installing = (moved, checkpoint, new_checkpoint, inputs, output, tmp_path)
+            if isinstance(exc, OSError):
+                engine._failed = exc
+            # the file system says whether the rename happened, and the
+            # engine follows it (switch to the output, or drop it)
             with engine._lock:
                 engine._interrupted()
             raise
         # ---- 4. switch the index to the output (locations that did not change)
-        engine._install_compaction(moved, checkpoint, new_checkpoint, inputs, output)
+        engine._install_compaction(output)
         # ---- 5. delete the other inputs (open would delete them after a crash)
         try:
             for number in inputs[:-1]:
-                fs.unlink(segments[number].path)
+                with contextlib.suppress(FileNotFoundError):  # (an interrupted call's settle)
+                    fs.unlink(segments[number].path)
             fs.fsync_dir(engine.path)
         except OSError as exc:
             log.warning("%s: could not delete compacted segments (%r); open will", engine.path, exc)

@@ -308,7 +308,16 @@ class Engine:
     # process's pid (see _after_fork_in_child); every method then raises.
     _forked_from: int | None = None
 
-    def __init__(self, path: str, options: EngineOptions, fs: FileSystem = OS_FS) -> None:
+    def __init__(
+        self,
+        path: str,
+        options: EngineOptions,
+        fs: FileSystem = OS_FS,
+        registry_key: str | None = None,
+    ) -> None:
+        """Open ``path``; ``registry_key``: register the engine there (under
+        ``_registry_lock``) as soon as it is open, so that an exception before
+        the caller has it leaves it to be found and closed, not lost."""
         self.path = path
         self.options = options
         self._fs = fs
@@ -339,6 +348,7 @@ class Engine:
             ]
             | None
         ) = None
+        self._renaming = False  # that compaction's rename is running: no other call decides it
         self._namespaces: dict[str, dict[str, Location]] = {"": {}}
         self._segments: dict[int, Segment] = {}
         self._active: Segment | None = None
@@ -384,14 +394,33 @@ class Engine:
         self._roll_size = options.segment_size  # bytes of the active segment; set at open
         self._read_only = options.read_only
         self.report = RecoveryReport()
+        self._lock_free = False  # no lock of this directory held in this process before _open
         try:
             self._open()
+            if registry_key is not None:
+                _registry[registry_key] = self  # (nothing interruptible after _open returned)
         except BaseException:
             try:
-                self._release_resources()
+                self._release_after_failed_open()
             except OSError as release_error:  # the open's own error is the one raised
                 log.error("%s: releasing after a failed open: %r", path, release_error)
+            except BaseException:
+                # a second exception (another interrupt) stopped the release
+                # part-way: finish it, so that the directory is released
+                try:
+                    self._release_after_failed_open()
+                except OSError as release_error:
+                    log.error("%s: releasing after a failed open: %r", path, release_error)
+                raise
             raise
+
+    def _release_after_failed_open(self) -> None:
+        """Release what a failed open took (idempotent: it may be interrupted too)."""
+        if self._lock_fd is None and self._lock_free:
+            # lock_dir took the lock, and the exception came before its
+            # descriptor was stored: release it all the same
+            self._lock_fd = self._fs.held_lock(self.path)
+        self._release_resources()
 
     # ================================================================== open / recovery
     def _open(self) -> None:
@@ -400,6 +429,7 @@ class Engine:
         # or dropped damage after it stays in the file and is never mapped)
         self._map_limit: dict[int, int] = {}
         if not read_only:
+            self._lock_free = self._fs.held_lock(self.path) is None
             self._lock_fd = self._fs.lock_dir(self.path)
         names = self._fs.list_dir(self.path)
         if not read_only:
@@ -1289,28 +1319,36 @@ class Engine:
     def _create_segment(self, number: int) -> Segment:
         """Create segment ``number`` with its header, durable before it is used.
 
+        Written under a temporary name and renamed into place: an exception
+        or a crash at any point leaves no segment file without its whole
+        header (a temporary file is removed by the next roll or open).
         The caller registers it in ``_segments`` (with nothing interruptible
         between that and making it active).
         """
         if number > fmt.MAX_SEGMENT_NUMBER:
             raise StorageFailedError(f"{self.path}: segment numbers exhausted")
         path = self._file(segment_file_name(number))
-        if self._active is not None and self._fs.exists(path):
-            # Made by a roll that an exception interrupted before it switched
-            # to it: never written to, as records go to the active segment
-            # only (we hold the directory lock, and open loaded every segment).
-            self._fs.unlink(path)
-        fd = self._fs.create_file(path)
+        tmp = path + TMP_SUFFIX
+        if self._active is not None:
+            for left in (tmp, path):
+                if self._fs.exists(left):
+                    # Made by a roll that an exception interrupted before it
+                    # switched to it: never written to, as records go to the
+                    # active segment only (we hold the directory lock, and
+                    # open loaded every segment).
+                    self._fs.unlink(left)
+        fd = self._fs.create_file(tmp)
         try:
             self._fs.append(fd, fmt.encode_segment_header(number))
             self._fs.fdatasync(fd)
+            self._fs.rename(tmp, path)
             self._fs.fsync_dir(self.path)
         except BaseException:
-            # Nothing is in it: remove it (if that fails too, or a crash comes
-            # first, the next open cuts the half-made newest segment as torn).
+            # Nothing is in it: remove it (if that fails too, the next roll
+            # or open does; one renamed already holds its whole header).
             self._fs.close(fd)
             with contextlib.suppress(OSError):
-                self._fs.unlink(path)
+                self._fs.unlink(tmp)
             raise
         return Segment(number, path, fd, SEGMENT_HEADER_SIZE)
 
@@ -1951,24 +1989,21 @@ class Engine:
             mapping.close()
         self._close_sealed_fds(keep=1)
 
-    def _install_compaction(
-        self,
-        moved: list[tuple[str, str, Location, Location]],
-        old_checkpoint: Location | None,
-        new_checkpoint: int | None,
-        inputs: list[int],
-        output: Segment,
-    ) -> None:
-        """Point the index at the compaction output, where nothing changed meanwhile."""
+    def _install_compaction(self, output: Segment) -> None:
+        """Point the index at the compaction ``output`` (renamed into place), where
+        nothing changed meanwhile: finish the switch ``compact`` recorded."""
         with self._lock:
+            pending = self._installing
+            if pending is None or pending[4] is not output:
+                return  # finished meanwhile by another call (_settle)
             try:
-                self._map(output, close_older=False)  # first: if it fails, nothing changed
-            except (OSError, ValueError) as exc:
-                self._failed = exc  # the files changed under the engine: reopen
+                self._switch_to_output(renamed=True)
+            except (OSError, ValueError) as exc:  # mapping the output failed
+                # the files changed under the engine: reopen (nothing switched;
+                # the pinned mapping still serves the replaced segment's reads)
+                self._failed = exc
+                self._installing = None
                 raise
-            self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output, None)
-            try:
-                self._switch_to_output()
             except BaseException:
                 self._interrupted()  # an interrupt: finish the switch (idempotent)
                 raise
@@ -1984,34 +2019,46 @@ class Engine:
         finally:
             self._fs.close(fd)
 
-    def _switch_to_output(self) -> None:
-        """The index switch of ``_install_compaction``. Under ``_lock``; idempotent.
+    def _switch_to_output(self, renamed: bool = False) -> None:
+        """The index switch of a compaction (``compact`` records it in
+        ``_installing`` before its rename). Under ``_lock``; idempotent.
 
         The output reuses the last input's number, so until the switch is
         whole, a location with that number is ambiguous: an interrupted
         switch is finished by the next call under the lock (``_settle``).
+        While the output's temporary name is recorded, the file system says
+        whether the rename happened (``_renamed_over``); ``renamed``: the
+        compaction itself says it did, and deletes the other inputs itself.
+        Every step can run again; the record changes only after it.
         """
         pending = self._installing
         if pending is None:
             return
         moved, old_checkpoint, new_checkpoint, inputs, output, tmp_path = pending
-        if tmp_path is not None and not self._renamed_over(output):
-            # interrupted before the rename: the compaction never happened
-            self._installing = None
-            self._pinned = None
-            fd, output.fd = output.fd, -1
-            if fd >= 0:
-                self._fs.close(fd)
-            if self._fs.exists(tmp_path):
-                self._fs.unlink(tmp_path)
-            return
         if tmp_path is not None:
-            # interrupted after the rename: finish the install here
+            if self._renaming and not renamed:
+                return  # the compaction's rename is running: it decides (the index stays)
+            if not renamed and (output.fd < 0 or not self._renamed_over(output)):
+                # interrupted before the rename: the compaction never happened
+                fd, output.fd = output.fd, -1
+                if fd >= 0:
+                    self._fs.close(fd)
+                if self._fs.exists(tmp_path):
+                    self._fs.unlink(tmp_path)
+                self._pinned = None
+                self._installing = None
+                return
+            if not renamed and self._failed is None:
+                # interrupted around the rename, which happened: the rename
+                # made durable, then the other inputs go (the compaction that
+                # would have deleted them was cut short; else open deletes them)
+                with contextlib.suppress(OSError):
+                    self._fs.fsync_dir(self.path)
+                    for number in inputs[:-1]:
+                        with contextlib.suppress(FileNotFoundError):
+                            self._fs.unlink(self._file(segment_file_name(number)))
+            self._map(output, close_older=False)  # again if repeated: the new mapping counts
             self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output, None)
-            self._map(output, close_older=False)
-            for number in inputs[:-1]:
-                with contextlib.suppress(FileNotFoundError):
-                    self._fs.unlink(self._file(segment_file_name(number)))
         for ns, key, old, new in moved:
             index = self._namespaces.get(ns)
             if index is not None and index.get(key) == old:
@@ -2327,6 +2374,7 @@ class Engine:
             raise self._closed_error()
         prefix = ns + NS_SEPARATOR if ns else ""
         with self._lock:
+            self._interrupted()  # a create or drop an exception cut short: finish it
             return sorted(
                 n[len(prefix) :]
                 for n in self._namespaces
@@ -2340,6 +2388,7 @@ class Engine:
         with self._lock:  # rare: read it where the index and the files agree
             if self._closed:
                 raise self._closed_error()
+            self._interrupted()  # a write or switch an exception cut short: finish it
             loc = self._checkpoint
             if loc is None:
                 return None
@@ -2404,8 +2453,7 @@ class Engine:
                 if wake.locked():  # only close releases them once held: never twice
                     wake.release()
             self._backlog = False
-            if self._in_flight is not None:
-                self._settle()
+            self._interrupted()  # a write or compaction switch cut short: finish it
         for thread in (self._thread, self._compact_thread):
             if thread is not None and thread.ident != threading.get_ident():
                 thread.join()
@@ -2656,12 +2704,11 @@ def _share_or_open(
                 f"options: {', '.join(conflicts)}; close it first or pass the same options"
             )
     else:
-        engine = _open_engine(real, options, fs)
-        _registry[key] = engine
+        engine = _open_engine(real, options, fs, key)  # registers it
     return _counted(engine)
 
 
-def _open_engine(path: str, options: EngineOptions, fs: FileSystem) -> Engine:
+def _open_engine(path: str, options: EngineOptions, fs: FileSystem, key: str) -> Engine:
     """A new engine; a read-only open of a live store retried over a compaction's switch.
 
     The process holding the directory may compact while a read-only open
@@ -2672,19 +2719,21 @@ def _open_engine(path: str, options: EngineOptions, fs: FileSystem) -> Engine:
     then done again, up to READ_ONLY_OPEN_ATTEMPTS times with a short
     backoff. A segment that was already missing is absent from the listing:
     a gap in the sequence, reported as always (CorruptionError, or
-    ``missing_segments``).
+    ``missing_segments``). The engine registers itself under ``key`` once
+    open (an exception on the way back leaves it there for the next open
+    to close, not lost with the directory lock held).
 
     Raises:
         StorageChangedError: a listed segment vanished in every attempt.
     """
     if not options.read_only:
-        return Engine(path, options, fs)
+        return Engine(path, options, fs, key)
     vanished = ""
     for attempt in range(READ_ONLY_OPEN_ATTEMPTS):
         if attempt:
             time.sleep(min(0.001 * 2**attempt, 0.05))
         try:
-            return Engine(path, options, fs)
+            return Engine(path, options, fs, key)
         except _SegmentVanished as exc:
             vanished = exc.path
             log.debug("%s vanished during a read-only open: opening again", vanished)

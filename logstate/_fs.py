@@ -431,6 +431,18 @@ class FileSystem:
             _held_locks[fd] = path
         return fd
 
+    def held_lock(self, path: str) -> int | None:
+        """The descriptor by which this process holds ``path``'s lock (:meth:`lock_dir`), or None.
+
+        At most one: a second ``lock_dir`` of the same directory fails while
+        the first holds it (flock locks open file descriptions).
+        """
+        with _locks_guard:
+            for fd, locked in _held_locks.items():
+                if locked == path:
+                    return fd
+        return None
+
     def unlock_dir(self, fd: int, path: str | None = None) -> None:
         """Release the lock taken by :meth:`lock_dir` (closing releases the flock).
 

@@ -781,7 +781,9 @@ def test_crash_right_after_the_rename_leaves_inputs_that_open_deletes(tmp_path: 
     steps = compaction_steps(directory)
     fs = CrashFS()
     root = open_with(fs, directory, **OPTIONS)
-    fs.arm(steps.index("rename"), crash_after=True)
+    # the compaction's rename: the last one (the roll that seals the active segment first
+    # renames its new segment into place)
+    fs.arm(max(i for i, name in enumerate(steps) if name == "rename"), crash_after=True)
     with pytest.raises(SimulatedCrash):
         root._engine.compact()
     fs.abandon(root._engine)

@@ -278,7 +278,7 @@ class FailingCloseFS(FileSystem):
 
     def create_file(self, path: str) -> int:
         fd = super().create_file(path)
-        self.paths[fd] = path
+        self.paths[fd] = path.removesuffix(".tmp")  # (a new segment is renamed into place)
         return fd
 
     def open_file(self, path: str) -> int:

@@ -12,6 +12,7 @@ options, at every moment sampled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,10 +27,8 @@ def disk_bytes(directory: Path) -> int:
     total = 0
     for entry in os.scandir(directory):
         if entry.name.endswith((".seg", ".tmp")):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # deleted by the compaction meanwhile
                 total += entry.stat().st_size
-            except FileNotFoundError:  # deleted by the compaction meanwhile
-                pass
     return total
 
 

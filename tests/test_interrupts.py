@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, _engine
+from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
 from tests.interrupts import Injector, Interrupt
 
@@ -255,14 +256,22 @@ def test_an_interrupt_in_a_set_that_rolls_the_segment_leaves_before_or_after(
         while s._engine._active is not None and s._engine._active.size < 4096 - 200:
             s["filler"] = b"f" * 100
 
+    big = "n" * 300  # more than the 200 bytes left: its record goes to a new segment
+
     def after_state() -> State:
-        return {"": {"a": "new", "b": 1, "filler": b"f" * 100}, "sub": {"x": [1, 2]}}
+        return {"": {"a": big, "b": 1, "filler": b"f" * 100}, "sub": {"x": [1, 2]}}
 
     before: State = {"": {"a": "old", "b": 1, "filler": b"f" * 100}, "sub": {"x": [1, 2]}}
 
     def big_set(s: LocalFileStorage) -> None:
-        s["a"] = "new"
-        s["a"] = "new"  # the second one rolls whatever the first did
+        s["a"] = big
+        s["a"] = big
+
+    def whole_segment_files(s: LocalFileStorage, point: int) -> None:
+        # (a close now must leave no half-made newest segment for the next open to cut)
+        for path in Path(s._engine.path).glob("segment-*.seg"):
+            size = path.stat().st_size
+            assert size >= SEGMENT_HEADER_SIZE, f"point {point}: {path.name} holds {size} bytes"
 
     run_everywhere(
         tmp_path,
@@ -271,7 +280,94 @@ def test_an_interrupt_in_a_set_that_rolls_the_segment_leaves_before_or_after(
         before,
         after_state(),
         {"sync": "none", "segment_size": 4096, "auto_compact": False},
+        whole_segment_files,
     )
+
+
+COMPACTED_CHECKPOINT = {"offset": 7}
+COMPACTED_STATE: State = {"": {"a": "old", "b": 1, "dead": 0}, "sub": {"x": [1, 2]}}
+
+
+def open_dead_store(directory: Path) -> LocalFileStorage:
+    """Several segments, mostly dead bytes, and a checkpoint: a compaction
+    replaces them (its output renamed over the last of them)."""
+    s = LocalFileStorage(directory, sync="none", segment_size=4096, auto_compact=False)
+    populate(s)
+    for i in range(16):
+        s["dead"] = b"d" * 900 + bytes([i])
+    memory = InMemoryStorage(s)
+    memory["dead"] = 0
+    memory.flush(checkpoint=COMPACTED_CHECKPOINT)
+    assert len(s._engine._segments) > 3
+    return s
+
+
+def check_compacted_store(
+    handle: LocalFileStorage, directory: Path, point: int, where: str | None
+) -> None:
+    """The checkpoint (read first), the contents, and the files agree; a second
+    compaction (which reads the segments by name) and a reopen see the same."""
+    assert handle.checkpoint == COMPACTED_CHECKPOINT, f"interrupted at {where}"
+    assert observed(handle) == COMPACTED_STATE, f"interrupted at {where}"
+    handle._check()
+    handle["probe"] = point
+    handle.compact()
+    handle._check()
+    assert handle.checkpoint == COMPACTED_CHECKPOINT, f"interrupted at {where}"
+    handle.close()
+    reopened = LocalFileStorage(directory, recovery="strict")
+    on_disk = observed(reopened)
+    assert on_disk[""].pop("probe") == point, f"interrupted at {where}"
+    assert on_disk == COMPACTED_STATE, f"interrupted at {where}: {on_disk}"
+    assert reopened.checkpoint == COMPACTED_CHECKPOINT
+    reopened._check()
+    reopened.close()
+
+
+def test_an_interrupt_at_any_point_of_a_compaction_that_replaces_segments_leaves_before_or_after(
+    tmp_path: Path,
+) -> None:
+    replaced = 0
+    for point in range(3000):
+        directory = tmp_path / f"p{point}"
+        handle = open_dead_store(directory)
+        injector = Injector(point)
+        interrupted = injector.run(handle.compact)
+        replaced += len(handle._engine._segments) <= 2
+        check_compacted_store(handle, directory, point, injector.fired_at)
+        if not interrupted:
+            assert point > 0 and replaced, (point, replaced)
+            return
+    raise AssertionError("compact still interrupted after 3000 points")
+
+
+def test_a_compaction_switch_interrupted_again_while_it_is_finished_leaves_before_or_after(
+    tmp_path: Path,
+) -> None:
+    """Interrupted after its rename, a compaction leaves its index switch to
+    the next call; that call interrupted too (a second Ctrl-C) leaves it
+    to the one after: reads between them (the checkpoint first) see one state."""
+    for first in range(3000):  # the first point past the rename
+        handle = open_dead_store(tmp_path / f"first{first}")
+        Injector(first).run(handle.compact)
+        pending = handle._engine._installing is not None
+        handle.close()
+        if pending:
+            break
+    else:
+        raise AssertionError("no interrupt of compact() left its switch to the next call")
+    for point in range(3000):
+        directory = tmp_path / f"p{point}"
+        handle = open_dead_store(directory)
+        assert Injector(first).run(handle.compact)
+        assert handle._engine._installing is not None
+        injector = Injector(point)
+        interrupted = injector.run(handle.get_sub_storages)  # finishes the switch
+        check_compacted_store(handle, directory, point, injector.fired_at)
+        if not interrupted:
+            assert point > 0
+            return
+    raise AssertionError("get_sub_storages still interrupted after 3000 points")
 
 
 @pytest.mark.parametrize("sync", ["none", "interval", "always"])
@@ -306,6 +402,37 @@ def test_an_interrupt_at_any_point_of_close_releases_the_directory(
         assert not left, "an engine was left registered"
     else:
         raise AssertionError("close still interrupted after 2000 points")
+
+
+@pytest.mark.parametrize("sync", ["none", "interval"])
+def test_an_interrupt_at_any_point_of_an_open_leaves_the_directory_to_the_next_open(
+    tmp_path: Path, sync: str
+) -> None:
+    """Interrupted anywhere (after the lock is taken, after the engine is made,
+    before a handle has it), an open holds nothing a new open would need:
+    the directory lock is released, or the engine is registered to be closed."""
+    directory = tmp_path / "store"
+    handle = LocalFileStorage(directory, sync="none")
+    populate(handle)
+    handle.close()
+    for point in range(3000):
+        opened: list[LocalFileStorage] = []
+        injector = Injector(point)
+        done = not injector.run(
+            lambda opened=opened: opened.append(LocalFileStorage(directory, sync=sync))  # type: ignore[misc]
+        )
+        for each in opened:
+            each.close()
+        reopened = LocalFileStorage(directory, sync=sync)
+        assert observed(reopened) == BEFORE, f"interrupted at {injector.fired_at}"
+        reopened._check()
+        reopened.close()
+        left = [e.path for e in _engine.open_engines() if e.path == str(directory)]
+        assert not left, f"interrupted at {injector.fired_at}: an engine was left registered"
+        if done:
+            assert point > 0
+            return
+    raise AssertionError("open still interrupted after 3000 points")
 
 
 def test_an_interrupted_in_memory_flush_is_written_by_the_next_flush(tmp_path: Path) -> None:

@@ -670,7 +670,9 @@ def test_a_new_segment_whose_header_a_power_loss_tore_opens_as_an_empty_segment(
     segment (newest, nothing acknowledged in it) holding a torn header: its first bytes
     then zeros, or garbage (ALICE: the size grows, then garbage, then the data). Nothing
     valid follows, so it is a torn write like the zero-filled header open already
-    repairs, and every write acknowledged before the roll must come back."""
+    repairs, and every write acknowledged before the roll must come back. (A new
+    segment is now written under a temporary name and renamed into place whole; the
+    torn header under the segment's name is what earlier versions could leave.)"""
     disk = tmp_path / "disk"
     disk.mkdir()
     fs = CrashFS(disk)
@@ -681,7 +683,7 @@ def test_a_new_segment_whose_header_a_power_loss_tore_opens_as_an_empty_segment(
     acknowledged: dict[str, Any] = {}
 
     def before(op: str, path: str) -> None:
-        if op == "create_file" and path.endswith(SEGMENT_SUFFIX):
+        if op == "create_file" and path.removesuffix(".tmp").endswith(SEGMENT_SUFFIX):
             new_segment["name"] = f"{STORE}/{os.path.basename(path)}"
         elif op == "fdatasync" and new_segment["name"] and not states:
             states.append(fs.process_crash_state())  # the header appended, not synced
@@ -705,7 +707,9 @@ def test_a_new_segment_whose_header_a_power_loss_tore_opens_as_an_empty_segment(
             torn = rng.randbytes(SEGMENT_HEADER_SIZE)
         else:
             torn = header[:k] + bytes(SEGMENT_HEADER_SIZE - k)
-        files = {**states[0].files, new_segment["name"]: torn}
+        files = {**states[0].files}
+        del files[new_segment["name"]]
+        files[new_segment["name"].removesuffix(".tmp")] = torn
         crash = CrashState(dirs=states[0].dirs, files=files)
         try:
             recovered = recover(crash, tmp_path / f"torn-{k}")

@@ -444,27 +444,9 @@ def child_main(args: argparse.Namespace) -> None:
                 _Armed.running = False
             except KeyboardInterrupt:
                 _Armed.running = False
-                import traceback as _tb
-                workload._dbg_tb = _tb.format_exc()
                 # settled with no interrupt armed: the tool's own repair
                 workload.settle(op)
-                try:
-                    found = read_model(workload.root)
-                except Exception as exc:
-                    import traceback
-                    eng = workload.root._engine
-                    lines = [f"DBG op={op!r} exc={exc!r}", f"ckpt={eng._checkpoint!r} inflight={eng._in_flight!r} installing={eng._installing!r}"]
-                    lines.append(f"active={eng._active.number} size={eng._active.size} fd={eng._active.fd}")
-                    for n, sg in eng._segments.items():
-                        import os as _o
-                        try:
-                            st=_o.stat(sg.path).st_size
-                        except OSError as e:
-                            st=repr(e)
-                        lines.append(f"seg {n} size={sg.size} mapped={sg.mapped} map={sg.map is not None} fd={sg.fd} disk={st} cov={sg.covers_from}")
-                    lines.append("TB " + "".join(getattr(workload, "_dbg_tb", [])))
-                    sys.stderr.write("\n".join(lines) + "\n")
-                    raise
+                found = read_model(workload.root)
                 if found == after:
                     model = after
                     report(f"int {op_id} after")
