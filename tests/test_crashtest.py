@@ -13,9 +13,7 @@ from pathlib import Path
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "crashtest.py"
 SUMMARY = re.compile(r"kills=(\d+) operations verified=(\d+) violations=(\d+)")
-INTERRUPTED = re.compile(
-    r"kills=(\d+) interrupts=(\d+) operations verified=(\d+) violations=(\d+)"
-)
+INTERRUPTED = re.compile(r"kills=(\d+) interrupts=(\d+) operations verified=(\d+) violations=(\d+)")
 
 
 def test_short_kill_round_verifies_acknowledged_operations_without_violation(
