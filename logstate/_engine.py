@@ -1115,10 +1115,7 @@ class Engine:
             self._fs.fsync_dir(self.path)
         except OSError as exc:
             if created:
-                try:
-                    self._fs.unlink(tmp)
-                except OSError as cleanup:  # the next open removes it
-                    log.warning("%s: could not remove %s: %r", self.path, tmp, cleanup)
+                self._discard_tmp(tmp)
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             what = "torn tail" if suffix == TORN_SUFFIX else "damaged bytes"
@@ -1161,6 +1158,13 @@ class Engine:
             position += len(chunk)
         if written < start + size:
             self._fs.truncate(dst, start + size)
+
+    def _discard_tmp(self, tmp: str) -> None:
+        """Remove a temporary file a failed write left (if that fails too, the next open does)."""
+        try:
+            self._fs.unlink(tmp)
+        except OSError as cleanup:
+            log.warning("%s: could not remove %s: %r", self.path, tmp, cleanup)
 
     def _same_bytes(self, path: str, src: int, offset: int, size: int) -> bool:
         """Does file ``path`` hold exactly ``src``'s bytes ``offset..offset+size``?
@@ -1220,10 +1224,7 @@ class Engine:
             finally:
                 self._fs.close(fd)
         except OSError as exc:
-            try:
-                self._fs.unlink(tmp)
-            except OSError as cleanup:  # the next open removes it
-                log.warning("%s: could not remove %s: %r", self.path, tmp, cleanup)
+            self._discard_tmp(tmp)
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise OSError(
