@@ -36,6 +36,10 @@ from tests.interrupts import Injector, Interrupt
 
 State = dict[str, dict[str, Any]]
 
+# An interrupt injected inside a __del__ (a lost Reference releasing itself)
+# is swallowed and reported by Python, as a real signal landing there would be.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 @pytest.fixture(autouse=True)
 def watchdog() -> Iterator[None]:
