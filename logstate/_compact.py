@@ -116,22 +116,54 @@ class _Reader:
             self._groups.clear()
         return self._data
 
-    def record(self, location: Location, seq: int) -> tuple[int, bytes]:
-        """(operation type, a whole record to copy) for a live location, CRC-checked."""
+    def record(
+        self, location: Location, seq: int, ns: str | None = None, key: str = ""
+    ) -> tuple[int, bytes]:
+        """(operation type, a whole record to copy) for a live location, CRC-checked.
+
+        ``ns``/``key``: whose value it is (None: the checkpoint); the record
+        must be that key's (see :meth:`_prove`).
+        """
         if type(location) is int:
             number, offset, size, kind = unpack_location(location)
             if kind == KIND_RECORD:  # copied byte for byte, seq and CRC included
                 chunk = self._segment_data(number)[offset : offset + size]
                 try:
-                    return fmt.check_record(chunk), chunk
+                    op_type = fmt.check_record(chunk)
                 except CorruptionError as exc:
                     path = self._engine._segments[number].path
                     raise CorruptionError(path, offset + exc.offset, exc.reason) from None
-        op = self.op(location)
+                self._prove(chunk, fmt.RECORD_OVERHEAD, ns, key, location)
+                return op_type, chunk
+        op = self.op(location, ns, key)
         return op[4], fmt.encode_record(op[4], seq, op[fmt.GROUP_OP_SIZE :])
 
-    def op(self, location: Location) -> bytes:
-        """The bytes (op_crc type length body) of a live operation of a group, CRC-checked."""
+    def _prove(
+        self, data: bytes, body_start: int, ns: str | None, key: str, location: Location
+    ) -> None:
+        """Raise unless ``data``'s body is ``ns``/``key``'s (as every read proves it).
+
+        A location in bounds that holds another key's record (an index
+        snapshot crafted or damaged with a valid checksum) must never be
+        copied: replayed, that record would be the other key's value.
+        """
+        if ns is None:
+            return
+        key_bytes = key.encode("utf-8")
+        prefix = fmt.encode_name(ns) + fmt.NAME_LEN.pack(len(key_bytes)) + key_bytes
+        if not data.startswith(prefix, body_start):
+            number = location_segment(location)
+            path = self._engine._segments[number].path
+            offset = location[1] if isinstance(location, tuple) else unpack_location(location)[1]
+            raise CorruptionError(
+                path, offset, f"the index points {key!r} at another key's record"
+            )
+
+    def op(self, location: Location, ns: str | None = None, key: str = "") -> bytes:
+        """The bytes (op_crc type length body) of a live operation of a group, CRC-checked.
+
+        ``ns``/``key``: as for :meth:`record`.
+        """
         engine = self._engine
         if type(location) is int:
             number, offset, size, _kind = unpack_location(location)
@@ -141,6 +173,7 @@ class _Reader:
             except CorruptionError as exc:
                 path = engine._segments[number].path
                 raise CorruptionError(path, offset + exc.offset, exc.reason) from None
+            self._prove(chunk, fmt.GROUP_OP_SIZE, ns, key, location)
             return chunk
         assert isinstance(location, tuple)
         number, record_offset, record_size, op_offset, op_size = location[:5]
@@ -157,6 +190,7 @@ class _Reader:
             raise CorruptionError(
                 path, record_offset, f"in compressed group: {exc.reason}"
             ) from None
+        self._prove(op, fmt.GROUP_OP_SIZE, ns, key, location)
         return op
 
 
@@ -323,13 +357,13 @@ def compact(engine: Engine) -> CompactionResult:
             plain, packed = _Chunk(compress=False), _Chunk(compress=True)
             for loc, ns, key in live:
                 if type(loc) is int and loc & 3 == KIND_RECORD:
-                    _op_type, record = reader.record(loc, seq)
+                    _op_type, record = reader.record(loc, seq, ns, key)
                     offset = out.add(record)
                     moved.append(
                         (ns, key, loc, pack_location(hi, offset, len(record), KIND_RECORD))
                     )
                 else:
-                    op = reader.op(loc)
+                    op = reader.op(loc, ns, key)
                     # the input group: a compressed one's place; each plain op its own
                     chunk, source = (packed, loc[:2]) if isinstance(loc, tuple) else (plain, loc)
                     if chunk.add(op, source, (ns, key, loc)):

@@ -562,3 +562,34 @@ def test_the_snapshot_comparison_is_skipped_when_a_writer_appended_between_the_o
         result = scan.compare_snapshot_with_scan()
     assert (result.compared, result.differences) == (False, [])
     assert "run it again" in result.note
+
+
+@pytest.mark.parametrize("kind", ["record", "group operation"])
+def test_compaction_refuses_a_snapshot_location_at_another_keys_record(
+    tmp_path: Path, kind: str
+) -> None:
+    """In bounds, with a valid CRC, but another key's: a compaction proves every
+    record it copies is its key's, so it never rewrites "b"'s value as "a"'s (or
+    resurrects it under its own key at the next replay); nothing changes."""
+    directory = tmp_path / "store"
+    with LocalFileStorage(directory, **OPTIONS) as s:
+        if kind == "record":
+            s["a"] = "value of a"
+            s["b"] = "value of b"
+        else:
+            with s.batch() as batch:
+                batch.set("a", "value of a")
+                batch.set("b", "value of b")
+        for i in range(40):  # enough data for the snapshot to be written
+            s[f"pad{i}"] = "x" * 200
+        b_location = s._engine._namespaces[""]["b"]
+    rewrite_snapshot(directory, lambda snap: with_location(snap, "a", b_location))
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.suffix == ".seg"}
+    with LocalFileStorage(directory, **OPTIONS) as s:
+        assert s.report.snapshot_used
+        with pytest.raises(CorruptionError, match="another key's record"):
+            s.compact()
+    after = {p.name: p.read_bytes() for p in directory.iterdir() if p.suffix == ".seg"}
+    assert {name: after.get(name) for name in before} == before  # no segment rewritten
+    scanned, _ = contents(directory, use_snapshot=False)
+    assert scanned["a"] == "value of a" and scanned["b"] == "value of b"
