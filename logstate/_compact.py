@@ -155,9 +155,7 @@ class _Reader:
             number = location_segment(location)
             path = self._engine._segments[number].path
             offset = location[1] if isinstance(location, tuple) else unpack_location(location)[1]
-            raise CorruptionError(
-                path, offset, f"the index points {key!r} at another key's record"
-            )
+            raise CorruptionError(path, offset, f"the index points {key!r} at another key's record")
 
     def op(self, location: Location, ns: str | None = None, key: str = "") -> bytes:
         """The bytes (op_crc type length body) of a live operation of a group, CRC-checked.
