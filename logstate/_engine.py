@@ -336,6 +336,7 @@ class Engine:
         # (segment, offset, size, written_pos before) of the record being
         # appended while its bookkeeping is not finished: see _settle
         self._in_flight: tuple[Segment, int, int, int] | None = None
+        self._switch_runs = 0  # runs of the pending compaction switch (_switch_to_output)
         # a compaction's index switch an exception interrupted: see _switch_to_output
         self._installing: (
             tuple[
@@ -370,6 +371,7 @@ class Engine:
         self._compact_lock = threading.Lock()
         self._compact_thread: Worker | None = None  # the background compactor
         self._retired_maps: list[mmap.mmap] = []  # mappings replaced; closed at the next roll
+        self._closing_fds: list[tuple[int, str]] = []  # a close's descriptors not closed yet
         self._mapped: dict[Segment, None] = {}  # sealed segments with a mapping, oldest first
         self._mapping_cap = max(
             MIN_MAPPED_SEGMENTS, min(MAX_MAPPED_SEGMENTS, fs.descriptor_limit() // 8)
@@ -416,6 +418,10 @@ class Engine:
 
     def _release_after_failed_open(self) -> None:
         """Release what a failed open took (idempotent: it may be interrupted too)."""
+        self._closing = True  # threads started already exit at their next wake-up
+        for wake in (self._stop_sync, self._wake_compactor):
+            if wake.locked():
+                wake.release()
         if self._lock_fd is None and self._lock_free:
             # lock_dir took the lock, and the exception came before its
             # descriptor was stored: release it all the same
@@ -2060,11 +2066,14 @@ class Engine:
                             self._fs.unlink(self._file(segment_file_name(number)))
             self._map(output, close_older=False)  # again if repeated: the new mapping counts
             self._installing = (moved, old_checkpoint, new_checkpoint, inputs, output, None)
+        self._switch_runs += 1  # a second run: the first may have moved a key, not its bytes
         for ns, key, old, new in moved:
             index = self._namespaces.get(ns)
             if index is not None and index.get(key) == old:
                 index[key] = new
                 self._live_bytes += location_size(new) - location_size(old)
+        if self._switch_runs > 1:
+            self._live_bytes = sum(sizes(index) for index in self._namespaces.values())
         if new_checkpoint is not None and self._checkpoint == old_checkpoint:
             self._checkpoint = new_checkpoint
         self._pinned = None
@@ -2082,6 +2091,7 @@ class Engine:
         self._segments[output.number] = output
         self._segments = dict(sorted(self._segments.items()))
         self._installing = None
+        self._switch_runs = 0
 
     # ================================================================== durability
     def sync(self) -> None:
@@ -2481,6 +2491,10 @@ class Engine:
         except OSError as exc:  # a cache: the next open scans instead
             log.warning("%s: index snapshot not written: %r", self.path, exc)
 
+    def _worker_idents(self) -> list[int | None]:
+        """Thread idents of this engine's background threads (interval sync, compactor)."""
+        return [w.ident for w in (self._thread, self._compact_thread) if w is not None]
+
     def _closed_error(self) -> StorageClosedError:
         """The error for a call on this closed engine (StorageForkedError in a forked child)."""
         if self._forked_from is not None:
@@ -2549,29 +2563,33 @@ class Engine:
         """
         self._closed = True  # first: unlocked readers check it before anything else
         failures: list[tuple[str, OSError]] = []
+        done = False
         try:
             segments = [*self._segments.values(), *self._sealed_fds, *self._mapped]
             maps = self._retired_maps
-            fds: dict[int, str] = {}
+            fds = self._closing_fds  # kept on the engine: a resumed close closes the rest
             for segment in segments:
-                if segment.map is not None:
-                    maps.append(segment.map)
-                    segment.map = None
-                    segment.mapped = 0
-                if segment.fd >= 0:
-                    fds[segment.fd] = segment.path
-                    segment.fd = -1
-            self._retired_maps, self._sealed_fds = [], []
+                # each taken out before it is kept for closing (nothing
+                # interruptible in between): a resumed close never sees it twice
+                mapping, segment.map, segment.mapped = segment.map, None, 0
+                if mapping is not None:
+                    maps.append(mapping)
+                fd, segment.fd = segment.fd, -1
+                if fd >= 0:
+                    fds.append((fd, segment.path))
+            self._sealed_fds = []
             self._mapped.clear()
             self._segments.clear()
             self._pinned = None
-            for mapping in maps:
-                mapping.close()
-            for fd, path in fds.items():
+            while maps:
+                maps.pop().close()
+            while fds:
+                fd, path = fds.pop()
                 try:
                     self._fs.close(fd)
                 except OSError as exc:
                     failures.append((path, exc))
+            done = True
         finally:
             lock_fd = self._lock_fd
             if lock_fd is not None:
@@ -2580,7 +2598,8 @@ class Engine:
                 except OSError as exc:
                     failures.append((self._file(LOCK_FILE_NAME), exc))
                 self._lock_fd = None
-            self._released = True
+            # an interrupt above: not released, so that a close resumes it
+            self._released = done
         for path, error in failures[1:]:
             log.error("%s: closing %s failed too: %r", self.path, path, error)
         if failures:
@@ -2806,6 +2825,19 @@ def release_engine(engine: Engine, reference: Reference | None = None) -> None:
         engine._refs -= 1
         if engine._refs > 0:
             return
+    if threading.get_ident() in engine._worker_idents():
+        # The last reference was dropped by the garbage collector inside one
+        # of the engine's own threads (which may hold the engine's locks):
+        # close it from another thread, never from this one.
+        threading.Thread(
+            target=_close_unreferenced, args=(engine,), name=f"logstate-close:{engine.path}"
+        ).start()
+        return
+    _close_unreferenced(engine)
+
+
+def _close_unreferenced(engine: Engine) -> None:
+    """Close an engine whose last reference was dropped; unregister it once released."""
     try:
         engine.close()
     except BaseException:

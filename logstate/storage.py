@@ -573,16 +573,22 @@ class LocalFileStorage(MutableMapping[str, Any]):
                 the storage then refuses writes until reopened).
         """
         if not self._closed:
-            # Released before the handle is marked closed: an interrupt in
-            # between leaves a handle whose close() can be called again.
+            # Released and synced before the handle is marked closed: an
+            # interrupt in between leaves a handle whose close() can be called
+            # again, and does both (releasing twice releases once).
             self._reference.release()
+            engine = self._engine
+            try:
+                if not (engine.closed or engine.options.read_only or engine.failed is not None):
+                    # closed meanwhile (after its own final sync) or failed: nothing to do
+                    with contextlib.suppress(StorageClosedError, StorageFailedError):
+                        engine.sync()  # other handles keep it open: sync what was written
+            except OSError:
+                self._closed = True  # released all the same
+                self._finalizer.detach()
+                raise
             self._closed = True
             self._finalizer.detach()
-            engine = self._engine
-            if not (engine.closed or engine.options.read_only or engine.failed is not None):
-                # closed meanwhile (after its own final sync) or failed: nothing to do
-                with contextlib.suppress(StorageClosedError, StorageFailedError):
-                    engine.sync()  # other handles keep it open: sync what was written
 
     def __enter__(self) -> LocalFileStorage:
         if self._closed:

@@ -143,3 +143,57 @@ def test_every_roll_after_a_finished_compaction_can_request_a_new_one(
     assert len(started) >= 10, f"only {len(started)} compactions were started at the rolls"
     assert not engine._backlog and not engine._compacting
     storage.close()
+
+
+def test_a_last_handle_collected_inside_the_compactor_closes_the_engine_from_another_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The garbage collector may drop the last handle (held only by a cycle) while
+    the compactor thread holds the engine's locks: closing the engine there would
+    wait for those locks forever, and every later open of the directory with it."""
+    import gc
+
+    from logstate import _compact
+
+    collected: list[str] = []
+    armed: list[bool] = []
+    original = _compact.CompactionResult
+
+    def collecting(*args: object, **kwargs: object) -> object:
+        in_compactor = threading.current_thread().name.startswith("logstate-compact")
+        if in_compactor and armed and not collected:
+            collected.append("yes")
+            gc.collect()  # the cycle holding the last handle goes here
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_compact, "CompactionResult", collecting)
+    gc.disable()  # the cycle must live until the compactor collects it
+    try:
+        storage = LocalFileStorage(tmp_path, segment_size=65536, compact_min_size=0, sync="none")
+        cycle: list[object] = [storage]
+        cycle.append(cycle)
+        engine = storage._engine
+        for i in range(3000):
+            storage[f"k{i % 10}"] = b"x" * 100
+        del storage, cycle
+        engine.wait_for_background_compaction()  # those the writes started, unarmed
+        armed.append(True)
+        with engine._lock:
+            if not engine._compacting:  # (a roll may have requested one already)
+                engine._compacting = True
+                engine._wake_compactor.release()
+        deadline = time.monotonic() + 20
+        while not engine._released and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gc.enable()
+    assert collected, "the compactor never ran: the test did nothing"
+    assert engine._released, "the engine was never closed (its close waits on itself)"
+    reopened: list[dict[str, object]] = []
+    opener = threading.Thread(
+        target=lambda: reopened.append(dict(LocalFileStorage(tmp_path, sync="none").items())),
+        daemon=True,
+    )
+    opener.start()
+    opener.join(20)
+    assert reopened == [{f"k{i}": b"x" * 100 for i in range(10)}], "a later open hung"
