@@ -61,9 +61,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from logstate import InMemoryStorage, LocalFileStorage
-from logstate._compact import COMPACT_TMP_SUFFIX
-from logstate._engine import _registry, _registry_lock, parse_segment_file_name
+from logstate._filenames import COMPACT_TMP_SUFFIX, parse_segment_file_name
 from logstate._format import NS_SEPARATOR, SEGMENT_HEADER_SIZE
+from logstate._registry import _registry, _registry_lock
 
 LONG = os.environ.get("LOGSTATE_FUZZ_PROFILE") == "long"
 SEGMENT_SIZE = 4096  # bytes: the minimum, so segments roll every few operations

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Final
 
 from logstate._errors import CorruptionError, StorageLockedError
+from logstate._filenames import LOCK_FILE_NAME
 
 try:
     import fcntl
@@ -65,7 +66,6 @@ __all__ = [
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-LOCK_FILE_NAME = "LOCK"
 
 # F_FULLFSYNC failing with one of these: the file system does not support it
 # (SQLite falls back to fsync then too). Any other error is an I/O error.

@@ -1,9 +1,8 @@
-"""Where a value lives: the packed location ints of the index, and segment handles.
+"""Where a value lives: the packed location ints of the index.
 
-Owns: the packing of (segment, offset, size, kind) into one int, the tuple
-that locates a value inside a compressed group, and the ``Segment`` record of
-an open segment file.
-Must never: do I/O (a ``Segment`` only carries its file descriptor).
+Owns: the packing of (segment, offset, size, kind) into one int, and the
+tuple that locates a value inside a compressed group.
+Must never: do I/O (open segment files are ``_segments.Segment``).
 
 A location is packed into one int to keep memory per key low::
 
@@ -27,7 +26,6 @@ that the shares of one group add up to exactly ``record_size``
 
 from __future__ import annotations
 
-import mmap
 from typing import Final
 
 KIND_RECORD: Final = 0
@@ -35,8 +33,8 @@ KIND_GROUP_OP: Final = 1
 SEGMENT_SHIFT: Final = 74
 OFFSET_SHIFT: Final = 34
 SIZE_SHIFT: Final = 2
-U32: Final = 0xFFFFFFFF  # size field
-U40: Final = (1 << 40) - 1  # offset field: segments up to 1 TiB
+SIZE_MASK: Final = 0xFFFFFFFF  # size field
+OFFSET_MASK: Final = (1 << 40) - 1  # offset field: segments up to 1 TiB
 
 CompressedLocation = tuple[int, int, int, int, int, int]
 Location = int | CompressedLocation
@@ -48,7 +46,12 @@ def pack_location(segment: int, offset: int, size: int, kind: int) -> int:
 
 def unpack_location(location: int) -> tuple[int, int, int, int]:
     """(segment, offset, size, kind) of a packed location."""
-    return location >> 74, (location >> 34) & U40, (location >> 2) & U32, location & 3
+    return (
+        location >> SEGMENT_SHIFT,
+        (location >> OFFSET_SHIFT) & OFFSET_MASK,
+        (location >> SIZE_SHIFT) & SIZE_MASK,
+        location & 3,
+    )
 
 
 def compressed_location(
@@ -70,7 +73,7 @@ def location_size(location: Location) -> int:
     """Bytes the location's record (or group operation, or share of a
     compressed group) takes on disk."""
     if type(location) is int:
-        return (location >> 2) & U32
+        return (location >> SIZE_SHIFT) & SIZE_MASK
     assert isinstance(location, tuple)
     return location[5]
 
@@ -78,27 +81,11 @@ def location_size(location: Location) -> int:
 def location_segment(location: Location) -> int:
     """The segment number a location points into."""
     if type(location) is int:
-        return location >> 74
+        return location >> SEGMENT_SHIFT
     assert isinstance(location, tuple)
     return location[0]
 
 
-def sizes(index: dict[str, Location]) -> int:
+def total_size(index: dict[str, Location]) -> int:
     """Total bytes of every location in ``index``."""
     return sum(map(location_size, index.values()))
-
-
-class Segment:
-    """An open segment file. ``covers_from``: the lowest segment number whose
-    records it holds (itself, or for a compaction output its first input)."""
-
-    __slots__ = ("covers_from", "fd", "map", "mapped", "number", "path", "size")
-
-    def __init__(self, number: int, path: str, fd: int, size: int, covers_from: int = 0) -> None:
-        self.number = number
-        self.path = path
-        self.fd = fd
-        self.size = size
-        self.covers_from = covers_from or number
-        self.map: mmap.mmap | None = None  # read-only mapping of the first ``mapped`` bytes
-        self.mapped = 0

@@ -58,9 +58,8 @@ from logstate._format import (
     SEQ_SIZE,
     crc32c,
 )
-from logstate._location import OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_SHIFT, U32, U40
+from logstate._location import OFFSET_MASK, OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_MASK, SIZE_SHIFT
 
-SNAPSHOT_FILE_NAME: Final = "index.snapshot"
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
 SNAPSHOT_VERSION: Final = 2
 SNAPSHOT_FLAG_ZSTD: Final = 0x0001  # the body is one zstd frame of the marshal bytes
@@ -191,7 +190,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise CorruptionError(
             "", SNAPSHOT_HEADER.size, f"snapshot sequence number {seq} is out of range"
         )
-    if any(mark.size > U40 for mark in marks):
+    if any(mark.size > OFFSET_MASK for mark in marks):
         raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot names a segment past 1 TiB")
     bad = CorruptionError("", SNAPSHOT_HEADER.size, "snapshot holds a bad key or location")
     # [low, high) of a packed location in each segment: offset >= header;
@@ -231,7 +230,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
 # Smallest size << 2 of a location of each kind (index: the kind); a kind
 # outside the tuple is refused by the IndexError.
 _MIN_SIZE: Final = (RECORD_OVERHEAD << SIZE_SHIFT, GROUP_OP_SIZE << SIZE_SHIFT)
-_SIZE_BITS: Final = U32 << SIZE_SHIFT
+_SIZE_BITS: Final = SIZE_MASK << SIZE_SHIFT
 _MIN_GROUP_RECORD: Final = RECORD_OVERHEAD + GROUP_HEADER_SIZE + GROUP_RAW_SIZE.size
 
 

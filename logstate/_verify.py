@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from logstate._engine import Engine, segment_file_name
+from logstate._engine import Engine
 from logstate._errors import CorruptionError
+from logstate._filenames import SNAPSHOT_FILE_NAME, segment_file_name
 from logstate._location import KIND_RECORD, Location, unpack_location
-from logstate._snapshot import SNAPSHOT_FILE_NAME
 
 __all__ = ["IndexDifference", "SnapshotComparison", "compare_snapshot_with_scan"]
 
@@ -100,19 +100,19 @@ def compare_snapshot_with_scan(scan: Engine) -> SnapshotComparison:
         return SnapshotComparison(
             False, "the segments are damaged: a full scan is not what open would rebuild", []
         )
-    if not scan._fs.exists(scan.path + "/" + SNAPSHOT_FILE_NAME):
+    if not scan.fs.exists(scan.path + "/" + SNAPSHOT_FILE_NAME):
         return SnapshotComparison(False, "there is none (the next open scans)", [])
     options = scan.options._replace(use_snapshot=True, recovery="strict")
     try:
-        other = Engine(scan.path, options, scan._fs)
+        other = Engine(scan.path, options, scan.fs)
     except CorruptionError as exc:
         return SnapshotComparison(False, f"open refuses the store: {exc}", [])
     try:
         if not other.report.snapshot_used:
             reason = other.report.snapshot_refused or "it does not check out"
             return SnapshotComparison(False, f"not used by open ({reason}); open scans", [])
-        sizes = {n: s.size for n, s in scan._segments.items()}
-        if {n: s.size for n, s in other._segments.items()} != sizes:
+        sizes = {n: s.size for n, s in scan.segments.segments.items()}
+        if {n: s.size for n, s in other.segments.segments.items()} != sizes:
             return SnapshotComparison(
                 False,
                 "the segments changed during the check (a live writer appended): run it again",
@@ -126,7 +126,7 @@ def compare_snapshot_with_scan(scan: Engine) -> SnapshotComparison:
 def _differences(snap: Engine, scan: Engine) -> list[IndexDifference]:
     """Every difference between ``snap``'s index and ``scan``'s."""
     found: list[IndexDifference] = []
-    ours, theirs = snap._namespaces, scan._namespaces
+    ours, theirs = snap.keydir.namespaces, scan.keydir.namespaces
     for ns in sorted(ours.keys() | theirs.keys()):
         a, b = ours.get(ns), theirs.get(ns)
         if a is None or b is None:
@@ -150,20 +150,26 @@ def _differences(snap: Engine, scan: Engine) -> list[IndexDifference]:
                         "key", ns, key, describe_location(loc_a), describe_location(loc_b)
                     )
                 )
-    if snap._checkpoint != scan._checkpoint:
+    if snap.keydir.checkpoint != scan.keydir.checkpoint:
         found.append(
             IndexDifference(
                 "checkpoint",
                 "",
                 "",
-                describe_location(snap._checkpoint),
-                describe_location(scan._checkpoint),
+                describe_location(snap.keydir.checkpoint),
+                describe_location(scan.keydir.checkpoint),
             )
         )
-    if snap._seq != scan._seq:
-        found.append(IndexDifference("sequence number", "", "", str(snap._seq), str(scan._seq)))
-    if snap._live_bytes != scan._live_bytes:
+    if snap.appender.seq != scan.appender.seq:
         found.append(
-            IndexDifference("live bytes", "", "", str(snap._live_bytes), str(scan._live_bytes))
+            IndexDifference(
+                "sequence number", "", "", str(snap.appender.seq), str(scan.appender.seq)
+            )
+        )
+    if snap.keydir.live_bytes != scan.keydir.live_bytes:
+        found.append(
+            IndexDifference(
+                "live bytes", "", "", str(snap.keydir.live_bytes), str(scan.keydir.live_bytes)
+            )
         )
     return found

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from logstate import __version__
 from logstate._demo import DemoRefusedError, run_demo, run_worker
 from logstate._errors import CorruptionError, LogstateError
+from logstate._filenames import segment_file_name
 from logstate._values import TAG_BYTEARRAY, TAG_BYTES, TAG_PICKLE
 from logstate.compat.quix_import import import_quix_directory
 from logstate.storage import LocalFileStorage, is_storage_directory
@@ -136,7 +137,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "a writable open cuts it off)"
             )
         for number in report.missing_segments:
-            name = os.path.join(storage.path, f"segment-{number:010d}.seg")
+            name = os.path.join(storage.path, segment_file_name(number))
             problems.append(f"{name} is missing (segment {number}): its records are lost")
         for sub in _storages(storage):
             where = f" (sub-storage {sub.name})" if sub.name else ""

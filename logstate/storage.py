@@ -18,21 +18,14 @@ from types import TracebackType
 from typing import Any, Final
 
 from logstate._compact import CompactionResult
-from logstate._engine import (
-    Engine,
-    RecoveryReport,
-    Reference,
-    acquire_reference,
-    add_reference,
-    join_namespace,
-    parse_segment_file_name,
-)
+from logstate._engine import Engine
 from logstate._errors import (
     CorruptionError,
     KeyNotFoundError,
     StorageClosedError,
     StorageFailedError,
 )
+from logstate._filenames import parse_segment_file_name
 from logstate._format import (
     MAX_KEY_SIZE,
     MAX_NAME_SIZE,
@@ -42,6 +35,9 @@ from logstate._format import (
     REC_SET,
     encode_name,
 )
+from logstate._keydir import join_namespace
+from logstate._registry import Reference, acquire_reference, add_reference
+from logstate._report import RecoveryReport
 from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
 from logstate._verify import SnapshotComparison, compare_snapshot_with_scan
 
@@ -284,8 +280,8 @@ class LocalFileStorage(MutableMapping[str, Any]):
         return handle
 
     def _closed_error(self) -> StorageClosedError:
-        if self._engine._forked_from is not None:  # an inherited handle in a forked child
-            return self._engine._closed_error()
+        if self._engine.life.forked_from is not None:  # an inherited handle in a forked child
+            return self._engine.life.closed_error()
         return StorageClosedError(f"storage handle on {self.path} is closed")
 
     # ------------------------------------------------------------------ properties

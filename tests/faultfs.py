@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from logstate import LocalFileStorage, _engine
+from logstate import LocalFileStorage, _registry
 from logstate._fs import DIR_MODE, FILE_MODE, LOCK_FILE_NAME, FileSystem
 
 __all__ = [
@@ -610,11 +610,11 @@ def open_storage(
     fs: FileSystem, directory: str | os.PathLike[str], **options: Any
 ) -> LocalFileStorage:
     """A public handle on an engine that does its I/O through ``fs``."""
-    engine = _engine.acquire_engine(os.fspath(directory), options, create=True, fs=fs)
+    engine = _registry.acquire_engine(os.fspath(directory), options, create=True, fs=fs)
     try:
         handle = LocalFileStorage(directory)
     finally:
-        _engine.release_engine(engine)  # the handle holds the only reference
+        _registry.release_engine(engine)  # the handle holds the only reference
     assert handle._engine is engine
     return handle
 

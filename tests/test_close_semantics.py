@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from logstate import LocalFileStorage, StorageClosedError, StorageLockedError, _engine
+from logstate import LocalFileStorage, StorageClosedError, StorageLockedError, _registry
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import OS_FS, FileSystem
 
@@ -39,11 +39,11 @@ class CountingFS(FileSystem):
 
 def open_with(fs: FileSystem, directory: Path, **options: object) -> LocalFileStorage:
     """A public handle on an engine that uses ``fs`` (the handle holds the only reference)."""
-    engine = _engine.acquire_engine(str(directory), options, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), options, create=True, fs=fs)
     try:
         return LocalFileStorage(directory)
     finally:
-        _engine.release_engine(engine)
+        _registry.release_engine(engine)
 
 
 def lock_is_held(directory: Path) -> bool:
@@ -100,9 +100,9 @@ def test_close_of_a_read_only_handle_does_not_sync(tmp_path: Path) -> None:
     with LocalFileStorage(tmp_path) as writer:
         writer.get_or_create_sub_storage("sub").close()
     fs = CountingFS()
-    engine = _engine.acquire_engine(str(tmp_path), {"read_only": True}, create=False, fs=fs)
+    engine = _registry.acquire_engine(str(tmp_path), {"read_only": True}, create=False, fs=fs)
     root = LocalFileStorage(tmp_path, read_only=True)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     sub = root.get_or_create_sub_storage("sub")
     root.close()
     sub.close()
@@ -128,9 +128,9 @@ CHILD = textwrap.dedent(
 
     signal.signal(signal.SIGTERM, on_sigterm)
     options = {"sync": "interval", "sync_interval": 60.0}
-    engine = _engine.acquire_engine(sys.argv[1], options, True, fs=LoggedFS())
+    engine = _registry.acquire_engine(sys.argv[1], options, True, fs=LoggedFS())
     storage = LocalFileStorage(sys.argv[1])
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     try:
         sys.stdout.write("ready\\n")
         sys.stdout.flush()

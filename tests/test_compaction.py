@@ -50,9 +50,20 @@ from typing import Any, TypeVar
 
 import pytest
 
-from logstate import Batch, InMemoryStorage, LocalFileStorage, StorageClosedError, _engine
-from logstate._compact import COMPACT_TMP_SUFFIX, CompactionResult
-from logstate._engine import parse_segment_file_name, segment_file_name
+from logstate import (
+    Batch,
+    InMemoryStorage,
+    LocalFileStorage,
+    StorageClosedError,
+    _engine,
+    _registry,
+)
+from logstate._compact import CompactionResult
+from logstate._filenames import (
+    COMPACT_TMP_SUFFIX,
+    parse_segment_file_name,
+    segment_file_name,
+)
 from logstate._fs import FileSystem
 from logstate._location import KIND_GROUP_OP, location_segment, unpack_location
 
@@ -357,9 +368,9 @@ def copies(directory: Path) -> Iterator[tuple[str, Path]]:
 
 def open_with(fs: FileSystem, directory: Path, **options: Any) -> LocalFileStorage:
     """A public handle on an engine that uses ``fs`` (the handle holds the only reference)."""
-    engine = _engine.acquire_engine(str(directory), options, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), options, create=True, fs=fs)
     handle = LocalFileStorage(directory)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     assert handle._engine is engine
     return handle
 
@@ -513,9 +524,9 @@ class CrashFS(TrackingFS):
         """Drop a crashed engine like a killed process: no sync, no cleanup, fds released."""
         self.crash_at, self.crashed, self.abandoning = None, False, True
         engine._release_resources()
-        with _engine._registry_lock:
-            for key in [k for k, e in _engine._registry.items() if e is engine]:
-                del _engine._registry[key]
+        with _registry._registry_lock:
+            for key in [k for k, e in _registry._registry.items() if e is engine]:
+                del _registry._registry[key]
         for fd in sorted(self.open_fds):  # e.g. the temporary output's descriptor
             FileSystem.close(self, fd)
         self.open_fds.clear()

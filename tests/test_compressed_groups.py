@@ -33,11 +33,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from logstate import InMemoryStorage, LocalFileStorage, _engine
+from logstate import InMemoryStorage, LocalFileStorage, _engine, _filenames
 from logstate import _format as fmt
-from logstate._location import sizes
+from logstate._filenames import SNAPSHOT_FILE_NAME
+from logstate._location import total_size
 from logstate._snapshot import (
-    SNAPSHOT_FILE_NAME,
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
     decode_snapshot,
@@ -54,7 +54,7 @@ def segment_bytes(directory: Path) -> int:
 def assert_live_bytes_fit_the_disk(storage: LocalFileStorage) -> None:
     """Cheap form of ``_check()``'s live-bytes part (``_check`` reads every value)."""
     engine = storage._engine
-    live = sum(sizes(index) for index in engine._namespaces.values())
+    live = sum(total_size(index) for index in engine._namespaces.values())
     stats = storage.stats()
     assert stats["live_bytes"] == live
     assert 0 <= stats["dead_bytes"] == stats["total_bytes"] - live, stats
@@ -180,11 +180,11 @@ def test_compaction_that_would_not_shrink_the_store_leaves_it_as_it_is(tmp_path:
     with LocalFileStorage(tmp_path, **SMALL) as root:
         for i in range(20):
             root.set(f"k{i}", i)  # all live: the output would only add its first record
-        before = (tmp_path / _engine.segment_file_name(1)).read_bytes()
+        before = (tmp_path / _filenames.segment_file_name(1)).read_bytes()
         result = root.compact()
         assert result.bytes_after <= result.bytes_before
         assert (result.output, result.inputs, result.reclaimed_bytes) == (None, [], 0)
-        assert (tmp_path / _engine.segment_file_name(1)).read_bytes() == before
+        assert (tmp_path / _filenames.segment_file_name(1)).read_bytes() == before
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
         root._check()
         assert dict(root.items()) == {f"k{i}": i for i in range(20)}

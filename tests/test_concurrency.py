@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from logstate import LocalFileStorage, StorageFailedError, StorageLockedError, _engine
+from logstate import LocalFileStorage, StorageFailedError, StorageLockedError, _engine, _registry
 from logstate._fs import FileSystem
 from logstate._location import unpack_location
 
@@ -86,9 +86,9 @@ def test_threads_writing_with_sync_always_share_syncs_and_every_write_survives(
 ) -> None:
     directory = tmp_path / "store"
     fs = SlowSyncFS(delay_s=0.003)
-    engine = _engine.acquire_engine(str(directory), {"sync": "always"}, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), {"sync": "always"}, create=True, fs=fs)
     storage = LocalFileStorage(directory)
-    _engine.release_engine(engine)  # the handle holds the only reference now
+    _registry.release_engine(engine)  # the handle holds the only reference now
     writers, per_writer = 8, 20
     not_durable: list[str] = []
 
@@ -145,9 +145,9 @@ def test_writers_waiting_on_a_failed_group_sync_all_fail_and_none_hangs(
 ) -> None:
     directory = tmp_path / "store"
     fs = FailingSyncFS(delay_s=0.02, fail_at=3)  # open syncs once; then the writers
-    engine = _engine.acquire_engine(str(directory), {"sync": "always"}, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), {"sync": "always"}, create=True, fs=fs)
     storage = LocalFileStorage(directory)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     acknowledged: list[str] = []
     outcomes: list[BaseException] = []
     mutex = threading.Lock()
@@ -409,9 +409,9 @@ def test_a_writer_racing_a_close_whose_sync_fails_is_not_acknowledged(
     # writer whose record was already appended synced again and was
     # acknowledged (fsyncgate), or synced a descriptor close() had released.
     fs = FailNextSyncFS()
-    engine = _engine.acquire_engine(str(tmp_path), {"sync": "always"}, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(tmp_path), {"sync": "always"}, create=True, fs=fs)
     storage = LocalFileStorage(tmp_path)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     in_commit, go = threading.Event(), threading.Event()
     commit = _engine.Engine._commit
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from logstate import InMemoryStorage, LocalFileStorage, _engine
+from logstate import InMemoryStorage, LocalFileStorage, _engine, _registry
 from logstate._errors import CorruptionError
 from logstate._fs import FileSystem
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def registered(directory: Path) -> list[_engine.Engine]:
     """The engines of this process's registry open on ``directory``."""
-    return [e for e in _engine.open_engines() if e.path == os.path.realpath(directory)]
+    return [e for e in _registry.open_engines() if e.path == os.path.realpath(directory)]
 
 
 def descriptors_on(directory: Path) -> list[str]:
@@ -51,9 +51,9 @@ def descriptors_on(directory: Path) -> list[str]:
 
 def open_with(fs: FileSystem, directory: Path, **options: object) -> LocalFileStorage:
     """A public handle on an engine that uses ``fs`` (the handle holds the only reference)."""
-    engine = _engine.acquire_engine(str(directory), dict(options), create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), dict(options), create=True, fs=fs)
     handle = LocalFileStorage(directory)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     assert handle._engine is engine
     return handle
 
@@ -77,9 +77,9 @@ STORE_SCRIPT = textwrap.dedent(
     most = 0
 
     def LocalFileStorage(directory, **given):  # the public handle, on an engine using NoSyncFS
-        engine = _engine.acquire_engine(directory, given, create=True, fs=NoSyncFS())
+        engine = _registry.acquire_engine(directory, given, create=True, fs=NoSyncFS())
         handle = Handle(directory)
-        _engine.release_engine(engine)
+        _registry.release_engine(engine)
         return handle
 
     from logstate import LocalFileStorage as Handle
@@ -400,11 +400,11 @@ def test_a_read_only_open_tells_a_segment_compacted_away_by_the_writer(fast_dir:
     model = {f"k{i}": f"{i}" * 200 for i in range(100)}
     for key, value in model.items():
         writer[key] = value
-    engine = _engine.acquire_engine(
+    engine = _registry.acquire_engine(
         str(directory), {"read_only": True}, create=False, fs=LimitFS(32)
     )
     reader = LocalFileStorage(directory, read_only=True)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     try:
         writer["k0"] = "new"
         writer.compact()

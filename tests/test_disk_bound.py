@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from logstate import LocalFileStorage
-from logstate._engine import DEFAULT_OPTIONS
+from logstate._options import DEFAULT_OPTIONS
 
 
 def disk_bytes(directory: Path) -> int:

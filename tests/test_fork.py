@@ -450,7 +450,7 @@ HELD_LOCKS_SCRIPT = textwrap.dedent(
 
     def hold():  # what a parent thread may hold at the fork: every lock at once
         with (engine._lock, engine._compact_lock, engine._sync_lock, engine._close_lock,
-              engine._compaction_gate, _engine._registry_lock, memory._lock):
+              engine._compaction_gate, _registry._registry_lock, memory._lock):
             held.set()
             release.wait()
 

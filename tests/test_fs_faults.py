@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from logstate import Batch, LocalFileStorage, StorageFailedError, _engine
+from logstate import Batch, LocalFileStorage, StorageFailedError, _engine, _options, _registry
 from logstate._fs import FileSystem
 
 
@@ -75,9 +75,9 @@ class FaultyFS(FileSystem):
 
 def open_with(fs: FileSystem, directory: Path, **options: Any) -> LocalFileStorage:
     """A public handle on an engine that uses ``fs``."""
-    engine = _engine.acquire_engine(str(directory), options, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), options, create=True, fs=fs)
     handle = LocalFileStorage(directory)
-    _engine.release_engine(engine)  # the handle now holds the only reference
+    _registry.release_engine(engine)  # the handle now holds the only reference
     assert handle._engine is engine
     return handle
 
@@ -164,7 +164,7 @@ LATER_WRITES: dict[str, Callable[[LocalFileStorage], object]] = {
 def faulty() -> Iterator[FaultyFS]:
     fs = FaultyFS()
     yield fs
-    left_open = [e for e in _engine.open_engines() if e._fs is fs]
+    left_open = [e for e in _registry.open_engines() if e._fs is fs]
     for engine in left_open:
         engine.close()
     assert left_open == [], "engine left open"
@@ -330,7 +330,7 @@ def test_failed_open_releases_the_directory(tmp_path: Path, faulty: FaultyFS) ->
     directory = tmp_path / "store"
     faulty.fail("fdatasync")  # the first segment's header sync
     with pytest.raises(OSError):
-        _engine.acquire_engine(str(directory), {}, create=True, fs=faulty)
+        _registry.acquire_engine(str(directory), {}, create=True, fs=faulty)
     with LocalFileStorage(directory, sync="none") as s:
         s["k"] = 1
     with LocalFileStorage(directory, sync="none") as s:
@@ -342,7 +342,7 @@ def test_engine_constructed_directly_on_a_faulty_fs_refuses_writes_after_a_failu
 ) -> None:
     directory = tmp_path / "store"
     directory.mkdir()
-    options = _engine.validate_options({"sync": "none"})
+    options = _options.validate_options({"sync": "none"})
     engine = _engine.Engine(str(directory), options, faulty)
     s = LocalFileStorage._new_handle(engine, "", True)  # the handle's reference closes it
     s["k"] = 1

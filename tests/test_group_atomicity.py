@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from logstate import LocalFileStorage
-from logstate._engine import segment_file_name
+from logstate._filenames import segment_file_name
 from logstate._format import GROUP_FLAG_ZSTD, REC_GROUP, RECORD_OVERHEAD
 
 LONG = os.environ.get("LOGSTATE_LONG_TESTS") == "1"

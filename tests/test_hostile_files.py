@@ -38,6 +38,7 @@ import pytest
 
 from logstate import CorruptionError, InMemoryStorage, LocalFileStorage
 from logstate import _format as fmt
+from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
@@ -46,7 +47,6 @@ from logstate._location import (
     unpack_location,
 )
 from logstate._snapshot import (
-    SNAPSHOT_FILE_NAME,
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
     SNAPSHOT_VERSION,

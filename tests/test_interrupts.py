@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from logstate import InMemoryStorage, LocalFileStorage, _engine
+from logstate import InMemoryStorage, LocalFileStorage, _registry
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
 from tests.interrupts import Injector, Interrupt
@@ -65,9 +65,9 @@ class SyncRecordingFS(FileSystem):
 def open_store(directory: Path, fs: FileSystem | None = None, **options: Any) -> LocalFileStorage:
     if fs is None:
         return LocalFileStorage(directory, **options)
-    engine = _engine.acquire_engine(str(directory), options, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), options, create=True, fs=fs)
     handle = LocalFileStorage(directory)
-    _engine.release_engine(engine)  # the handle holds the only reference
+    _registry.release_engine(engine)  # the handle holds the only reference
     return handle
 
 
@@ -402,7 +402,7 @@ def test_an_interrupt_at_any_point_of_close_releases_the_directory(
         reopened._check()
         reopened.close()
         handle.close()
-        left = [e.path for e in _engine.open_engines() if e.path == str(directory)]
+        left = [e.path for e in _registry.open_engines() if e.path == str(directory)]
         assert not left, "an engine was left registered"
     else:
         raise AssertionError("close still interrupted after 2000 points")
@@ -431,7 +431,7 @@ def test_an_interrupt_at_any_point_of_an_open_leaves_the_directory_to_the_next_o
         assert observed(reopened) == BEFORE, f"interrupted at {injector.fired_at}"
         reopened._check()
         reopened.close()
-        left = [e.path for e in _engine.open_engines() if e.path == str(directory)]
+        left = [e.path for e in _registry.open_engines() if e.path == str(directory)]
         assert not left, f"interrupted at {injector.fired_at}: an engine was left registered"
         if done:
             assert point > 0
@@ -617,7 +617,7 @@ def test_random_real_signals_lose_no_acknowledged_write_and_hang_nothing(
 @pytest.fixture(autouse=True)
 def registry_lock_is_free() -> Iterator[None]:
     yield
-    lock = _engine._registry_lock
+    lock = _registry._registry_lock
     free: list[bool] = []
 
     def probe() -> None:  # from another thread: the lock is re-entrant

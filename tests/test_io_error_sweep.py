@@ -35,8 +35,7 @@ from typing import Any, Final
 import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, StorageClosedError, StorageFailedError
-from logstate._compact import COMPACT_TMP_SUFFIX
-from logstate._snapshot import SNAPSHOT_FILE_NAME
+from logstate._filenames import COMPACT_TMP_SUFFIX, SNAPSHOT_FILE_NAME
 
 from .faultfs import MUTATING_OPS, READ_OPS, CrashFS, LogicalState, observed_state, open_storage
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, PickleNotAllowedError
-from logstate._engine import segment_file_name
+from logstate._filenames import segment_file_name
 from logstate._format import REC_DELETE, REC_SET, encode_name
 from logstate._values import encode_value
 

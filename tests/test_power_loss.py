@@ -31,9 +31,8 @@ from typing import Any, Final
 
 import pytest
 
-from logstate import InMemoryStorage, LocalFileStorage, _engine
-from logstate._compact import COMPACT_TMP_SUFFIX
-from logstate._engine import SEGMENT_SUFFIX
+from logstate import InMemoryStorage, LocalFileStorage, _registry
+from logstate._filenames import COMPACT_TMP_SUFFIX, SEGMENT_SUFFIX
 from logstate._format import SEGMENT_HEADER_SIZE
 
 from .faultfs import CrashFS, CrashState, LogicalState, no_hooks, observed_state, open_storage
@@ -728,8 +727,8 @@ def kill(handle: LocalFileStorage) -> None:
         engine._closing = True
     engine._stop_background()  # the sync thread exits without syncing
     engine._release_resources()  # closes descriptors and the lock: no write, no sync
-    with _engine._registry_lock:
-        _engine._registry.pop(engine.path, None)
+    with _registry._registry_lock:
+        _registry._registry.pop(engine.path, None)
     handle._closed = True
     handle._finalizer.detach()
 

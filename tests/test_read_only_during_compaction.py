@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from logstate import CorruptionError, LocalFileStorage, StorageChangedError, _engine
+from logstate import (
+    CorruptionError,
+    LocalFileStorage,
+    StorageChangedError,
+    _filenames,
+    _recovery,
+    _registry,
+)
 from logstate import _format as fmt
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
@@ -39,11 +46,11 @@ def fill(directory: Path) -> LocalFileStorage:
 
 def open_read_only(fs: FileSystem, directory: Path, **options: object) -> LocalFileStorage:
     """A read-only public handle on an engine that does its I/O through ``fs``."""
-    engine = _engine.acquire_engine(str(directory), {"read_only": True, **options}, False, fs=fs)
+    engine = _registry.acquire_engine(str(directory), {"read_only": True, **options}, False, fs=fs)
     try:
         return LocalFileStorage(directory, read_only=True)
     finally:
-        _engine.release_engine(engine)  # the handle holds the only reference
+        _registry.release_engine(engine)  # the handle holds the only reference
 
 
 class CompactAfterFirstOpen(FileSystem):
@@ -125,7 +132,7 @@ class PhantomSegment(FileSystem):
     """Every listing names a segment that is gone when opened (a store that keeps changing)."""
 
     def list_dir(self, path: str) -> list[str]:
-        return [*super().list_dir(path), _engine.segment_file_name(999)]
+        return [*super().list_dir(path), _filenames.segment_file_name(999)]
 
 
 def test_read_only_open_of_a_store_that_keeps_changing_raises_storage_changed_error(
@@ -136,11 +143,11 @@ def test_read_only_open_of_a_store_that_keeps_changing_raises_storage_changed_er
         open_read_only(PhantomSegment(), tmp_path)
     error = info.value
     assert error.path == str(tmp_path.resolve())
-    assert error.attempts == _engine.READ_ONLY_OPEN_ATTEMPTS
-    assert error.vanished.endswith(_engine.segment_file_name(999))
+    assert error.attempts == _recovery.READ_ONLY_OPEN_ATTEMPTS
+    assert error.vanished.endswith(_filenames.segment_file_name(999))
     assert "retry" in str(error)
     assert pickle.loads(pickle.dumps(error)).attempts == error.attempts
-    assert not any(e.options.read_only for e in _engine.open_engines())
+    assert not any(e.options.read_only for e in _registry.open_engines())
 
 
 def test_segment_missing_before_a_read_only_open_is_still_damage(tmp_path: Path) -> None:
@@ -176,15 +183,15 @@ class HeaderWrittenAfterFirstRead(FileSystem):
 def newest_segment_being_created(directory: Path) -> Path:
     """A closed store plus an empty newest segment (as a roll makes it, before its header)."""
     fill(directory).close()
-    numbers = [_engine.parse_segment_file_name(p.name) for p in directory.iterdir()]
-    newest = directory / _engine.segment_file_name(max(n for n in numbers if n is not None) + 1)
+    numbers = [_filenames.parse_segment_file_name(p.name) for p in directory.iterdir()]
+    newest = directory / _filenames.segment_file_name(max(n for n in numbers if n is not None) + 1)
     newest.touch()
     return newest
 
 
 def test_read_only_open_waits_for_the_header_of_a_segment_being_created(tmp_path: Path) -> None:
     newest = newest_segment_being_created(tmp_path)
-    number = _engine.parse_segment_file_name(newest.name)
+    number = _filenames.parse_segment_file_name(newest.name)
     assert number is not None
     fs = HeaderWrittenAfterFirstRead(newest, fmt.encode_segment_header(number))
     with open_read_only(fs, tmp_path, use_snapshot=False) as reader:

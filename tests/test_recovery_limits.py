@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from logstate import LocalFileStorage, StorageFailedError, _engine
+from logstate import LocalFileStorage, StorageFailedError, _engine, _registry
 from logstate import _format as fmt
 from logstate._fs import FileSystem
 from logstate.cli import main as cli_main
@@ -67,8 +67,8 @@ class FullDisk(FileSystem):
 
 def open_with(fs: FileSystem, directory: Path, **options: Any) -> _engine.Engine:
     """Open an engine through ``fs`` and close it again (the report stays readable)."""
-    engine = _engine.acquire_engine(str(directory), options, create=False, fs=fs)
-    _engine.release_engine(engine)
+    engine = _registry.acquire_engine(str(directory), options, create=False, fs=fs)
+    _registry.release_engine(engine)
     return engine
 
 

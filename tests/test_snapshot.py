@@ -50,8 +50,15 @@ from typing import Any
 
 import pytest
 
-from logstate import CorruptionError, InMemoryStorage, LocalFileStorage, _engine
+from logstate import (
+    CorruptionError,
+    InMemoryStorage,
+    LocalFileStorage,
+    _filenames,
+    _registry,
+)
 from logstate import _format as fmt
+from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._fs import FileSystem
 from logstate._location import (
     KIND_GROUP_OP,
@@ -60,7 +67,6 @@ from logstate._location import (
     unpack_location,
 )
 from logstate._snapshot import (
-    SNAPSHOT_FILE_NAME,
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
     SNAPSHOT_VERSION,
@@ -243,7 +249,7 @@ def open_store(directory: Path, **options: Any) -> LocalFileStorage:
     read_only = bool(options.get("read_only", False))
     still_open = [
         e
-        for e in _engine.open_engines()
+        for e in _registry.open_engines()
         if e.path == str(directory.resolve()) and e.options.read_only == read_only
     ]
     assert still_open == [], "a handle kept the engine open: this would not be a fresh open"
@@ -258,9 +264,9 @@ def crash(storage: LocalFileStorage) -> None:
     engine = storage._engine
     assert engine._thread is None, "crash() needs sync='none' (no sync thread to stop)"
     engine._release_resources()
-    with _engine._registry_lock:
-        for key in [k for k, e in _engine._registry.items() if e is engine]:
-            del _engine._registry[key]
+    with _registry._registry_lock:
+        for key in [k for k, e in _registry._registry.items() if e is engine]:
+            del _registry._registry[key]
     storage.close()  # the handle only: the engine is already closed
 
 
@@ -829,7 +835,7 @@ def live_record(directory: Path, sealed: bool) -> tuple[Path, int]:
         if type(location) is int and location & 3 == KIND_RECORD:
             number, offset, _size, _kind = unpack_location(location)
             if (number < newest) == sealed:
-                return directory / _engine.segment_file_name(number), offset
+                return directory / _filenames.segment_file_name(number), offset
     raise AssertionError("the template has no such record")
 
 
@@ -995,9 +1001,9 @@ class InputsNotDeleted(FileSystem):
 
 def open_with(fs: FileSystem, directory: Path, **options: Any) -> LocalFileStorage:
     """A public handle on an engine that uses ``fs``."""
-    engine = _engine.acquire_engine(str(directory), {**OPTIONS, **options}, create=True, fs=fs)
+    engine = _registry.acquire_engine(str(directory), {**OPTIONS, **options}, create=True, fs=fs)
     handle = LocalFileStorage(directory)
-    _engine.release_engine(engine)  # the handle now holds the only reference
+    _registry.release_engine(engine)  # the handle now holds the only reference
     assert handle._engine is engine
     return handle
 

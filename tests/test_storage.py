@@ -34,6 +34,7 @@ from logstate import (
     StorageClosedError,
     SubStorageDeletedError,
     _engine,
+    _registry,
 )
 from logstate._fs import FileSystem
 
@@ -661,7 +662,7 @@ def test_failed_open_releases_the_lock_so_a_salvage_retry_works(store_dir: Path)
     segment.write_bytes(bytes(data))
     with pytest.raises(CorruptionError):
         LocalFileStorage(store_dir, sync="none")
-    assert not any(e.path == os.path.realpath(store_dir) for e in _engine.open_engines())
+    assert not any(e.path == os.path.realpath(store_dir) for e in _registry.open_engines())
     with LocalFileStorage(store_dir, sync="none", recovery="salvage") as s:
         s._check()
         assert sorted(s) == [f"k{i}" for i in range(1, 5)]
@@ -795,11 +796,11 @@ class CountingFS(FileSystem):
 @pytest.mark.parametrize("sync", ["none", "interval", "always"])
 def test_flush_syncs_and_data_survives_in_every_sync_mode(store_dir: Path, sync: str) -> None:
     fs = CountingFS()
-    engine = _engine.acquire_engine(
+    engine = _registry.acquire_engine(
         str(store_dir), {"sync": sync, "sync_interval": 60.0}, create=True, fs=fs
     )
     s = LocalFileStorage(store_dir)
-    _engine.release_engine(engine)  # the handle now holds the only reference
+    _registry.release_engine(engine)  # the handle now holds the only reference
     assert s._engine is engine
     s["k"] = "v"
     before = fs.fdatasyncs
@@ -813,11 +814,11 @@ def test_flush_syncs_and_data_survives_in_every_sync_mode(store_dir: Path, sync:
 
 def test_interval_mode_syncs_in_the_background_soon_after_a_write(store_dir: Path) -> None:
     fs = CountingFS()
-    engine = _engine.acquire_engine(
+    engine = _registry.acquire_engine(
         str(store_dir), {"sync": "interval", "sync_interval": 0.02}, create=True, fs=fs
     )
     s = LocalFileStorage(store_dir)
-    _engine.release_engine(engine)
+    _registry.release_engine(engine)
     time.sleep(0.1)
     idle = fs.fdatasyncs
     time.sleep(0.1)
@@ -836,7 +837,6 @@ def test_interval_mode_syncs_in_the_background_soon_after_a_write(store_dir: Pat
 def test_a_set_over_the_record_size_limit_is_refused_and_changes_nothing(
     store: LocalFileStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from logstate import _engine
 
     store.set("kept", b"v")
     segment_bytes = store._engine.stats()["total_bytes"]

@@ -1,0 +1,280 @@
+"""The tail of the log: appending records, rolling segments, settling an interrupted append.
+
+Owns: the sequence counter, ``written_pos`` (bytes appended since open),
+the record being appended while its bookkeeping is unfinished
+(``in_flight``), when the active segment rolls (its early-roll size), and
+the commit listeners' queue: each committed record's seq and exact bytes,
+delivered in seq order once durable by the storage's rule.
+Must never: decide what a record means for the index beyond replaying it
+(``Keydir.apply_frame``), wait for a sync while holding the write lock, or
+count a byte durable before its fdatasync returned.
+
+Every method runs under the engine's write lock unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from logstate import _format as fmt
+from logstate._errors import CorruptionError, StorageFailedError
+from logstate._format import SEGMENT_HEADER_SIZE
+from logstate._fs import FileSystem
+from logstate._keydir import Keydir
+from logstate._lifecycle import Lifecycle
+from logstate._options import EngineOptions
+from logstate._scan import Damage, scan_records
+from logstate._schedule import CompactionScheduler
+from logstate._segments import Segment, SegmentSet
+from logstate._switch import PendingSwitch
+
+__all__ = ["Appender", "CommitListener"]
+
+# called with (seq, exact record bytes) of each committed record, in seq order
+CommitListener = Callable[[int, bytes], None]
+
+
+def _ignore(_damage: Damage) -> None:
+    """A scanner report nobody needs."""
+
+
+class Appender:
+    """Appends records to the active segment of ``segments``."""
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        options: EngineOptions,
+        life: Lifecycle,
+        segments: SegmentSet,
+        keydir: Keydir,
+        switch: PendingSwitch,
+        scheduler: CompactionScheduler,
+        seq: int,
+    ) -> None:
+        self._fs = fs
+        self._life = life
+        self._segments = segments
+        self._keydir = keydir
+        self._switch = switch
+        self._scheduler = scheduler
+        self.seq = seq
+        self.written_pos = 0  # bytes appended since open (all segments)
+        # (segment, offset, size, written_pos before) of the record being
+        # appended while its bookkeeping is not finished: see settle
+        self.in_flight: tuple[Segment, int, int, int] | None = None
+        self.segment_size = options.segment_size
+        # Early roll: compaction covers sealed segments only, so the active
+        # segment is looked at every roll_step bytes past roll_size, and
+        # sealed there when the store is due for compaction: a small, hot
+        # store does not fill a whole segment with dead records first.
+        self.roll_step = (
+            max(options.compact_min_size // 4, 64 * 1024)
+            if options.auto_compact
+            else options.segment_size
+        )
+        active = segments.active
+        assert active is not None
+        self.roll_size = min(self.segment_size, active.size + self.roll_step)
+        self.durable_when_written = options.sync == "none"
+        self.durable_pos: Callable[[int], None] = _no_durable_pos  # GroupCommit.advance
+        # commit listeners (see add_listener)
+        self.listener: CommitListener | None = None
+        self._undelivered: deque[tuple[int, int, bytes]] = deque()  # seq, end pos, record
+        self._queued_seq = 0
+        self._delivering = threading.Lock()
+
+    # ------------------------------------------------------------------ append
+    def append(self, record: bytes) -> tuple[int, int]:
+        """Append one whole record to the active segment (rolling first if due).
+
+        The caller clears ``in_flight`` once its index bookkeeping is done
+        too; until then an exception anywhere leaves it for :meth:`settle`.
+
+        Returns:
+            (segment number, offset) of the record.
+        """
+        active = self._segments.active
+        assert active is not None
+        size = len(record)
+        if active.size + size > self.roll_size and active.size > SEGMENT_HEADER_SIZE:
+            if active.size + size > self.segment_size or self._scheduler.due(
+                self._segments.total_size(), self._keydir.live_bytes, early=True
+            ):
+                active = self.roll()
+            else:  # look again after another step
+                self.roll_size = min(self.segment_size, active.size + size + self.roll_step)
+        offset = active.size
+        self.in_flight = (active, offset, size, self.written_pos)
+        try:
+            self._fs.append(active.fd, record)
+        except OSError as exc:
+            self._life.fail(exc)
+            raise
+        active.size = offset + size
+        self.written_pos += size
+        return active.number, offset
+
+    def write(self, record_type: int, body: bytes) -> tuple[int, int, int, int]:
+        """Frame and append one record.
+
+        Returns:
+            (segment, offset, record size, end position)
+        """
+        self.seq += 1
+        record = fmt.encode_record(record_type, self.seq, body)
+        segment, offset = self.append(record)
+        if self.listener is not None:
+            self.queue(self.seq, self.written_pos, record)
+        return segment, offset, len(record), self.written_pos
+
+    def roll(self) -> Segment:
+        """Seal the active segment (durable) and start the next one.
+
+        Interrupted before the switch, it leaves the old segment active and
+        can run again (``SegmentSet.create`` replaces a next segment left
+        half-made); the old one is sealed (mapped, its descriptor let go)
+        only once it is no longer the active one.
+        """
+        segments = self._segments
+        old = segments.active
+        assert old is not None
+        try:
+            self._fs.fdatasync(old.fd)
+            new = segments.create(old.number + 1)
+        except (OSError, StorageFailedError) as exc:
+            self._life.fail(exc)
+            raise
+        segments.segments[new.number] = new  # with the switch: nothing interruptible between
+        segments.active = new
+        try:
+            segments.close_retired_maps()  # retired one roll ago: no reader left
+            segments.seal(old)  # sealed: its bytes never change again
+        except OSError as exc:
+            self._life.fail(exc)
+            raise
+        self.roll_size = min(self.segment_size, SEGMENT_HEADER_SIZE + self.roll_step)
+        self.written_pos += SEGMENT_HEADER_SIZE
+        # Every byte written so far is durable (the old segment's fdatasync,
+        # the new header's).
+        self.durable_pos(self.written_pos)
+        self._scheduler.on_roll(segments.total_size(), self._keydir.live_bytes, self.segment_size)
+        return new
+
+    def sync_target(self) -> tuple[int, int]:
+        """What a commit's fdatasync covers: (written_pos, active descriptor).
+
+        Raises why no sync may run (after a failed write or sync never sync
+        again and report success: fsyncgate; a closed engine's descriptors
+        are gone, or reused).
+        """
+        life = self._life
+        if life.failed is not None or life.closed:
+            life.refuse_commit()
+        active = self._segments.active
+        assert active is not None
+        return self.written_pos, active.fd
+
+    # ------------------------------------------------------------------ interrupts
+    def settle(self) -> None:
+        """Finish, or undo, what an exception interrupted.
+
+        A compaction switch left unfinished is finished first. An exception
+        (KeyboardInterrupt, SystemExit from a signal handler) can land
+        between any two bytecodes of a write: after ``write(2)`` returned but
+        before the segment size, the written position and the index were
+        updated. The file says which state is true: the record is whole in
+        the file (the after state: its bookkeeping is redone from its bytes,
+        as recovery would), or it is not there at all, or only part of it is
+        (the before state: the part is cut off). Every step is idempotent,
+        so a second interrupt here leaves ``in_flight`` set and the next call
+        under the lock settles it again.
+        """
+        if self._switch.pending is not None:
+            self._switch.finish()
+        pending = self.in_flight
+        if pending is None:
+            return
+        segment, offset, size, pos_before = pending
+        if self._life.failed is not None or segment is not self._segments.active:
+            # A failed write (the engine refuses writes; the next open cuts
+            # what it left) or a segment already sealed: nothing to redo.
+            self.in_flight = None
+            return
+        try:
+            on_disk = self._fs.file_size(segment.fd)
+            if on_disk >= offset + size:
+                record = self._fs.pread(segment.fd, size, offset)
+                frames = list(scan_records(record, 0, _ignore))
+                if len(frames) != 1 or frames[0].size != size:
+                    raise CorruptionError(
+                        segment.path, offset, "interrupted record reads back wrong"
+                    )
+                self._keydir.apply_frame(record, frames[0], segment.number, -offset)
+                segment.size = offset + size
+                self.written_pos = pos_before + size
+                if self.listener is not None and frames[0].seq > self._queued_seq:
+                    self.queue(frames[0].seq, self.written_pos, record)
+            else:
+                if on_disk > offset:
+                    self._fs.truncate(segment.fd, offset)  # a part of an unacknowledged record
+                segment.size = offset
+                self.written_pos = pos_before
+        except (OSError, CorruptionError) as exc:
+            self._life.fail(exc)  # the file cannot be trusted to say: refuse writes until reopen
+            self.in_flight = None
+            raise
+        self._keydir.recount()
+        self.in_flight = None
+
+    def interrupted(self) -> None:
+        """In an ``except BaseException``: settle what the exception cut short."""
+        if self.in_flight is not None or self._switch.pending is not None:
+            self.settle()
+
+    # ------------------------------------------------------------------ listeners
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(seq, record)`` for each record committed from now on.
+
+        In seq order, exactly once each, once the record is durable by the
+        storage's own rule: after its fdatasync with sync="always" or
+        "interval" (or a roll's, or close's), as soon as it is written with
+        sync="none". Called outside the write lock, from the thread whose
+        sync made it durable. A listener that raises gets the same record
+        again at the next delivery (the exception propagates to that call).
+        """
+        if self.listener is not None:
+            raise ValueError("a commit listener is already set")
+        self.listener = listener
+
+    def queue(self, seq: int, end_pos: int, record: bytes) -> None:
+        """Hold a committed record for the listener until it is durable."""
+        self._undelivered.append((seq, end_pos, record))
+        self._queued_seq = seq
+
+    def deliver(self, durable_pos: int) -> None:
+        """Give the listener every queued record that ends at or before ``durable_pos``.
+
+        Outside the write lock (and inside the sync turn, when a commit calls it).
+        """
+        listener = self.listener
+        if listener is None:
+            return
+        undelivered = self._undelivered
+        with self._delivering:
+            while undelivered and undelivered[0][1] <= durable_pos:
+                seq, _end, record = undelivered[0]
+                listener(seq, record)
+                undelivered.popleft()
+
+    def _check(self) -> None:
+        assert self.in_flight is None, "an interrupted append left unsettled"
+        if self._undelivered:
+            seqs = [item[0] for item in self._undelivered]
+            assert seqs == sorted(seqs), "commit queue out of order"
+
+
+def _no_durable_pos(_pos: int) -> None:
+    """Until the engine wires the group commit in."""

@@ -1,0 +1,237 @@
+"""The in-memory index: namespace -> key -> location, the checkpoint, live bytes.
+
+Owns: every mutation rule of the index, written once: a set, a delete, a
+clear or drop of a namespace with everything below it, a namespace's
+creation, a checkpoint, one replayed record (``apply_frame``: recovery, the
+settling of an interrupted write, the decoder fuzzer), a compaction's
+conditional move (``move_unchanged``: only locations that did not change
+meanwhile, Bitcask's conditional put), and the live-byte count that follows
+each of them (the bytes of the records the index points to).
+Must never: do I/O, take a lock or start a thread (the caller holds the
+engine's write lock, or owns the index alone, at open), or decode bytes
+beyond ``_scan.replay_frame``'s tuples.
+
+The write path's hot loops (``Writer.set``, ``write_group``,
+``write_keys``) keep inlined copies of :meth:`Keydir.put`, each marked;
+``_check`` (live bytes equal the sum of the locations' sizes) guards them.
+"""
+
+from __future__ import annotations
+
+from logstate import _scan
+from logstate._errors import SubStorageDeletedError
+from logstate._format import (
+    NS_SEPARATOR,
+    REC_CHECKPOINT,
+    REC_CLEAR,
+    REC_CREATE_NS,
+    REC_DELETE,
+    REC_DROP_NS,
+    REC_SET,
+)
+from logstate._location import (
+    KIND_GROUP_OP,
+    OFFSET_SHIFT,
+    SEGMENT_SHIFT,
+    SIZE_SHIFT,
+    Location,
+    compressed_location,
+    location_segment,
+    location_size,
+    total_size,
+)
+
+__all__ = ["Index", "Keydir", "is_within", "join_namespace"]
+
+# the replay loop writes the location shifts as literals
+assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
+
+Index = dict[str, Location]
+
+
+def join_namespace(parent: str, name: str) -> str:
+    """The path of sub-storage ``name`` below ``parent`` ("" is the root)."""
+    return name if not parent else parent + NS_SEPARATOR + name
+
+
+def is_within(ns: str, ancestor: str) -> bool:
+    """True when ``ns`` is ``ancestor`` or below it."""
+    return not ancestor or ns == ancestor or ns.startswith(ancestor + NS_SEPARATOR)
+
+
+class Keydir:
+    """The index of one storage directory (``path`` names it in errors).
+
+    ``namespaces`` maps each namespace ("" is the root) to its keys'
+    locations; the dict objects are the index itself (the hot paths use
+    them directly). ``live_bytes``: the sum of :func:`location_size` over
+    every location.
+    """
+
+    __slots__ = ("checkpoint", "live_bytes", "namespaces", "path")
+
+    def __init__(
+        self,
+        path: str,
+        namespaces: dict[str, Index] | None = None,
+        checkpoint: Location | None = None,
+        live_bytes: int = 0,
+    ) -> None:
+        self.path = path
+        self.namespaces: dict[str, Index] = {"": {}} if namespaces is None else namespaces
+        self.checkpoint = checkpoint
+        self.live_bytes = live_bytes
+
+    # ------------------------------------------------------------------ reads
+    def require(self, ns: str) -> Index:
+        """The index of namespace ``ns``.
+
+        Raises:
+            SubStorageDeletedError: it does not exist (deleted by another handle).
+        """
+        index = self.namespaces.get(ns)
+        if index is None:
+            raise self.deleted_error(ns)
+        return index
+
+    def deleted_error(self, ns: str) -> SubStorageDeletedError:
+        return SubStorageDeletedError(f"sub-storage {ns!r} of {self.path} was deleted")
+
+    def children(self, ns: str) -> list[str]:
+        """Names (not paths) of the namespaces directly below ``ns``, sorted."""
+        prefix = ns + NS_SEPARATOR if ns else ""
+        return sorted(
+            n[len(prefix) :]
+            for n in self.namespaces
+            if n and n.startswith(prefix) and NS_SEPARATOR not in n[len(prefix) :]
+        )
+
+    def key_count(self) -> int:
+        return sum(len(index) for index in self.namespaces.values())
+
+    def live_in(self, segments: set[int]) -> list[tuple[Location, str, str]]:
+        """(location, namespace, key) of every key whose value is in ``segments``."""
+        return [
+            (loc, ns, key)
+            for ns, index in self.namespaces.items()
+            for key, loc in index.items()
+            if location_segment(loc) in segments
+        ]
+
+    def sub_namespaces(self) -> list[str]:
+        """Every namespace but the root, parents before children."""
+        return sorted((n for n in self.namespaces if n), key=lambda n: (n.count(NS_SEPARATOR), n))
+
+    # ------------------------------------------------------------------ changes
+    def ensure(self, ns: str) -> Index:
+        """The index of ``ns``, created (with any missing parent) if absent.
+
+        The write path always creates a parent first; replay creates what is
+        missing so that it is total.
+        """
+        index = self.namespaces.get(ns)
+        if index is None:
+            parts = ns.split(NS_SEPARATOR)
+            for i in range(1, len(parts) + 1):
+                index = self.namespaces.setdefault(NS_SEPARATOR.join(parts[:i]), {})
+        assert index is not None
+        return index
+
+    def put(self, index: Index, key: str, loc: Location) -> None:
+        """Point ``key`` of ``index`` at ``loc`` and account for the live bytes."""
+        old = index.get(key)
+        index[key] = loc
+        self.live_bytes += location_size(loc) - (0 if old is None else location_size(old))
+
+    def delete(self, ns: str, key: str) -> None:
+        found = self.namespaces.get(ns)
+        if found is not None:
+            old = found.pop(key, None)
+            if old is not None:
+                self.live_bytes -= location_size(old)
+
+    def clear(self, ns: str, drop_self: bool) -> None:
+        """Empty ``ns`` and drop every namespace below it; ``drop_self``: drop ``ns`` too."""
+        namespaces = self.namespaces
+        for name in [n for n in namespaces if n and is_within(n, ns) and n != ns]:
+            self.live_bytes -= total_size(namespaces.pop(name))
+        if drop_self and ns:
+            self.live_bytes -= total_size(namespaces.pop(ns, {}))
+        else:
+            index = namespaces.get(ns)
+            if index is not None:
+                self.live_bytes -= total_size(index)
+                index.clear()
+
+    def apply(self, op_type: int, ns: str, key: str, loc: Location) -> None:
+        """Apply one operation (of a record or a group) whose bytes are at ``loc``."""
+        if op_type == REC_SET:
+            self.put(self.ensure(ns), key, loc)
+        elif op_type == REC_DELETE:
+            self.delete(ns, key)
+        elif op_type == REC_CLEAR:
+            self.clear(ns, drop_self=False)
+        elif op_type == REC_CREATE_NS:
+            self.ensure(ns)
+        elif op_type == REC_DROP_NS:
+            self.clear(ns, drop_self=True)
+        elif op_type == REC_CHECKPOINT:
+            self.checkpoint = loc
+
+    def apply_frame(self, data: bytes, frame: _scan.Frame, segment: int, shift: int) -> None:
+        """Apply one scanned record of ``segment`` (its bytes in ``data``) to the index.
+
+        ``shift``: subtracted from the record's offset in ``data`` to give its
+        offset in the segment file (a window's start, bytes a salvage rewrite
+        removes before it).
+        """
+        kind, ops = _scan.replay_frame(data, frame.offset, frame.size, frame.record_type)
+        namespaces = self.namespaces
+        high = segment << 74  # (literal shifts: asserted equal to _location's at import)
+        compressed = kind == _scan.FRAME_COMPRESSED_GROUP and ops
+        raw_size = ops[-1][3] + ops[-1][4] if compressed else 0  # the decompressed op list
+        for op_type, ns, key, op_offset, op_size in ops:
+            loc: Location
+            if kind == _scan.FRAME_PLAIN:
+                loc = high | (op_offset - shift) << 34 | op_size << 2  # KIND_RECORD
+            elif kind == _scan.FRAME_GROUP:
+                loc = high | (op_offset - shift) << 34 | op_size << 2 | KIND_GROUP_OP
+            else:
+                loc = compressed_location(
+                    segment, frame.offset - shift, frame.size, op_offset, op_size, raw_size
+                )
+                op_size = loc[5]  # its share of the record's bytes on disk
+            if op_type == REC_SET:
+                # self.put(self.ensure(ns), key, loc), inlined: replay's common case
+                index = namespaces.get(ns)
+                if index is None:
+                    index = self.ensure(ns)
+                old = index.get(key)
+                index[key] = loc
+                self.live_bytes += op_size if old is None else op_size - location_size(old)
+            else:
+                self.apply(op_type, ns, key, loc)
+
+    def move_unchanged(self, moved: list[tuple[str, str, Location, Location]]) -> None:
+        """Point each (ns, key, old, new) key at ``new`` where it still points at ``old``."""
+        namespaces = self.namespaces
+        for ns, key, old, new in moved:
+            index = namespaces.get(ns)
+            if index is not None and index.get(key) == old:
+                index[key] = new
+                self.live_bytes += location_size(new) - location_size(old)
+
+    def recount(self) -> None:
+        """Count the live bytes again from the locations (after a repaired step)."""
+        self.live_bytes = sum(total_size(index) for index in self.namespaces.values())
+
+    # ------------------------------------------------------------------ invariants
+    def _check(self) -> None:
+        """Assert the index's invariants."""
+        assert "" in self.namespaces, "root namespace missing"
+        for ns in self.namespaces:
+            if ns:
+                parent = ns.rpartition(NS_SEPARATOR)[0]
+                assert parent in self.namespaces, f"namespace {ns!r} without parent"
+        live = sum(total_size(index) for index in self.namespaces.values())
+        assert self.live_bytes == live, f"live bytes {self.live_bytes}, index says {live}"

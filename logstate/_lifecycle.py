@@ -1,0 +1,121 @@
+"""Whether an engine may still be used: open, closing, closed, failed, forked.
+
+Owns: the lifecycle flags of one engine and the one wording of each error a
+call on an unusable engine raises (closed, read-only, refused after an I/O
+error, a commit refused, a forked child). ``blocked`` sums up the flags for
+the write path's one test.
+Must never: clear ``failed`` (an engine that failed a write or sync stays
+failed until it is closed and opened again), take a lock, or do I/O.
+
+Set under the engine's write lock (``closing``, ``failed``) or by the close
+(``closed``, ``released``); read without it by the lock-free read path.
+"""
+
+from __future__ import annotations
+
+import os
+
+from logstate._errors import (
+    ReadOnlyStorageError,
+    StorageClosedError,
+    StorageFailedError,
+    StorageForkedError,
+)
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle:
+    """The lifecycle flags of the engine of directory ``path``."""
+
+    __slots__ = (
+        "blocked",
+        "closed",
+        "closing",
+        "failed",
+        "final_synced",
+        "forked_from",
+        "path",
+        "read_only",
+        "released",
+    )
+
+    def __init__(self, path: str, read_only: bool) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.closing = False  # close() started: no new write or compaction
+        self.closed = False  # descriptors released (first step of the release)
+        self.released = False  # every resource released: close() is done
+        self.final_synced = False  # close() made everything durable
+        self.failed: BaseException | None = None  # a write or sync failed: writes refused
+        # in a child forked from the process that opened the engine: that
+        # process's pid; every call raises StorageForkedError
+        self.forked_from: int | None = None
+        self.blocked = read_only  # any reason a write must take the slow check
+
+    def fail(self, exc: BaseException) -> None:
+        """Refuse every later write: ``exc`` (a failed write or sync) is why."""
+        self.failed = exc
+        self.blocked = True
+
+    def begin_close(self) -> None:
+        self.closing = True
+        self.blocked = True
+
+    def mark_closed(self) -> None:
+        self.closed = True
+        self.blocked = True
+
+    def mark_forked(self, owner_pid: int) -> None:
+        """In a child forked from ``owner_pid``: unusable, nothing of it is the child's."""
+        self.forked_from = owner_pid
+        self.closed = self.released = True
+        self.blocked = True
+
+    def closed_error(self) -> StorageClosedError:
+        """The error for a call on this closed engine (StorageForkedError in a forked child)."""
+        if self.forked_from is not None:
+            return StorageForkedError(self.path, self.forked_from, os.getpid())
+        return StorageClosedError(f"storage {self.path} is closed")
+
+    def check_open(self) -> None:
+        """Raise unless the engine is open (closing counts as closed)."""
+        if self.closed or self.closing or self.forked_from is not None:
+            raise self.closed_error()
+
+    def check_not_forked(self) -> None:
+        if self.forked_from is not None:
+            raise self.closed_error()
+
+    def check_writable(self) -> None:
+        """Raise unless writes are allowed (read-only, closed, failed: in that order)."""
+        if self.forked_from is not None:
+            raise self.closed_error()
+        if self.read_only:
+            raise ReadOnlyStorageError(f"storage {self.path} was opened read-only")
+        if self.closed or self.closing:
+            raise self.closed_error()
+        if self.failed is not None:
+            raise StorageFailedError(
+                f"storage {self.path} refuses writes after an earlier I/O error "
+                f"({self.failed!r}); close every handle and reopen it"
+            ) from self.failed
+
+    def refuse_commit(self) -> None:
+        """Raise why a commit cannot sync: an earlier I/O error, or a closed engine."""
+        if self.failed is not None:
+            raise StorageFailedError(
+                f"storage {self.path}: the write was not made durable: an earlier "
+                f"write or sync failed ({self.failed!r}); close every handle and reopen it"
+            ) from self.failed
+        raise self.closed_error()
+
+    def closed_during(self, what: str) -> StorageClosedError:
+        """The error of a long call (a compaction) that found the engine closing."""
+        return StorageClosedError(f"storage {self.path} closed during {what}")
+
+    def _check(self) -> None:
+        assert self.blocked == (
+            self.read_only or self.closing or self.closed or self.failed is not None
+        ), "blocked disagrees with the flags"
+        assert not self.released or self.closed, "released but not closed"

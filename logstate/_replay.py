@@ -1,0 +1,186 @@
+"""Replaying a segment's records into the index: the damage policy.
+
+Owns: what each kind of damage the scanner reports means, decided in one
+place by where it is (the newest segment or a sealed one, followed by valid
+records or not) and by the recovery mode (strict / prefix / salvage): keep
+the records, cut a torn tail (copied aside), drop a damaged range (salvage,
+copied aside), or raise ``CorruptionError`` naming the file and offset.
+Every branch names the crash it models.
+Must never: read the bytes other than through the windowed scanner (memory
+does not grow with a segment's size), or write anything but through
+``_aside`` (a read-only open reports and changes nothing).
+
+=====================  =================  ==========  ===========================
+damage                 followed by        mode        what is done
+=====================  =================  ==========  ===========================
+newest segment's tail  nothing valid      any         torn write: cut (copied aside)
+newest segment         valid records      prefix      cut from the damage on
+any segment            valid records      salvage     drop the range (aside)
+any segment            valid records      strict      raise (prefix too, sealed segment)
+sealed segment's tail  nothing valid      salvage     drop the range (aside)
+sealed segment's tail  nothing valid      strict      raise (prefix too)
+=====================  =================  ==========  ===========================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from logstate._aside import Aside
+from logstate._errors import CorruptionError
+from logstate._format import SEGMENT_HEADER_SIZE
+from logstate._fs import FileSystem
+from logstate._keydir import Keydir
+from logstate._report import RecoveryReport, SalvagedRange, TornTail
+from logstate._scan import Damage, WindowedScan
+from logstate._segments import Segment
+
+__all__ = ["SegmentReplay", "scanner"]
+
+
+def scanner(
+    fs: FileSystem, fd: int, start: int, end: int, report: Callable[[Damage], None]
+) -> WindowedScan:
+    """A windowed scan of ``fd``'s bytes ``start..end`` that jumps over holes."""
+
+    def read(offset: int, size: int) -> bytes:
+        return fs.pread(fd, size, offset)
+
+    def skip(offset: int) -> int:
+        return fs.data_offset(fd, offset)
+
+    return WindowedScan(read, start, end, report, skip=skip)
+
+
+class SegmentReplay:
+    """Replays segments into ``keydir`` under one recovery mode; ``seq``: the highest seen.
+
+    ``map_limit`` (read-only opens): for a segment with damage left in
+    place, where its last valid record ends (its bytes beyond are never
+    mapped).
+    """
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        keydir: Keydir,
+        aside: Aside,
+        report: RecoveryReport,
+        recovery: str,
+        read_only: bool,
+    ) -> None:
+        self._fs = fs
+        self._keydir = keydir
+        self._aside = aside
+        self.report = report
+        self.recovery = recovery
+        self.read_only = read_only
+        self.seq = 0
+        self.map_limit: dict[int, int] = {}
+
+    def scan(self, segment: Segment, base: int, end: int, is_newest: bool) -> None:
+        """Apply the records of the segment's bytes from file offset ``base`` to ``end``.
+
+        The bytes are read in windows (:class:`_scan.WindowedScan`); every
+        offset here is a file offset. The recovery policy lives here: what
+        each kind of damage the scanner reports means, depending on where it
+        is and on the recovery mode.
+        """
+        apply_frame = self._keydir.apply_frame
+        path = segment.path
+        number = segment.number
+        read_only = self.read_only
+        pending: list[Damage] = []
+        salvage = self.recovery == "salvage"
+        assert base == 0 or not salvage, "salvage never starts from a snapshot"
+        removed = 0  # bytes a salvage rewrite removes before the current record
+        dropped: list[Damage] = []
+        scan_from = SEGMENT_HEADER_SIZE if base == 0 else base
+        prefix = self.recovery == "prefix" and is_newest
+        scan = scanner(self._fs, segment.fd, scan_from, end, pending.append)
+        last_end = scan_from  # where the last valid record ends
+        for window, window_start, frame in scan.frames():
+            if pending and prefix:
+                # Damage followed by valid records in the newest segment: with
+                # sync="none"/"interval" a power loss can persist unsynced pages
+                # out of order. "prefix" keeps the records before the first
+                # damage (a prefix of the history) and cuts the rest, valid
+                # records included, as a torn tail (copied aside).
+                damage = pending[0]
+                pending[:] = [Damage(damage.offset, scan.end - damage.offset, damage.reason)]
+                break
+            if pending:
+                # Damage followed by a valid record: not a torn write (a torn
+                # write has nothing valid after it). Strict refuses to guess.
+                damage = pending[0]
+                if not salvage:
+                    raise CorruptionError(
+                        path,
+                        damage.offset,
+                        f"{damage.reason} ({damage.size} bytes), followed by valid records; "
+                        "open with recovery='prefix' to keep the records before it (newest "
+                        "segment only) or 'salvage' to keep every valid record",
+                    )
+                dropped.extend(pending)
+                if not read_only:  # read-only salvage rewrites nothing: offsets stay
+                    removed += sum(d.size for d in pending)
+                pending.clear()
+            at = window_start + frame.offset
+            try:
+                # locations: window offset + window_start - removed = file offset
+                if frame.seq > self.seq:
+                    self.seq = frame.seq
+                apply_frame(window, frame, number, removed - window_start)
+            except CorruptionError as exc:
+                # A record whose checksum is right but whose body does not parse.
+                if prefix:
+                    pending[:] = [Damage(at, scan.end - at, exc.reason)]
+                    break
+                if not salvage:
+                    raise CorruptionError(path, window_start + exc.offset, exc.reason) from None
+                dropped.append(Damage(at, frame.size, exc.reason))
+                if not read_only:
+                    removed += frame.size
+            else:
+                last_end = at + frame.size
+            self.report.records += 1
+        end = scan.end
+        valid_end = end - sum(d.size for d in pending)
+        if pending:
+            tail = pending[0]
+            if is_newest:
+                # The writer died in the middle of appending (or the disk kept
+                # size but not data: zeros or garbage). Nothing valid follows,
+                # so this is a torn write: keep the bytes aside, cut them off.
+                pass
+            elif not salvage:
+                raise CorruptionError(
+                    path,
+                    tail.offset,
+                    f"{tail.reason} at the end of a sealed segment "
+                    "(only the newest segment may have a torn tail); open with "
+                    "recovery='salvage' to keep the valid records",
+                )
+            else:
+                dropped.extend(pending)
+                pending = []
+        if read_only:
+            # Report, change nothing (a live writer may be appending the tail).
+            for damage in dropped:
+                self.report.salvaged.append(
+                    SalvagedRange(path, damage.offset, damage.size, damage.reason)
+                )
+            if pending:
+                torn = TornTail(path, valid_end, end - valid_end, "")
+                self.report.torn_tails.append(torn)
+            segment.size = end
+            if dropped or pending:
+                self.map_limit[number] = last_end  # never map the damaged bytes
+            return
+        if dropped:
+            self._aside.salvage_rewrite(segment, end, dropped + pending)
+            segment.size = end - sum(d.size for d in dropped + pending)
+            return
+        if pending:
+            self._aside.cut_tail(segment, valid_end, end, pending[0].reason)
+        segment.size = valid_end

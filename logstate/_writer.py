@@ -1,0 +1,468 @@
+"""The write path: what each operation appends and how it changes the index.
+
+Owns: the operations (set, delete, clear, create and drop sub-storages, a
+group of operations, a flush of changed keys) and which of them wait for a
+sync: every one with sync="always", a flush asked to be durable unless
+sync="none". The hot ``set`` and the group loops keep marked inline copies
+of ``Appender.append`` and ``Keydir.put``.
+Must never: read values, wait for a sync or a compaction while holding the
+write lock, or encode a record other than through ``_format`` (the marked
+inline copy in ``set`` excepted: ``tests/test_format.py`` proves it equal).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from logstate import _format as fmt
+from logstate._append import Appender
+from logstate._commit import GroupCommit
+from logstate._format import (
+    NAME_LEN,
+    NS_SEPARATOR,
+    REC_CHECKPOINT,
+    REC_CLEAR,
+    REC_CREATE_NS,
+    REC_DELETE,
+    REC_DROP_NS,
+    REC_GROUP,
+    REC_SET,
+    RECORD_OVERHEAD,
+    SEGMENT_HEADER_SIZE,
+    SEQ_SIZE,
+)
+from logstate._fs import FileSystem
+from logstate._keydir import Keydir
+from logstate._lifecycle import Lifecycle
+from logstate._location import (
+    KIND_GROUP_OP,
+    KIND_RECORD,
+    SIZE_MASK,
+    Location,
+    compressed_location,
+    location_size,
+    pack_location,
+)
+from logstate._options import EngineOptions
+from logstate._schedule import CompactionScheduler
+from logstate._segments import SegmentSet
+
+__all__ = ["Writer"]
+
+_pack_name_len = NAME_LEN.pack
+_pack_length_type_seq = fmt.LENGTH_TYPE_SEQ.pack
+_pack_u32 = fmt.U32_STRUCT.pack
+_crc_bytes = fmt.crc_bytes
+_MAX_BODY_SIZE = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
+
+_NAME_LEN_SIZE = NAME_LEN.size
+
+
+class Writer:
+    """Writes the operations of one engine (every method takes the write lock)."""
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        options: EngineOptions,
+        lock: threading.Lock,
+        life: Lifecycle,
+        keydir: Keydir,
+        segments: SegmentSet,
+        appender: Appender,
+        commit: GroupCommit,
+        scheduler: CompactionScheduler,
+    ) -> None:
+        self._fs = fs
+        self._options = options
+        self._lock = lock
+        self._life = life
+        self._keydir = keydir
+        self._namespaces = keydir.namespaces  # (never replaced after open)
+        self._segments = segments
+        self._appender = appender
+        self._commit = commit.commit
+        self._commit_part = commit
+        self._scheduler = scheduler
+        self._os_write = fs.raw_write_function()
+        self._sync_always = options.sync == "always"
+
+    def check_writable(self) -> None:
+        """Raise unless writes are allowed; finish an interrupted write first. Under the lock."""
+        life = self._life
+        if life.forked_from is not None:
+            raise life.closed_error()
+        self._appender.interrupted()
+        life.check_writable()
+
+    def sync(self) -> None:
+        """Make everything written so far durable now (fdatasync)."""
+        ap = self._appender
+        with self._lock:
+            if self._life.closed:
+                raise self._life.closed_error()
+            self.check_writable()
+            end_pos = ap.written_pos
+        self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Give the commit listener what is durable now (outside the lock)."""
+        ap = self._appender
+        ap.deliver(ap.written_pos if ap.durable_when_written else self._commit_part.synced_pos)
+
+    def prepare_compaction(self) -> int:
+        """Under the lock: check writable, seal the active segment if it holds records;
+        the sequence number the compaction output's records carry."""
+        self.check_writable()
+        segments = self._segments
+        segments.close_retired()
+        active = segments.active
+        assert active is not None
+        if active.size > SEGMENT_HEADER_SIZE:
+            self._appender.roll()
+        return self._appender.seq
+
+    def set(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes) -> None:
+        """Store an encoded value under ``key`` in namespace ``ns``.
+
+        The hot path: one lock, one encode, one write; ``Appender.append``
+        and ``Keydir.put`` inlined (marked copies, checked by ``_check``).
+        """
+        body_size = len(ns_bytes) + _NAME_LEN_SIZE + len(key_bytes) + len(value)
+        ap = self._appender
+        with self._lock:
+            if self._life.blocked or ap.in_flight is not None:
+                self.check_writable()
+            index = self._namespaces.get(ns)
+            if index is None:
+                raise self._keydir.deleted_error(ns)
+            if body_size > _MAX_BODY_SIZE:
+                raise fmt.record_too_large(SEQ_SIZE + body_size)
+            ap.seq = seq = ap.seq + 1
+            # fmt.encode_record(REC_SET, seq, ns key value), inlined: one join
+            rest = b"".join(
+                (
+                    _pack_length_type_seq(SEQ_SIZE + body_size, REC_SET, seq),
+                    ns_bytes,
+                    _pack_name_len(len(key_bytes)),
+                    key_bytes,
+                    value,
+                )
+            )
+            record = _pack_u32(_crc_bytes(rest)) + rest
+            size = len(record)
+            active = self._segments.active
+            assert active is not None
+            offset = active.size
+            if offset + size > ap.roll_size and offset > SEGMENT_HEADER_SIZE:
+                try:
+                    segment, offset = ap.append(record)
+                    self._keydir.put(index, key, segment << 74 | offset << 34 | size << 2)
+                    if ap.listener is not None:
+                        ap.queue(seq, ap.written_pos, record)
+                except BaseException:
+                    ap.interrupted()
+                    raise
+                ap.in_flight = None
+                end_pos = ap.written_pos
+            else:
+                pos_before = ap.written_pos
+                try:
+                    # one write(2) straight from here when the file system is
+                    # the plain one (a test's may inject faults in append)
+                    os_write = self._os_write
+                    written = 0 if os_write is None else os_write(active.fd, record)
+                    if written != size:  # a short write, or a file system of a test's
+                        self._fs.append(
+                            active.fd, memoryview(record)[written:] if written else record
+                        )
+                    active.size = offset + size
+                    ap.written_pos = end_pos = pos_before + size
+                    old = index.get(key)
+                    index[key] = active.number << 74 | offset << 34 | size << 2  # KIND_RECORD
+                    if old is None:
+                        self._keydir.live_bytes += size
+                    elif type(old) is int:
+                        self._keydir.live_bytes += size - ((old >> 2) & SIZE_MASK)
+                    else:
+                        self._keydir.live_bytes += size - location_size(old)
+                    if ap.listener is not None:
+                        ap.queue(seq, end_pos, record)
+                except OSError as exc:
+                    self._life.fail(exc)
+                    raise
+                except BaseException:
+                    # interrupted: no store before this one, so that no call
+                    # can be interrupted again before _in_flight is set
+                    ap.in_flight = (active, offset, size, pos_before)
+                    ap.settle()
+                    raise
+        if self._sync_always:
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+        if self._scheduler.backlog:
+            self._scheduler.hold_back()
+
+    def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
+        """Delete ``key``; write nothing and return False when it is absent."""
+        ap = self._appender
+        with self._lock:
+            self.check_writable()
+            index = self._keydir.require(ns)
+            if key not in index:
+                return False
+            try:
+                *_, end_pos = ap.write(
+                    REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
+                )
+                self._keydir.live_bytes -= location_size(index.pop(key))
+            except BaseException:
+                ap.interrupted()
+                raise
+            ap.in_flight = None
+        if self._sync_always:
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+        return True
+
+    def clear(self, ns: str) -> None:
+        """Remove every key of ``ns`` and every sub-storage below it: one record."""
+        ap = self._appender
+        with self._lock:
+            self.check_writable()
+            self._keydir.require(ns)
+            try:
+                *_, end_pos = ap.write(REC_CLEAR, fmt.encode_name(ns))
+                self._keydir.clear(ns, drop_self=False)
+            except BaseException:
+                ap.interrupted()
+                raise
+            ap.in_flight = None
+        if self._sync_always:
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+
+    def create_namespace(self, ns: str) -> None:
+        """Make sub-storage ``ns`` exist (its parent must exist)."""
+        ap = self._appender
+        with self._lock:
+            if ns in self._namespaces and not (self._life.closed or self._life.closing):
+                return  # nothing to write: a read, allowed after a failed write
+            self.check_writable()
+            parent = ns.rpartition(NS_SEPARATOR)[0]
+            self._keydir.require(parent)
+            try:
+                *_, end_pos = ap.write(REC_CREATE_NS, fmt.encode_name(ns))
+                self._namespaces[ns] = {}
+            except BaseException:
+                ap.interrupted()
+                raise
+            ap.in_flight = None
+        if self._sync_always:
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+
+    def drop_namespaces(self, namespaces: list[str]) -> int:
+        """Delete the given sub-storages (with everything below them) atomically.
+
+        Returns:
+            How many of them existed (only those are written).
+        """
+        ap = self._appender
+        with self._lock:
+            self.check_writable()
+            present = [ns for ns in namespaces if ns in self._namespaces]
+            if not present:
+                return 0
+            if len(present) == 1:
+                record_type, body = REC_DROP_NS, fmt.encode_name(present[0])
+            else:
+                record_type = REC_GROUP
+                body = fmt.encode_group_body([(REC_DROP_NS, fmt.encode_name(ns)) for ns in present])
+            try:
+                *_, end_pos = ap.write(record_type, body)
+                for ns in present:
+                    self._keydir.clear(ns, drop_self=True)
+            except BaseException:
+                ap.interrupted()
+                raise
+            ap.in_flight = None
+        if self._sync_always:
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+        return len(present)
+
+    def write_group(
+        self,
+        ops: list[tuple[int, bytes]],
+        checkpoint: bytes | None = None,
+        names: list[tuple[str, str]] | None = None,
+        durable: bool = False,
+    ) -> int:
+        """Append ``ops`` (type, body) as ONE group record: all of them or none survive.
+
+        A single operation is written as a plain record. Namespaces named by
+        the operations must exist (or be created earlier in the group).
+
+        Args:
+            ops: (operation type, encoded body) pairs, applied in order.
+            checkpoint: an encoded value stored as the group's last operation.
+            names: (namespace, key) of each op, from a caller that built the
+                bodies itself (Batch, InMemoryStorage): the bodies are then
+                not decoded again. Without it every body is decoded (checked).
+
+        Returns:
+            The number of operations written.
+        """
+        if names is None:
+            names = []
+            for op_type, body in ops:
+                op = fmt.decode_op(op_type, body, 0, len(body))
+                names.append((op.ns, op.key))
+        else:
+            names = list(names)
+        if checkpoint is not None:
+            ops = [*ops, (REC_CHECKPOINT, checkpoint)]
+            names.append(("", ""))
+        if not ops:
+            return 0
+        ap = self._appender
+        with self._lock:
+            self.check_writable()
+            created: set[str] = set()
+            namespaces = self._namespaces
+            for (op_type, _body), (ns, _key) in zip(ops, names, strict=True):
+                if op_type == REC_CREATE_NS:
+                    created.add(ns)
+                elif ns not in namespaces and ns not in created and op_type != REC_CHECKPOINT:
+                    self._keydir.require(ns)
+            try:
+                if len(ops) == 1:
+                    segment, offset, size, end_pos = ap.write(ops[0][0], ops[0][1])
+                    ns, key = names[0]
+                    loc = pack_location(segment, offset, size, KIND_RECORD)
+                    self._keydir.apply(ops[0][0], ns, key, loc)
+                else:
+                    body = fmt.encode_group_body(
+                        ops, self._options.compress_min_size, self._options.zstd_level
+                    )
+                    segment, offset, size, end_pos = ap.write(REC_GROUP, body)
+                    compressed = body[0] & fmt.GROUP_FLAG_ZSTD
+                    raw_size = fmt.group_raw_size(body) if compressed else 0
+                    # where each op landed: in the file, or in the decompressed op list
+                    op_offset = (
+                        0 if compressed else offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+                    )
+                    apply = self._keydir.apply
+                    op_header = fmt.GROUP_OP_SIZE
+                    high = segment << 74 | KIND_GROUP_OP
+                    live = 0
+                    current_ns: str | None = None
+                    index: dict[str, Location] = {}
+                    for (op_type, op_body), (ns, key) in zip(ops, names, strict=True):
+                        op_size = op_header + len(op_body)
+                        if op_type == REC_SET and not compressed:
+                            # the common case, inlined: one dict store per key
+                            if ns != current_ns:
+                                index = self._keydir.ensure(ns)
+                                current_ns = ns
+                            old = index.get(key)
+                            index[key] = high | op_offset << 34 | op_size << 2
+                            live += op_size if old is None else op_size - location_size(old)
+                        else:
+                            self._keydir.live_bytes += live
+                            live = 0
+                            current_ns = None  # a clear or drop may replace the dict
+                            where: Location
+                            if compressed:
+                                where = compressed_location(
+                                    segment, offset, size, op_offset, op_size, raw_size
+                                )
+                            else:
+                                where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
+                            apply(op_type, ns, key, where)
+                        op_offset += op_size
+                    self._keydir.live_bytes += live
+            except BaseException:
+                ap.interrupted()
+                raise
+            ap.in_flight = None
+        if self._sync_always or (durable and not ap.durable_when_written):
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+        if self._scheduler.backlog:
+            self._scheduler.hold_back()
+        return len(ops)
+
+    def write_keys(
+        self,
+        ns: str,
+        ns_bytes: bytes,
+        keys: list[str],
+        values: list[bytes | None],
+        checkpoint: bytes | None = None,
+        durable: bool = False,
+    ) -> int:
+        """Set (or, where the value is None, delete) ``keys`` of ``ns`` as ONE group.
+
+        The same record :meth:`write_group` writes for these operations, by a
+        path with no per-operation tuples (InMemoryStorage.flush). Keys must
+        be valid (checked with ``encode_key``) and distinct.
+
+        Returns:
+            The number of operations written (the checkpoint counts as one).
+        """
+        ops = fmt.encode_key_ops(ns_bytes, keys, values)
+        if checkpoint is not None:
+            ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
+        count = len(ops)
+        compress_from = self._options.compress_min_size
+        if count < 2 or (compress_from is not None and sum(map(len, ops)) >= compress_from):
+            # one record, or a compressed group: the general path
+            pairs = [(op[4], op[fmt.GROUP_OP_SIZE :]) for op in ops[: len(keys)]]
+            names = [(ns, key) for key in keys]
+            return self.write_group(pairs, checkpoint, names=names, durable=durable)
+        body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
+        ap = self._appender
+        with self._lock:
+            self.check_writable()
+            index = self._keydir.require(ns)
+            try:
+                segment, offset, _size, end_pos = ap.write(REC_GROUP, body)
+                op_offset = offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
+                high = segment << 74 | KIND_GROUP_OP
+                live = 0
+                get = index.get
+                for key, value, op in zip(keys, values, ops, strict=False):
+                    op_size = len(op)
+                    if value is None:
+                        old = index.pop(key, None)
+                        if old is not None:
+                            live -= location_size(old)
+                    else:
+                        old = get(key)
+                        index[key] = high | op_offset << 34 | op_size << 2
+                        live += op_size if old is None else op_size - location_size(old)
+                    op_offset += op_size
+                if checkpoint is not None:
+                    self._keydir.checkpoint = high | op_offset << 34 | len(ops[-1]) << 2
+                self._keydir.live_bytes += live
+            except BaseException:
+                ap.interrupted()
+                raise
+            ap.in_flight = None
+        if self._sync_always or (durable and not ap.durable_when_written):
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+        if self._scheduler.backlog:
+            self._scheduler.hold_back()
+        return count
