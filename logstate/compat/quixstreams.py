@@ -18,7 +18,10 @@ checksummed record in the segment log, and a flush is one atomic record.
 
 Owns: the key folding, the StateValue unwrapping and the legacy names, as thin
 subclasses of :class:`logstate.storage.LocalFileStorage` and
-:class:`logstate.memory.InMemoryStorage`.
+:class:`logstate.memory.InMemoryStorage`; refusing to open a legacy directory
+(:class:`LegacyStateDirectoryError`, detected by
+:func:`logstate.compat.quix_import.find_legacy_state_file`). ``StateType`` is
+:mod:`logstate.compat._legacy`'s, re-exported here.
 Must never: touch files or bytes, re-implement storage behaviour (every call
 ends in the core class's method), or copy a legacy defect listed in
 docs/migrating-from-quix.md.
@@ -27,12 +30,13 @@ docs/migrating-from-quix.md.
 from __future__ import annotations
 
 import os
-from enum import Enum
 from typing import Any
 
 from logstate import memory as _memory
 from logstate import storage as _storage
 from logstate._errors import LogstateError
+from logstate.compat._legacy import StateType
+from logstate.compat.quix_import import find_legacy_state_file
 
 __all__ = [
     "InMemoryStorage",
@@ -67,49 +71,6 @@ class LegacyStateDirectoryError(LogstateError):
 
     def __reduce__(self) -> tuple[type[LegacyStateDirectoryError], tuple[str, str]]:
         return (type(self), (self.path, self.legacy_file))
-
-
-class StateType(Enum):
-    """The type of a :class:`StateValue`: the legacy ``quixstreams.state.StateType``.
-
-    The member names and numbers are the legacy Python enum's. The one-letter
-    codes of the legacy files (``'b'`` bool, ``'l'`` long, ...) are
-    :attr:`file_code`.
-    """
-
-    Binary = 0
-    Bool = 1
-    Long = 2
-    Double = 3
-    String = 4
-    Object = 5
-
-    @property
-    def file_code(self) -> str:
-        """The type byte (one ASCII letter) of this type in a legacy state file."""
-        return _FILE_CODES[self]
-
-    @classmethod
-    def from_file_code(cls, code: str) -> StateType:
-        """The type whose legacy file type byte is ``code``.
-
-        Raises:
-            ValueError: ``code`` is not one of ``b l d a o s``.
-        """
-        for member, member_code in _FILE_CODES.items():
-            if member_code == code:
-                return member
-        raise ValueError(f"{code!r} is not a legacy state type code (b, l, d, a, o or s)")
-
-
-_FILE_CODES: dict[StateType, str] = {
-    StateType.Binary: "a",
-    StateType.Bool: "b",
-    StateType.Long: "l",
-    StateType.Double: "d",
-    StateType.String: "s",
-    StateType.Object: "o",
-}
 
 
 class StateValue:
@@ -219,9 +180,6 @@ class LocalFileStorage(_storage.LocalFileStorage):
     ) -> None:
         directory = _storage.DEFAULT_DIRECTORY if storage_directory is None else storage_directory
         if isinstance(directory, (str, os.PathLike)):
-            # imported here: quix_import imports this module
-            from logstate.compat.quix_import import find_legacy_state_file
-
             legacy_file = find_legacy_state_file(directory)
             if legacy_file is not None:
                 raise LegacyStateDirectoryError(os.fspath(directory), legacy_file)
