@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from logstate import InMemoryStorage, LocalFileStorage, _engine
 from logstate import _format as fmt
+from logstate._crc import crc32c
 from logstate._location import sizes
 from logstate._snapshot import (
     SNAPSHOT_FILE_NAME,
@@ -331,7 +332,7 @@ def version_1_snapshot(data: bytes) -> bytes:
         (namespaces, old(snap.checkpoint), snap.seq, live, [tuple(m) for m in snap.segments])
     )
     header = SNAPSHOT_HEADER.pack(
-        SNAPSHOT_MAGIC, 1, *sys.version_info[:2], marshal.version, 0, len(body), fmt.crc32c(body)
+        SNAPSHOT_MAGIC, 1, *sys.version_info[:2], marshal.version, 0, len(body), crc32c(body)
     )
     return header + body
 
