@@ -1,4 +1,4 @@
-"""Fuzzing the pure byte decoders (logstate._format, logstate._values).
+"""Fuzzing the pure byte decoders (logstate._format, logstate._scan, logstate._values).
 
 Guarantee checked: any bytes given as a segment either decode or raise
 logstate's CorruptionError -- never any other exception, never unbounded
@@ -50,12 +50,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from logstate import CorruptionError, LocalFileStorage, PickleNotAllowedError
+from logstate._crc import crc32c
 from logstate._format import (
-    FRAME_COMPRESSED_GROUP,
-    FRAME_GROUP,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
-    FRAME_PLAIN,
     GROUP_FLAG_ZSTD,
     GROUP_HEADER,
     GROUP_HEADER_SIZE,
@@ -78,21 +76,24 @@ from logstate._format import (
     SEGMENT_MAGIC,
     SEQ,
     SEQ_SIZE,
-    Damage,
-    Frame,
     check_group_op,
     check_record,
-    crc32c,
     decode_group,
     decode_op,
     decode_segment_header,
     encode_name,
     encode_segment_header,
-    record_value,
-    replay_frame,
-    scan_records,
     set_group_op_value,
     set_record_value,
+)
+from logstate._scan import (
+    FRAME_COMPRESSED_GROUP,
+    FRAME_GROUP,
+    FRAME_PLAIN,
+    Damage,
+    Frame,
+    replay_frame,
+    scan_records,
 )
 from logstate._values import decode_value, encode_value
 
@@ -204,7 +205,7 @@ def read_back(record_or_op: bytes, kind: int, op_type: int, ns: str, key: str) -
     assert (op.op_type, op.ns, op.key) == (op_type, ns, key)
     if op_type not in (REC_SET, REC_CHECKPOINT):
         return
-    value = record_value(op, record_or_op)
+    value = memoryview(record_or_op)[op.value_start : op.value_end]
     if op_type == REC_SET:
         prefix = encode_name(ns) + encode_name(key)
         assert fast_read(record_or_op, prefix) == bytes(value)

@@ -6,8 +6,9 @@ fsync, listing, the directory lock), behind one class, :class:`FileSystem`.
 Tests substitute a subclass that records calls, injects EIO/ENOSPC or
 simulates a power loss; the engine receives the instance and never calls
 ``os`` itself.
-Must never: interpret bytes (that is ``_format``) or decide policy (that is
-the engine). ``OSError`` is never swallowed here: a failed call raises.
+Must never: interpret bytes (that is the byte layer: ``_format``, ``_scan``) or
+decide policy (that is the engine). ``OSError`` is never swallowed here: a
+failed call raises.
 
 Files are created 0600 and directories 0700. Every descriptor is opened
 close-on-exec (``O_CLOEXEC``; Python's default too, PEP 446), so an exec'd

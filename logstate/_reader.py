@@ -16,6 +16,7 @@ import errno
 import threading
 
 from logstate import _format as fmt
+from logstate._crc import crc_bytes
 from logstate._append import Appender
 from logstate._errors import CorruptionError
 from logstate._filenames import segment_file_name
@@ -40,7 +41,7 @@ __all__ = ["Reader", "decompress_group"]
 _pack_name_len = NAME_LEN.pack
 _set_record_value = fmt.set_record_value
 _set_group_op_value = fmt.set_group_op_value
-_crc_bytes = fmt.crc_bytes
+_crc_bytes = crc_bytes
 _unpack_frame_header = fmt.FRAME_HEADER.unpack_from
 
 

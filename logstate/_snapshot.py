@@ -46,6 +46,7 @@ from typing import Any, Final, NamedTuple, overload
 
 import zstandard
 
+from logstate._crc import crc32c
 from logstate._errors import CorruptionError
 from logstate._format import (
     GROUP_HEADER_SIZE,
@@ -56,7 +57,6 @@ from logstate._format import (
     RECORD_OVERHEAD,
     SEGMENT_HEADER_SIZE,
     SEQ_SIZE,
-    crc32c,
 )
 from logstate._location import OFFSET_MASK, OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_MASK, SIZE_SHIFT
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 
 from logstate import _format as fmt
+from logstate._crc import crc_bytes
 from logstate._append import Appender
 from logstate._commit import GroupCommit
 from logstate._format import (
@@ -52,7 +53,7 @@ __all__ = ["Writer"]
 _pack_name_len = NAME_LEN.pack
 _pack_length_type_seq = fmt.LENGTH_TYPE_SEQ.pack
 _pack_u32 = fmt.U32_STRUCT.pack
-_crc_bytes = fmt.crc_bytes
+_crc_bytes = crc_bytes
 _MAX_BODY_SIZE = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
 
 _NAME_LEN_SIZE = NAME_LEN.size

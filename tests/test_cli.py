@@ -32,6 +32,7 @@ import pytest
 
 from logstate import CorruptionError, LocalFileStorage
 from logstate import _format as fmt
+from logstate._scan import Damage, Frame, scan_records
 from logstate.cli import Progress, main
 
 # ============================================================================ helpers
@@ -72,21 +73,21 @@ def segment_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("segment-*.seg"))
 
 
-def frames_of(data: bytes) -> list[fmt.Frame]:
+def frames_of(data: bytes) -> list[Frame]:
     """The valid records of a segment's bytes (asserting there is no damage)."""
-    damage: list[fmt.Damage] = []
-    found = list(fmt.scan_records(data, fmt.SEGMENT_HEADER_SIZE, damage.append))
+    damage: list[Damage] = []
+    found = list(scan_records(data, fmt.SEGMENT_HEADER_SIZE, damage.append))
     assert not damage
     return found
 
 
-def frame_at(data: bytes, position: int) -> fmt.Frame:
+def frame_at(data: bytes, position: int) -> Frame:
     """The record that holds byte ``position``."""
     (frame,) = [f for f in frames_of(data) if f.offset <= position < f.offset + f.size]
     return frame
 
 
-def key_of(data: bytes, frame: fmt.Frame) -> str:
+def key_of(data: bytes, frame: Frame) -> str:
     start = frame.offset + fmt.RECORD_OVERHEAD
     return fmt.decode_op(frame.record_type, data, start, frame.offset + frame.size).key
 
@@ -581,7 +582,7 @@ def test_check_reports_a_damaged_value_with_file_and_offset(
 
 def append_raw_set(segment: Path, seq: int, key: str, encoded_value: bytes) -> int:
     """Append a set record whose checksum is right, whatever its value; returns its offset."""
-    body = fmt.encode_set_body(fmt.encode_name(""), fmt.encode_name(key), encoded_value)
+    body = fmt.encode_name("") + fmt.encode_name(key) + encoded_value
     offset = segment.stat().st_size
     with open(segment, "ab") as file:
         file.write(fmt.encode_record(fmt.REC_SET, seq, body))
@@ -807,7 +808,7 @@ def test_dump_of_a_value_that_does_not_decode_names_its_file(
 # ============================================================================ repair
 
 
-def damage_middle_record(directory: Path) -> tuple[Path, fmt.Frame, bytes, str]:
+def damage_middle_record(directory: Path) -> tuple[Path, Frame, bytes, str]:
     """Flip a bit in a record in the middle of the first segment.
 
     Returns the segment, the record, the segment's damaged bytes and the lost key.
@@ -826,7 +827,7 @@ def check_repaired(
     items: dict[str, str],
     out: str,
     segment: Path,
-    victim: fmt.Frame,
+    victim: Frame,
     damaged: bytes,
     lost: str,
 ) -> None:

@@ -37,6 +37,7 @@ from logstate import InMemoryStorage, LocalFileStorage, _engine, _filenames
 from logstate import _format as fmt
 from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._location import total_size
+from logstate._crc import crc32c
 from logstate._snapshot import (
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
@@ -331,7 +332,7 @@ def version_1_snapshot(data: bytes) -> bytes:
         (namespaces, old(snap.checkpoint), snap.seq, live, [tuple(m) for m in snap.segments])
     )
     header = SNAPSHOT_HEADER.pack(
-        SNAPSHOT_MAGIC, 1, *sys.version_info[:2], marshal.version, 0, len(body), fmt.crc32c(body)
+        SNAPSHOT_MAGIC, 1, *sys.version_info[:2], marshal.version, 0, len(body), crc32c(body)
     )
     return header + body
 

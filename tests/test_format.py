@@ -1,4 +1,4 @@
-"""Tests of the byte format (logstate._format): headers, framing, scanning, groups, ops.
+"""Tests of the byte format (_format, _crc, _scan): headers, framing, scanning, groups, ops.
 
 Buffers are built in memory and damaged byte by byte; no files are involved.
 """
@@ -15,15 +15,13 @@ import zstandard
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from logstate import CorruptionError, UnsupportedFormatError
+from logstate import CorruptionError, UnsupportedFormatError, _crc, _scan
 from logstate import _format as fmt
+from logstate._crc import crc32c
 from logstate._format import (
     FORMAT_VERSION,
-    FRAME_COMPRESSED_GROUP,
-    FRAME_GROUP,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
-    FRAME_PLAIN,
     GROUP_FLAG_ZSTD,
     GROUP_HEADER,
     GROUP_OP,
@@ -49,12 +47,9 @@ from logstate._format import (
     SEGMENT_MAGIC,
     SEQ,
     SEQ_SIZE,
-    Damage,
-    Frame,
     Op,
     check_group_op,
     check_record,
-    crc32c,
     decode_group,
     decode_op,
     decode_segment_header,
@@ -63,11 +58,17 @@ from logstate._format import (
     encode_name,
     encode_record,
     encode_segment_header,
-    record_value,
-    replay_frame,
-    scan_records,
     set_group_op_value,
     set_record_value,
+)
+from logstate._scan import (
+    FRAME_COMPRESSED_GROUP,
+    FRAME_GROUP,
+    FRAME_PLAIN,
+    Damage,
+    Frame,
+    replay_frame,
+    scan_records,
 )
 from logstate._values import encode_value
 
@@ -147,28 +148,28 @@ def test_crc32c_matches_the_castagnoli_check_value_and_continues() -> None:
 def test_the_hardware_crc_is_the_one_in_use() -> None:
     # google-crc32c is a dependency: if its extension stops importing, every
     # read and write silently gets 4-60x slower; say so here instead.
-    assert fmt.CRC_IMPLEMENTATION == "google-crc32c"
+    assert _crc.CRC_IMPLEMENTATION == "google-crc32c"
 
 
 @given(st.binary(max_size=3000), st.binary(max_size=300))
 @example(b"", b"")
 @example(b"123456789", b"")
 def test_both_crc_implementations_agree(data: bytes, more: bytes) -> None:
-    expected = fmt.crcmod_crc32c(data + more)
+    expected = _crc.crcmod_crc32c(data + more)
     assert crc32c(data + more) == expected
-    assert fmt.crc_bytes(data + more) == expected
+    assert _crc.crc_bytes(data + more) == expected
     assert crc32c(more, crc32c(data)) == expected
     assert crc32c(memoryview(data + more)) == expected
     assert crc32c(bytearray(data + more)) == expected
-    assert fmt.crcmod_crc32c(more, fmt.crcmod_crc32c(data)) == expected
+    assert _crc.crcmod_crc32c(more, _crc.crcmod_crc32c(data)) == expected
 
 
 _FALLBACK_ROUND_TRIP = """
 import sys
 if sys.argv[1] == "crcmod":
     sys.modules["google_crc32c._crc32c"] = None  # as on a platform without its wheel
-from logstate import LocalFileStorage, _format
-assert _format.CRC_IMPLEMENTATION == sys.argv[1], _format.CRC_IMPLEMENTATION
+from logstate import LocalFileStorage, _crc
+assert _crc.CRC_IMPLEMENTATION == sys.argv[1], _crc.CRC_IMPLEMENTATION
 store = LocalFileStorage(sys.argv[2])
 seen = {key: store.get(key) for key in store.get_all_keys()}
 with store.batch() as batch:
@@ -374,6 +375,7 @@ def test_length_of_max_record_size_past_the_end_of_data_is_a_torn_record() -> No
 
 def test_max_record_size_bounds_encoder_and_scanner_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fmt, "MAX_RECORD_SIZE", 64)
+    monkeypatch.setattr(_scan, "MAX_RECORD_SIZE", 64)
     at_limit = encode_record(REC_CHECKPOINT, 1, b"v" * (64 - SEQ_SIZE))
     assert scan(at_limit)[0] == [Frame(0, FRAME_HEADER_SIZE + 64, REC_CHECKPOINT, 1)]
     with pytest.raises(ValueError, match="MAX_RECORD_SIZE"):
@@ -507,7 +509,7 @@ def test_decode_op_decodes_every_operation_type(op_type: int, body: bytes) -> No
     }[op_type]
     assert (op.ns, op.key) == (expected.ns, expected.key)
     if expected.value_start == -2:  # an operation with a value: it is the body's tail
-        value = bytes(record_value(op, record))
+        value = record[op.value_start : op.value_end]
         assert value == (encode_value([1, 2]) if op_type == REC_SET else body)
         assert op.value_end == len(record)
     else:
@@ -610,7 +612,7 @@ def located_ops(
         data = bytes(buf[offset : offset + size])
         check_group_op(data)
         op = decode_op(data[4], data, GROUP_OP_SIZE, len(data))
-        value = bytes(record_value(op, data)) if op.value_start >= 0 else b""
+        value = data[op.value_start : op.value_end] if op.value_start >= 0 else b""
         yield op.op_type, op.ns, op.key, value
 
 

@@ -39,6 +39,7 @@ import pytest
 from logstate import CorruptionError, InMemoryStorage, LocalFileStorage
 from logstate import _format as fmt
 from logstate._filenames import SNAPSHOT_FILE_NAME
+from logstate._crc import crc32c
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
@@ -336,7 +337,7 @@ def snapshot_file(body: bytes) -> bytes:
             marshal.version,
             0,
             len(body),
-            fmt.crc32c(body),
+            crc32c(body),
         )
         + body
     )

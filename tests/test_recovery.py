@@ -21,7 +21,9 @@ import pytest
 
 from logstate import CorruptionError, LocalFileStorage, UnsupportedFormatError
 from logstate import _format as fmt
+from logstate._crc import crc32c
 from logstate._engine import Engine
+from logstate._scan import Damage, Frame, scan_records
 
 # ============================================================================ model
 
@@ -164,15 +166,15 @@ def newest_segment(directory: Path) -> Path:
     return segments(directory)[-1]
 
 
-def frames(data: bytes) -> list[fmt.Frame]:
+def frames(data: bytes) -> list[Frame]:
     """The valid records of a segment's bytes (asserting there is no damage)."""
-    damage: list[fmt.Damage] = []
-    found = list(fmt.scan_records(data, fmt.SEGMENT_HEADER_SIZE, damage.append))
+    damage: list[Damage] = []
+    found = list(scan_records(data, fmt.SEGMENT_HEADER_SIZE, damage.append))
     assert not damage
     return found
 
 
-def key_of(data: bytes, frame: fmt.Frame) -> str:
+def key_of(data: bytes, frame: Frame) -> str:
     op = fmt.decode_op(
         frame.record_type, data, frame.offset + fmt.RECORD_OVERHEAD, frame.offset + frame.size
     )
@@ -407,7 +409,7 @@ def test_segment_of_an_unknown_format_version_is_refused(tmp_path: Path) -> None
     segment = newest_segment(directory)
     data = segment.read_bytes()
     head = fmt.SEGMENT_HEADER.pack(fmt.SEGMENT_MAGIC, fmt.FORMAT_VERSION + 1, 0, 1, 0)[:-4]
-    header = head + fmt.crc32c(head).to_bytes(4, "little")
+    header = head + crc32c(head).to_bytes(4, "little")
     segment.write_bytes(header + data[fmt.SEGMENT_HEADER_SIZE :])
     for recovery in ("strict", "salvage"):
         with pytest.raises(UnsupportedFormatError) as info:

@@ -28,6 +28,7 @@ import pytest
 from logstate import LocalFileStorage, StorageFailedError, _engine, _registry
 from logstate import _format as fmt
 from logstate._fs import FileSystem
+from logstate._scan import SCAN_WINDOW, Damage, WindowedScan, scan_records
 from logstate.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ def _segment_bytes(rng: random.Random) -> bytes:
     parts = [fmt.encode_segment_header(1)]
     for seq in range(1, rng.randint(2, 40)):
         value = rng.randbytes(rng.choice((0, 3, 40, 300, 2000)))
-        body = fmt.encode_set_body(b"", f"k{seq}".encode(), b"\x05" + value)
+        body = f"k{seq}".encode() + b"\x05" + value
         record = fmt.encode_record(fmt.REC_SET, seq, body)
         fate = rng.random()
         if fate < 0.08:
@@ -106,8 +107,8 @@ def test_windowed_scan_reports_exactly_what_the_whole_buffer_scan_reports(window
     for _ in range(60):
         data = _segment_bytes(rng)
         for start in (fmt.SEGMENT_HEADER_SIZE, rng.randrange(len(data) + 1)):
-            expected_damage: list[fmt.Damage] = []
-            expected = list(fmt.scan_records(data, start, expected_damage.append))
+            expected_damage: list[Damage] = []
+            expected = list(scan_records(data, start, expected_damage.append))
             reads: list[int] = []
 
             def read(offset: int, size: int, data: bytes = data, reads: list[int] = reads) -> bytes:
@@ -119,9 +120,9 @@ def test_windowed_scan_reports_exactly_what_the_whole_buffer_scan_reports(window
                 stripped = data[offset:].lstrip(b"\0")
                 return len(data) - len(stripped)
 
-            damage: list[fmt.Damage] = []
+            damage: list[Damage] = []
             holes = skip if rng.random() < 0.5 else None
-            scan = fmt.WindowedScan(read, start, len(data), damage.append, window, holes)
+            scan = WindowedScan(read, start, len(data), damage.append, window, holes)
             found = []
             for buf, buf_start, frame in scan.frames():
                 # the frame's bytes are in the window it came with
@@ -198,7 +199,7 @@ def test_a_sparse_multi_gib_newest_segment_opens_and_checks_under_a_memory_limit
     (aside,) = directory.glob("*.torn")
     # the zero-filled runs are kept as holes: little disk space, the same bytes
     assert aside.stat().st_size == SPARSE_SIZE - valid
-    assert aside.stat().st_blocks * 512 <= 2 * fmt.SCAN_WINDOW  # the window around the garbage
+    assert aside.stat().st_blocks * 512 <= 2 * SCAN_WINDOW  # the window around the garbage
     with open(aside, "rb") as f:
         assert f.read(1 << 20) == bytes(1 << 20)
         f.seek(GARBAGE_AT - valid - 1)

@@ -59,6 +59,7 @@ from logstate import (
 )
 from logstate import _format as fmt
 from logstate._filenames import SNAPSHOT_FILE_NAME
+from logstate._crc import crc32c
 from logstate._fs import FileSystem
 from logstate._location import (
     KIND_GROUP_OP,
@@ -66,6 +67,7 @@ from logstate._location import (
     pack_location,
     unpack_location,
 )
+from logstate._scan import Damage, Frame, scan_records
 from logstate._snapshot import (
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
@@ -282,10 +284,10 @@ def read_snapshot(directory: Path) -> Snapshot:
     return decode_snapshot(snapshot_path(directory).read_bytes())
 
 
-def frames(data: bytes) -> list[fmt.Frame]:
+def frames(data: bytes) -> list[Frame]:
     """The valid records of a segment's bytes (asserting there is no damage)."""
-    damage: list[fmt.Damage] = []
-    found = list(fmt.scan_records(data, fmt.SEGMENT_HEADER_SIZE, damage.append))
+    damage: list[Damage] = []
+    found = list(scan_records(data, fmt.SEGMENT_HEADER_SIZE, damage.append))
     assert damage == []
     return found
 
@@ -310,7 +312,7 @@ def snapshot_file(body: bytes, **header: int) -> bytes:
         "marshal_version": marshal.version,
         "reserved": 0,
         "body_size": len(body),
-        "body_crc": fmt.crc32c(body),
+        "body_crc": crc32c(body),
         **header,
     }
     return SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, *fields.values()) + body
@@ -839,7 +841,7 @@ def live_record(directory: Path, sealed: bool) -> tuple[Path, int]:
     raise AssertionError("the template has no such record")
 
 
-def _frame_at(data: bytes, offset: int) -> fmt.Frame:
+def _frame_at(data: bytes, offset: int) -> Frame:
     [frame] = [f for f in frames(data) if f.offset == offset]
     return frame
 

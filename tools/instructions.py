@@ -159,7 +159,7 @@ def run_workload(
 
     import logstate
     from logstate import InMemoryStorage, LocalFileStorage
-    from logstate._format import CRC_IMPLEMENTATION
+    from logstate._crc import CRC_IMPLEMENTATION
 
     rng = random.Random(SEED)
     keys = [f"key-{i:08d}" for i in range(ops)]
