@@ -1834,12 +1834,18 @@ class Engine:
         keys: list[str],
         values: list[bytes | None],
         checkpoint: bytes | None = None,
+        durable: bool = False,
     ) -> int:
         """Set (or, where the value is None, delete) ``keys`` of ``ns`` as ONE group.
 
         The same record :meth:`write_group` writes for these operations, by a
         path with no per-operation tuples (InMemoryStorage.flush). Keys must
         be valid (checked with ``encode_key``) and distinct.
+
+        Args:
+            durable: True: on return the group is also durable (fdatasync,
+                shared with concurrent syncs as in sync="always"), unless
+                ``sync`` is "none". False: durable as the ``sync`` mode says.
 
         Returns:
             The number of operations written (the checkpoint counts as one).
@@ -1852,7 +1858,10 @@ class Engine:
         if count < 2 or (compress_from is not None and sum(map(len, ops)) >= compress_from):
             # one record, or a compressed group: the general path
             pairs = [(op[4], op[fmt.GROUP_OP_SIZE :]) for op in ops[: len(keys)]]
-            return self.write_group(pairs, checkpoint, names=[(ns, key) for key in keys])
+            written = self.write_group(pairs, checkpoint, names=[(ns, key) for key in keys])
+            if written and durable and not self._sync_always and self.options.sync != "none":
+                self._commit(self._written_pos)  # at least this group's end
+            return written
         body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
         with self._lock:
             self._check_writable()
@@ -1881,7 +1890,7 @@ class Engine:
                 self._interrupted()
                 raise
             self._in_flight = None
-        if self._sync_always:
+        if self._sync_always or (durable and self.options.sync != "none"):
             self._commit(end_pos)
         if self._backlog:
             self._wait_for_compaction()
