@@ -16,8 +16,8 @@ import errno
 import threading
 
 from logstate import _format as fmt
-from logstate._crc import crc_bytes
 from logstate._append import Appender
+from logstate._crc import crc_bytes
 from logstate._errors import CorruptionError
 from logstate._filenames import segment_file_name
 from logstate._format import FRAME_HEADER_SIZE, NAME_LEN, REC_SET, RECORD_OVERHEAD

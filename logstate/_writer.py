@@ -15,9 +15,9 @@ from __future__ import annotations
 import threading
 
 from logstate import _format as fmt
-from logstate._crc import crc_bytes
 from logstate._append import Appender
 from logstate._commit import GroupCommit
+from logstate._crc import crc_bytes
 from logstate._format import (
     NAME_LEN,
     NS_SEPARATOR,

@@ -25,8 +25,9 @@ import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Final
 
+from logstate._checks import check_key, encode_key
 from logstate._values import decode_value, encode_value
-from logstate.storage import LocalFileStorage, check_key, encode_key
+from logstate.storage import LocalFileStorage
 
 __all__ = ["InMemoryStorage"]
 
@@ -66,9 +67,8 @@ class InMemoryStorage(MutableMapping[str, Any]):
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
         self._allow_pickle = True
         if backing_storage is not None:
-            self._allow_pickle = backing_storage._allow_pickle
-            raw = backing_storage._engine.load_namespace(backing_storage._ns)
-            allow = self._allow_pickle
+            raw, allow = backing_storage._load_encoded()
+            self._allow_pickle = allow
             for key, encoded in raw.items():
                 value = decode_value(encoded, allow)
                 self._data[key] = value
@@ -219,8 +219,6 @@ class InMemoryStorage(MutableMapping[str, Any]):
         backing = self._backing
         if backing is None:
             return 0
-        if backing.closed:
-            raise backing._closed_error()
         checkpoint_bytes = None
         if checkpoint is not _MISSING:
             checkpoint_bytes = encode_value(checkpoint, self._allow_pickle)
@@ -236,18 +234,11 @@ class InMemoryStorage(MutableMapping[str, Any]):
                     if key in changes or encoded != last:
                         changes[key] = encoded
                         rewritten[key] = encoded
-            if not changes and checkpoint_bytes is None:
-                return 0
-            engine = backing._engine
-            written = engine.write_keys(
-                backing._ns,
-                backing._ns_bytes,
-                list(changes),
-                list(changes.values()),
-                checkpoint_bytes,
+            # ONE group, durable on return unless sync="none"; with nothing to
+            # write, nothing is written (StorageClosedError if the backing is closed)
+            written = backing._write_changes(
+                list(changes), list(changes.values()), checkpoint_bytes
             )
-            if engine.options.sync != "none":
-                engine.sync()  # "always" already synced in write_keys: this is then free
             self._pending = {}
             watched.update(rewritten)
             return written

@@ -1,42 +1,40 @@
-"""The public API: :class:`LocalFileStorage` and its atomic :class:`Batch`.
+"""The public API: :class:`LocalFileStorage` (and, from ``_batch``, its atomic :class:`Batch`).
 
-Owns: argument checking (keys, values, sub-storage names, options), the
-legacy-compatible method names, handles and their lifetime (each handle holds
-one reference on the shared engine of its directory).
-Must never: touch files or bytes directly (the engine and the byte layer do),
-or let a bad argument reach the engine: every check happens before the first
-byte is written, so a rejected call changes nothing.
+Owns: the public methods of a handle and their legacy-compatible names
+(get/set/remove, the ``MutableMapping`` protocol, sub-storages, maintenance),
+each turned into one engine call after its arguments are checked and its
+value encoded; :func:`is_storage_directory`. Argument checks are in
+``_checks``, a handle's lifetime and the seam for ``Batch`` and
+``InMemoryStorage`` in ``_handle``, ``Batch`` in ``_batch``: all importable
+from here as before.
+Must never: touch files or bytes directly (the engine, the file system and
+the byte layer do), or let a bad argument reach the engine: every check
+happens before the first byte is written, so a rejected call changes nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import weakref
 from collections.abc import Iterator, MutableMapping
-from types import TracebackType
 from typing import Any, Final
 
+from logstate._batch import Batch
+from logstate._checks import (
+    DEFAULT_DIRECTORY,
+    MAX_SUB_STORAGE_NAME_SIZE,
+    check_key,
+    check_open_arguments,
+)
+from logstate._checks import check_sub_storage_name as check_sub_storage_name
+from logstate._checks import encode_key as encode_key
 from logstate._compact import CompactionResult
-from logstate._engine import Engine
-from logstate._errors import (
-    CorruptionError,
-    KeyNotFoundError,
-    StorageClosedError,
-    StorageFailedError,
-)
+from logstate._errors import CorruptionError, KeyNotFoundError
 from logstate._filenames import parse_segment_file_name
-from logstate._format import (
-    MAX_KEY_SIZE,
-    MAX_NAME_SIZE,
-    NAME_LEN,
-    REC_CLEAR,
-    REC_DELETE,
-    REC_SET,
-    encode_name,
-)
+from logstate._format import MAX_KEY_SIZE, MAX_NAME_SIZE
+from logstate._fs import OS_FS
+from logstate._handle import Handle
 from logstate._keydir import join_namespace
-from logstate._registry import Reference, acquire_reference, add_reference
+from logstate._registry import acquire_reference
 from logstate._report import RecoveryReport
 from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
 from logstate._verify import SnapshotComparison, compare_snapshot_with_scan
@@ -49,95 +47,18 @@ __all__ = [
     "check_key",
 ]
 
-DEFAULT_DIRECTORY: Final = "./state"
-MAX_SUB_STORAGE_NAME_SIZE: Final = 255  # UTF-8 bytes, like a file name
 _MISSING: Final[Any] = object()
-_FORBIDDEN_NAME_CHARS: Final = frozenset("/\\\0")
 
 
 def is_storage_directory(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a directory holding at least one logstate segment."""
     directory = os.fspath(path)
-    return os.path.isdir(directory) and any(
-        parse_segment_file_name(name) is not None for name in os.listdir(directory)
+    return OS_FS.is_dir(directory) and any(
+        parse_segment_file_name(name) is not None for name in OS_FS.list_dir(directory)
     )
 
 
-def encode_key(key: object) -> bytes:
-    """Check a key and return its UTF-8 bytes.
-
-    Raises:
-        TypeError: the key is not a str.
-        ValueError: empty, longer than MAX_KEY_SIZE bytes, or not encodable.
-    """
-    if not isinstance(key, str):
-        raise TypeError(f"key must be a str, got {type(key).__name__}: {key!r:.80}")
-    try:
-        raw = key.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"key {key!r:.80} cannot be encoded as UTF-8: {exc.reason}") from None
-    if not raw:
-        raise ValueError("key must not be empty")
-    if len(raw) > MAX_KEY_SIZE:
-        raise ValueError(f"key is {len(raw)} bytes in UTF-8; the limit is {MAX_KEY_SIZE}")
-    return raw
-
-
-def check_key(key: object) -> tuple[str, bytes]:
-    """Check a key; return it as an exact ``str`` with its UTF-8 bytes.
-
-    A ``str`` subclass (an ``enum.StrEnum`` member, say) becomes the plain
-    ``str`` of the same characters: the index, the records and every key
-    handed back hold exact ``str`` (the subclass's type is not stored, and
-    its ``__str__``, which StrEnum and others override, is not used).
-
-    Raises:
-        TypeError / ValueError: as :func:`encode_key`.
-    """
-    raw = encode_key(key)
-    if type(key) is str:
-        return key, raw
-    assert isinstance(key, str)  # encode_key raised otherwise
-    return str.__str__(key), raw
-
-
-def check_sub_storage_name(name: object) -> str:
-    """Check a sub-storage name.
-
-    Returns:
-        The name as an exact ``str`` (a ``str`` subclass is converted).
-
-    Raises:
-        TypeError: not a str.
-        ValueError: empty, ``.`` or ``..``, contains ``/``, ``\\`` or NUL, or
-            longer than MAX_SUB_STORAGE_NAME_SIZE UTF-8 bytes.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"sub-storage name must be a str, got {type(name).__name__}")
-    if not name:
-        raise ValueError("sub-storage name must not be empty")
-    if name in (".", ".."):
-        raise ValueError(f"sub-storage name must not be {name!r}")
-    bad = _FORBIDDEN_NAME_CHARS.intersection(name)
-    if bad:
-        raise ValueError(
-            f"sub-storage name {name!r:.80} contains forbidden character(s) "
-            f"{', '.join(sorted(map(repr, bad)))}"
-        )
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"sub-storage name {name!r:.80} is not valid UTF-8: {exc.reason}"
-        ) from None
-    if size > MAX_SUB_STORAGE_NAME_SIZE:
-        raise ValueError(
-            f"sub-storage name is {size} bytes; the limit is {MAX_SUB_STORAGE_NAME_SIZE}"
-        )
-    return name if type(name) is str else str.__str__(name)
-
-
-class LocalFileStorage(MutableMapping[str, Any]):
+class LocalFileStorage(Handle, MutableMapping[str, Any]):
     """A durable key-value storage in a local directory.
 
     Keys are non-empty ``str`` (case-sensitive); values are None, bool, int,
@@ -150,6 +71,8 @@ class LocalFileStorage(MutableMapping[str, Any]):
     handle on the same engine (legacy code opens storages freely and never
     closes them); the directory is released when the last handle is closed or
     garbage-collected. Another process gets :class:`StorageLockedError`.
+    ``close()``, ``closed``, ``path``, ``name`` and the ``with`` protocol are
+    those of the base class, :class:`logstate._handle.Handle`.
 
     Args:
         storage_directory: the directory; None means ``./state``.
@@ -197,15 +120,6 @@ class LocalFileStorage(MutableMapping[str, Any]):
         CorruptionError: damage that ``recovery`` does not allow to repair.
     """
 
-    # set by _new_handle as well as __init__
-    _engine: Engine
-    _ns: str
-    _ns_bytes: bytes
-    _allow_pickle: bool
-    _closed: bool
-    _reference: Reference
-    _finalizer: weakref.finalize[[], LocalFileStorage]
-
     def __init__(
         self,
         storage_directory: str | os.PathLike[str] | None = None,
@@ -225,20 +139,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
         copy_torn_tails: bool | None = None,
         allow_pickle: bool = True,
     ) -> None:
-        if storage_directory is None:
-            storage_directory = DEFAULT_DIRECTORY
-        if not isinstance(storage_directory, (str, os.PathLike)):
-            raise TypeError(
-                "storage_directory must be a str or os.PathLike, "
-                f"got {type(storage_directory).__name__}"
-            )
-        path = os.fspath(storage_directory)
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"storage_directory must be a non-empty text path, got {path!r}")
-        if not isinstance(auto_create_dir, bool):
-            raise TypeError(f"auto_create_dir must be a bool, got {type(auto_create_dir).__name__}")
-        if not isinstance(allow_pickle, bool):
-            raise TypeError(f"allow_pickle must be a bool, got {type(allow_pickle).__name__}")
+        path = check_open_arguments(storage_directory, auto_create_dir, allow_pickle)
         given: dict[str, object] = {
             name: value
             for name, value in (
@@ -261,48 +162,11 @@ class LocalFileStorage(MutableMapping[str, Any]):
         reference = acquire_reference(path, given, create=auto_create_dir)
         self._attach(reference, "", allow_pickle)
 
-    def _attach(self, reference: Reference, ns: str, allow_pickle: bool) -> None:
-        self._reference = reference
-        self._engine = reference.engine
-        self._ns = ns
-        self._ns_bytes = encode_name(ns)
-        self._allow_pickle = allow_pickle
-        self._closed = False
-        # the reference is released by close(), or when the handle is
-        # collected (or at exit: legacy code never closes its storages)
-        self._finalizer = weakref.finalize(self, reference.release)
-
-    @classmethod
-    def _new_handle(cls, engine: Engine, ns: str, allow_pickle: bool) -> LocalFileStorage:
-        reference = add_reference(engine)
-        handle = cls.__new__(cls)
-        handle._attach(reference, ns, allow_pickle)
-        return handle
-
-    def _closed_error(self) -> StorageClosedError:
-        if self._engine.life.forked_from is not None:  # an inherited handle in a forked child
-            return self._engine.life.closed_error()
-        return StorageClosedError(f"storage handle on {self.path} is closed")
-
     # ------------------------------------------------------------------ properties
-    @property
-    def path(self) -> str:
-        """The storage directory (absolute, symlinks resolved)."""
-        return self._engine.path
-
-    @property
-    def name(self) -> str:
-        """The sub-storage path (``a/b``) of this handle; "" for the directory's root."""
-        return self._ns
-
     @property
     def is_case_sensitive(self) -> bool:
         """True: keys are stored as given (the legacy file store lower-cased them)."""
         return True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed or self._engine.closed
 
     @property
     def checkpoint(self) -> Any:
@@ -553,133 +417,7 @@ class LocalFileStorage(MutableMapping[str, Any]):
             raise self._closed_error()
         self._engine.sync()
 
-    def close(self) -> None:
-        """Sync, then release this handle; the last handle of a directory closes it.
-
-        Every close syncs (fdatasync of everything written so far, in every
-        sync mode), also while other handles (sub-storages, other opens in
-        this process) keep the directory open; the last handle also writes
-        the index snapshot, closes the files and releases the directory lock.
-        Nothing is synced on a read-only or failed storage. Closing twice is
-        allowed. Every other call on a closed handle raises
-        :class:`StorageClosedError`.
-
-        Raises:
-            OSError: the sync failed (the handle is released all the same;
-                the storage then refuses writes until reopened).
-        """
-        if not self._closed:
-            # Released and synced before the handle is marked closed: an
-            # interrupt in between leaves a handle whose close() can be called
-            # again, and does both (releasing twice releases once).
-            self._reference.release()
-            engine = self._engine
-            try:
-                if not (engine.closed or engine.options.read_only or engine.failed is not None):
-                    # closed meanwhile (after its own final sync) or failed: nothing to do
-                    with contextlib.suppress(StorageClosedError, StorageFailedError):
-                        engine.sync()  # other handles keep it open: sync what was written
-            except OSError:
-                self._closed = True  # released all the same
-                self._finalizer.detach()
-                raise
-            self._closed = True
-            self._finalizer.detach()
-
-    def __enter__(self) -> LocalFileStorage:
-        if self._closed:
-            raise self._closed_error()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         sub = f" sub-storage {self._ns!r}" if self._ns else ""
         return f"<LocalFileStorage {self._engine.path!r}{sub} ({state})>"
-
-    def _check(self) -> None:
-        """Assert the invariants of the engine behind this handle."""
-        self._engine._check()
-
-
-class Batch:
-    """Operations collected for one atomic group record (see LocalFileStorage.batch).
-
-    Each call checks its arguments at once (a bad key or value raises in the
-    block, and the batch is then discarded if the exception leaves the block).
-    """
-
-    def __init__(self, storage: LocalFileStorage) -> None:
-        self._storage = storage
-        self._ops: list[tuple[int, bytes]] = []
-        self._names: list[tuple[str, str]] = []  # (namespace, key) of each op
-        self._done = False
-
-    def _check_open(self) -> None:
-        if self._done:
-            raise RuntimeError("this batch has already been committed or discarded")
-
-    def set(self, key: str, value: Any) -> None:
-        """Add a set of ``key`` to ``value``."""
-        self._check_open()
-        key, raw_key = check_key(key)
-        value_bytes = encode_value(value, self._storage._allow_pickle)
-        storage = self._storage
-        self._ops.append(
-            (REC_SET, storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + value_bytes)
-        )
-        self._names.append((storage._ns, key))
-
-    def remove(self, key: str) -> None:
-        """Add a delete of ``key`` (no error when it is not stored)."""
-        self._check_open()
-        key, raw_key = check_key(key)
-        storage = self._storage
-        self._ops.append((REC_DELETE, storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key))
-        self._names.append((storage._ns, key))
-
-    def clear(self) -> None:
-        """Add a clear of the storage (keys and sub-storages), applied in order."""
-        self._check_open()
-        self._ops.append((REC_CLEAR, self._storage._ns_bytes))
-        self._names.append((self._storage._ns, ""))
-
-    __setitem__ = set
-
-    def __len__(self) -> int:
-        return len(self._ops)
-
-    def commit(self) -> int:
-        """Write the operations as one group; returns how many were written."""
-        self._check_open()
-        self._done = True
-        if self._storage.closed:  # the handle, or its engine (in a forked child, say)
-            raise self._storage._closed_error()
-        return self._storage._engine.write_group(self._ops, names=self._names)
-
-    def discard(self) -> None:
-        """Drop the operations without writing anything."""
-        self._done = True
-        self._ops.clear()
-        self._names.clear()
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()

@@ -35,9 +35,9 @@ from hypothesis import strategies as st
 
 from logstate import InMemoryStorage, LocalFileStorage, _engine, _filenames
 from logstate import _format as fmt
+from logstate._crc import crc32c
 from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._location import total_size
-from logstate._crc import crc32c
 from logstate._snapshot import (
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,

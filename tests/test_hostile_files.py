@@ -38,8 +38,8 @@ import pytest
 
 from logstate import CorruptionError, InMemoryStorage, LocalFileStorage
 from logstate import _format as fmt
-from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._crc import crc32c
+from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,

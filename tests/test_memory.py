@@ -13,6 +13,8 @@ from logstate._filenames import segment_file_name
 from logstate._format import REC_DELETE, REC_SET, encode_name
 from logstate._values import encode_value
 
+from .faultfs import CrashFS, open_storage
+
 
 def _segment(path: Path) -> Path:
     return path / segment_file_name(1)
@@ -200,6 +202,18 @@ def test_flush_on_a_closed_backing_storage_raises_and_keeps_the_changes(tmp_path
     assert storage.pending_changes() == 1
 
 
+def test_flush_on_a_closed_backing_storage_raises_also_with_nothing_to_write(
+    tmp_path: Path,
+) -> None:
+    from logstate import StorageClosedError
+
+    backing = LocalFileStorage(tmp_path)
+    storage = InMemoryStorage(backing)
+    backing.close()
+    with pytest.raises(StorageClosedError):
+        storage.flush()
+
+
 def test_sub_storage_as_backing(tmp_path: Path) -> None:
     with LocalFileStorage(tmp_path) as root:
         sub = root.get_or_create_sub_storage("state")
@@ -311,6 +325,69 @@ def test_flush_of_one_change_is_a_plain_record(tmp_path: Path) -> None:
         backing._check()
     with LocalFileStorage(tmp_path) as reopened:
         assert "only" not in reopened
+
+
+FLUSH_SHAPES: dict[str, tuple[dict[str, object], object, int | None]] = {
+    # (changes, checkpoint (None: no checkpoint), compress_min_size): each takes
+    # one of write_keys's two paths
+    "group": ({"a": 1, "b": [2], "c": "three"}, None, None),
+    "group and checkpoint": ({"a": 1, "b": 2}, {"offset": 7}, None),
+    "one key: a plain record": ({"only": b"value"}, None, None),
+    "checkpoint only": ({}, {"offset": 8}, None),
+    "compressed group": ({"a": "x" * 100, "b": "y" * 100}, None, 1),
+}
+
+
+@pytest.mark.parametrize("shape", FLUSH_SHAPES, ids=list(FLUSH_SHAPES))
+def test_flush_with_sync_interval_returns_with_its_bytes_synced(tmp_path: Path, shape: str) -> None:
+    # A flush is durable when it returns, in every sync mode but "none": the
+    # interval thread (an hour here) is not what syncs it.
+    changes, checkpoint, compress_min_size = FLUSH_SHAPES[shape]
+    fs = CrashFS(tmp_path)
+    backing = open_storage(
+        fs,
+        tmp_path / "store",
+        sync="interval",
+        sync_interval=3600.0,
+        auto_compact=False,
+        compress_min_size=compress_min_size,
+    )
+    try:
+        storage = InMemoryStorage(backing)
+        backing["plain set"] = 1
+        assert fs.unsynced_bytes() > 0  # a set is not synced before the interval
+        for key, value in changes.items():
+            storage[key] = value
+        syncs = fs.calls["fdatasync"]
+        if checkpoint is None:
+            assert storage.flush() == len(changes)
+        else:
+            assert storage.flush(checkpoint=checkpoint) == len(changes) + 1
+        assert fs.calls["fdatasync"] == syncs + 1
+        assert fs.unsynced_bytes() == 0, "the flush returned before its bytes were synced"
+        power_loss = fs.durable_state()  # now, not after close() (which syncs)
+        assert storage.flush() == 0  # nothing changed: no write, no sync
+        assert fs.calls["fdatasync"] == syncs + 1
+    finally:
+        backing.close()
+    reopened = CrashFS.materialize(power_loss, tmp_path / "after power loss")
+    with LocalFileStorage(reopened / "store") as after:
+        assert {key: after[key] for key in changes} == changes
+        assert after.checkpoint == checkpoint
+
+
+def test_flush_with_sync_none_leaves_the_sync_to_the_os(tmp_path: Path) -> None:
+    fs = CrashFS(tmp_path)
+    backing = open_storage(fs, tmp_path / "store", sync="none", auto_compact=False)
+    try:
+        storage = InMemoryStorage(backing)
+        storage.update({"a": 1, "b": 2})
+        syncs = fs.calls["fdatasync"]
+        assert storage.flush() == 2
+        assert fs.calls["fdatasync"] == syncs
+        assert fs.unsynced_bytes() > 0
+    finally:
+        backing.close()
 
 
 @pytest.mark.parametrize(

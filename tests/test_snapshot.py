@@ -58,8 +58,8 @@ from logstate import (
     _registry,
 )
 from logstate import _format as fmt
-from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._crc import crc32c
+from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._fs import FileSystem
 from logstate._location import (
     KIND_GROUP_OP,
