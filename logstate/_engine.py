@@ -324,11 +324,11 @@ class Engine:
         """
         with self._lock:
             self.life.begin_close()
-        self._stop_background()
+        self._stop_background(settle=False)  # a killed process repairs nothing
         with self.commit.turn, self._lock:
             self._release_resources()
 
-    def _stop_background(self) -> None:
+    def _stop_background(self, settle: bool = True) -> None:
         """Stop the interval sync thread and the compactor; wait for a running compaction.
 
         Call after ``life.begin_close()``: no new compaction is requested
@@ -338,7 +338,8 @@ class Engine:
             if self.syncer is not None:
                 self.syncer.stop()
             self.scheduler.stop()
-            self.appender.interrupted()  # a write or compaction switch cut short: finish it
+            if settle:
+                self.appender.interrupted()  # a write or compaction switch cut short: finish it
         for worker in (self.syncer.worker if self.syncer else None, self.scheduler.worker):
             if worker is not None and worker.ident != threading.get_ident():
                 worker.join()
