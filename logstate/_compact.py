@@ -35,6 +35,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from logstate._append import Appender
+from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
@@ -70,10 +72,8 @@ class CompactionResult:
 class Compactor:
     """Runs compactions of one engine: one at a time (``lock``), by the protocol above.
 
-    ``prepare``: under the write lock, checks the engine is writable
-    (finishing an interrupted write), seals the active segment if it holds
-    records, and returns the current sequence number. ``settle``: under the
-    write lock, finishes whatever an exception cut short.
+    ``check_writable``: under the write lock, raises unless the engine is
+    writable (finishing an interrupted write first).
     """
 
     def __init__(
@@ -84,9 +84,9 @@ class Compactor:
         segments: SegmentSet,
         keydir: Keydir,
         switch: PendingSwitch,
+        appender: Appender,
         zstd_level: int,
-        prepare: Callable[[], int],
-        settle: Callable[[], None],
+        check_writable: Callable[[], None],
     ) -> None:
         self._fs = fs
         self._life = life
@@ -94,10 +94,22 @@ class Compactor:
         self._segments = segments
         self._keydir = keydir
         self._switch = switch
+        self._appender = appender
         self._zstd_level = zstd_level
-        self._prepare = prepare
-        self._settle = settle
+        self._check_writable = check_writable
         self.lock = threading.Lock()  # held while a compaction runs
+
+    def _prepare(self) -> int:
+        """Under the lock: check writable, seal the active segment if it holds
+        records; the sequence number the output's records carry."""
+        self._check_writable()
+        segments = self._segments
+        segments.close_retired()
+        active = segments.active
+        assert active is not None
+        if active.size > SEGMENT_HEADER_SIZE:
+            self._appender.roll()
+        return self._appender.seq
 
     def compact(self) -> CompactionResult:
         """Compact every sealed segment into one (see the module docstring).
@@ -176,14 +188,14 @@ class Compactor:
                 # the file system says whether the rename happened, and the
                 # engine follows it (switch to the output, or drop it)
                 with self._write_lock:
-                    self._settle()
+                    self._appender.interrupted()
                 raise
             # ---- 4. switch the index to the output (locations that did not change)
             with self._write_lock:
                 try:
                     switch.install(output)
                 except BaseException:
-                    self._settle()  # an interrupt: finish the switch (idempotent)
+                    self._appender.interrupted()  # an interrupt: finish the switch (idempotent)
                     raise
             # ---- 5. delete the other inputs (open would delete them after a crash)
             try:

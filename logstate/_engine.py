@@ -168,9 +168,9 @@ class Engine:
             segments,
             keydir,
             switch,
+            appender,
             options.zstd_level,
-            writer.prepare_compaction,
-            appender.interrupted,
+            writer.check_writable,
         )
         # the handles call the parts directly (no delegation on the hot paths)
         self.set = writer.set

@@ -113,18 +113,6 @@ class Writer:
         ap = self._appender
         ap.deliver(ap.written_pos if ap.durable_when_written else self._commit_part.synced_pos)
 
-    def prepare_compaction(self) -> int:
-        """Under the lock: check writable, seal the active segment if it holds records;
-        the sequence number the compaction output's records carry."""
-        self.check_writable()
-        segments = self._segments
-        segments.close_retired()
-        active = segments.active
-        assert active is not None
-        if active.size > SEGMENT_HEADER_SIZE:
-            self._appender.roll()
-        return self._appender.seq
-
     def set(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes) -> None:
         """Store an encoded value under ``key`` in namespace ``ns``.
 
