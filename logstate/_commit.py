@@ -125,6 +125,11 @@ class GroupCommit:
         self.turn = threading.Lock()
         self._gate = threading.Lock()
 
+    def _check(self, written_pos: int) -> None:
+        assert 0 <= self.synced_pos <= written_pos, (
+            f"synced position {self.synced_pos} beyond the {written_pos} bytes written"
+        )
+
 
 class IntervalSyncer:
     """sync="interval": every ``interval_s`` seconds, fdatasync what was written since.

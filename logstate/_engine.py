@@ -429,7 +429,8 @@ class Engine:
             self.keydir._check()
             self.switch._check()
             self.appender._check()
-            assert self.commit.synced_pos <= self.appender.written_pos
+            self.commit._check(self.appender.written_pos)
+            self.scheduler._check()
             live = self.keydir.live_bytes
             total = self.segments.total_size()
             assert self.life.closed or live <= total, (

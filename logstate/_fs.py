@@ -1,11 +1,12 @@
-"""The only module that touches the file system.
+"""The file system: the only module of the engine tiers that makes a system call on files.
 
 Owns: every system call logstate makes on files and directories (open,
 append, positioned read, fsync/fdatasync, truncate, rename, unlink, directory
 fsync, listing, the directory lock), behind one class, :class:`FileSystem`.
 Tests substitute a subclass that records calls, injects EIO/ENOSPC or
-simulates a power loss; the engine receives the instance and never calls
-``os`` itself.
+simulates a power loss; the engine and its parts receive the instance and
+never call ``os`` themselves. (Above them, the CLI's and the legacy
+importer's directory walks and the demo still call ``os`` directly.)
 Must never: interpret bytes (that is the byte layer: ``_format``, ``_scan``) or
 decide policy (that is the engine). ``OSError`` is never swallowed here: a
 failed call raises.

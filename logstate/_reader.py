@@ -27,7 +27,10 @@ from logstate._lifecycle import Lifecycle
 from logstate._location import (
     KIND_RECORD,
     OFFSET_MASK,
+    OFFSET_SHIFT,
+    SEGMENT_SHIFT,
     SIZE_MASK,
+    SIZE_SHIFT,
     CompressedLocation,
     Location,
     location_segment,
@@ -38,6 +41,8 @@ from logstate._switch import PendingSwitch
 
 __all__ = ["Reader", "decompress_group"]
 
+# the hot paths write the location shifts as literals (74, 34, 2)
+assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
 _pack_name_len = NAME_LEN.pack
 _set_record_value = fmt.set_record_value
 _set_group_op_value = fmt.set_group_op_value

@@ -123,6 +123,10 @@ class CompactionScheduler:
         self.gate = threading.Lock()
         self.worker = None
 
+    def _check(self) -> None:
+        assert not self.backlog or self.compacting, "writers held back with no compaction"
+        assert self.enabled or not self.compacting, "a compaction requested with auto_compact off"
+
     def _loop(self) -> None:
         """The background compactor: one compaction per request, until close."""
         while True:

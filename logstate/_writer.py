@@ -38,7 +38,10 @@ from logstate._lifecycle import Lifecycle
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
+    OFFSET_SHIFT,
+    SEGMENT_SHIFT,
     SIZE_MASK,
+    SIZE_SHIFT,
     Location,
     compressed_location,
     location_size,
@@ -50,6 +53,8 @@ from logstate._segments import SegmentSet
 
 __all__ = ["Writer"]
 
+# the hot paths write the location shifts as literals (74, 34, 2)
+assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
 _pack_name_len = NAME_LEN.pack
 _pack_length_type_seq = fmt.LENGTH_TYPE_SEQ.pack
 _pack_u32 = fmt.U32_STRUCT.pack
