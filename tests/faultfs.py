@@ -53,6 +53,7 @@ from typing import Any, Final
 
 from logstate import LocalFileStorage, _registry
 from logstate._fs import DIR_MODE, FILE_MODE, LOCK_FILE_NAME, FileSystem
+from tests import helpers
 
 __all__ = [
     "MUTATING_OPS",
@@ -620,20 +621,9 @@ def open_storage(
 
 
 def observed_state(root: LocalFileStorage) -> LogicalState:
-    """Every sub-storage (recursively) with its items, and the checkpoint."""
-    namespaces: dict[str, dict[str, Any]] = {}
-
-    def visit(handle: LocalFileStorage, path: str) -> None:
-        namespaces[path] = dict(handle.items())
-        for name in handle.get_sub_storages():
-            child = handle.get_or_create_sub_storage(name)
-            try:
-                visit(child, f"{path}/{name}" if path else name)
-            finally:
-                child.close()
-
-    visit(root, "")
-    return namespaces, root.checkpoint
+    """Every sub-storage (recursively) with its items (``helpers.observed_state``), and
+    the checkpoint."""
+    return helpers.observed_state(root), root.checkpoint
 
 
 @contextlib.contextmanager

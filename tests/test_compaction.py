@@ -66,6 +66,7 @@ from logstate._filenames import (
 )
 from logstate._fs import FileSystem
 from logstate._location import KIND_GROUP_OP, location_segment, unpack_location
+from tests.helpers import observed_state
 
 T = TypeVar("T")
 State = dict[str, dict[str, Any]]  # namespace path ("" = root) -> key -> value
@@ -123,19 +124,6 @@ def handle_for(root: LocalFileStorage, ns: str) -> LocalFileStorage:
     return handle
 
 
-def observed_state(root: LocalFileStorage) -> State:
-    """Every namespace and its items, read through the public API."""
-    state: State = {}
-
-    def walk(handle: LocalFileStorage, ns: str) -> None:
-        state[ns] = {key: handle[key] for key in handle}
-        for name in handle.get_sub_storages():
-            walk(handle.get_or_create_sub_storage(name), f"{ns}/{name}" if ns else name)
-
-    walk(root, "")
-    return state
-
-
 def assert_matches_model(root: LocalFileStorage, model: Model, when: str) -> None:
     """Contents, deleted keys, checkpoint and the engine's invariants."""
     assert observed_state(root) == model.state, f"contents differ from the model {when}"
@@ -143,7 +131,7 @@ def assert_matches_model(root: LocalFileStorage, model: Model, when: str) -> Non
     resurrected = sorted(
         (ns, key)
         for ns, key in model.deleted()
-        if engine.has_namespace(ns) and engine.contains(ns, key)
+        if ns in engine.keydir.namespaces and engine.contains(ns, key)
     )
     assert resurrected == [], f"deleted keys came back {when}"
     assert root.checkpoint == model.checkpoint, f"checkpoint differs {when}"
@@ -290,14 +278,14 @@ def build_workload(directory: Path, seed: int) -> Model:
         model.set("", "g2", b"also in a plain group")
         # preconditions that make the scenario meaningful
         engine = root._engine
-        locations = [loc for index in engine._namespaces.values() for loc in index.values()]
+        locations = [loc for index in engine.keydir.namespaces.values() for loc in index.values()]
         assert any(type(loc) is tuple for loc in locations), "no value in a zstd group"
         assert any(
             type(loc) is int and unpack_location(loc)[3] == KIND_GROUP_OP for loc in locations
         ), "no value in a plain group"
-        assert type(engine._checkpoint) is tuple, "checkpoint should be in a zstd group"
-        assert len(engine._segments) >= 8, "the workload should span many segments"
-        assert engine._active is not None and engine._active.size > 100
+        assert type(engine.keydir.checkpoint) is tuple, "checkpoint should be in a zstd group"
+        assert len(engine.segments.segments) >= 8, "the workload should span many segments"
+        assert engine.segments.active is not None and engine.segments.active.size > 100
         assert len(model.deleted()) >= 10
         assert observed_state(root) == model.state
     return model
@@ -376,11 +364,11 @@ def open_with(fs: FileSystem, directory: Path, **options: Any) -> LocalFileStora
 
 
 def inside_roll() -> bool:
-    """True when called (through the file system) from ``Engine._roll``: sealing the
+    """True when called (through the file system) from ``Appender.roll``: sealing the
     active segment and creating the next one, which writers do too."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_name == "_roll" and frame.f_code.co_filename.endswith("_engine.py"):
+        if frame.f_code.co_name == "roll" and frame.f_code.co_filename.endswith("_append.py"):
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
@@ -523,10 +511,7 @@ class CrashFS(TrackingFS):
     def abandon(self, engine: _engine.Engine) -> None:
         """Drop a crashed engine like a killed process: no sync, no cleanup, fds released."""
         self.crash_at, self.crashed, self.abandoning = None, False, True
-        engine._release_resources()
-        with _registry._registry_lock:
-            for key in [k for k, e in _registry._registry.items() if e is engine]:
-                del _registry._registry[key]
+        _registry.abandon_engine(engine)
         for fd in sorted(self.open_fds):  # e.g. the temporary output's descriptor
             FileSystem.close(self, fd)
         self.open_fds.clear()
@@ -563,10 +548,10 @@ def prepare_tombstones_newer_than_the_sets_they_hide(root: LocalFileStorage, mod
     deleted before being set again must keep its newer value.
     """
     root.compact()
-    output = max(root._engine._segments) - 1
+    output = max(root._engine.segments.segments) - 1
     in_output = [
         (ns, key)
-        for ns, index in root._engine._namespaces.items()
+        for ns, index in root._engine.keydir.namespaces.items()
         for key, loc in index.items()
         if location_segment(loc) == output and not ns.startswith("empty")
     ]
@@ -701,8 +686,8 @@ def test_crash_at_every_step_of_compaction_reopens_to_the_same_contents(
 
 
 def active_number(engine: _engine.Engine) -> int:
-    assert engine._active is not None
-    return engine._active.number
+    assert engine.segments.active is not None
+    return engine.segments.active.number
 
 
 def build_victim_store(directory: Path) -> dict[str, Any]:
@@ -719,7 +704,7 @@ def build_victim_store(directory: Path) -> dict[str, Any]:
         doomed = root.get_or_create_sub_storage("doomed")
         doomed["x"] = "dropped later"
         engine = root._engine
-        assert location_segment(engine._namespaces[""]["victim"]) == 1
+        assert location_segment(engine.keydir.namespaces[""]["victim"]) == 1
         i = 0
         while active_number(engine) < 3:
             root[f"fill{i % 9}"] = f"{i}" * 100
@@ -1084,9 +1069,9 @@ def test_close_during_a_background_compaction_neither_hangs_nor_corrupts(
     closer = threading.Thread(target=root.close)
     closer.start()
     deadline = time.monotonic() + 10
-    while not engine._closing and time.monotonic() < deadline:
+    while not engine.life.closing and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert engine._closing
+    assert engine.life.closing
     fs.release.set()
     closer.join(timeout=30)
     writing.join(timeout=30)
@@ -1341,7 +1326,7 @@ def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
             fs.recording = True
             result = root.compact()
             fs.recording = False
-            newest = max(engine._segments)
+            newest = max(engine.segments.segments)
             calls = [c for c in fs.calls if c.thread == me]
             assert any(c.in_roll for c in calls), "the active segment should have been sealed"
             rolled = [c for c in fs.calls if c.thread != me and c.method == "create_file"]
@@ -1352,7 +1337,7 @@ def test_compaction_never_touches_the_active_segment(tmp_path: Path) -> None:
         thread.join(timeout=30)
     # every open segment's descriptor still refers to the file under its name
     # (a sealed segment's is closed: it is read through a mapping, or by name)
-    for segment in engine._segments.values():
+    for segment in engine.segments.segments.values():
         if segment.fd >= 0:
             assert os.fstat(segment.fd).st_ino == os.stat(segment.path).st_ino, segment.path
     for key, value in written:

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from logstate import InMemoryStorage, LocalFileStorage, _engine, _filenames
+from logstate import InMemoryStorage, LocalFileStorage, _filenames, _recovery
 from logstate import _format as fmt
 from logstate._crc import crc32c
 from logstate._filenames import SNAPSHOT_FILE_NAME
@@ -55,7 +55,7 @@ def segment_bytes(directory: Path) -> int:
 def assert_live_bytes_fit_the_disk(storage: LocalFileStorage) -> None:
     """Cheap form of ``_check()``'s live-bytes part (``_check`` reads every value)."""
     engine = storage._engine
-    live = sum(total_size(index) for index in engine._namespaces.values())
+    live = sum(total_size(index) for index in engine.keydir.namespaces.values())
     stats = storage.stats()
     assert stats["live_bytes"] == live
     assert 0 <= stats["dead_bytes"] == stats["total_bytes"] - live, stats
@@ -76,7 +76,7 @@ def contents(storage: LocalFileStorage) -> dict[str, Any]:
 
 
 def compressed_values(storage: LocalFileStorage) -> int:
-    return sum(type(loc) is tuple for loc in storage._engine._namespaces[""].values())
+    return sum(type(loc) is tuple for loc in storage._engine.keydir.namespaces[""].values())
 
 
 # ============================================================================ live bytes
@@ -251,9 +251,9 @@ def test_compaction_never_grows_the_store_over_plain_and_compressed_writes(
         # what the compactions installed is exactly what replaying their output rebuilds
         with LocalFileStorage(directory, read_only=True, use_snapshot=False) as scan:
             engine, other = root._engine, scan._engine
-            assert other._namespaces == engine._namespaces
-            assert other._checkpoint == engine._checkpoint
-            assert other._live_bytes == engine._live_bytes
+            assert other.keydir.namespaces == engine.keydir.namespaces
+            assert other.keydir.checkpoint == engine.keydir.checkpoint
+            assert other.keydir.live_bytes == engine.keydir.live_bytes
         sub.close()
     for use_snapshot in (True, False):
         with LocalFileStorage(directory, **SMALL, use_snapshot=use_snapshot) as again:
@@ -300,7 +300,7 @@ def test_no_snapshot_is_written_when_even_compressed_it_outweighs_the_segments(
     def tiny_bound(snapshot: Any, max_size: int | None = None) -> bytes | None:
         return encode(snapshot, max_size=SNAPSHOT_HEADER.size)
 
-    monkeypatch.setattr(_engine, "encode_snapshot", tiny_bound)
+    monkeypatch.setattr(_recovery, "encode_snapshot", tiny_bound)
     with LocalFileStorage(tmp_path, **SMALL) as root:
         root.set("more", 1)
     assert not (tmp_path / SNAPSHOT_FILE_NAME).exists(), "the stale snapshot is removed"
@@ -370,7 +370,7 @@ def test_automatic_compaction_counts_a_compressed_groups_dead_share(tmp_path: Pa
         flush_keys(root, 3_000)
         flush_keys(root, 3_000)
         engine = root._engine
-        assert len(engine._segments) == 1 and not engine._compacting
+        assert len(engine.segments.segments) == 1 and not engine.scheduler.compacting
         stats = root.stats()
         assert stats["dead_bytes"] >= 0.4 * stats["total_bytes"], stats
         model = flush_keys(root, 3_000)  # does not fit: a roll, where the trigger is read

@@ -64,7 +64,7 @@ STORE_SCRIPT = textwrap.dedent(
     """
     import os, resource, sys
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    from logstate import InMemoryStorage, LocalFileStorage, _engine
+    from logstate import InMemoryStorage, LocalFileStorage, _registry
     from logstate._fs import FileSystem
 
     class NoSyncFS(FileSystem):  # open files are checked here, not durability: no disk waits
@@ -91,7 +91,7 @@ STORE_SCRIPT = textwrap.dedent(
     value = "v" * 900  # four records to a 4 KiB segment
     store = LocalFileStorage(directory, **options)
     n = 0
-    while len(store._engine._segments) < 2000:
+    while len(store._engine.segments.segments) < 2000:
         store[f"k{n}"] = f"{n}:{value}"
         n += 1
         if n % 50 == 0:
@@ -117,7 +117,7 @@ STORE_SCRIPT = textwrap.dedent(
     store.close()
 
     store = LocalFileStorage(directory, use_snapshot=False, **options)  # a full scan
-    assert len(store._engine._segments) >= 2000
+    assert len(store._engine.segments.segments) >= 2000
     for i in range(n):
         assert store[f"k{i}"] == f"{i}:{value}", i
     count()
@@ -140,7 +140,7 @@ STORE_SCRIPT = textwrap.dedent(
     store._check()
     store.close()
     store = LocalFileStorage(directory, **options)
-    assert len(store._engine._segments) <= 3
+    assert len(store._engine.segments.segments) <= 3
     for i in range(n):
         assert store[f"k{i}"] == ("new" if i % 2 == 0 else f"{i}:{value}"), i
     store.close()
@@ -204,7 +204,7 @@ def test_mapped_segments_are_capped_at_an_eighth_of_the_descriptor_limit(fast_di
         model[f"k{i}"] = f"{i}" * 300
         if i % 10 == 0:
             assert len(descriptors_on(directory)) <= bound, i
-    assert len(engine._segments) > 100
+    assert len(engine.segments.segments) > 100
     rng = random.Random(5)
     for _ in range(400):
         key = rng.choice(list(model))
@@ -213,8 +213,8 @@ def test_mapped_segments_are_capped_at_an_eighth_of_the_descriptor_limit(fast_di
     assert dict(store.items()) == model  # load_namespace reads unmapped segments by name
     store._check()
     assert len(descriptors_on(directory)) <= bound
-    assert engine._mapping_cap == 8
-    assert len(engine._mapped) <= 8
+    assert engine.segments.mapping_cap == 8
+    assert len(engine.segments.mapped) <= 8
     store.close()
     assert descriptors_on(directory) == []
 
@@ -257,7 +257,7 @@ def test_readers_racing_unmapping_and_compaction_read_every_value_right(fast_dir
     assert not any(thread.is_alive() for thread in threads), "hung"
     assert errors == []
     assert compactions >= 2
-    assert len(store._engine._mapped) <= 4
+    assert len(store._engine.segments.mapped) <= 4
     store._check()
     store.close()
     with LocalFileStorage(directory) as again:
@@ -364,7 +364,7 @@ def test_every_read_path_reads_right_through_a_mapping_closed_under_it(fast_dir:
     store["last"] = "x"
     model["last"] = "x"
     engine = store._engine
-    sealed = [s for s in engine._segments.values() if s is not engine._active]
+    sealed = [s for s in engine.segments.segments.values() if s is not engine.segments.active]
     assert len(sealed) > 3 and all(s.map is not None and s.fd < 0 for s in sealed[:-1])
     for segment in sealed:
         assert segment.map is not None
@@ -376,13 +376,13 @@ def test_every_read_path_reads_right_through_a_mapping_closed_under_it(fast_dir:
     assert dict(store.items()) == model
     assert store.checkpoint == "cp"
     store._check()
-    for segment in engine._segments.values():
-        if segment is not engine._active and segment.map is not None:
+    for segment in engine.segments.segments.values():
+        if segment is not engine.segments.active and segment.map is not None:
             segment.map.close()
     store.compact()
     assert dict(store.items()) == model
-    for segment in engine._segments.values():
-        if segment is not engine._active and segment.map is not None:
+    for segment in engine.segments.segments.values():
+        if segment is not engine.segments.active and segment.map is not None:
             segment.map.close()
     store.close()
     with LocalFileStorage(directory) as again:

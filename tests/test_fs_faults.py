@@ -24,6 +24,7 @@ import pytest
 
 from logstate import Batch, LocalFileStorage, StorageFailedError, _engine, _options, _registry
 from logstate._fs import FileSystem
+from tests.helpers import State, observed_state
 
 
 class FaultyFS(FileSystem):
@@ -80,16 +81,6 @@ def open_with(fs: FileSystem, directory: Path, **options: Any) -> LocalFileStora
     _registry.release_engine(engine)  # the handle now holds the only reference
     assert handle._engine is engine
     return handle
-
-
-State = dict[str, dict[str, Any]]
-
-
-def observed_state(root: LocalFileStorage) -> State:
-    state: State = {"": dict(root.items())}
-    for name in root.get_sub_storages():
-        state[name] = dict(root.get_or_create_sub_storage(name).items())
-    return state
 
 
 def populate(s: LocalFileStorage) -> None:
@@ -164,7 +155,7 @@ LATER_WRITES: dict[str, Callable[[LocalFileStorage], object]] = {
 def faulty() -> Iterator[FaultyFS]:
     fs = FaultyFS()
     yield fs
-    left_open = [e for e in _registry.open_engines() if e._fs is fs]
+    left_open = [e for e in _registry.open_engines() if e.fs is fs]
     for engine in left_open:
         engine.close()
     assert left_open == [], "engine left open"

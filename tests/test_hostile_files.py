@@ -484,9 +484,9 @@ def test_check_reports_a_snapshot_location_at_an_older_record_of_the_key(
         s["k"] = "old value"
         s["other"] = 1
         s.flush()
-        old = s._engine._namespaces[""]["k"]
+        old = s._engine.keydir.namespaces[""]["k"]
         s["k"] = "new value"  # the same size
-        new = s._engine._namespaces[""]["k"]
+        new = s._engine.keydir.namespaces[""]["k"]
     assert type(old) is int and type(new) is int
     assert location_size(old) == location_size(new)
     rewrite_snapshot(directory, lambda snap: with_location(snap, "k", old))
@@ -583,7 +583,7 @@ def test_compaction_refuses_a_snapshot_location_at_another_keys_record(
                 batch.set("b", "value of b")
         for i in range(40):  # enough data for the snapshot to be written
             s[f"pad{i}"] = "x" * 200
-        b_location = s._engine._namespaces[""]["b"]
+        b_location = s._engine.keydir.namespaces[""]["b"]
     rewrite_snapshot(directory, lambda snap: with_location(snap, "a", b_location))
     before = {p.name: p.read_bytes() for p in directory.iterdir() if p.suffix == ".seg"}
     with LocalFileStorage(directory, **OPTIONS) as s:

@@ -31,11 +31,12 @@ from typing import Any, Final
 
 import pytest
 
-from logstate import InMemoryStorage, LocalFileStorage, _registry
+from logstate import InMemoryStorage, LocalFileStorage
 from logstate._filenames import COMPACT_TMP_SUFFIX, SEGMENT_SUFFIX
 from logstate._format import SEGMENT_HEADER_SIZE
 
 from .faultfs import CrashFS, CrashState, LogicalState, no_hooks, observed_state, open_storage
+from .helpers import kill
 
 SEGMENT_SIZE: Final = 4096  # small: the workloads roll segments often
 # Segment headers are torn only into "short" or "zero-filled" here; a header torn into
@@ -718,19 +719,6 @@ def test_a_new_segment_whose_header_a_power_loss_tore_opens_as_an_empty_segment(
         if recovered != ({"": acknowledged}, None):
             failures.append(f"{torn.hex()}: recovered {describe(recovered)}")
     assert not failures, f"torn headers ({tear}) not repaired:\n" + "\n".join(failures)
-
-
-def kill(handle: LocalFileStorage) -> None:
-    """Simulate ``kill -9`` of the process using ``handle``: no further call reaches the disk."""
-    engine = handle._engine
-    with engine._lock:
-        engine._closing = True
-    engine._stop_background()  # the sync thread exits without syncing
-    engine._release_resources()  # closes descriptors and the lock: no write, no sync
-    with _registry._registry_lock:
-        _registry._registry.pop(engine.path, None)
-    handle._closed = True
-    handle._finalizer.detach()
 
 
 @pytest.mark.parametrize("sync", ["none", "interval"])

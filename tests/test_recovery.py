@@ -24,11 +24,11 @@ from logstate import _format as fmt
 from logstate._crc import crc32c
 from logstate._engine import Engine
 from logstate._scan import Damage, Frame, scan_records
+from tests.helpers import State, observed_state
 
 # ============================================================================ model
 
 Op = tuple[Any, ...]
-State = dict[str, dict[str, Any]]  # namespace path ("" = root) -> key -> value
 
 
 def apply_model(state: State, op: Op) -> None:
@@ -105,19 +105,6 @@ def perform(root: LocalFileStorage, op: Op) -> None:
                     batch.remove(inner[2])
     else:  # pragma: no cover
         raise AssertionError(kind)
-
-
-def observed_state(root: LocalFileStorage) -> State:
-    """Every namespace and its items, read through the public API."""
-    state: State = {}
-
-    def walk(handle: LocalFileStorage, ns: str) -> None:
-        state[ns] = {key: handle[key] for key in handle}
-        for name in handle.get_sub_storages():
-            walk(handle.get_or_create_sub_storage(name), f"{ns}/{name}" if ns else name)
-
-    walk(root, "")
-    return state
 
 
 # Every record kind: set, set in a sub-storage, create, delete, group, clear, drop.

@@ -26,7 +26,7 @@ record damaged after it was written, outside that tail, is found when it is
 read (CorruptionError), not at open. See
 test_damage_in_a_covered_record_is_found_at_get_not_at_open.
 
-Crashes are simulated in-process by abandoning the engine (``crash``): its
+Crashes are simulated in-process by abandoning the engine (``helpers.kill``): its
 files are closed and its lock released without the final sync or snapshot,
 as when the process is killed; one test kills a real child process.
 """
@@ -78,6 +78,7 @@ from logstate._snapshot import (
     decode_snapshot,
     encode_snapshot,
 )
+from tests.helpers import kill, observed_state
 
 OPTIONS: dict[str, Any] = {"sync": "none", "segment_size": 4096}
 
@@ -232,15 +233,7 @@ def play_random(root: LocalFileStorage, model: Model, rng: random.Random, count:
 
 def observe(root: LocalFileStorage) -> Model:
     """Every namespace, its items and the checkpoint, read through the public API."""
-    state: State = {}
-
-    def walk(handle: LocalFileStorage, ns: str) -> None:
-        state[ns] = {key: handle[key] for key in handle}
-        for name in handle.get_sub_storages():
-            walk(handle.get_or_create_sub_storage(name), f"{ns}/{name}" if ns else name)
-
-    walk(root, "")
-    return Model(state, root.checkpoint)
+    return Model(observed_state(root), root.checkpoint)
 
 
 # ============================================================================ store helpers
@@ -256,20 +249,6 @@ def open_store(directory: Path, **options: Any) -> LocalFileStorage:
     ]
     assert still_open == [], "a handle kept the engine open: this would not be a fresh open"
     return LocalFileStorage(directory, **{**OPTIONS, **options})
-
-
-def crash(storage: LocalFileStorage) -> None:
-    """Abandon the engine as a killed process would: no final sync, no snapshot.
-
-    Written bytes stay in the files (the OS has them); the lock is released.
-    """
-    engine = storage._engine
-    assert engine._thread is None, "crash() needs sync='none' (no sync thread to stop)"
-    engine._release_resources()
-    with _registry._registry_lock:
-        for key in [k for k, e in _registry._registry.items() if e is engine]:
-            del _registry._registry[key]
-    storage.close()  # the handle only: the engine is already closed
 
 
 def segments(directory: Path) -> list[Path]:
@@ -328,10 +307,10 @@ def assert_same_index_as_a_full_scan(storage: LocalFileStorage) -> None:
     with LocalFileStorage(storage.path, read_only=True, use_snapshot=False) as scan:
         other = scan._engine
         assert not scan.report.snapshot_used
-        assert other._namespaces == engine._namespaces
-        assert other._checkpoint == engine._checkpoint
-        assert other._seq == engine._seq
-        assert other._live_bytes == engine._live_bytes
+        assert other.keydir.namespaces == engine.keydir.namespaces
+        assert other.keydir.checkpoint == engine.keydir.checkpoint
+        assert other.appender.seq == engine.appender.seq
+        assert other.keydir.live_bytes == engine.keydir.live_bytes
 
 
 @dataclass
@@ -494,7 +473,7 @@ def test_writes_after_a_snapshot_open_survive_a_crash_and_deletes_stay_deleted(
     ops = ops_on_covered_data(model)
     play(s, model, ops)
     records = len(ops) + play_random(s, model, random.Random(3), random_ops)
-    crash(s)
+    kill(s)
     assert snapshot_path(store).read_bytes() == snapshot_path(template.directory).read_bytes()
     after = [p.name for p in segments(store)]
     assert (after == before) == (random_ops == 0)
@@ -576,7 +555,7 @@ def test_torn_tail_after_the_snapshot_is_cut_and_the_covered_prefix_still_used(
     assert (start == covered.size) == (records_before == 0)
     perform(s, ("set", "", "torn", "t" * 200))
     size = newest.stat().st_size - start
-    crash(s)
+    kill(s)
     keep = {
         "1 byte": 1,
         "frame header": fmt.FRAME_HEADER_SIZE,
@@ -599,7 +578,7 @@ def test_torn_tail_after_the_snapshot_is_cut_and_the_covered_prefix_still_used(
 
 def test_zero_filled_space_after_the_snapshot_is_cut(template: Template, store: Path) -> None:
     s = open_store(store)
-    crash(s)
+    kill(s)
     newest = segments(store)[-1]
     covered = newest.stat().st_size
     with newest.open("ab") as f:
@@ -961,7 +940,7 @@ def test_compaction_after_the_snapshot_then_a_crash_means_a_full_scan(
     result = s.compact()
     assert result.output is not None and len(result.inputs) >= 4
     play_random(s, model, random.Random(8), 20)
-    crash(s)
+    kill(s)
     outcome = outcome_of(store)
     assert (outcome.result, outcome.snapshot_used) == (model, False), outcome.detail
 
@@ -983,7 +962,7 @@ def test_compaction_output_taking_the_only_segments_number_is_not_mistaken_for_i
     play(s, model, [("remove", "", "k0"), ("set", "", "k1", "second")])
     play(s, model, [("set", "", f"n{i}", "n" * 100) for i in range(60)])
     assert s.compact().inputs == [1]
-    crash(s)
+    kill(s)
     first = segments(directory)[0]
     assert first.name == "segment-0000000001.seg"
     assert first.stat().st_size >= mark.size, "the size check alone cannot tell"
@@ -1020,7 +999,7 @@ def test_crash_between_compaction_rename_and_input_deletion_means_a_full_scan(
     result = s.compact()
     leftovers = [p for p in segments(store) if int(p.name[8:18]) in result.inputs[:-1]]
     assert leftovers, "the inputs are still there"
-    crash(s)
+    kill(s)
     outcome = outcome_of(store)
     assert (outcome.result, outcome.snapshot_used) == (model, False), outcome.detail
     assert not any(p.exists() for p in leftovers), "open removed the compacted inputs"
@@ -1053,7 +1032,7 @@ def test_use_snapshot_must_be_a_bool(store: Path) -> None:
 def _torn_tail_after_the_snapshot(directory: Path) -> None:
     s = open_store(directory)
     s["written after the snapshot"] = "x" * 100
-    crash(s)
+    kill(s)
     newest = segments(directory)[-1]
     os.truncate(newest, newest.stat().st_size - 10)
 
