@@ -63,7 +63,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from logstate import InMemoryStorage, LocalFileStorage
 from logstate._filenames import COMPACT_TMP_SUFFIX, parse_segment_file_name
 from logstate._format import NS_SEPARATOR, SEGMENT_HEADER_SIZE
-from logstate._registry import _registry, _registry_lock
+from tests.helpers import kill
 
 LONG = os.environ.get("LOGSTATE_FUZZ_PROFILE") == "long"
 SEGMENT_SIZE = 4096  # bytes: the minimum, so segments roll every few operations
@@ -271,23 +271,14 @@ class RecoveryMachine(RuleBasedStateMachine):
     def _abandon(self) -> None:
         """The process dies: no close, no final sync, no index snapshot.
 
-        The background threads are stopped first (a real crash stops them
-        with everything else); the compaction is let finish, the interval
-        sync thread exits without syncing.
+        A background compaction is let finish first (its timing would decide
+        what the crash leaves, and hypothesis could not replay a run); then
+        the process is killed (``tests.helpers.kill``): the threads stop, the
+        interval sync thread without syncing, and the engine is forgotten.
         """
         root = self._storage()
-        engine = root._engine
-        engine.wait_for_background_compaction()
-        with engine._lock:
-            engine._closing = True
-        engine._stop_background()  # the sync thread exits without syncing
-        engine._release_resources()
-        with _registry_lock:
-            for key, value in list(_registry.items()):
-                if value is engine:
-                    del _registry[key]
-        root._finalizer.detach()
-        root._closed = True
+        root._engine.wait_for_background_compaction()
+        kill(root)
         self.root = None
 
     # ------------------------------------------------------------------ operations

@@ -179,6 +179,9 @@ class Compactor:
                 fs.fsync_dir(path)
             except BaseException as exc:
                 switch.renaming = False  # (first: nothing interruptible before it)
+                pending = switch.pending
+                if pending is not None and pending.tmp_path == written.tmp_path:
+                    recorded = True  # interrupted between the record and the flag
                 if not recorded:  # nothing changed: the output is dropped
                     fs.close(written.fd)
                     fs.unlink(written.tmp_path)

@@ -289,21 +289,21 @@ class SegmentSet:
         their descriptors by :meth:`close_sealed_fds`.
         """
         self.pinned = None
+        segments = self.segments
         for number in inputs:
-            retired = self.segments.get(number)
+            retired = segments.get(number)
             if retired is None or retired is output:
                 continue  # retired by the interrupted run
-            del self.segments[number]
             self.mapped.pop(retired, None)
             mapping, retired.map, retired.mapped = retired.map, None, 0
+            if number == output.number:
+                # in place: the key keeps its place in the order, and
+                # lock-free readers (who hold this dict) never miss it
+                segments[number] = output
+            else:
+                del segments[number]
             if mapping is not None:
                 mapping.close()
-        self.segments[output.number] = output
-        # in order, in place: lock-free readers hold this dict (one that
-        # misses a segment meanwhile reads again under the lock)
-        ordered = sorted(self.segments.items())
-        self.segments.clear()
-        self.segments.update(ordered)
 
     # ------------------------------------------------------------------ reads
     def read(self, segment: Segment, size: int, offset: int) -> bytes:

@@ -113,7 +113,7 @@ def test_close_of_a_read_only_handle_does_not_sync(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from logstate import LocalFileStorage, _engine
+    from logstate import LocalFileStorage, _registry
     from logstate._fs import FileSystem
 
     class LoggedFS(FileSystem):

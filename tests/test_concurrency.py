@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from logstate import LocalFileStorage, StorageFailedError, StorageLockedError, _engine, _registry
+from logstate import LocalFileStorage, StorageFailedError, StorageLockedError, _registry
+from logstate._commit import GroupCommit
 from logstate._fs import FileSystem
 from logstate._location import unpack_location
 
@@ -71,13 +72,13 @@ def run_threads(targets: list[Callable[[], None]]) -> list[BaseException]:
 def record_end(storage: LocalFileStorage, key: str) -> tuple[int, int]:
     """(fd of the segment, end offset) of the record holding ``key`` (root namespace).
 
-    Decodes the engine's packed location (see the _engine module docstring).
+    Decodes the engine's packed location (see the _location module docstring).
     """
     engine = storage._engine
-    loc = engine._namespaces[""][key]
+    loc = engine.keydir.namespaces[""][key]
     assert isinstance(loc, int)
     number, offset, size, _kind = unpack_location(loc)
-    segment = engine._segments[number]
+    segment = engine.segments.segments[number]
     return segment.fd, offset + size
 
 
@@ -409,19 +410,20 @@ def test_a_writer_racing_a_close_whose_sync_fails_is_not_acknowledged(
     # writer whose record was already appended synced again and was
     # acknowledged (fsyncgate), or synced a descriptor close() had released.
     fs = FailNextSyncFS()
-    engine = _registry.acquire_engine(str(tmp_path), {"sync": "always"}, create=True, fs=fs)
-    storage = LocalFileStorage(tmp_path)
-    _registry.release_engine(engine)
     in_commit, go = threading.Event(), threading.Event()
-    commit = _engine.Engine._commit
+    commit = GroupCommit.commit
 
-    def held_commit(self: _engine.Engine, end_pos: int) -> None:
+    def held_commit(self: GroupCommit, end_pos: int) -> None:
         if threading.current_thread().name == "writer":
             in_commit.set()  # appended, not yet synced: held here
             go.wait(10)
         commit(self, end_pos)
 
-    monkeypatch.setattr(_engine.Engine, "_commit", held_commit)
+    # (patched before the open: the writer binds the commit method at open)
+    monkeypatch.setattr(GroupCommit, "commit", held_commit)
+    engine = _registry.acquire_engine(str(tmp_path), {"sync": "always"}, create=True, fs=fs)
+    storage = LocalFileStorage(tmp_path)
+    _registry.release_engine(engine)
     outcome: list[object] = []
 
     def writer() -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, StorageLockedError, _engine
-from logstate._engine import Engine
+from logstate._compact import Compactor
 
 
 def test_writers_are_released_when_a_background_compaction_ends(
@@ -23,13 +24,14 @@ def test_writers_are_released_when_a_background_compaction_ends(
         tmp_path, sync="none", segment_size=4096, compact_min_size=0, auto_compact=True
     )
     engine = storage._engine
+    scheduler = engine.scheduler
     release = threading.Event()
 
-    def slow_compaction(engine_: Engine) -> object:
+    def slow_compaction(compactor: Compactor) -> object:
         release.wait(10)
         return None
 
-    monkeypatch.setattr(_engine, "run_compaction", slow_compaction)
+    monkeypatch.setattr(Compactor, "compact", slow_compaction)
     done = threading.Event()
 
     def writer() -> None:
@@ -40,13 +42,13 @@ def test_writers_are_released_when_a_background_compaction_ends(
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not engine._backlog and time.monotonic() < deadline and not done.is_set():
+    while not scheduler.backlog and time.monotonic() < deadline and not done.is_set():
         time.sleep(0.01)
-    assert engine._backlog, "the writer never got ahead of the compaction: test did nothing"
+    assert scheduler.backlog, "the writer never got ahead of the compaction: test did nothing"
     release.set()  # the compaction ends: its thread clears the backlog
     assert done.wait(10), "writer still parked after the compaction ended"
     engine.wait_for_background_compaction()
-    assert not engine._compacting and not engine._backlog
+    assert not scheduler.compacting and not scheduler.backlog
     storage.close()
 
 
@@ -94,14 +96,14 @@ def test_reopening_while_the_last_handle_closes_waits_instead_of_locking_itself_
     storage = LocalFileStorage(tmp_path, sync="none")
     storage.set("k", 1)
     in_close = threading.Event()
-    original = Engine._write_snapshot
+    original = _engine.save_snapshot
 
-    def slow_snapshot(self: Engine) -> None:
+    def slow_snapshot(*args: Any) -> None:
         in_close.set()
         time.sleep(0.3)
-        original(self)
+        original(*args)
 
-    monkeypatch.setattr(Engine, "_write_snapshot", slow_snapshot)
+    monkeypatch.setattr(_engine, "save_snapshot", slow_snapshot)
     closer = threading.Thread(target=storage.close)
     closer.start()
     assert in_close.wait(5)
@@ -119,10 +121,10 @@ def test_a_writer_reaching_its_sync_after_close_finds_its_record_covered(tmp_pat
     storage = LocalFileStorage(tmp_path, sync="always")
     engine = storage._engine
     storage.set("k", 1)
-    end = engine._written_pos
+    end = engine.appender.written_pos
     storage.close()
-    assert engine._synced_pos == engine._written_pos
-    engine._commit(end)  # returns: covered by close's sync, no fdatasync on a closed fd
+    assert engine.commit.synced_pos == engine.appender.written_pos
+    engine.commit.commit(end)  # returns: covered by close's sync, no fdatasync on a closed fd
     assert engine.failed is None
 
 
@@ -132,7 +134,7 @@ def test_every_roll_after_a_finished_compaction_can_request_a_new_one(
     """The compactor thread lives as long as the engine: a roll after a finished
     compaction requests the next one, and no backlog is left that nobody clears."""
     started: list[int] = []
-    monkeypatch.setattr(_engine, "run_compaction", lambda e: started.append(1))
+    monkeypatch.setattr(Compactor, "compact", lambda compactor: started.append(1))
     storage = LocalFileStorage(
         tmp_path, sync="none", segment_size=4096, compact_min_size=0, auto_compact=True
     )
@@ -141,7 +143,7 @@ def test_every_roll_after_a_finished_compaction_can_request_a_new_one(
         storage.set("k", "v" * 200 + str(i))  # rolls with mostly dead bytes
         engine.wait_for_background_compaction()
     assert len(started) >= 10, f"only {len(started)} compactions were started at the rolls"
-    assert not engine._backlog and not engine._compacting
+    assert not engine.scheduler.backlog and not engine.scheduler.compacting
     storage.close()
 
 
@@ -179,16 +181,17 @@ def test_a_last_handle_collected_inside_the_compactor_closes_the_engine_from_ano
         engine.wait_for_background_compaction()  # those the writes started, unarmed
         armed.append(True)
         with engine._lock:
-            if not engine._compacting:  # (a roll may have requested one already)
-                engine._compacting = True
-                engine._wake_compactor.release()
+            scheduler = engine.scheduler
+            if not scheduler.compacting:  # (a roll may have requested one already)
+                scheduler.compacting = True
+                scheduler._wake.release()
         deadline = time.monotonic() + 20
-        while not engine._released and time.monotonic() < deadline:
+        while not engine.life.released and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         gc.enable()
     assert collected, "the compactor never ran: the test did nothing"
-    assert engine._released, "the engine was never closed (its close waits on itself)"
+    assert engine.life.released, "the engine was never closed (its close waits on itself)"
     reopened: list[dict[str, object]] = []
     opener = threading.Thread(
         target=lambda: reopened.append(dict(LocalFileStorage(tmp_path, sync="none").items())),

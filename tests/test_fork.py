@@ -437,7 +437,7 @@ HELD_LOCKS_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, threading, time
     from logstate import (InMemoryStorage, LocalFileStorage, StorageForkedError,
-                          StorageLockedError, _engine)
+                          StorageLockedError, _registry)
 
     directory = sys.argv[1]
     storage = LocalFileStorage(directory, sync="always")
@@ -449,14 +449,16 @@ HELD_LOCKS_SCRIPT = textwrap.dedent(
     held, release = threading.Event(), threading.Event()
 
     def hold():  # what a parent thread may hold at the fork: every lock at once
-        with (engine._lock, engine._compact_lock, engine._sync_lock, engine._close_lock,
-              engine._compaction_gate, _registry._registry_lock, memory._lock):
+        with (engine._lock, engine.compactor.lock, engine.commit.turn, engine.commit._gate,
+              engine._close_lock, engine.scheduler.gate, engine.appender._delivering,
+              _registry._registry_lock, memory._lock):
             held.set()
             release.wait()
 
     thread = threading.Thread(target=hold)
     thread.start()
-    held.wait()
+    if not held.wait(30):  # (the thread failed: fail now rather than hang)
+        sys.exit("the locks were never all held")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from logstate import InMemoryStorage, LocalFileStorage, _registry
+from logstate._append import Appender
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
 from tests.interrupts import Injector, Interrupt
@@ -155,9 +156,9 @@ OPERATIONS: dict[str, tuple[Callable[[LocalFileStorage], None], State]] = {
 def check_durable_claim(handle: LocalFileStorage, fs: SyncRecordingFS) -> None:
     """The engine never counts a byte durable that no fdatasync covered."""
     engine = handle._engine
-    active = engine._active
+    active = engine.segments.active
     assert active is not None
-    claimed = engine._synced_pos - (engine._written_pos - active.size)
+    claimed = engine.commit.synced_pos - (engine.appender.written_pos - active.size)
     if claimed > 0:
         assert fs.synced_size.get(active.fd, 0) >= claimed, (
             f"synced_pos claims {claimed} bytes of the active segment durable, "
@@ -247,7 +248,8 @@ def test_an_interrupt_inside_group_commit_never_hangs_or_claims_unsynced_bytes(
     def turn_is_free(handle: LocalFileStorage, point: int) -> None:
         engine = handle._engine
         assert not engine._lock.locked(), "the write lock was left taken"
-        assert not engine._sync_lock.locked(), "the sync turn was left taken"
+        assert not engine.commit.turn.locked(), "the sync turn was left taken"
+        assert not engine.commit._gate.locked(), "a sync round's gate was left taken"
 
     run_everywhere(tmp_path, populate, op, BEFORE, after, {"sync": "always"}, turn_is_free)
 
@@ -257,7 +259,8 @@ def test_an_interrupt_in_a_set_that_rolls_the_segment_leaves_before_or_after(
 ) -> None:
     def fill(s: LocalFileStorage) -> None:
         populate(s)
-        while s._engine._active is not None and s._engine._active.size < 4096 - 200:
+        segments = s._engine.segments
+        while segments.active is not None and segments.active.size < 4096 - 200:
             s["filler"] = b"f" * 100
 
     big = "n" * 300  # more than the 200 bytes left: its record goes to a new segment
@@ -302,7 +305,7 @@ def open_dead_store(directory: Path) -> LocalFileStorage:
     memory = InMemoryStorage(s)
     memory["dead"] = 0
     memory.flush(checkpoint=COMPACTED_CHECKPOINT)
-    assert len(s._engine._segments) > 3
+    assert len(s._engine.segments.segments) > 3
     return s
 
 
@@ -337,7 +340,7 @@ def test_an_interrupt_at_any_point_of_a_compaction_that_replaces_segments_leaves
         handle = open_dead_store(directory)
         injector = Injector(point)
         interrupted = injector.run(handle.compact)
-        replaced += len(handle._engine._segments) <= 2
+        replaced += len(handle._engine.segments.segments) <= 2
         check_compacted_store(handle, directory, point, injector.fired_at)
         if not interrupted:
             assert point > 0 and replaced, (point, replaced)
@@ -345,16 +348,47 @@ def test_an_interrupt_at_any_point_of_a_compaction_that_replaces_segments_leaves
     raise AssertionError("compact still interrupted after 3000 points")
 
 
+def interrupt_compaction_and_its_repair(
+    handle: LocalFileStorage, point: int, monkeypatch: pytest.MonkeyPatch
+) -> bool:
+    """``compact()`` interrupted at its signal point ``point``, and again (a second
+    Ctrl-C) at the start of the repair its exception handler runs
+    (``Appender.interrupted``, a function start: a signal point): what the
+    first interrupt cut short is left to the next call. True if interrupted."""
+    injector = Injector(point)
+    original = Appender.interrupted
+    second: list[str] = []
+
+    def interrupted(self: Appender) -> None:
+        if injector.fired_at is not None and not second:
+            second.append(injector.fired_at)
+            raise Interrupt("a second interrupt, at the start of the repair")
+        original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Appender, "interrupted", interrupted)
+        return injector.run(handle.compact)
+
+
+def switch_left_after_the_rename(handle: LocalFileStorage) -> bool:
+    """Is a compaction switch left to the next call, its output renamed into place?"""
+    pending = handle._engine.switch.pending
+    return pending is not None and (
+        pending.tmp_path is None or not os.path.exists(pending.tmp_path)
+    )
+
+
 def test_a_compaction_switch_interrupted_again_while_it_is_finished_leaves_before_or_after(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Interrupted after its rename, a compaction leaves its index switch to
-    the next call; that call interrupted too (a second Ctrl-C) leaves it
-    to the one after: reads between them (the checkpoint first) see one state."""
+    """Interrupted after its rename, and again while it repairs that, a compaction
+    leaves its index switch to the next call; that call interrupted too (a third
+    Ctrl-C) leaves it to the one after: reads between them (the checkpoint first)
+    see one state. (One interrupt is not enough: compact() finishes its own switch.)"""
     for first in range(3000):  # the first point past the rename
         handle = open_dead_store(tmp_path / f"first{first}")
-        Injector(first).run(handle.compact)
-        pending = handle._engine._installing is not None
+        interrupt_compaction_and_its_repair(handle, first, monkeypatch)
+        pending = switch_left_after_the_rename(handle)
         handle.close()
         if pending:
             break
@@ -363,8 +397,8 @@ def test_a_compaction_switch_interrupted_again_while_it_is_finished_leaves_befor
     for point in range(3000):
         directory = tmp_path / f"p{point}"
         handle = open_dead_store(directory)
-        assert Injector(first).run(handle.compact)
-        assert handle._engine._installing is not None
+        assert interrupt_compaction_and_its_repair(handle, first, monkeypatch)
+        assert switch_left_after_the_rename(handle)
         injector = Injector(point)
         interrupted = injector.run(handle.get_sub_storages)  # finishes the switch
         check_compacted_store(handle, directory, point, injector.fired_at)

@@ -64,7 +64,7 @@ def test_str_subclass_keys_are_stored_and_returned_as_exact_str(
         assert storage.get_encoded(red) is not None
         assert sorted(storage.get_all_keys()) == ["blue", "green", "red"]
         assert exact(storage.get_all_keys()) and exact(list(storage))
-        assert all(type(k) is str for k in storage._engine._namespaces[""])
+        assert all(type(k) is str for k in storage._engine.keydir.namespaces[""])
         with storage.batch() as batch:
             batch.remove(make(maker, "green"))
         assert green not in storage
@@ -96,7 +96,7 @@ def test_str_subclass_sub_storage_names_are_stored_as_exact_str(
         assert nested.name == "red/green" and type(nested.name) is str
         nested.close()
         sub.close()
-        assert all(type(ns) is str for ns in storage._engine._namespaces)
+        assert all(type(ns) is str for ns in storage._engine.keydir.namespaces)
     with LocalFileStorage(tmp_path) as reopened:
         assert reopened.get_sub_storages() == ["red"]
         with reopened.get_or_create_sub_storage("red") as sub:

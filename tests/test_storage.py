@@ -33,8 +33,8 @@ from logstate import (
     PickleNotAllowedError,
     StorageClosedError,
     SubStorageDeletedError,
-    _engine,
     _registry,
+    _writer,
 )
 from logstate._fs import FileSystem
 
@@ -652,6 +652,53 @@ def test_bad_option_is_rejected_and_opens_nothing(store_dir: Path) -> None:
         s["k"] = 1
 
 
+BAD_OPTIONS: list[tuple[str, object, type[Exception]]] = [
+    # one rule for every option: a wrong type is a TypeError, a wrong value of
+    # the right type a ValueError (bool is not taken for a number)
+    ("sync", 1, TypeError),
+    ("sync", "sometimes", ValueError),
+    ("recovery", b"strict", TypeError),
+    ("recovery", "lenient", ValueError),
+    ("sync_interval", "1", TypeError),
+    ("sync_interval", True, TypeError),
+    ("sync_interval", 0, ValueError),
+    ("segment_size", 8192.0, TypeError),
+    ("segment_size", True, TypeError),
+    ("segment_size", 10, ValueError),
+    ("compress_min_size", 1.0, TypeError),
+    ("compress_min_size", -1, ValueError),
+    ("zstd_level", 3.0, TypeError),
+    ("zstd_level", 23, ValueError),
+    ("compact_ratio", "0.5", TypeError),
+    ("compact_ratio", True, TypeError),
+    ("compact_ratio", 1.0, ValueError),
+    ("compact_min_size", 1.0, TypeError),
+    ("compact_min_size", -1, ValueError),
+    ("auto_compact", 1, TypeError),
+    ("read_only", "no", TypeError),
+    ("use_snapshot", 0, TypeError),
+    ("copy_torn_tails", "yes", TypeError),
+    ("allow_pickle", "no", TypeError),
+    ("auto_create_dir", 1, TypeError),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"), BAD_OPTIONS, ids=[f"{n}={v!r}" for n, v, _ in BAD_OPTIONS]
+)
+def test_a_bad_option_raises_type_error_for_its_type_value_error_for_its_value(
+    store_dir: Path, name: str, value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error) as info:
+        LocalFileStorage(store_dir, **{name: value})  # type: ignore[arg-type]
+    other = ValueError if error is TypeError else TypeError
+    assert not isinstance(info.value, other), f"{name}={value!r}: {info.value!r}"
+    assert name in str(info.value)  # the message names the option
+    assert not store_dir.exists() or not list(store_dir.iterdir())  # nothing opened
+    with LocalFileStorage(store_dir, sync="always") as s:  # nothing was left open
+        s["k"] = 1
+
+
 def test_failed_open_releases_the_lock_so_a_salvage_retry_works(store_dir: Path) -> None:
     with LocalFileStorage(store_dir, sync="none") as s:
         for i in range(5):
@@ -828,8 +875,9 @@ def test_interval_mode_syncs_in_the_background_soon_after_a_write(store_dir: Pat
     while fs.fdatasyncs == idle and time.monotonic() < deadline:
         time.sleep(0.005)
     assert fs.fdatasyncs == idle + 1
-    thread = engine._thread
-    assert thread is not None and thread.is_alive()
+    assert engine.syncer is not None
+    thread = engine.syncer.worker
+    assert thread.is_alive()
     s.close()
     assert not thread.is_alive(), "close stops the sync thread"
 
@@ -841,7 +889,7 @@ def test_a_set_over_the_record_size_limit_is_refused_and_changes_nothing(
     store.set("kept", b"v")
     segment_bytes = store._engine.stats()["total_bytes"]
     # the limit counts the whole body: namespace, key and value
-    monkeypatch.setattr(_engine, "_MAX_BODY_SIZE", 2 + 2 + len("big") + 1 + 9)
+    monkeypatch.setattr(_writer, "_MAX_BODY_SIZE", 2 + 2 + len("big") + 1 + 9)
     store.set("big", b"x" * 9)  # exactly at the limit
     with pytest.raises(ValueError, match="MAX_RECORD_SIZE"):
         store.set("big", b"x" * 10)
