@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 
 import logstate
 from logstate import CorruptionError, PickleNotAllowedError
-from logstate._engine import Engine
 from logstate.compat import quix_import
 from logstate.compat.quix_import import (
     ImportReport,
@@ -453,20 +452,20 @@ def test_each_storage_is_written_as_one_group(
     src = tmp_path / "state"
     write_tree(src, legacy_tree())
     groups: list[list[int]] = []
-    original = Engine.write_group
+    engine = dst._engine
+    original = engine.write_group  # the writer's, bound by the engine at open
 
     def spy(
-        self: Engine,
         ops: list[tuple[int, bytes]],
         checkpoint: bytes | None = None,
         names: list[tuple[str, str]] | None = None,
     ) -> int:
         groups.append([op_type for op_type, _ in ops])
-        return original(self, ops, checkpoint, names)
+        return original(ops, checkpoint, names)
 
-    monkeypatch.setattr(Engine, "write_group", spy)
+    monkeypatch.setattr(engine, "write_group", spy)
     set_calls: list[str] = []
-    monkeypatch.setattr(Engine, "set", lambda *args: set_calls.append(str(args[3])))
+    monkeypatch.setattr(engine, "set", lambda *args: set_calls.append(str(args[2])))
 
     import_quix_directory(src, dst)
 
@@ -510,11 +509,11 @@ def test_a_failed_group_write_leaves_the_storage_without_any_key(
 ) -> None:
     src = tmp_path / "state"
     write_tree(src, {"r1": W.int64(1), "r2": W.int64(2), "sub/a": W.int64(1), "sub/b": W.int64(2)})
-    original = Engine.write_group
+    engine = dst._engine
+    original = engine.write_group  # the writer's, bound by the engine at open
     calls = 0
 
     def fail_second(
-        self: Engine,
         ops: list[tuple[int, bytes]],
         checkpoint: bytes | None = None,
         names: list[tuple[str, str]] | None = None,
@@ -523,12 +522,12 @@ def test_a_failed_group_write_leaves_the_storage_without_any_key(
         calls += 1
         if calls == 2:
             raise OSError(5, "Input/output error")
-        return original(self, ops, checkpoint, names)
+        return original(ops, checkpoint, names)
 
-    monkeypatch.setattr(Engine, "write_group", fail_second)
+    monkeypatch.setattr(engine, "write_group", fail_second)
     with pytest.raises(OSError, match="Input/output error"):
         import_quix_directory(src, dst)
-    monkeypatch.setattr(Engine, "write_group", original)
+    monkeypatch.setattr(engine, "write_group", original)
 
     assert sorted(dst.get_all_keys()) == ["r1", "r2"]
     with dst.get_or_create_sub_storage("sub") as sub:
