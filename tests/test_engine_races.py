@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from logstate import InMemoryStorage, LocalFileStorage, StorageLockedError, _engine
+from logstate import InMemoryStorage, LocalFileStorage, StorageLockedError, _engine, _recovery
 from logstate._compact import Compactor
 
 
@@ -96,7 +96,7 @@ def test_reopening_while_the_last_handle_closes_waits_instead_of_locking_itself_
     storage = LocalFileStorage(tmp_path, sync="none")
     storage.set("k", 1)
     in_close = threading.Event()
-    original = _engine.save_snapshot
+    original = _recovery.save_snapshot  # as the engine imported it
 
     def slow_snapshot(*args: Any) -> None:
         in_close.set()
