@@ -113,6 +113,18 @@ class Writer:
         if ap.listener is not None:
             self.deliver()
 
+    def _after_write(self, end_pos: int, durable: bool = False) -> None:
+        """After a write, outside the lock: the sync it waits for (every write with
+        sync="always"; a ``durable`` one unless sync="none"), the commit
+        listener, and the compaction backlog."""
+        ap = self._appender
+        if self._sync_always or (durable and not ap.durable_when_written):
+            self._commit(end_pos)
+        if ap.listener is not None:
+            self.deliver()
+        if self._scheduler.backlog:
+            self._scheduler.hold_back()
+
     def deliver(self) -> None:
         """Give the commit listener what is durable now (outside the lock)."""
         ap = self._appender
@@ -193,6 +205,7 @@ class Writer:
                     ap.in_flight = (active, offset, size, pos_before)
                     ap.settle()
                     raise
+        # self._after_write(end_pos), inlined: the hot path
         if self._sync_always:
             self._commit(end_pos)
         if ap.listener is not None:
@@ -217,10 +230,7 @@ class Writer:
                 ap.interrupted()
                 raise
             ap.in_flight = None
-        if self._sync_always:
-            self._commit(end_pos)
-        if ap.listener is not None:
-            self.deliver()
+        self._after_write(end_pos)
         return True
 
     def clear(self, ns: str) -> None:
@@ -236,10 +246,7 @@ class Writer:
                 ap.interrupted()
                 raise
             ap.in_flight = None
-        if self._sync_always:
-            self._commit(end_pos)
-        if ap.listener is not None:
-            self.deliver()
+        self._after_write(end_pos)
 
     def create_namespace(self, ns: str) -> None:
         """Make sub-storage ``ns`` exist (its parent must exist)."""
@@ -257,10 +264,7 @@ class Writer:
                 ap.interrupted()
                 raise
             ap.in_flight = None
-        if self._sync_always:
-            self._commit(end_pos)
-        if ap.listener is not None:
-            self.deliver()
+        self._after_write(end_pos)
 
     def drop_namespaces(self, namespaces: list[str]) -> int:
         """Delete the given sub-storages (with everything below them) atomically.
@@ -287,10 +291,7 @@ class Writer:
                 ap.interrupted()
                 raise
             ap.in_flight = None
-        if self._sync_always:
-            self._commit(end_pos)
-        if ap.listener is not None:
-            self.deliver()
+        self._after_write(end_pos)
         return len(present)
 
     def write_group(
@@ -388,12 +389,7 @@ class Writer:
                 ap.interrupted()
                 raise
             ap.in_flight = None
-        if self._sync_always or (durable and not ap.durable_when_written):
-            self._commit(end_pos)
-        if ap.listener is not None:
-            self.deliver()
-        if self._scheduler.backlog:
-            self._scheduler.hold_back()
+        self._after_write(end_pos, durable)
         return len(ops)
 
     def write_keys(
@@ -453,10 +449,5 @@ class Writer:
                 ap.interrupted()
                 raise
             ap.in_flight = None
-        if self._sync_always or (durable and not ap.durable_when_written):
-            self._commit(end_pos)
-        if ap.listener is not None:
-            self.deliver()
-        if self._scheduler.backlog:
-            self._scheduler.hold_back()
+        self._after_write(end_pos, durable)
         return count
