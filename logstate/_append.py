@@ -123,11 +123,12 @@ class Appender:
         Returns:
             (segment, offset, record size, end position)
         """
-        self.seq += 1
-        record = fmt.encode_record(record_type, self.seq, body)
+        seq = self.seq + 1
+        record = fmt.encode_record(record_type, seq, body)  # (a refused record takes no seq)
+        self.seq = seq
         segment, offset = self.append(record)
         if self.listener is not None:
-            self.queue(self.seq, self.written_pos, record)
+            self.queue(seq, self.written_pos, record)
         return segment, offset, len(record), self.written_pos
 
     def roll(self) -> Segment:

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from logstate._errors import StorageClosedError, StorageFailedError
 from logstate._fs import FileSystem
 from logstate._lifecycle import Lifecycle
 from logstate._worker import Worker
@@ -136,7 +135,9 @@ class IntervalSyncer:
 
     Waits on ``_stop`` (held until :meth:`stop` releases it) with a timeout
     instead of being notified by writers: the write path does no work for
-    it, and no writer can leave it stuck.
+    it, and no writer can leave it stuck. A failed sync ends it (the engine
+    refuses writes); a commit listener that raises in it is logged, and the
+    thread keeps syncing (the record is delivered again at the next delivery).
     """
 
     def __init__(
@@ -173,10 +174,14 @@ class IntervalSyncer:
                 continue
             try:
                 self._commit.commit(written)
-            except (OSError, StorageFailedError) as exc:
-                # Recorded in life.failed by commit: every later write raises.
-                log.error("%s: background sync failed: %r; writes are refused", life.path, exc)
-                return
-            except StorageClosedError:
-                return
+            except Exception as exc:
+                if life.failed is not None:
+                    # Recorded in life.failed by commit: every later write raises.
+                    log.error("%s: background sync failed: %r; writes are refused", life.path, exc)
+                    return
+                if life.closed or life.closing:
+                    return  # (StorageClosedError: closed before the sync)
+                # The sync succeeded and the commit listener raised: its
+                # record is delivered again at the next delivery; keep syncing.
+                log.error("%s: the commit listener raised %r", life.path, exc)
         self._stop.release()  # taken only to wait: give it back
