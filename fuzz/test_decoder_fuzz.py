@@ -8,14 +8,18 @@ MAX_RECORD_SIZE.) Values are decoded with ``allow_pickle=False``, where a
 pickle is refused with PickleNotAllowedError (the documented outcome) and never
 loaded.
 
-Each found frame is decoded exactly as ``Engine._apply_frame`` does during
-recovery (``replay_frame``, logstate/_engine.py), and by the general decoders
-(``decode_op`` / ``decode_group``): both must accept the same frames with the
-same operations. Every operation recovery accepts is then read back as
-``Engine.get`` and ``Engine._read_value`` do (``set_record_value`` /
-``set_group_op_value``, ``check_record`` / ``check_group_op`` + ``decode_op``)
-and must pass those read checks. The scanner must account for every byte: its
-frames and damage reports tile the scanned range exactly.
+Each found frame is replayed by the real recovery code, ``Keydir.apply_frame``
+(logstate/_keydir.py: ``replay_frame`` and the index's rules), into the index
+of the whole segment, as recovery does, and into an index of its own; it is
+also decoded by the general decoders (``decode_op`` / ``decode_group``): both
+must accept the same frames with the same operations, and a frame that
+recovery refuses leaves the index as it was (salvage drops it and goes on).
+Every location the replay indexes (a key's value, the checkpoint) is then read
+back with the read path's checks (``set_record_value`` / ``set_group_op_value``
+of ``Reader.get``; ``check_record`` / ``check_group_op`` + ``decode_op`` of
+``Reader.read_value``; ``_reader.decompress_group`` for a compressed group) and
+must pass them. The scanner must account for every byte: its frames and damage
+reports tile the scanned range exactly.
 
 Inputs: arbitrary bytes; records and groups with *correct* checksums around
 arbitrary bodies (so the fuzzer gets past the CRC); and the real segments in
@@ -36,6 +40,7 @@ rewrite it (after a format change) with::
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import struct
@@ -51,6 +56,7 @@ from hypothesis import strategies as st
 
 from logstate import CorruptionError, LocalFileStorage, PickleNotAllowedError
 from logstate._crc import crc32c
+from logstate._filenames import segment_file_name
 from logstate._format import (
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
@@ -86,10 +92,12 @@ from logstate._format import (
     set_group_op_value,
     set_record_value,
 )
+from logstate._keydir import Keydir
+from logstate._location import KIND_RECORD, Location, unpack_location
+from logstate._reader import decompress_group
 from logstate._scan import (
     FRAME_COMPRESSED_GROUP,
     FRAME_GROUP,
-    FRAME_PLAIN,
     Damage,
     Frame,
     replay_frame,
@@ -100,6 +108,8 @@ from logstate._values import decode_value, encode_value
 FUZZ = settings.get_profile("logstate-fuzz")  # registered in fuzz/conftest.py
 CORPUS_DIR = Path(__file__).parent / "corpus"
 MEMORY_SLACK = 1 << 20  # bytes: interpreter and zstd noise on top of the bound
+SEGMENT_NUMBER = 1  # of every segment decoded (the corpus files are first segments)
+SEGMENT_PATH = segment_file_name(SEGMENT_NUMBER)  # names it in the index's errors
 
 
 # =========================================================================== corpus
@@ -189,81 +199,111 @@ def check_value(value: memoryview) -> None:
         decode_value(value, allow_pickle=False)
 
 
-def read_back(record_or_op: bytes, kind: int, op_type: int, ns: str, key: str) -> None:
-    """Read one located operation back as ``Engine.get`` / ``Engine._read_value`` do.
+def read_back(data: bytes, loc: Location, ns: str, key: str) -> str:
+    """Read the value at ``loc`` (in segment ``data``) with the read path's checks.
 
-    The bytes were accepted by recovery, so every read check must pass.
+    Recovery indexed it, so every check must pass. Returns the kind of
+    location read: "record", "group op" or "compressed".
     """
-    if kind == FRAME_PLAIN:
-        assert check_record(record_or_op) == op_type
-        op = decode_op(op_type, record_or_op, RECORD_OVERHEAD, len(record_or_op))
+    if isinstance(loc, tuple):
+        _number, record_offset, record_size, op_offset, op_size, _share = loc
+        record = data[record_offset : record_offset + record_size]
+        raw = decompress_group(SEGMENT_PATH, record_offset, record)
+        located = bytes(raw[op_offset : op_offset + op_size])
+        kind = "compressed"
+    else:
+        _number, offset, size, location_kind = unpack_location(loc)
+        located = data[offset : offset + size]
+        kind = "record" if location_kind == KIND_RECORD else "group op"
+    if kind == "record":
+        op_type = check_record(located)
+        op = decode_op(op_type, located, RECORD_OVERHEAD, len(located))
         fast_read = set_record_value
     else:
-        assert check_group_op(record_or_op) == GROUP_OP_SIZE
-        op = decode_op(record_or_op[4], record_or_op, GROUP_OP_SIZE, len(record_or_op))
+        assert check_group_op(located) == GROUP_OP_SIZE
+        op = decode_op(located[4], located, GROUP_OP_SIZE, len(located))
         fast_read = set_group_op_value
-    assert (op.op_type, op.ns, op.key) == (op_type, ns, key)
-    if op_type not in (REC_SET, REC_CHECKPOINT):
-        return
-    value = memoryview(record_or_op)[op.value_start : op.value_end]
-    if op_type == REC_SET:
+    assert (op.ns, op.key) == (ns, key)
+    assert op.op_type == (REC_SET if key else REC_CHECKPOINT)
+    value = memoryview(located)[op.value_start : op.value_end]
+    if op.op_type == REC_SET:
         prefix = encode_name(ns) + encode_name(key)
-        assert fast_read(record_or_op, prefix) == bytes(value)
-        assert fast_read(record_or_op, encode_name(ns) + encode_name(key + "x")) is None
+        assert fast_read(located, prefix) == bytes(value)
+        assert fast_read(located, encode_name(ns) + encode_name(key + "x")) is None
     check_value(value)
+    return kind
 
 
-def apply_frame(data: bytes, frame: Frame) -> None:
-    """Decode one scanned frame as ``Engine._apply_frame`` does, and read it back.
+def index_state(keydir: Keydir) -> tuple[dict[str, dict[str, Location]], Location | None, int]:
+    """A copy of everything the index holds."""
+    return copy.deepcopy(keydir.namespaces), keydir.checkpoint, keydir.live_bytes
 
-    Recovery uses ``replay_frame``; the general decoders (``decode_op``,
-    ``decode_group``) must accept exactly the same frames with the same
-    operations, or reads and recovery would disagree about a segment.
+
+def replay(keydir: Keydir, data: bytes, frame: Frame) -> set[str]:
+    """Replay one scanned frame with ``Keydir.apply_frame``, as recovery does, and read it back.
+
+    ``keydir`` is the index of the segment so far. The general decoders
+    (``decode_op``, ``decode_group``) must accept exactly the frames that
+    recovery (``replay_frame``) accepts, with the same operations, or reads
+    and recovery would disagree about a segment. A frame recovery refuses
+    changes nothing in ``keydir``. Returns the kinds of location read back.
     """
     start = frame.offset + RECORD_OVERHEAD
     end = frame.offset + frame.size
     try:
         if frame.record_type == REC_GROUP:
             payload = memoryview(data)[frame.offset + FRAME_HEADER_SIZE : end]
-            _compressed, buf, ops = decode_group(payload, frame.offset + FRAME_HEADER_SIZE)
+            _compressed, _buf, ops = decode_group(payload, frame.offset + FRAME_HEADER_SIZE)
             general = [(g.op.op_type, g.op.ns, g.op.key) for g in ops]
         else:
             op = decode_op(frame.record_type, data, start, end)
             general = [(op.op_type, op.ns, op.key)]
     except CorruptionError:
         general = None
+    before = index_state(keydir)
     try:
-        kind, replayed = replay_frame(data, frame.offset, frame.size, frame.record_type)
+        keydir.apply_frame(data, frame, SEGMENT_NUMBER, 0)
     except CorruptionError:
         assert general is None, f"recovery refuses a frame the decoders accept: {general}"
+        assert index_state(keydir) == before, "a refused frame changed the index"
         raise
+    keydir._check()
+    _kind, replayed = replay_frame(data, frame.offset, frame.size, frame.record_type)
     assert general == [(t, ns, key) for t, ns, key, _o, _s in replayed], (
         "recovery accepts a frame the decoders refuse" if general is None else "they disagree"
     )
-    for op_type, ns, key, op_offset, op_size in replayed:
-        if kind == FRAME_COMPRESSED_GROUP:
-            located = bytes(buf[op_offset : op_offset + op_size])
-        else:
-            located = data[op_offset : op_offset + op_size]
-        read_back(located, kind, op_type, ns, key)
+    # what this frame indexes on its own: each of its locations, read back
+    own = Keydir(SEGMENT_PATH)
+    own.apply_frame(data, frame, SEGMENT_NUMBER, 0)
+    own._check()
+    located = [(loc, ns, key) for ns, index in own.namespaces.items() for key, loc in index.items()]
+    if own.checkpoint is not None:
+        located.append((own.checkpoint, "", ""))
+    try:
+        kinds = {read_back(data, loc, ns, key) for loc, ns, key in located}
+    except CorruptionError as exc:  # not damage: recovery accepted these bytes
+        raise AssertionError(f"a location recovery indexed fails the read checks: {exc}") from exc
+    return kinds
 
 
 def decode_segment(data: bytes, start: int) -> None:
-    """Recover ``data`` as the engine does (header, scan, apply every frame).
+    """Recover ``data`` as the engine does (header, scan, apply every frame to an index).
 
-    Only CorruptionError may come out of the decoders; it is swallowed per
-    frame (salvage keeps going). Anything else propagates and fails the test.
+    Only CorruptionError may come out of the decoders and the index; it is
+    swallowed per frame (salvage keeps going). Anything else propagates and
+    fails the test.
     """
     if start:
         # the engine would refuse a file with a bad header; scan it anyway, for coverage
         with contextlib.suppress(CorruptionError):
             decode_segment_header(data)
+    keydir = Keydir(SEGMENT_PATH)
     frames: list[Frame] = []
     damages: list[Damage] = []
     for frame in scan_records(data, start, damages.append):
         frames.append(frame)
         with contextlib.suppress(CorruptionError):
-            apply_frame(data, frame)
+            replay(keydir, data, frame)
     # frames and damage reports tile [start, len(data)) exactly
     ranges = sorted([(f.offset, f.size) for f in frames] + [(d.offset, d.size) for d in damages])
     position = start
@@ -498,12 +538,14 @@ def test_corpus_segments_are_clean_and_cover_every_record_type() -> None:
     assert len(CORPUS) >= 4, f"seed corpus missing in {CORPUS_DIR}"
     seen_types: set[int] = set()
     group_kinds: set[int] = set()
+    read_kinds: set[str] = set()
     for name, data in CORPUS.items():
         assert decode_segment_header(data) == 1, name
         damages: list[Damage] = []
+        keydir = Keydir(SEGMENT_PATH)
         for frame in scan_records(data, SEGMENT_HEADER_SIZE, damages.append):
             seen_types.add(frame.record_type)
-            apply_frame(data, frame)  # a clean segment: no CorruptionError at all
+            read_kinds |= replay(keydir, data, frame)  # a clean segment: no CorruptionError
             kind, ops = replay_frame(data, frame.offset, frame.size, frame.record_type)
             if frame.record_type == REC_GROUP:
                 group_kinds.add(kind)
@@ -511,6 +553,7 @@ def test_corpus_segments_are_clean_and_cover_every_record_type() -> None:
         assert damages == [], (name, damages)
     assert seen_types == set(RECORD_TYPES)
     assert group_kinds == {FRAME_GROUP, FRAME_COMPRESSED_GROUP}
+    assert read_kinds == {"record", "group op", "compressed"}
 
 
 @FUZZ

@@ -46,7 +46,8 @@ def parse_segment_file_name(name: str) -> int | None:
     if not (name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
         return None
     digits = name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
-    if len(digits) != 10 or not digits.isdigit():
+    # ASCII only: isdigit() also takes other scripts' digits, which int() reads or refuses
+    if len(digits) != 10 or not (digits.isascii() and digits.isdigit()):
         return None
     return int(digits)
 

@@ -11,11 +11,13 @@ Must never: read a file or the environment.
 from __future__ import annotations
 
 from collections.abc import Callable
+from threading import TIMEOUT_MAX
 from typing import Any, Final, NamedTuple
 
 __all__ = [
     "DEFAULT_OPTIONS",
     "MAX_SEGMENT_SIZE",
+    "MAX_SYNC_INTERVAL",
     "MIN_SEGMENT_SIZE",
     "RECOVERY_MODES",
     "SYNC_MODES",
@@ -27,6 +29,7 @@ SYNC_MODES: Final = ("none", "interval", "always")
 RECOVERY_MODES: Final = ("strict", "prefix", "salvage")
 MIN_SEGMENT_SIZE: Final = 4096
 MAX_SEGMENT_SIZE: Final = 1 << 31
+MAX_SYNC_INTERVAL: Final = TIMEOUT_MAX  # seconds: the longest wait the interval syncer can make
 
 
 class EngineOptions(NamedTuple):
@@ -80,7 +83,11 @@ def validate_options(given: dict[str, object]) -> EngineOptions:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, modes))}, got {value!r}")
     # name: (is the type right, is the value accepted (asked of the right type only), accepts)
     checks: dict[str, tuple[Callable[[Any], bool], Callable[[Any], bool], str]] = {
-        "sync_interval": (_is_number, lambda v: v > 0, "a positive number of seconds"),
+        "sync_interval": (
+            _is_number,
+            lambda v: 0 < v <= MAX_SYNC_INTERVAL,
+            f"a positive number of seconds, at most {MAX_SYNC_INTERVAL:.0f}",
+        ),
         "segment_size": (
             _is_int,
             lambda v: MIN_SEGMENT_SIZE <= v <= MAX_SEGMENT_SIZE,
