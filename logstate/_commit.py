@@ -103,8 +103,13 @@ class GroupCommit:
         if self.synced_pos < durable_pos:
             self.synced_pos = durable_pos
 
-    def final_sync(self, fd: int | None, written_pos: int) -> None:
-        """close(): make every byte durable, in the sync turn (no commit after it)."""
+    def final_sync(self, fd: int | None, written_pos: int, notify: bool = True) -> None:
+        """close(): make every byte durable, in the sync turn (no commit after it).
+
+        ``notify``: tell the listener here (the engine passes False and
+        delivers after it saved the index snapshot, so that a listener that
+        raises cannot cost the snapshot).
+        """
         with self.turn:
             if fd is not None:
                 try:
@@ -116,7 +121,7 @@ class GroupCommit:
             # commit must find its record covered, not sync a closed fd
             self._life.final_synced = True
             self.advance(written_pos)
-            if self.listener is not None:
+            if notify and self.listener is not None:
                 self.listener(written_pos)
 
     def after_fork(self) -> None:

@@ -349,11 +349,15 @@ class Engine:
     def _final_sync(self) -> None:
         """close(): make every byte durable, then save the index snapshot."""
         active = self.segments.active
-        self.commit.final_sync(active.fd if active else None, self.appender.written_pos)
+        written_pos = self.appender.written_pos
+        self.commit.final_sync(active.fd if active else None, written_pos, notify=False)
         try:
             save_snapshot(self.fs, self.segments, self.keydir, self.appender.seq)
         except OSError as exc:  # a cache: the next open scans instead
             log.warning("%s: index snapshot not written: %r", self.path, exc)
+        # last: a commit listener that raises here leaves the store whole
+        # (its error is raised by close, which still releases everything)
+        self.appender.deliver(written_pos)
 
     def _release_resources(self) -> None:
         """Close every mapping and descriptor, release the lock: each one whatever fails.

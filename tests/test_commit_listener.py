@@ -507,12 +507,16 @@ def test_a_listener_raising_at_close_raises_from_close_and_releases(tmp_path: Pa
     listener = Recorder(engine, hook=fail_once_at({1}))
     engine.add_commit_listener(listener)
     store["a"] = 1
+    for i in range(100):  # enough data for an index snapshot smaller than it
+        store[f"k{i}"] = "v" * 200
     with pytest.raises(ListenerError):
         store.close()
     assert engine.closed and store.closed
     with LocalFileStorage(directory) as again:  # released: opens (a new engine)
         assert again._engine is not engine
         assert again["a"] == 1
+        # the listener ran after the index snapshot was saved: it cost nothing
+        assert again.report.snapshot_used
 
 
 # ---------------------------------------------------------------------- no gap in seqs
