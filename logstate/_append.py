@@ -83,7 +83,7 @@ class Appender:
         # commit listeners (see add_listener)
         self.listener: CommitListener | None = None
         self._undelivered: deque[tuple[int, int, bytes]] = deque()  # seq, end pos, record
-        self._queued_seq = 0
+        self._delivered_seq = 0  # the last seq the listener returned from
         self._delivering = threading.Lock()
 
     # ------------------------------------------------------------------ append
@@ -216,7 +216,7 @@ class Appender:
                 self._keydir.apply_frame(record, frames[0], segment.number, -offset)
                 segment.size = offset + size
                 self.written_pos = pos_before + size
-                if self.listener is not None and frames[0].seq > self._queued_seq:
+                if self.listener is not None and not self._queued(frames[0].seq):
                     self.queue(frames[0].seq, self.written_pos, record)
             else:
                 if on_disk > offset:
@@ -244,7 +244,11 @@ class Appender:
         "interval" (or a roll's, or close's), as soon as it is written with
         sync="none". Called outside the write lock, from the thread whose
         sync made it durable. A listener that raises gets the same record
-        again at the next delivery (the exception propagates to that call).
+        again at the next delivery (the exception propagates to that call);
+        so does one interrupted (KeyboardInterrupt) in the few bytecodes
+        between its return and the record being marked delivered: a
+        consumer that must never see a record twice keeps the last seq it
+        took (the seq is in every record).
         """
         if self.listener is not None:
             raise ValueError("a commit listener is already set")
@@ -253,7 +257,11 @@ class Appender:
     def queue(self, seq: int, end_pos: int, record: bytes) -> None:
         """Hold a committed record for the listener until it is durable."""
         self._undelivered.append((seq, end_pos, record))
-        self._queued_seq = seq
+
+    def _queued(self, seq: int) -> bool:
+        """Was the record ``seq`` (the newest written) queued or delivered already?"""
+        undelivered = self._undelivered
+        return seq <= self._delivered_seq or bool(undelivered and undelivered[-1][0] >= seq)
 
     def deliver(self, durable_pos: int) -> None:
         """Give the listener every queued record that ends at or before ``durable_pos``.
@@ -267,8 +275,14 @@ class Appender:
         with self._delivering:
             while undelivered and undelivered[0][1] <= durable_pos:
                 seq, _end, record = undelivered[0]
-                listener(seq, record)
+                if seq > self._delivered_seq:  # (else delivered: an interrupt stopped the pop)
+                    listener(seq, record)
+                    self._delivered_seq = seq
                 undelivered.popleft()
+
+    def after_fork(self) -> None:
+        """In a forked child: a new delivery lock (a parent thread may have held it)."""
+        self._delivering = threading.Lock()
 
     def _check(self) -> None:
         assert self.in_flight is None, "an interrupted append left unsettled"

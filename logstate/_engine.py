@@ -231,8 +231,8 @@ class Engine:
         (see ``Appender.add_listener``: in seq order, once durable)."""
         with self._lock:
             self.writer.check_writable()
+            self.commit.listener = self.appender.deliver  # (first: does nothing without one)
             self.appender.add_listener(listener)
-            self.commit.listener = self.appender.deliver
 
     def compact(self) -> CompactionResult:
         """Compact every sealed segment now (see ``_compact``); returns what it did."""
@@ -416,6 +416,8 @@ class Engine:
         self.writer._lock = self.reader._lock = self.scheduler._lock = lock
         self.compactor.after_fork(lock)
         self.commit.after_fork()
+        self.segments.sync_turn = self.commit.turn
+        self.appender.after_fork()
         self.scheduler.after_fork()
         for fd in self.segments.forget_after_fork():
             try:

@@ -55,22 +55,22 @@ class Lifecycle:
 
     def fail(self, exc: BaseException) -> None:
         """Refuse every later write: ``exc`` (a failed write or sync) is why."""
+        self.blocked = True  # first: an interrupt between the two leaves writes refused
         self.failed = exc
-        self.blocked = True
 
     def begin_close(self) -> None:
+        self.blocked = True  # (first, as in fail)
         self.closing = True
-        self.blocked = True
 
     def mark_closed(self) -> None:
+        self.blocked = True  # (first, as in fail)
         self.closed = True
-        self.blocked = True
 
     def mark_forked(self, owner_pid: int) -> None:
         """In a child forked from ``owner_pid``: unusable, nothing of it is the child's."""
+        self.blocked = True  # (first, as in fail)
         self.forked_from = owner_pid
         self.closed = self.released = True
-        self.blocked = True
 
     def closed_error(self) -> StorageClosedError:
         """The error for a call on this closed engine (StorageForkedError in a forked child)."""
@@ -115,7 +115,8 @@ class Lifecycle:
         return StorageClosedError(f"storage {self.path} closed during {what}")
 
     def _check(self) -> None:
-        assert self.blocked == (
+        # blocked is set before the flag it sums up: it may run ahead, never behind
+        assert self.blocked or not (
             self.read_only or self.closing or self.closed or self.failed is not None
-        ), "blocked disagrees with the flags"
+        ), "a flag is set but writes are not blocked"
         assert not self.released or self.closed, "released but not closed"

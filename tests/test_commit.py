@@ -232,3 +232,25 @@ def test_advance_only_moves_forward() -> None:
     log.write(150)
     commit.commit(150)
     assert fs.calls == 0
+
+
+def test_lifecycle_blocks_writes_before_it_sets_the_flag_that_blocks_them() -> None:
+    """An interrupt between the two assignments must leave writes refused (the slow check)."""
+    order: list[str] = []
+
+    class Recording(Lifecycle):
+        def __setattr__(self, name: str, value: object) -> None:
+            order.append(name)
+            super().__setattr__(name, value)
+
+    for call, flag in (
+        (lambda life: life.fail(OSError(5, "EIO")), "failed"),
+        (lambda life: life.begin_close(), "closing"),
+        (lambda life: life.mark_closed(), "closed"),
+        (lambda life: life.mark_forked(1), "forked_from"),
+    ):
+        life = Recording("/store", read_only=False)
+        order.clear()
+        call(life)
+        assert order.index("blocked") < order.index(flag), (flag, order)
+        life._check()

@@ -581,3 +581,29 @@ def test_a_failed_storage_refuses_a_listener(tmp_path: Path) -> None:
     with pytest.raises(StorageFailedError):
         engine.add_commit_listener(Recorder(engine))
     store.close()
+
+
+# ---------------------------------------------------------------------- interrupted bookkeeping
+def test_a_record_already_queued_or_delivered_is_never_queued_or_delivered_again(
+    tmp_path: Path,
+) -> None:
+    """What settle and deliver check after an interrupt cut their bookkeeping short."""
+    store = LocalFileStorage(tmp_path / "store", sync="interval", sync_interval=LONG)
+    engine = store._engine
+    seen: list[int] = []
+    engine.add_commit_listener(lambda seq, record: seen.append(seq))
+    store["a"] = 1
+    appender = engine.appender
+    seq = appender.seq
+    assert appender._queued(seq)  # queued: a settle of it must not queue it again
+    assert not appender._queued(seq + 1)
+    engine.sync()
+    assert seen == [seq]
+    assert appender._queued(seq)  # delivered counts as queued
+    # an interrupt between the listener's return and the pop: the entry is still there
+    appender._undelivered.appendleft((seq, 0, b"record"))
+    engine.sync()
+    appender.deliver(appender.written_pos)
+    assert seen == [seq]  # not delivered twice
+    assert not appender._undelivered
+    store.close()
