@@ -243,12 +243,13 @@ def test_lifecycle_blocks_writes_before_it_sets_the_flag_that_blocks_them() -> N
             order.append(name)
             super().__setattr__(name, value)
 
-    for call, flag in (
+    calls: list[tuple[Callable[[Lifecycle], None], str]] = [
         (lambda life: life.fail(OSError(5, "EIO")), "failed"),
         (lambda life: life.begin_close(), "closing"),
         (lambda life: life.mark_closed(), "closed"),
         (lambda life: life.mark_forked(1), "forked_from"),
-    ):
+    ]
+    for call, flag in calls:
         life = Recording("/store", read_only=False)
         order.clear()
         call(life)
