@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Final
 
