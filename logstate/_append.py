@@ -25,7 +25,7 @@ from logstate._fs import FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
 from logstate._options import EngineOptions
-from logstate._scan import Damage, scan_records
+from logstate._scan import ignore_damage, scan_records
 from logstate._schedule import CompactionScheduler
 from logstate._segments import Segment, SegmentSet
 from logstate._switch import PendingSwitch
@@ -34,10 +34,6 @@ __all__ = ["Appender", "CommitListener"]
 
 # called with (seq, exact record bytes) of each committed record, in seq order
 CommitListener = Callable[[int, bytes], None]
-
-
-def _ignore(_damage: Damage) -> None:
-    """A scanner report nobody needs."""
 
 
 class Appender:
@@ -208,7 +204,7 @@ class Appender:
             on_disk = self._fs.file_size(segment.fd)
             if on_disk >= offset + size:
                 record = self._fs.pread(segment.fd, size, offset)
-                frames = list(scan_records(record, 0, _ignore))
+                frames = list(scan_records(record, 0, ignore_damage))
                 if len(frames) != 1 or frames[0].size != size:
                     raise CorruptionError(
                         segment.path, offset, "interrupted record reads back wrong"

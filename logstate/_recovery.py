@@ -34,7 +34,7 @@ from logstate._keydir import Keydir
 from logstate._options import EngineOptions
 from logstate._replay import SegmentReplay, scanner
 from logstate._report import RecoveryReport, SalvagedRange, TornTail
-from logstate._scan import Damage
+from logstate._scan import ignore_damage
 from logstate._segments import Segment, SegmentSet
 from logstate._snapshot import (
     TAIL_BYTES,
@@ -68,10 +68,6 @@ class Recovered(NamedTuple):
     keydir: Keydir
     seq: int
     report: RecoveryReport
-
-
-def _ignore(_damage: Damage) -> None:
-    """A scanner report nobody needs."""
 
 
 def _header_torn(data: bytes) -> bool:
@@ -385,7 +381,7 @@ class _Recovery:
         def records_follow() -> bool:
             """Is there a valid record anywhere after the header? (scanned once, if asked)"""
             if not follow:
-                scan = scanner(self._fs, fd, SEGMENT_HEADER_SIZE, size, _ignore)
+                scan = scanner(self._fs, fd, SEGMENT_HEADER_SIZE, size, ignore_damage)
                 follow.append(next(scan.frames(), None) is not None)
             return follow[0]
 

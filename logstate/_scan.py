@@ -108,6 +108,10 @@ def _resync(data: bytes | memoryview, offset: int, end: int) -> int:
     return end
 
 
+def ignore_damage(_damage: Damage) -> None:
+    """A ``report`` for a scan whose caller needs no damage report."""
+
+
 def scan_records(
     data: bytes | memoryview, start: int, report: Callable[[Damage], None]
 ) -> Iterator[Frame]:

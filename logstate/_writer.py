@@ -13,6 +13,7 @@ inline copy in ``set`` excepted: ``tests/test_format.py`` proves it equal).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from logstate import _format as fmt
 from logstate._append import Appender
@@ -112,6 +113,22 @@ class Writer:
         self._commit(end_pos)
         if ap.listener is not None:
             self.deliver()
+
+    def _append_applied(self, record_type: int, body: bytes, apply: Callable[[], object]) -> int:
+        """Under the lock: append one record, then ``apply`` it to the index; its end position.
+
+        An exception anywhere in between is settled from the file (the
+        record whole: the after state, replayed; else the before state).
+        """
+        ap = self._appender
+        try:
+            end_pos = ap.write(record_type, body)[3]
+            apply()
+        except BaseException:
+            ap.interrupted()
+            raise
+        ap.in_flight = None
+        return end_pos
 
     def _after_write(self, end_pos: int, durable: bool = False) -> None:
         """After a write, outside the lock: the sync it waits for (every write with
@@ -215,55 +232,39 @@ class Writer:
 
     def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
         """Delete ``key``; write nothing and return False when it is absent."""
-        ap = self._appender
+        keydir = self._keydir
         with self._lock:
             self.check_writable()
-            index = self._keydir.require(ns)
-            if key not in index:
+            if key not in keydir.require(ns):
                 return False
-            try:
-                *_, end_pos = ap.write(
-                    REC_DELETE, ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
-                )
-                self._keydir.live_bytes -= location_size(index.pop(key))
-            except BaseException:
-                ap.interrupted()
-                raise
-            ap.in_flight = None
+            body = ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
+            end_pos = self._append_applied(REC_DELETE, body, lambda: keydir.delete(ns, key))
         self._after_write(end_pos)
         return True
 
     def clear(self, ns: str) -> None:
         """Remove every key of ``ns`` and every sub-storage below it: one record."""
-        ap = self._appender
+        keydir = self._keydir
         with self._lock:
             self.check_writable()
-            self._keydir.require(ns)
-            try:
-                *_, end_pos = ap.write(REC_CLEAR, fmt.encode_name(ns))
-                self._keydir.clear(ns, drop_self=False)
-            except BaseException:
-                ap.interrupted()
-                raise
-            ap.in_flight = None
+            keydir.require(ns)
+            end_pos = self._append_applied(
+                REC_CLEAR, fmt.encode_name(ns), lambda: keydir.clear(ns, drop_self=False)
+            )
         self._after_write(end_pos)
 
     def create_namespace(self, ns: str) -> None:
         """Make sub-storage ``ns`` exist (its parent must exist)."""
-        ap = self._appender
+        keydir = self._keydir
         with self._lock:
             if ns in self._namespaces and not (self._life.closed or self._life.closing):
                 return  # nothing to write: a read, allowed after a failed write
             self.check_writable()
             parent = ns.rpartition(NS_SEPARATOR)[0]
-            self._keydir.require(parent)
-            try:
-                *_, end_pos = ap.write(REC_CREATE_NS, fmt.encode_name(ns))
-                self._namespaces[ns] = {}
-            except BaseException:
-                ap.interrupted()
-                raise
-            ap.in_flight = None
+            keydir.require(parent)
+            end_pos = self._append_applied(
+                REC_CREATE_NS, fmt.encode_name(ns), lambda: keydir.ensure(ns)
+            )
         self._after_write(end_pos)
 
     def drop_namespaces(self, namespaces: list[str]) -> int:
@@ -272,7 +273,7 @@ class Writer:
         Returns:
             How many of them existed (only those are written).
         """
-        ap = self._appender
+        keydir = self._keydir
         with self._lock:
             self.check_writable()
             present = [ns for ns in namespaces if ns in self._namespaces]
@@ -283,14 +284,12 @@ class Writer:
             else:
                 record_type = REC_GROUP
                 body = fmt.encode_group_body([(REC_DROP_NS, fmt.encode_name(ns)) for ns in present])
-            try:
-                *_, end_pos = ap.write(record_type, body)
+
+            def drop() -> None:
                 for ns in present:
-                    self._keydir.clear(ns, drop_self=True)
-            except BaseException:
-                ap.interrupted()
-                raise
-            ap.in_flight = None
+                    keydir.clear(ns, drop_self=True)
+
+            end_pos = self._append_applied(record_type, body, drop)
         self._after_write(end_pos)
         return len(present)
 
