@@ -322,9 +322,7 @@ class Reader:
         with self._lock:  # the writers change the index (and note changes) under it
             keys = self._keydir.sorted_keys(ns)
             low, high = key_range(keys, start, stop, prefix)
-            if reverse:
-                return keys[high - 1 : low - 1 : -1] if low else keys[high - 1 :: -1]
-            return keys[low:high]
+            return keys[low:high][::-1] if reverse else keys[low:high]
 
     def count_range(self, ns: str, start: str | None, stop: str | None, prefix: str | None) -> int:
         """How many keys :meth:`ordered_keys` would list."""
