@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from logstate import _format as fmt
+from logstate._clock import Clock
 from logstate._errors import CorruptionError, StorageFailedError
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
@@ -49,7 +50,9 @@ class Appender:
         switch: PendingSwitch,
         scheduler: CompactionScheduler,
         seq: int,
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._fs = fs
         self._life = life
         self._segments = segments
@@ -157,7 +160,11 @@ class Appender:
         # Every byte written so far is durable (the old segment's fdatasync,
         # the new header's).
         self.durable_pos(self.written_pos)
-        self._scheduler.on_roll(segments.total_size(), self._keydir.live_bytes, self.segment_size)
+        keydir = self._keydir
+        live = keydir.live_bytes
+        if keydir.expiring:  # expired values are dead bytes to the trigger too
+            live -= keydir.expired_bytes(self._clock.now())
+        self._scheduler.on_roll(segments.total_size(), live, self.segment_size)
         return new
 
     def sync_target(self) -> tuple[int, int]:

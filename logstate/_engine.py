@@ -66,7 +66,6 @@ from logstate._format import FORMAT_VERSION
 from logstate._fs import OS_FS, FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
-from logstate._location import location_size
 from logstate._options import EngineOptions
 from logstate._reader import Reader
 from logstate._recovery import recover, save_snapshot
@@ -157,13 +156,13 @@ class Engine:
         self.scheduler = scheduler = CompactionScheduler(
             options, life, lock, self.compact, f"logstate-compact:{path}"
         )
+        self.clock = clock = Clock(options.clock, keydir)
         self.appender = appender = Appender(
-            fs, options, life, segments, keydir, switch, scheduler, recovered.seq
+            fs, options, life, segments, keydir, switch, scheduler, recovered.seq, clock
         )
         self.commit = commit = GroupCommit(fs, life, self._sync_target)
         segments.sync_turn = commit.turn
         appender.durable_pos = commit.advance
-        self.clock = clock = Clock(options.clock, keydir)
         self.writer = writer = Writer(
             fs, options, lock, life, keydir, segments, appender, commit, scheduler, clock
         )
@@ -263,19 +262,15 @@ class Engine:
             total = self.segments.total_size()
             # expired keys are dead: still indexed until compaction drops them
             now_s = self.clock.now() if keydir.expiring else 0.0
-            expired = [
-                keydir.namespaces[ns][key]
-                for ns in keydir.expiring
-                for key in keydir.expired_keys(ns, now_s)
-            ]
-            live = keydir.live_bytes - sum(map(location_size, expired))
+            expired = sum(len(keydir.expired_keys(ns, now_s)) for ns in keydir.expiring)
+            live = keydir.live_bytes - (keydir.expired_bytes(now_s) if expired else 0)
             return {
                 "segments": len(self.segments.segments),
                 "total_bytes": total,
                 "live_bytes": live,
                 "dead_bytes": total - live,
-                "keys": keydir.key_count() - len(expired),
-                "expiring_keys": sum(map(len, keydir.expiring.values())) - len(expired),
+                "keys": keydir.key_count() - expired,
+                "expiring_keys": sum(map(len, keydir.expiring.values())) - expired,
                 "sub_storages": len(keydir.namespaces) - 1,
             }
 

@@ -256,6 +256,15 @@ class Keydir:
             return []
         return [key for key, deadline_s in found.items() if deadline_s <= now_s]
 
+    def expired_bytes(self, now_s: float) -> int:
+        """The live bytes of the keys that expired at ``now_s`` (dead, until compaction)."""
+        namespaces = self.namespaces
+        return sum(
+            location_size(namespaces[ns][key])
+            for ns in self.expiring
+            for key in self.expired_keys(ns, now_s)
+        )
+
     def sub_namespaces(self) -> list[str]:
         """Every namespace but the root, parents before children."""
         return sorted((n for n in self.namespaces if n), key=lambda n: (n.count(NS_SEPARATOR), n))

@@ -199,7 +199,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats_out, sort_keys=True))
         return EXIT_OK
     print(f"{args.dir}")
-    print(f"  keys:          {stats['keys']:,} (all storages)")
+    expiring = f", {stats['expiring_keys']:,} of them with a ttl" if stats["expiring_keys"] else ""
+    print(f"  keys:          {stats['keys']:,} (all storages{expiring})")
     print(f"  sub-storages:  {stats['sub_storages']}" + (f" ({', '.join(names)})" if names else ""))
     print(f"  segments:      {stats['segments']}")
     print(f"  total:         {_mib(total)}")

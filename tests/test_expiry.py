@@ -188,6 +188,23 @@ def test_compaction_drops_expired_records_and_stats_count_them_dead(tmp_path: Pa
         assert visible(s) == {"plain": 1}
 
 
+def test_expired_bytes_start_a_background_compaction(tmp_path: Path) -> None:
+    clock = Clock()
+    options: dict[str, Any] = {"segment_size": 64 * 1024, "compact_min_size": 0}
+    with LocalFileStorage(tmp_path / "s", clock=clock, sync="none", **options) as s:
+        for i in range(100):  # about 100 KiB, all live until they expire
+            s.set(f"e{i:03d}", "v" * 1000, ttl=10)
+        s._engine.wait_for_background_compaction()
+        assert s._engine.keydir.key_count() == 100  # nothing dead yet: nothing compacted
+        clock.now += 11
+        for i in range(70):  # rolls a segment: the trigger sees the expired bytes as dead
+            s[f"p{i:03d}"] = "w" * 1000
+        s._engine.wait_for_background_compaction()
+        s._check()
+        assert s._engine.keydir.key_count() < 170  # expired keys dropped from the index
+        assert len(s) == 70
+
+
 def test_a_key_written_again_during_compaction_is_not_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,7 +28,11 @@ Rows (keys ``key-%08d`` and 100-byte random values of a fixed seed, as in
   new keys changed before each flush, N / 1,000 flushes, counted per key
   (N must be a multiple of 1,000). ``sync="none"`` on the backing storage,
   so no ``fdatasync`` is made; the ``InMemoryStorage`` sets before each
-  flush are not counted.
+  flush are not counted;
+- ``range``: ``list(LocalFileStorage.keys(start, stop))`` of 10 consecutive
+  keys among the N keys written, each read after one new key was set (the
+  set is not counted): the cost of an ordered read whose sorted view merges
+  one change (see docs/design.md, "Order of keys").
 
 Only the measured calls are counted: the workload runs with
 ``--collect-atstart=no --toggle-collect=sys_call_tracing`` and makes every
@@ -76,6 +80,7 @@ ROWS: dict[str, str] = {
     "set": "LocalFileStorage.set (100-byte value)",
     "get": "LocalFileStorage.get (100-byte value)",
     "flush": "InMemoryStorage.flush, per key (1,000 keys per flush)",
+    "range": "LocalFileStorage.keys(start, stop) listing 10 of N keys, after 1 new key",
 }
 _TOTAL_LINE = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
@@ -101,6 +106,10 @@ def _set_loop(set_: Callable[[str, bytes], None], keys: list[str], values: list[
 def _get_loop(get: Callable[[str], Any], keys: list[str]) -> None:
     for key in keys:
         get(key)
+
+
+def _range_read(keys: Callable[..., Any], start: str, stop: str) -> None:
+    list(keys(start, stop))
 
 
 def _instrumentation_on(control: str | None) -> None:
@@ -141,7 +150,7 @@ def run_workload(
     module docstring).
 
     Args:
-        row: "set", "get" or "flush".
+        row: "set", "get", "flush" or "range".
         ops: N, the number of operations of the measured run.
         measured: True: do the N operations; False: do none.
         directory: the storage directory to create (must not exist).
@@ -192,6 +201,16 @@ def run_workload(
                 memory[keys[i]] = values[i]
             sys.call_tracing(flush, ())
         backing.close()
+    elif row == "range":
+        store = LocalFileStorage(directory, sync="none", auto_compact=False)
+        _set_loop(store.set, keys, values)
+        list(store.keys())  # the sorted view exists: each read below merges one change
+        starts = rng.sample(range(ops - 10), count)
+        _instrumentation_on(control)
+        for i, first in enumerate(starts):
+            store.set(f"new-{i:08d}", b"")  # not counted: outside sys.call_tracing
+            sys.call_tracing(_range_read, (store.keys, keys[first], keys[first + 10]))
+        store.close()
     else:
         raise ValueError(f"unknown row {row!r}")
     return {
