@@ -1,0 +1,262 @@
+"""Quix's event-time TTL stamps on a logstate partition: what RocksDB's partition does for them.
+
+Owns: the partition side of Quix Streams' per-write TTL (3.24+) that
+``RocksDBPartitionTransaction`` calls on its partition: the per-instance
+``uses_ttl_stamps`` flip flag, the event-time high-water mark (kept in the
+``__metadata__`` column family, as RocksDB keeps it), the bounded sweep of
+the ``__ttl_index__`` column family (into the transaction cache, or into the
+flush's own group when changelog tombstones are off), and the replay of a
+``__ttl_stamped__`` changelog record (expired-at-frontier drop, index entry).
+The stamp layout, the index key layout and the validators are Quix's own
+(``quixstreams.state.rocksdb.ttl_codec`` and the RocksDB transaction's
+``_safe_decode_stamp``), imported, never re-declared.
+Must never: read the wall clock for an expiry decision (Quix's TTL is event
+time: the high-water mark), write anything itself (it hands operations to
+the partition's one atomic group), or pretend to finish a legacy-TTL
+migration it does not implement (it raises ``IncompatibleStateStoreError``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+from quixstreams.state.base import PartitionTransactionCache
+from quixstreams.state.metadata import METADATA_CF_NAME, TTL_INDEX_CF_NAME
+from quixstreams.state.rocksdb.exceptions import IncompatibleStateStoreError
+from quixstreams.state.rocksdb.metadata import (
+    STATE_FORMAT_VERSION,
+    STATE_FORMAT_VERSION_KEY,
+    TTL_ENABLED_KEY,
+    TTL_HIGH_WATER_KEY,
+)
+from quixstreams.state.rocksdb.options import RocksDBOptions
+from quixstreams.state.rocksdb.partition import _unwrap_double_stamp
+from quixstreams.state.rocksdb.transaction import _safe_decode_stamp
+from quixstreams.state.rocksdb.ttl_codec import (
+    _MAX_PLAUSIBLE_STAMP_MS,
+    SENTINEL_NEVER,
+    decode_index_key,
+    encode_index_key,
+    encode_ttl_value,
+)
+from quixstreams.state.rocksdb.types import RocksDBOptionsType
+from quixstreams.state.serialization import int_from_bytes, int_to_bytes
+
+__all__ = ["TtlState"]
+
+logger = logging.getLogger(__name__)
+
+# (cf_name, key, value or None for a delete): one operation of an atomic group
+Op = tuple[str, bytes, bytes | None]
+# (cf_name, key) of a delete the sweep decided
+Delete = tuple[str, bytes]
+ReadFunc = Callable[[str, bytes], bytes | None]
+RangeFunc = Callable[[str, bytes, bytes | None], Iterator[tuple[bytes, bytes]]]
+
+
+def flip_metadata_ops() -> list[Op]:
+    """The metadata writes that mark a partition as flipped into TTL mode."""
+    return [
+        (METADATA_CF_NAME, TTL_ENABLED_KEY, b"\x01"),
+        (METADATA_CF_NAME, STATE_FORMAT_VERSION_KEY, int_to_bytes(STATE_FORMAT_VERSION)),
+    ]
+
+
+class TtlState:
+    """The TTL bookkeeping of one partition (see the module docstring).
+
+    Args:
+        options: Quix's options object (its TTL scalars are read once).
+        path: the partition's directory, for messages.
+        read: reads one committed value of ``(cf, key)``, or None.
+        iterate: ordered committed ``(key, value)`` of a cf in ``[lower, upper)``.
+        class_uses_ttl_stamps: False for windowed/timestamped partitions.
+
+    Raises:
+        ValueError: ``max_evictions_per_flush`` is not a positive int.
+        IncompatibleStateStoreError: the stored TTL format is newer than this Quix's.
+    """
+
+    def __init__(
+        self,
+        options: RocksDBOptionsType | None,
+        path: str,
+        read: ReadFunc,
+        iterate: RangeFunc,
+        class_uses_ttl_stamps: bool,
+    ) -> None:
+        opts: RocksDBOptionsType = options if options is not None else RocksDBOptions()
+        if not isinstance(opts.max_evictions_per_flush, int) or opts.max_evictions_per_flush <= 0:
+            raise ValueError(
+                "max_evictions_per_flush must be a strictly positive int, "
+                f"got {opts.max_evictions_per_flush!r}"
+            )
+        self.max_evictions_per_flush: int = opts.max_evictions_per_flush
+        self.legacy_records_ttl: timedelta | None = opts.legacy_records_ttl
+        self.legacy_backfill_chunk_size: int = opts.legacy_backfill_chunk_size
+        self.ttl_changelog_tombstones: bool = opts.ttl_changelog_tombstones
+        self._path = path
+        self._read = read
+        self._iterate = iterate
+        self.enabled_at_open = (
+            class_uses_ttl_stamps and read(METADATA_CF_NAME, TTL_ENABLED_KEY) is not None
+        )
+        self.high_water_ms: int | None = None
+        self._high_water_warned = False
+        # recovery: the event-time frontier captured at the first stamped replay
+        self._frontier_captured = False
+        self._frontier_ms: int | None = None
+        if self.enabled_at_open:
+            self._check_format_version()
+        self._load_high_water()
+
+    # ------------------------------------------------------------------ open
+    def _check_format_version(self) -> None:
+        raw = self._read(METADATA_CF_NAME, STATE_FORMAT_VERSION_KEY)
+        if raw is None:
+            return
+        try:
+            version = int_from_bytes(raw)
+        except Exception:
+            version = -1
+        if version <= 0 or version > STATE_FORMAT_VERSION:
+            raise IncompatibleStateStoreError(
+                f"state at {self._path!r} has TTL format version {version}; this Quix "
+                f"Streams writes version {STATE_FORMAT_VERSION}"
+            )
+
+    def _load_high_water(self) -> None:
+        raw = self._read(METADATA_CF_NAME, TTL_HIGH_WATER_KEY)
+        if raw is None:
+            return
+        try:
+            loaded = int_from_bytes(raw)
+        except Exception:
+            logger.warning("Failed to decode the persisted TTL high-water at %s", self._path)
+            return
+        if loaded < _MAX_PLAUSIBLE_STAMP_MS:
+            self.high_water_ms = loaded
+
+    # ------------------------------------------------------------------ live path
+    def advance_high_water(self, timestamp: int | None) -> None:
+        """Advance the high-water mark (negative and implausible timestamps are ignored)."""
+        if timestamp is None or timestamp < 0:
+            return
+        if timestamp >= _MAX_PLAUSIBLE_STAMP_MS:
+            if not self._high_water_warned:
+                self._high_water_warned = True
+                logger.warning(
+                    "Ignoring implausibly large event-time timestamp %d (>= %d) for the "
+                    "TTL high-water at path=%s",
+                    timestamp,
+                    _MAX_PLAUSIBLE_STAMP_MS,
+                    self._path,
+                )
+            return
+        if self.high_water_ms is None or timestamp > self.high_water_ms:
+            self.high_water_ms = timestamp
+
+    def flush_ops(
+        self, flag_persisted: bool, staged_default: set[bytes], staged_index: set[bytes]
+    ) -> list[Op]:
+        """The TTL operations a flush of a flipped partition adds to its group.
+
+        The flip flag (again, until one group holding it was written: a flip
+        staged at prepare whose flush was aborted must not leave stamped
+        values without it), the high-water mark, and the local sweep when
+        changelog tombstones are off.
+        """
+        ops: list[Op] = []
+        if not flag_persisted:
+            ops.extend(flip_metadata_ops())
+        if self.high_water_ms is not None:
+            ops.append((METADATA_CF_NAME, TTL_HIGH_WATER_KEY, int_to_bytes(self.high_water_ms)))
+        if not self.ttl_changelog_tombstones:
+            for cf_name, key in self._sweep(staged_default, staged_index):
+                ops.append((cf_name, key, None))
+        return ops
+
+    def sweep_into_cache(
+        self,
+        cache: PartitionTransactionCache,
+        staged_default: set[bytes],
+        staged_index: set[bytes],
+    ) -> None:
+        """Stage the sweep's deletes into ``cache`` (the changelog-tombstone path)."""
+        for cf_name, key in self._sweep(staged_default, staged_index):
+            cache.delete(key, prefix=b"", cf_name=cf_name)
+
+    def _sweep(self, staged_default: set[bytes], staged_index: set[bytes]) -> Iterator[Delete]:
+        """RocksDB's bounded sweep: (cf, key) deletes of expired values and stale index keys."""
+        now_ms = self.high_water_ms
+        if now_ms is None:
+            return
+        upper = int_to_bytes(now_ms + 1) if now_ms < SENTINEL_NEVER else None
+        visited = 0
+        for index_key, _ in self._iterate(TTL_INDEX_CF_NAME, b"", upper):
+            if visited >= self.max_evictions_per_flush:
+                break
+            stale = index_key not in staged_index
+            try:
+                expires_at, user_key = decode_index_key(index_key)
+            except ValueError:
+                visited += 1
+                if stale:
+                    yield TTL_INDEX_CF_NAME, index_key
+                continue
+            if expires_at > now_ms:
+                break
+            visited += 1
+            main = self._read("default", user_key)
+            decoded = None if main is None else _safe_decode_stamp(main)
+            if (
+                decoded is not None
+                and decoded[0] != SENTINEL_NEVER
+                and decoded[0] == expires_at
+                and user_key not in staged_default
+            ):
+                yield "default", user_key
+            if stale:
+                yield TTL_INDEX_CF_NAME, index_key
+
+    # ------------------------------------------------------------------ recovery
+    def replay_default(self, key: bytes, value: bytes) -> list[Op]:
+        """The operations that apply one ``__ttl_stamped__`` default-CF changelog record."""
+        decoded = _safe_decode_stamp(value)
+        if decoded is None:
+            stamped, stamp = encode_ttl_value(SENTINEL_NEVER, value), SENTINEL_NEVER
+        else:
+            unwrapped = _unwrap_double_stamp(value, int(time.time() * 1000))
+            if unwrapped is not None:
+                stamp, stamped = unwrapped
+            else:
+                stamped, stamp = value, decoded[0]
+        if stamp != SENTINEL_NEVER:
+            if not self._frontier_captured:
+                self._frontier_ms = self.high_water_ms
+                self._frontier_captured = True
+            if self._frontier_ms is not None and stamp <= self._frontier_ms:
+                return [("default", key, None)]  # expired against the recovery frontier
+            return [
+                ("default", key, stamped),
+                (TTL_INDEX_CF_NAME, encode_index_key(stamp, key), b""),
+            ]
+        return [("default", key, stamped)]
+
+
+def refuse_backfill(path: str, **_: Any) -> int:
+    """Enabling TTL on a populated store written without TTL: not implemented here.
+
+    Raises:
+        IncompatibleStateStoreError: always, naming what to do instead.
+    """
+    raise IncompatibleStateStoreError(
+        f"the logstate store at {path!r} holds values written without TTL, and this flush "
+        "is the first state.set(..., ttl=...): Quix would backfill every stored value with "
+        "an expiry (legacy-TTL migration), which the logstate store does not implement. "
+        "Enable TTL on an empty store, or run the migration on RocksDBStore first."
+    )
