@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from logstate import bytes_to_key, key_to_bytes
+
 __all__ = [
     "MAX_FOLDED_KEY_SIZE",
     "QuixKeyTooLongError",
@@ -34,17 +36,6 @@ __all__ = [
 
 MAX_FOLDED_KEY_SIZE: Final = 4096  # logstate's key limit, UTF-8 bytes
 _SEPARATOR: Final = "\0"
-
-
-# TODO until logstate main has bytes_to_key / key_to_bytes: the same latin-1 mapping.
-def bytes_to_key(raw: bytes) -> str:
-    """The ``str`` whose code points are the bytes of ``raw`` (latin-1)."""
-    return raw.decode("latin-1")
-
-
-def key_to_bytes(key: str) -> bytes:
-    """Inverse of :func:`bytes_to_key`."""
-    return key.encode("latin-1")
 
 
 class QuixKeyTooLongError(ValueError):

@@ -1,8 +1,7 @@
 """Ordered iteration over a key range of one logstate storage, and the lock wait at open.
 
-Owns: the two places where this integration needs something logstate's
-public API is getting (ordered range views; waiting for a directory lock):
-``iter_range`` and ``open_storage``.
+Owns: the two places where this integration needs logstate's ordered views
+and its lock wait: ``iter_range`` and ``open_storage``.
 Must never: reach into logstate's private modules, or hand out a key
 outside ``[start, stop)`` or not under ``prefix``.
 """
@@ -11,12 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
+from typing import cast
 
 from logstate import LocalFileStorage, StorageLockedError
 
 __all__ = ["iter_range", "open_storage"]
+
+_STOP_POLL_S = 0.5  # how often a lock wait looks at the application's stop signal
 
 
 def iter_range(
@@ -25,19 +26,10 @@ def iter_range(
     """``(key, value)`` of the keys ``k`` with ``start <= k < stop`` under ``prefix``, in order.
 
     Values are read as the iteration reaches them; a key removed meanwhile
-    is skipped.
+    is skipped (logstate's ordered view).
     """
-    # TODO until logstate main has ordered views: storage.items(start=, stop=, prefix=, reverse=)
-    keys = [
-        k
-        for k in storage.get_all_keys()
-        if k.startswith(prefix) and k >= start and (stop is None or k < stop)
-    ]
-    keys.sort(reverse=reverse)
-    for key in keys:
-        value = storage.get(key)
-        if value is not None:
-            yield key, value
+    items = storage.items(start=start, stop=stop, prefix=prefix, reverse=reverse)
+    return cast(Iterator[tuple[str, bytes]], iter(items))
 
 
 def open_storage(
@@ -50,24 +42,21 @@ def open_storage(
 
     A partition moving between processes is still held by the process that
     had it until that one closes it (Quix's RocksDB open retries likewise).
+    With a ``stop_event`` the wait is cut into slices so that shutdown ends it.
 
     Raises:
         StorageLockedError: another process still holds it after the wait
             (naming the holder's pid), or ``stop_event`` was set meanwhile.
     """
     os.makedirs(path, mode=0o700, exist_ok=True)
-    # TODO until logstate main has LocalFileStorage(path, lock_timeout=seconds)
-    deadline = time.monotonic() + lock_timeout_s
-    pause_s = 0.02
+    if stop_event is None:
+        return LocalFileStorage(path, sync=sync, lock_timeout=lock_timeout_s)
+    remaining_s = lock_timeout_s
     while True:
+        slice_s = min(remaining_s, _STOP_POLL_S)
         try:
-            return LocalFileStorage(path, sync=sync)
+            return LocalFileStorage(path, sync=sync, lock_timeout=slice_s)
         except StorageLockedError:
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0 or (stop_event is not None and stop_event.is_set()):
+            remaining_s -= slice_s
+            if remaining_s <= 0 or stop_event.is_set():
                 raise
-            if stop_event is not None:
-                stop_event.wait(min(pause_s, remaining_s))
-            else:
-                time.sleep(min(pause_s, remaining_s))
-            pause_s = min(pause_s * 2, 0.5)

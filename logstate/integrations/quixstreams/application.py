@@ -40,6 +40,7 @@ from logstate.integrations.quixstreams.partition import (
     DEFAULT_LOCK_TIMEOUT_S,
     DEFAULT_RECOVERY_BATCH_SIZE,
     LogstateStorePartition,
+    check_partition_options,
 )
 from logstate.integrations.quixstreams.stores import (
     LogstateStore,
@@ -300,9 +301,7 @@ def use_logstate(
         "lock_timeout_s": lock_timeout_s,
         "recovery_batch_size": recovery_batch_size,
     }
-    # every option checked now (a bad one raises here, not at the first assignment)
-    with tempfile.TemporaryDirectory() as probe_dir:
-        LogstateStore(name="probe", stream_id=None, base_dir=probe_dir, **options)
+    check_partition_options(sync, lock_timeout_s, recovery_batch_size)  # now, not at assignment
     manager: StateStoreManager = app._state_manager
     manager.__class__ = _LogstateStateStoreManager
     assert isinstance(manager, _LogstateStateStoreManager)

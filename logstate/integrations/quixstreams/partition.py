@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT_S",
     "DEFAULT_RECOVERY_BATCH_SIZE",
     "LogstateStorePartition",
+    "check_partition_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,24 @@ DEFAULT_LOCK_TIMEOUT_S: Final = 30.0  # about Quix's RocksDB open retries (10 x 
 DEFAULT_RECOVERY_BATCH_SIZE: Final = 1000  # changelog messages per recovery group
 _SYNC_MODES: Final = (None, "none", "interval", "always")
 _OFFSET_KEY: Final = fold_key(cf_prefix(METADATA_CF_NAME), METADATA_CF_NAME, CHANGELOG_OFFSET_KEY)
+
+
+def check_partition_options(
+    sync: object, lock_timeout_s: object, recovery_batch_size: object
+) -> None:
+    """Check the logstate options of a partition (see :class:`LogstateStorePartition`).
+
+    Raises:
+        TypeError / ValueError: naming the bad option.
+    """
+    if sync not in _SYNC_MODES:
+        raise ValueError(f"sync must be one of {_SYNC_MODES}, got {sync!r}")
+    if isinstance(lock_timeout_s, bool) or not isinstance(lock_timeout_s, (int, float)):
+        raise TypeError(f"lock_timeout_s must be a number of seconds, got {lock_timeout_s!r}")
+    if not lock_timeout_s >= 0:
+        raise ValueError(f"lock_timeout_s must be >= 0, got {lock_timeout_s!r}")
+    if type(recovery_batch_size) is not int or recovery_batch_size < 1:
+        raise ValueError(f"recovery_batch_size must be an int >= 1, got {recovery_batch_size!r}")
 
 
 class LogstateStorePartition(StorePartition):
@@ -114,16 +133,7 @@ class LogstateStorePartition(StorePartition):
     ) -> None:
         if not isinstance(path, str) or not path:
             raise TypeError(f"path must be a non-empty str, got {path!r}")
-        if sync not in _SYNC_MODES:
-            raise ValueError(f"sync must be one of {_SYNC_MODES}, got {sync!r}")
-        if isinstance(lock_timeout_s, bool) or not isinstance(lock_timeout_s, (int, float)):
-            raise TypeError(f"lock_timeout_s must be a number of seconds, got {lock_timeout_s!r}")
-        if not lock_timeout_s >= 0:
-            raise ValueError(f"lock_timeout_s must be >= 0, got {lock_timeout_s!r}")
-        if type(recovery_batch_size) is not int or recovery_batch_size < 1:
-            raise ValueError(
-                f"recovery_batch_size must be an int >= 1, got {recovery_batch_size!r}"
-            )
+        check_partition_options(sync, lock_timeout_s, recovery_batch_size)
         opts: RocksDBOptionsType = options if options is not None else RocksDBOptions()
         super().__init__(opts.dumps, opts.loads, changelog_producer)
         self._path = path

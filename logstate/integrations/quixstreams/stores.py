@@ -28,6 +28,7 @@ from logstate.integrations.quixstreams.partition import (
     DEFAULT_LOCK_TIMEOUT_S,
     DEFAULT_RECOVERY_BATCH_SIZE,
     LogstateStorePartition,
+    check_partition_options,
 )
 
 __all__ = [
@@ -128,6 +129,7 @@ class LogstateStore(Store):
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if not isinstance(base_dir, (str, Path)) or not str(base_dir):
             raise TypeError(f"base_dir must be a directory path, got {base_dir!r}")
+        check_partition_options(sync, lock_timeout_s, recovery_batch_size)
         super().__init__(name, stream_id)
         partitions_dir = Path(base_dir).absolute() / name
         if stream_id:
