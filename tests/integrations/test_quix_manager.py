@@ -7,7 +7,7 @@ supported Quix, and names the change when a piece of that surface moves.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from quixstreams import Application
@@ -74,7 +74,9 @@ def test_manager_assign_transact_revoke_reopen(tmp_path: Path) -> None:
     manager.register_windowed_store("topic", "win")
     assigned = manager.on_partition_assign("topic", 0, committed_offsets={})
     assert set(assigned) == {"default", "win"}
-    assert assigned["default"].path == str(tmp_path / "group" / "default" / "topic" / "0")
+    assert cast(Any, assigned["default"]).path == str(
+        tmp_path / "group" / "default" / "topic" / "0"
+    )
     store = manager.get_store("topic", "default")
     tx = store.start_partition_transaction(0)
     assert isinstance(tx, RocksDBPartitionTransaction)

@@ -7,8 +7,10 @@ runs Quix's own transactions, so these tests check what they get from it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from quixstreams.state.base import PartitionTransactionCache
@@ -29,15 +31,15 @@ from logstate.integrations.quixstreams import (
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LogstateStore:
+def store(tmp_path: Path) -> Iterator[LogstateStore]:
     s = LogstateStore(name="st", stream_id="topic", base_dir=str(tmp_path))
-    yield s  # type: ignore[misc]
+    yield s
     s.close()
 
 
 def test_partition_directory_is_laid_out_as_rocksdb_store_does(tmp_path: Path) -> None:
     s = LogstateStore(name="st", stream_id="topic", base_dir=str(tmp_path))
-    partition = s.assign_partition(3)
+    partition: Any = s.assign_partition(3)
     assert isinstance(partition, LogstateStorePartition)
     assert partition.path == str(tmp_path / "st" / "topic" / "3")
     assert s.assign_partition(3) is partition  # assigning twice: the same partition
@@ -69,7 +71,7 @@ def test_transaction_set_get_delete_exists_round_trip(store: LogstateStore) -> N
 
 
 def test_flush_is_one_logstate_group_with_the_offset(store: LogstateStore) -> None:
-    partition = store.assign_partition(0)
+    partition: Any = store.assign_partition(0)
     before = partition.storage.stats()
     with store.start_partition_transaction(0) as tx:
         for i in range(10):
@@ -90,7 +92,7 @@ def test_flush_is_one_logstate_group_with_the_offset(store: LogstateStore) -> No
 
 
 def test_partition_get_exists_and_write_without_transaction(store: LogstateStore) -> None:
-    partition = store.assign_partition(0)
+    partition: Any = store.assign_partition(0)
     cache = PartitionTransactionCache()
     cache.set(b"k1", b"v1", prefix=b"", cf_name="default")
     cache.set(b"k1", b"other", prefix=b"", cf_name="cf2")
@@ -119,7 +121,7 @@ def test_lower_changelog_offset_is_refused(store: LogstateStore) -> None:
 
 
 def test_iter_items_is_ordered_bounded_and_reversible(store: LogstateStore) -> None:
-    partition = store.assign_partition(0)
+    partition: Any = store.assign_partition(0)
     cache = PartitionTransactionCache()
     keys = [b"\x00", b"a", b"a\x00", b"a\xff", b"b", b"\x80", b"\xff\xff"]
     for k in keys:
@@ -143,7 +145,7 @@ def test_iter_items_is_ordered_bounded_and_reversible(store: LogstateStore) -> N
 def test_key_too_long_is_refused_naming_the_limit_and_nothing_is_written(
     store: LogstateStore,
 ) -> None:
-    partition = store.assign_partition(0)
+    partition: Any = store.assign_partition(0)
     limit = max_quix_key_size("default")
     assert limit == 2044
     fits = b"\xff" * limit
@@ -185,7 +187,7 @@ def test_bad_arguments_raise_naming_the_problem(tmp_path: Path) -> None:
 
 
 def test_closed_partition_refuses_reads_and_writes(store: LogstateStore) -> None:
-    partition = store.assign_partition(0)
+    partition: Any = store.assign_partition(0)
     partition.close()
     partition.close()  # idempotent
     with pytest.raises(Exception, match="closed"):
@@ -251,7 +253,7 @@ def test_another_process_holding_the_partition_is_waited_for_then_refused(
 
 # ---------------------------------------------------------------- TTL (event time)
 def test_ttl_write_flips_an_empty_store_and_expires_by_event_time(store: LogstateStore) -> None:
-    partition = store.assign_partition(0)
+    partition: Any = store.assign_partition(0)
     assert partition.uses_ttl_stamps is False
     with store.start_partition_transaction(0) as tx:
         state = tx.as_state(prefix=b"key", timestamp=1_000)
@@ -259,7 +261,7 @@ def test_ttl_write_flips_an_empty_store_and_expires_by_event_time(store: Logstat
         state.set("forever", 2)
     assert partition.uses_ttl_stamps is True
     # the stored value carries Quix's 8-byte big-endian expiry stamp
-    assert partition.get(b'key|"short"')[:8] == (2_000).to_bytes(8, "big")  # type: ignore[index]
+    assert partition.get(b'key|"short"')[:8] == (2_000).to_bytes(8, "big")
     tx = store.start_partition_transaction(0)
     assert tx.as_state(prefix=b"key", timestamp=1_999).get("short") == 1
     assert tx.as_state(prefix=b"key", timestamp=2_000).get("short") is None  # event time reached
@@ -286,7 +288,7 @@ def test_ttl_on_a_populated_store_without_ttl_is_refused_clearly(store: Logstate
 def test_ttl_sweep_is_local_only_when_changelog_tombstones_are_off(tmp_path: Path) -> None:
     options = RocksDBOptions(ttl_changelog_tombstones=False)
     s = LogstateStore(name="st", stream_id="t", base_dir=str(tmp_path), options=options)
-    partition = s.assign_partition(0)
+    partition: Any = s.assign_partition(0)
     with s.start_partition_transaction(0) as tx:
         tx.as_state(prefix=b"k", timestamp=10).set("a", 1, ttl=timedelta(milliseconds=5))
     with s.start_partition_transaction(0) as tx:
@@ -299,7 +301,7 @@ def test_ttl_sweep_is_local_only_when_changelog_tombstones_are_off(tmp_path: Pat
 def test_windowed_transaction_updates_gets_and_expires_windows(tmp_path: Path) -> None:
     s = LogstateWindowedStore(name="w", stream_id="t", base_dir=str(tmp_path))
     s.assign_partition(0)
-    tx = s.start_partition_transaction(0)
+    tx: Any = s.start_partition_transaction(0)
     tx.update_window(0, 10, value=1, timestamp_ms=1, prefix=b"a")
     tx.update_window(10, 20, value=2, timestamp_ms=11, prefix=b"a")
     tx.update_window(0, 10, value=5, timestamp_ms=2, prefix=b"b")
@@ -320,20 +322,21 @@ def test_windowed_transaction_updates_gets_and_expires_windows(tmp_path: Path) -
     assert sorted(tx.keys()) != []
     tx.prepare()
     tx.flush(changelog_offset=2)
-    partition = s.partitions[0]
+    partition: Any = s.partitions[0]
     assert partition.uses_ttl_stamps is False
-    assert [k for k in partition.iter_keys()]  # type: ignore[attr-defined]
+    assert [k for k in partition.iter_keys()]
     s.close()
 
 
 def test_timestamped_transaction_gets_latest_within_grace(tmp_path: Path) -> None:
     s = LogstateTimestampedStore("ts", "t", str(tmp_path), grace_ms=100, keep_duplicates=False)
     s.assign_partition(0)
-    with s.start_partition_transaction(0) as tx:
-        tx.set_for_timestamp(10, "v10", prefix=b"k")  # type: ignore[attr-defined]
-        tx.set_for_timestamp(20, "v20", prefix=b"k")  # type: ignore[attr-defined]
-    tx = s.start_partition_transaction(0)
-    assert tx.get_latest(15, prefix=b"k") == "v10"  # type: ignore[attr-defined]
-    assert tx.get_latest(25, prefix=b"k") == "v20"  # type: ignore[attr-defined]
-    assert tx.get_latest(5, prefix=b"k") is None  # type: ignore[attr-defined]
+    tsx: Any
+    with s.start_partition_transaction(0) as tsx:
+        tsx.set_for_timestamp(10, "v10", prefix=b"k")
+        tsx.set_for_timestamp(20, "v20", prefix=b"k")
+    tx2: Any = s.start_partition_transaction(0)
+    assert tx2.get_latest(15, prefix=b"k") == "v10"
+    assert tx2.get_latest(25, prefix=b"k") == "v20"
+    assert tx2.get_latest(5, prefix=b"k") is None
     s.close()

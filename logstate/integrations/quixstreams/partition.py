@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LOCK_TIMEOUT_S: Final = 30.0  # about Quix's RocksDB open retries (10 x 3 s)
 DEFAULT_RECOVERY_BATCH_SIZE: Final = 1000  # changelog messages per recovery group
+_VALUE_CACHE_ENTRIES: Final = 16384  # values a partition keeps in memory (RocksDB: block cache)
 _SYNC_MODES: Final = (None, "none", "interval", "always")
 _OFFSET_KEY: Final = fold_key(cf_prefix(METADATA_CF_NAME), METADATA_CF_NAME, CHANGELOG_OFFSET_KEY)
 
@@ -139,6 +140,8 @@ class LogstateStorePartition(StorePartition):
         self._path = path
         self._recovery_batch_size = recovery_batch_size
         self._prefixes: dict[str, str] = {}
+        # recently read or written values by folded key (a bounded read cache)
+        self._values: dict[str, bytes] = {}
         # recovery buffer: folded key -> value (None: delete), and its offset
         self._recovery_ops: dict[str, bytes | None] = {}
         self._recovery_offset: int | None = None
@@ -189,8 +192,20 @@ class LogstateStorePartition(StorePartition):
         prefix = self._prefixes.get(cf_name) or self._prefix(cf_name)
         if type(key) is not bytes:
             key = self._bytes_key(key)
-        value = self._storage.get(prefix + key.decode("latin-1"))
-        return Marker.UNDEFINED if value is None else cast(bytes, value)
+        folded = prefix + key.decode("latin-1")
+        value = self._values.get(folded)
+        if value is None:
+            value = self._storage.get(folded)  # a closed partition raises here
+            if value is None:
+                return Marker.UNDEFINED
+            self._remember(folded, cast(bytes, value))
+        return cast(bytes, value)
+
+    def _remember(self, folded: str, value: bytes) -> None:
+        values = self._values
+        values[folded] = value
+        if len(values) > _VALUE_CACHE_ENTRIES:
+            del values[next(iter(values))]  # the oldest entry
 
     def exists(self, key: bytes, cf_name: str = "default") -> bool:
         """True when ``key`` is stored in ``cf_name``."""
@@ -285,12 +300,19 @@ class LogstateStorePartition(StorePartition):
             self._ttl_flag_persisted = True  # after the group, never before
 
     def _commit(self, ops: list[tuple[str, bytes | None]]) -> None:
+        """Write ``ops`` as one group; the value cache follows only a written group."""
+        values = self._values
+        for key, _ in ops:  # first forget (an interrupted write then leaves no stale entry)
+            values.pop(key, None)
         with self._storage.batch() as batch:
             for key, value in ops:
                 if value is None:
                     batch.remove(key)
                 else:
                     batch.set(key, value)
+        for key, value in ops:
+            if value is not None:
+                self._remember(key, value)
 
     @staticmethod
     def _check_offset(offset: object) -> int:
@@ -494,6 +516,7 @@ class LogstateStorePartition(StorePartition):
             self._flush_recovery()
         finally:
             self._closed = True
+            self._values = {}
             self._storage.close()
 
     @classmethod
