@@ -34,6 +34,10 @@ Benchmarks (name: what is measured):
   (max while running, after close, after compaction where the store has it).
 - ``rss``: resident memory added by a process holding N keys (open + every
   key's index in memory), bytes per key.
+- ``--quix`` (a separate section, run alone): the Quix Streams store
+  (``logstate.integrations.quixstreams``) against Quix's own RocksDBStore
+  through Quix's transaction path: updates/s, recovery messages/s, reopen
+  time, RSS growth, disk size (``python tools/bench.py --quix --repeat 5``).
 
 Every row reports the ratio logstate/peer (for times and sizes: peer/logstate,
 so above 1.0 means logstate is better in every column).
@@ -896,8 +900,23 @@ assert partition.get_changelog_offset() == txs
 store.start_partition_transaction(0).as_state(prefix=b"user-key").get("k1")
 reopen_s = time.perf_counter() - started
 store.close()
+# recovery: the same number of changelog messages into a fresh partition, as Quix's
+# RecoveryPartition hands them over (one call each), then complete_recovery()
+messages = [(f'user-key|"k{rng.randrange(keys_n)}"'.encode(),
+             b'{"count":%d,"sum":%d.5,"last":"e%08d"}' % (n, n, n)) for n in range(txs * per_tx)]
+base = os.path.join(base, "recovered")
+store = make()
+partition = store.assign_partition(0)
+started = time.perf_counter()
+for offset, (key, value) in enumerate(messages):
+    partition.recover_from_changelog_message(key=key, value=value, cf_name="default",
+                                             offset=offset)
+partition.complete_recovery()
+recovery_rate = len(messages) / (time.perf_counter() - started)
+assert partition.get_changelog_offset() == len(messages) - 1
+store.close()
 print(json.dumps({"rate": txs * per_tx / elapsed, "reopen_s": reopen_s, "rss": grown,
-                  "disk": disk}))
+                  "disk": disk, "recovery": recovery_rate}))
 """
 QUIX_KINDS = ("logstate", "rocksdb")
 
@@ -905,9 +924,11 @@ QUIX_KINDS = ("logstate", "rocksdb")
 def bench_quix(
     base: str, txs: int, per_tx: int, repeat: int, log: Callable[[str], None]
 ) -> list[Row]:
-    """Key updates/s, reopen time, RSS growth and disk size: logstate's Quix store vs
-    Quix's RocksDBStore (``txs`` transactions of ``per_tx`` read-modify-write updates
-    of ~60-byte JSON values over 5,000 keys, each flushed with a changelog offset)."""
+    """Key updates/s, recovery messages/s, reopen time, RSS growth and disk size:
+    logstate's Quix store vs Quix's RocksDBStore (``txs`` transactions of ``per_tx``
+    read-modify-write updates of ~60-byte JSON values over 5,000 keys, each flushed
+    with a changelog offset; then as many changelog messages recovered into a fresh
+    partition)."""
     got: dict[str, dict[str, list[float]]] = {k: {} for k in QUIX_KINDS}
     for round_number in range(repeat):
         for kind in QUIX_KINDS:
@@ -938,6 +959,7 @@ def bench_quix(
     for kind in QUIX_KINDS:
         med = {name: statistics.median(v) for name, v in got[kind].items()}
         rows.append(Row("quix-updates", kind, med["rate"], "ops/s"))
+        rows.append(Row("quix-recovery", kind, med["recovery"], "ops/s"))
         rows.append(Row("quix-reopen", kind, med["reopen_s"], "s"))
         rows.append(Row("quix-rss-growth", kind, med["rss"] / 2**20, "MiB"))
         rows.append(Row("quix-disk", kind, med["disk"] / 2**20, "MiB"))
@@ -958,7 +980,7 @@ def quix_report(rows: list[Row], command: str, txs: int, per_tx: int, repeat: in
         "|---|---|---|---|",
     ]
     by = {(r.bench, r.store): r for r in rows}
-    for bench in ("quix-updates", "quix-reopen", "quix-rss-growth", "quix-disk"):
+    for bench in ("quix-updates", "quix-recovery", "quix-reopen", "quix-rss-growth", "quix-disk"):
         ours, peer = by[(bench, "logstate")], by[(bench, "rocksdb")]
         assert ours.value is not None and peer.value is not None
         better = ours.value / peer.value if ours.unit == "ops/s" else peer.value / ours.value

@@ -312,7 +312,8 @@ class LogstateStorePartition(StorePartition):
                     batch.set(key, value)
         for key, value in ops:
             if value is not None:
-                self._remember(key, value)
+                # a copy: orjson's bytes keep their ~4 KiB allocation, a copy is right-sized
+                self._remember(key, bytes(memoryview(value)))
 
     @staticmethod
     def _check_offset(offset: object) -> int:
