@@ -899,7 +899,12 @@ partition = store.assign_partition(0)
 assert partition.get_changelog_offset() == txs
 store.start_partition_transaction(0).as_state(prefix=b"user-key").get("k1")
 reopen_s = time.perf_counter() - started
+if kind == "logstate":
+    partition.storage.compact()  # what auto-compaction does once a segment rolls
 store.close()
+compacted = 0
+for root, _dirs, files in os.walk(base):
+    compacted += sum(os.path.getsize(os.path.join(root, f)) for f in files)
 # recovery: the same number of changelog messages into a fresh partition, as Quix's
 # RecoveryPartition hands them over (one call each), then complete_recovery()
 messages = [(f'user-key|"k{rng.randrange(keys_n)}"'.encode(),
@@ -916,7 +921,7 @@ recovery_rate = len(messages) / (time.perf_counter() - started)
 assert partition.get_changelog_offset() == len(messages) - 1
 store.close()
 print(json.dumps({"rate": txs * per_tx / elapsed, "reopen_s": reopen_s, "rss": grown,
-                  "disk": disk, "recovery": recovery_rate}))
+                  "disk": disk, "disk_compacted": compacted, "recovery": recovery_rate}))
 """
 QUIX_KINDS = ("logstate", "rocksdb")
 
@@ -963,6 +968,7 @@ def bench_quix(
         rows.append(Row("quix-reopen", kind, med["reopen_s"], "s"))
         rows.append(Row("quix-rss-growth", kind, med["rss"] / 2**20, "MiB"))
         rows.append(Row("quix-disk", kind, med["disk"] / 2**20, "MiB"))
+        rows.append(Row("quix-disk-compacted", kind, med["disk_compacted"] / 2**20, "MiB"))
     return rows
 
 
@@ -980,7 +986,14 @@ def quix_report(rows: list[Row], command: str, txs: int, per_tx: int, repeat: in
         "|---|---|---|---|",
     ]
     by = {(r.bench, r.store): r for r in rows}
-    for bench in ("quix-updates", "quix-recovery", "quix-reopen", "quix-rss-growth", "quix-disk"):
+    for bench in (
+        "quix-updates",
+        "quix-recovery",
+        "quix-reopen",
+        "quix-rss-growth",
+        "quix-disk",
+        "quix-disk-compacted",
+    ):
         ours, peer = by[(bench, "logstate")], by[(bench, "rocksdb")]
         assert ours.value is not None and peer.value is not None
         better = ours.value / peer.value if ours.unit == "ops/s" else peer.value / ours.value
