@@ -60,3 +60,43 @@ class ChangelogMessage:
 def as_message(obj: Any) -> Any:
     """``obj`` typed for Quix's ``recover_from_changelog_message(changelog_message=...)``."""
     return obj
+
+
+class RecordingChangelog:
+    """A changelog producer that records what it is given and acks every record.
+
+    Stands in for Kafka behind Quix's ``ChangelogProducer`` (same methods):
+    ``produce`` calls the delivery callback at once, ``flush`` has nothing
+    left in flight.
+    """
+
+    changelog_name = "changelog"
+    partition = 0
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes | None, dict[str, Any]]] = []
+
+    def produce(
+        self,
+        key: bytes,
+        value: bytes | None = None,
+        headers: Any = None,
+        migration: bool = False,
+        on_delivery: Any = None,
+    ) -> None:
+        self.records.append((key, value, dict(headers or {})))
+        if on_delivery is not None:
+            on_delivery(None, None)
+
+    def flush(self, timeout: float | None = None, migration: bool = False) -> int:
+        return 0
+
+
+class ChangelogFactory:
+    """Hands one :class:`RecordingChangelog` per partition (as ``ChangelogProducerFactory``)."""
+
+    def __init__(self) -> None:
+        self.producers: dict[int, RecordingChangelog] = {}
+
+    def get_partition_producer(self, partition_num: int) -> Any:
+        return self.producers.setdefault(partition_num, RecordingChangelog())

@@ -10,14 +10,13 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from quixstreams.state.base import PartitionTransactionCache
 from quixstreams.state.exceptions import InvalidChangelogOffset, PartitionNotAssignedError
 from quixstreams.state.metadata import Marker
-from quixstreams.state.rocksdb import RocksDBOptions
-from quixstreams.state.rocksdb.exceptions import IncompatibleStateStoreError
+from quixstreams.state.rocksdb import RocksDBOptions, RocksDBStore
 
 from logstate import StorageLockedError
 from logstate.integrations.quixstreams import (
@@ -28,6 +27,7 @@ from logstate.integrations.quixstreams import (
     QuixKeyTooLongError,
     max_quix_key_size,
 )
+from tests.integrations.quix_helpers import ChangelogFactory
 
 
 @pytest.fixture
@@ -275,14 +275,63 @@ def test_ttl_write_flips_an_empty_store_and_expires_by_event_time(store: Logstat
     assert partition.uses_ttl_stamps is True and partition.high_water_ms == 2_500
 
 
-def test_ttl_on_a_populated_store_without_ttl_is_refused_clearly(store: LogstateStore) -> None:
-    store.assign_partition(0)
-    with store.start_partition_transaction(0) as tx:
-        tx.as_state(prefix=b"k", timestamp=1).set("old", 1)
-    tx = store.start_partition_transaction(0)
-    tx.as_state(prefix=b"k", timestamp=5).set("new", 1, ttl=timedelta(seconds=1))
-    with pytest.raises(IncompatibleStateStoreError, match="legacy-TTL migration"):
-        tx.prepare()
+@pytest.mark.parametrize("legacy_records_ttl", [None, timedelta(seconds=10)])
+def test_ttl_on_a_populated_store_backfills_as_rocksdb_does(
+    tmp_path: Path, legacy_records_ttl: timedelta | None
+) -> None:
+    """The first ttl= write on a store written without TTL: Quix's legacy-TTL migration."""
+    options = RocksDBOptions(open_max_retries=0, legacy_records_ttl=legacy_records_ttl)
+    factories = [ChangelogFactory(), ChangelogFactory()]
+    stores: list[Any] = [
+        RocksDBStore(
+            name="s",
+            stream_id="t",
+            base_dir=str(tmp_path / "r"),
+            options=options,
+            changelog_producer_factory=cast(Any, factories[0]),
+        ),
+        LogstateStore(
+            name="s",
+            stream_id="t",
+            base_dir=str(tmp_path / "l"),
+            options=options,
+            changelog_producer_factory=cast(Any, factories[1]),
+        ),
+    ]
+    for store in stores:
+        store.assign_partition(0)
+        with store.start_partition_transaction(0) as tx:
+            for k in range(5):
+                tx.as_state(prefix=b"k", timestamp=100).set(f"old{k}", k)
+        tx = store.start_partition_transaction(0)
+        tx.as_state(prefix=b"k", timestamp=1_000).set("new", 1, ttl=timedelta(seconds=2))
+        tx.as_state(prefix=b"k", timestamp=1_000).set("old0", "rewritten")
+        tx.prepare(processed_offsets={"input": 1})
+        tx.flush(changelog_offset=1)
+        store.revoke_partition(0)
+    produced = [sorted(f.producers[0].records) for f in factories]
+    results = []
+    for store in stores:
+        partition = store.assign_partition(0)
+        raw = {k: partition.get(k) for k in [b'k|"new"', *(b'k|"old%d"' % i for i in range(5))]}
+        tx = store.start_partition_transaction(0)
+        reads = [
+            tx.as_state(prefix=b"k", timestamp=t).get(f"old{k}")
+            for t in (1_500, 2_999, 11_000)
+            for k in range(5)
+        ]
+        results.append(
+            (
+                partition.uses_ttl_stamps,
+                raw,
+                reads,
+                tx.as_state(prefix=b"k", timestamp=2_999).get("new"),
+            )
+        )
+        store.close()
+    assert results[0] == results[1]
+    assert produced[0] == produced[1] and len(produced[0]) >= 5  # the stamped records, on both
+    assert results[1][0] is True
 
 
 def test_ttl_sweep_is_local_only_when_changelog_tombstones_are_off(tmp_path: Path) -> None:

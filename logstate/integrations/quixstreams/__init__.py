@@ -9,8 +9,8 @@ Run a Quix app on it with :func:`use_logstate`::
     use_logstate(app)
 
 Modules: ``_keys`` (column family + bytes key -> one logstate key),
-``_ranges`` (ordered ranges, the lock wait), ``_ttl`` (Quix's event-time TTL
-on a partition), ``partition`` (the store partition), ``stores`` (the stores,
+``_ranges`` (ordered ranges, the lock wait), ``_ttl`` and ``_ttl_partition``
+(Quix's event-time TTL on a partition), ``partition`` (the store partition), ``stores`` (the stores,
 windowed and timestamped variants), ``application`` (``use_logstate`` and
 the check of the Quix surface it needs).
 This package imports quixstreams (extra ``quix``); nothing else in logstate does.

@@ -10,10 +10,15 @@ flush's own group when changelog tombstones are off), and the replay of a
 The stamp layout, the index key layout and the validators are Quix's own
 (``quixstreams.state.rocksdb.ttl_codec`` and the RocksDB transaction's
 ``_safe_decode_stamp``), imported, never re-declared.
+The legacy-TTL backfill (the first ``ttl=`` write on a populated store)
+stamps every stored value as RocksDB's does, produces the stamped records to
+the changelog and waits for their delivery, and hands the operations to the
+flush, which writes them in its one group with the flip flag: all of the
+migration or none, so RocksDB's resume ledger is not needed.
 Must never: read the wall clock for an expiry decision (Quix's TTL is event
 time: the high-water mark), write anything itself (it hands operations to
-the partition's one atomic group), or pretend to finish a legacy-TTL
-migration it does not implement (it raises ``IncompatibleStateStoreError``).
+the partition's one atomic group), or pretend to finish a MIXED changelog
+(an interrupted migration replayed), which it does not implement.
 """
 
 from __future__ import annotations
@@ -22,10 +27,22 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
 
 from quixstreams.state.base import PartitionTransactionCache
-from quixstreams.state.metadata import METADATA_CF_NAME, TTL_INDEX_CF_NAME
+from quixstreams.state.base.migration_flush import (
+    MigrationDeliveryPhase,
+    MigrationFlushVerdict,
+    confirm_migration_delivery,
+)
+from quixstreams.state.exceptions import ChangelogFlushError
+from quixstreams.state.metadata import (
+    CHANGELOG_CF_MESSAGE_HEADER,
+    CHANGELOG_PROCESSED_OFFSETS_MESSAGE_HEADER,
+    CHANGELOG_TTL_STAMPED_HEADER,
+    METADATA_CF_NAME,
+    TTL_INDEX_CF_NAME,
+)
+from quixstreams.state.recovery import ChangelogProducer
 from quixstreams.state.rocksdb.exceptions import IncompatibleStateStoreError
 from quixstreams.state.rocksdb.metadata import (
     STATE_FORMAT_VERSION,
@@ -34,7 +51,7 @@ from quixstreams.state.rocksdb.metadata import (
     TTL_HIGH_WATER_KEY,
 )
 from quixstreams.state.rocksdb.options import RocksDBOptions
-from quixstreams.state.rocksdb.partition import _unwrap_double_stamp
+from quixstreams.state.rocksdb.partition import _own_stamp_if_stamped, _unwrap_double_stamp
 from quixstreams.state.rocksdb.transaction import _safe_decode_stamp
 from quixstreams.state.rocksdb.ttl_codec import (
     _MAX_PLAUSIBLE_STAMP_MS,
@@ -45,10 +62,15 @@ from quixstreams.state.rocksdb.ttl_codec import (
 )
 from quixstreams.state.rocksdb.types import RocksDBOptionsType
 from quixstreams.state.serialization import int_from_bytes, int_to_bytes
+from quixstreams.utils.json import dumps as json_dumps
 
-__all__ = ["TtlState"]
+__all__ = ["TtlState", "backfill_ops", "flip_metadata_ops", "produce_backfill"]
 
 logger = logging.getLogger(__name__)
+
+# delivery confirmation of a backfill's changelog records (RocksDB's: 25 s x 10)
+_BACKFILL_FLUSH_SLICE_S = 25.0
+_BACKFILL_FLUSH_MAX_SLICES = 10
 
 # (cf_name, key, value or None for a delete): one operation of an atomic group
 Op = tuple[str, bytes, bytes | None]
@@ -248,15 +270,75 @@ class TtlState:
         return [("default", key, stamped)]
 
 
-def refuse_backfill(path: str, **_: Any) -> int:
-    """Enabling TTL on a populated store written without TTL: not implemented here.
+def backfill_ops(
+    items: Iterator[tuple[bytes, bytes]],
+    expires_at_ms: int,
+    staged_default_keys: set[bytes],
+    skip_already_stamped: bool,
+) -> tuple[list[Op], list[tuple[bytes, bytes]]]:
+    """RocksDB's legacy-TTL backfill of every stored default-CF value, as operations.
+
+    Each value not re-written by the triggering flush is stamped with
+    ``expires_at_ms`` and indexed; a value that already is a TTL stamp is
+    left byte-identical and indexed at its own expiry (never wrapped twice).
+
+    Returns:
+        The operations (for the flush's one group) and the ``(key, stamped
+        value)`` records to produce to the changelog.
+    """
+    ops: list[Op] = []
+    produce: list[tuple[bytes, bytes]] = []
+    now_ms = int(time.time() * 1000)
+    for key, value in items:
+        if key in staged_default_keys:
+            continue
+        own = _own_stamp_if_stamped(value, now_ms) if skip_already_stamped else None
+        if own is not None:
+            if own != SENTINEL_NEVER:
+                ops.append((TTL_INDEX_CF_NAME, encode_index_key(own, key), b""))
+            continue
+        stamped = encode_ttl_value(expires_at_ms, value)
+        ops.append(("default", key, stamped))
+        if expires_at_ms != SENTINEL_NEVER:
+            ops.append((TTL_INDEX_CF_NAME, encode_index_key(expires_at_ms, key), b""))
+        produce.append((key, stamped))
+    return ops, produce
+
+
+def produce_backfill(
+    producer: ChangelogProducer | None, records: list[tuple[bytes, bytes]], path: str
+) -> None:
+    """Produce the backfilled records and wait for their delivery (changelog first).
 
     Raises:
-        IncompatibleStateStoreError: always, naming what to do instead.
+        ChangelogFlushError: the records were not confirmed delivered (nothing
+            is written locally then: the flush fails and is retried whole).
     """
-    raise IncompatibleStateStoreError(
-        f"the logstate store at {path!r} holds values written without TTL, and this flush "
-        "is the first state.set(..., ttl=...): Quix would backfill every stored value with "
-        "an expiry (legacy-TTL migration), which the logstate store does not implement. "
-        "Enable TTL on an empty store, or run the migration on RocksDBStore first."
+    if producer is None or not records:
+        return
+    headers: dict[str, str | bytes] = {
+        CHANGELOG_CF_MESSAGE_HEADER: "default",
+        CHANGELOG_PROCESSED_OFFSETS_MESSAGE_HEADER: json_dumps(None),
+        CHANGELOG_TTL_STAMPED_HEADER: b"\x01",
+    }
+    phase = MigrationDeliveryPhase()
+    for key, stamped in records:
+        producer.produce(
+            key=key, value=stamped, headers=headers, migration=True, on_delivery=phase.on_delivery
+        )
+        phase.record_produced()
+    outcome = confirm_migration_delivery(
+        producer,
+        counters=phase.counters,
+        slice_timeout_s=_BACKFILL_FLUSH_SLICE_S,
+        max_slices=_BACKFILL_FLUSH_MAX_SLICES,
     )
+    if outcome.verdict not in (
+        MigrationFlushVerdict.CONFIRMED,
+        MigrationFlushVerdict.INDETERMINATE,
+    ):
+        raise ChangelogFlushError(
+            f"{outcome.outstanding} legacy-TTL backfill changelog record(s) of the logstate "
+            f"store at {path!r} were not confirmed delivered ({outcome.verdict.value}); "
+            "nothing was written locally, so the store never gets ahead of the changelog"
+        )

@@ -1,14 +1,13 @@
 """The Quix Streams 3 store partition on one logstate directory.
 
-Owns: :class:`LogstateStorePartition` (Quix's ``StorePartition`` ABC) and
-its windowed and timestamped variants: one logstate directory per
+Owns: :class:`LogstateStorePartition` (Quix's ``StorePartition`` ABC): one logstate directory per
 partition; every Quix flush (all column families, the TTL bookkeeping and
 the changelog offset) written as ONE atomic logstate group; changelog
 recovery buffered and written as one group with its offset every
 ``recovery_batch_size`` messages and at ``complete_recovery`` / ``close``;
 point reads, ordered range reads and the partition-side methods Quix's own
-RocksDB transactions call (their TTL part is in ``_ttl``; the windowed and
-timestamped variants are in ``stores``).
+RocksDB transactions call (their TTL part is in ``_ttl_partition`` and
+``_ttl``; the windowed and timestamped variants are in ``stores``).
 Must never: report a changelog offset ahead of what is written (the offset
 rides in the same group as the data it covers), write a flush or a recovery
 batch in more than one group, or reach into logstate's private modules.
@@ -25,9 +24,7 @@ import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any, Final, Literal, cast
 
 from quixstreams.state.base import PartitionTransactionCache, StorePartition
@@ -50,7 +47,8 @@ from quixstreams.state.serialization import int_from_bytes, int_to_bytes
 from logstate import LocalFileStorage
 from logstate.integrations.quixstreams._keys import cf_prefix, fold_key, key_to_bytes
 from logstate.integrations.quixstreams._ranges import iter_range, open_storage
-from logstate.integrations.quixstreams._ttl import Op, TtlState, flip_metadata_ops, refuse_backfill
+from logstate.integrations.quixstreams._ttl import Op, TtlState, flip_metadata_ops
+from logstate.integrations.quixstreams._ttl_partition import TtlPartitionMethods
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT_S",
@@ -86,7 +84,7 @@ def check_partition_options(
         raise ValueError(f"recovery_batch_size must be an int >= 1, got {recovery_batch_size!r}")
 
 
-class LogstateStorePartition(StorePartition):
+class LogstateStorePartition(TtlPartitionMethods, StorePartition):
     """One Quix store partition in one logstate directory.
 
     Args:
@@ -142,6 +140,8 @@ class LogstateStorePartition(StorePartition):
         self._prefixes: dict[str, str] = {}
         # recently read or written values by folded key (a bounded read cache)
         self._values: dict[str, bytes] = {}
+        # a legacy-TTL backfill staged at prepare, written by the next write()
+        self._pending_backfill: list[tuple[str, bytes | None]] = []
         # recovery buffer: folded key -> value (None: delete), and its offset
         self._recovery_ops: dict[str, bytes | None] = {}
         self._recovery_offset: int | None = None
@@ -275,7 +275,7 @@ class LogstateStorePartition(StorePartition):
         ttl_on = self.uses_ttl_stamps
         staged_default: set[bytes] = set()
         staged_index: set[bytes] = set()
-        ops: list[tuple[str, bytes | None]] = []
+        ops: list[tuple[str, bytes | None]] = list(self._pending_backfill)  # first: the flush wins
         append = ops.append
         for cf_name in cache.get_column_families():
             prefix = self._prefix(cf_name)
@@ -296,6 +296,7 @@ class LogstateStorePartition(StorePartition):
         if changelog_offset is not None:
             append((_OFFSET_KEY, int_to_bytes(self._check_offset(changelog_offset))))
         self._commit(ops)
+        self._pending_backfill = []
         if ttl_on:
             self._ttl_flag_persisted = True  # after the group, never before
 
@@ -430,63 +431,6 @@ class LogstateStorePartition(StorePartition):
                 "TTL-stamped ones (an interrupted legacy-TTL migration). Quix completes such "
                 "a migration on RocksDBStore; the logstate store does not."
             )
-
-    # ------------------------------------------------------------------ TTL, for Quix's transaction
-    @property
-    def high_water_ms(self) -> int | None:
-        """The highest record event time seen (ms), or None."""
-        return self._ttl.high_water_ms
-
-    @property
-    def max_evictions_per_flush(self) -> int:
-        """Cap on the sweep's visits per flush."""
-        return self._ttl.max_evictions_per_flush
-
-    @property
-    def legacy_records_ttl(self) -> timedelta | None:
-        """Quix's ``legacy_records_ttl`` option (only read by the refused backfill)."""
-        return self._ttl.legacy_records_ttl
-
-    @property
-    def legacy_backfill_chunk_size(self) -> int:
-        """Quix's ``legacy_backfill_chunk_size`` option."""
-        return self._ttl.legacy_backfill_chunk_size
-
-    @property
-    def ttl_changelog_tombstones(self) -> bool:
-        """Whether TTL evictions are produced to the changelog as tombstones."""
-        return self._ttl.ttl_changelog_tombstones
-
-    def advance_high_water(self, timestamp: int | None) -> None:
-        """Advance the event-time high-water mark (never backwards)."""
-        self._ttl.advance_high_water(timestamp)
-
-    def _now_ms(self) -> int:
-        """Wall-clock ms: Quix uses it only to classify stamps, never to expire."""
-        return int(time.time() * 1000)
-
-    def sweep_expired_into_cache(
-        self,
-        cache: PartitionTransactionCache,
-        staged_default_keys: set[bytes],
-        staged_ttl_index_keys: set[bytes],
-    ) -> None:
-        """Stage the deletes of expired values (and their index entries) into ``cache``."""
-        self._ttl.sweep_into_cache(cache, staged_default_keys, staged_ttl_index_keys)
-
-    def backfill_legacy_records(self, **kwargs: Any) -> int:
-        """Quix's legacy-TTL backfill: refused (see :func:`_ttl.refuse_backfill`)."""
-        return refuse_backfill(self._path, **kwargs)
-
-    def get_or_create_column_family(self, cf_name: str) -> None:
-        """Nothing to create: a column family is a key prefix here."""
-        self._prefix(cf_name)
-
-    def corroborate_adoption(self) -> None:
-        """No provisional v3.24.0 adoption exists on this store."""
-
-    def finalize_corroboration_teardown(self) -> None:
-        """No provisional v3.24.0 adoption exists on this store."""
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self) -> RocksDBPartitionTransaction:
