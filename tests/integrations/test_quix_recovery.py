@@ -11,14 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, cast
 
+import pytest
 from quixstreams.state.metadata import CHANGELOG_TTL_STAMPED_HEADER, Marker
 from quixstreams.state.recovery import RecoveryPartition
+from quixstreams.state.rocksdb import RocksDBOptions, RocksDBStorePartition
 from quixstreams.state.rocksdb.ttl_codec import SENTINEL_NEVER, encode_ttl_value
 
 from logstate.integrations.quixstreams import LogstateStorePartition
-from tests.integrations.quix_helpers import ChangelogMessage, as_message
+from tests.integrations.quix_helpers import ChangelogMessage, RecordingChangelog, as_message
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,6 +107,7 @@ def test_close_during_recovery_writes_the_buffer(tmp_path: Path) -> None:
 _KILLED_RECOVERY = """
 import os, sys
 from quixstreams.state.recovery import RecoveryPartition
+from quixstreams.state.rocksdb import RocksDBOptions, RocksDBStorePartition
 from logstate.integrations.quixstreams import LogstateStorePartition
 from tests.integrations.quix_helpers import ChangelogMessage
 partition = LogstateStorePartition(sys.argv[1], recovery_batch_size=50)
@@ -175,4 +180,49 @@ def test_ttl_stamped_changelog_flips_the_store_and_drops_expired_records(tmp_pat
     assert reopened.uses_ttl_stamps is True
     tx = reopened.begin()
     assert tx.get(b"live", prefix=b"", timestamp=9_000) is None  # expired by event time
+    reopened.close()
+
+
+@pytest.mark.parametrize("stamps_ahead", [True, False], ids=["survivors-ahead", "all-past"])
+def test_mixed_changelog_completes_the_migration_as_rocksdb_does(
+    tmp_path: Path, stamps_ahead: bool
+) -> None:
+    """Legacy records left beside stamped ones (an interrupted legacy-TTL migration)."""
+    base_ms = int(time.time() * 1000) + 3_600_000 if stamps_ahead else 1_000_000_000_000
+    stamped = [(CHANGELOG_TTL_STAMPED_HEADER, b"\x01")]
+    messages = [
+        ChangelogMessage(b"k1", b"1", 0),
+        ChangelogMessage(b"k2", b"2", 1),
+        ChangelogMessage(b"k3", b"3", 2),
+        ChangelogMessage(b"k1", encode_ttl_value(base_ms, b"11"), 3, extra_headers=stamped),
+        ChangelogMessage(b"k4", encode_ttl_value(base_ms + 5, b"4"), 4, extra_headers=stamped),
+        ChangelogMessage(b"k2", None, 5),
+    ]
+    changelogs = [RecordingChangelog(), RecordingChangelog()]
+    partitions: list[Any] = [
+        RocksDBStorePartition(
+            str(tmp_path / "rocks"),
+            options=RocksDBOptions(open_max_retries=0),
+            changelog_producer=cast(Any, changelogs[0]),
+        ),
+        LogstateStorePartition(str(tmp_path / "ls"), changelog_producer=cast(Any, changelogs[1])),
+    ]
+    for partition in partitions:
+        rp = _recovery_partition(partition)
+        for message in messages:
+            rp.recover_from_changelog_message(as_message(message))
+        rp.complete_recovery()
+    stored = [
+        [p.get(k) for k in (b"k1", b"k2", b"k3", b"k4")] + [p.uses_ttl_stamps] for p in partitions
+    ]
+    assert stored[0] == stored[1]
+    assert changelogs[0].records == changelogs[1].records
+    assert [key for key, _, _ in changelogs[1].records] == [b"k3", b"__ttl_migration_done__"]
+    expected_k3 = base_ms + 5 if stamps_ahead else SENTINEL_NEVER  # the latest survivor, or never
+    assert stored[1][2] == encode_ttl_value(expected_k3, b"3")
+    for partition in partitions:
+        partition.close()
+    reopened = LogstateStorePartition(str(tmp_path / "ls"))  # the marker makes it final
+    assert reopened.uses_ttl_stamps is True
+    assert reopened.get(b"__ttl_migration_done__", "__ttl_system__") is not Marker.UNDEFINED
     reopened.close()

@@ -14,11 +14,13 @@ The legacy-TTL backfill (the first ``ttl=`` write on a populated store)
 stamps every stored value as RocksDB's does, produces the stamped records to
 the changelog and waits for their delivery, and hands the operations to the
 flush, which writes them in its one group with the flip flag: all of the
-migration or none, so RocksDB's resume ledger is not needed.
+migration or none, so RocksDB's resume ledger is not needed. A MIXED
+recovery (an interrupted migration replayed) is completed the same way at
+``complete_recovery``, with RocksDB's expiry rule (:meth:`TtlState.completion_expiry`).
 Must never: read the wall clock for an expiry decision (Quix's TTL is event
 time: the high-water mark), write anything itself (it hands operations to
-the partition's one atomic group), or pretend to finish a MIXED changelog
-(an interrupted migration replayed), which it does not implement.
+the partition's one atomic group), or stamp a leftover legacy record of a
+MIXED recovery with an expiry already past (it keeps it never-expiring).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from quixstreams.state.metadata import (
     CHANGELOG_TTL_STAMPED_HEADER,
     METADATA_CF_NAME,
     TTL_INDEX_CF_NAME,
+    TTL_MIGRATION_DONE_KEY,
+    TTL_SYSTEM_CF_NAME,
 )
 from quixstreams.state.recovery import ChangelogProducer
 from quixstreams.state.rocksdb.exceptions import IncompatibleStateStoreError
@@ -52,10 +56,11 @@ from quixstreams.state.rocksdb.metadata import (
 )
 from quixstreams.state.rocksdb.options import RocksDBOptions
 from quixstreams.state.rocksdb.partition import _own_stamp_if_stamped, _unwrap_double_stamp
-from quixstreams.state.rocksdb.transaction import _safe_decode_stamp
+from quixstreams.state.rocksdb.transaction import _safe_decode_stamp, _ttl_to_ms
 from quixstreams.state.rocksdb.ttl_codec import (
     _MAX_PLAUSIBLE_STAMP_MS,
     SENTINEL_NEVER,
+    clamp_additive_expiry,
     decode_index_key,
     encode_index_key,
     encode_ttl_value,
@@ -64,7 +69,13 @@ from quixstreams.state.rocksdb.types import RocksDBOptionsType
 from quixstreams.state.serialization import int_from_bytes, int_to_bytes
 from quixstreams.utils.json import dumps as json_dumps
 
-__all__ = ["TtlState", "backfill_ops", "flip_metadata_ops", "produce_backfill"]
+__all__ = [
+    "TtlState",
+    "backfill_ops",
+    "flip_metadata_ops",
+    "migration_done_ops",
+    "produce_backfill",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +89,14 @@ Op = tuple[str, bytes, bytes | None]
 Delete = tuple[str, bytes]
 ReadFunc = Callable[[str, bytes], bytes | None]
 RangeFunc = Callable[[str, bytes, bytes | None], Iterator[tuple[bytes, bytes]]]
+
+
+def migration_done_ops() -> list[Op]:
+    """The flip flag and the "migration done" marker, written with a completed migration."""
+    return [
+        *flip_metadata_ops(),
+        (TTL_SYSTEM_CF_NAME, TTL_MIGRATION_DONE_KEY, int_to_bytes(STATE_FORMAT_VERSION)),
+    ]
 
 
 def flip_metadata_ops() -> list[Op]:
@@ -132,6 +151,10 @@ class TtlState:
         # recovery: the event-time frontier captured at the first stamped replay
         self._frontier_captured = False
         self._frontier_ms: int | None = None
+        # a MIXED recovery's completion: the wall clock at the first stamped
+        # replay and the latest surviving stamp (RocksDB's expiry evidence)
+        self.recovery_now_ms: int | None = None
+        self.max_survivor_ms: int | None = None
         if self.enabled_at_open:
             self._check_format_version()
         self._load_high_water()
@@ -258,16 +281,41 @@ class TtlState:
             else:
                 stamped, stamp = value, decoded[0]
         if stamp != SENTINEL_NEVER:
+            if self.recovery_now_ms is None:
+                self.recovery_now_ms = int(time.time() * 1000)
             if not self._frontier_captured:
                 self._frontier_ms = self.high_water_ms
                 self._frontier_captured = True
             if self._frontier_ms is not None and stamp <= self._frontier_ms:
                 return [("default", key, None)]  # expired against the recovery frontier
+            if self.max_survivor_ms is None or stamp > self.max_survivor_ms:
+                self.max_survivor_ms = stamp
             return [
                 ("default", key, stamped),
                 (TTL_INDEX_CF_NAME, encode_index_key(stamp, key), b""),
             ]
         return [("default", key, stamped)]
+
+    def completion_expiry(self, max_index_stamp_ms: int | None) -> int:
+        """The expiry RocksDB gives the leftover legacy records of a MIXED recovery.
+
+        With ``legacy_records_ttl``: the later of (recovery wall clock + that
+        ttl) and the latest surviving stamp, clamped; without it: the latest
+        surviving stamp when it is still ahead of the recovery clock, else
+        never-expires (no mass delete).
+        """
+        now_ms = (
+            self.recovery_now_ms if self.recovery_now_ms is not None else int(time.time() * 1000)
+        )
+        survivor = self.max_survivor_ms if self.max_survivor_ms is not None else max_index_stamp_ms
+        if self.legacy_records_ttl is not None:
+            expiry = now_ms + _ttl_to_ms(self.legacy_records_ttl)
+            if survivor is not None and survivor > expiry:
+                expiry = survivor
+            return clamp_additive_expiry(expiry)
+        if survivor is not None and survivor > now_ms:
+            return survivor
+        return SENTINEL_NEVER
 
 
 def backfill_ops(
@@ -306,15 +354,21 @@ def backfill_ops(
 
 
 def produce_backfill(
-    producer: ChangelogProducer | None, records: list[tuple[bytes, bytes]], path: str
+    producer: ChangelogProducer | None,
+    records: list[tuple[bytes, bytes]],
+    path: str,
+    with_marker: bool = False,
 ) -> None:
     """Produce the backfilled records and wait for their delivery (changelog first).
+
+    ``with_marker``: then the durable "migration done" marker (its own system
+    column family, after the last stamped record), as Quix's completion does.
 
     Raises:
         ChangelogFlushError: the records were not confirmed delivered (nothing
             is written locally then: the flush fails and is retried whole).
     """
-    if producer is None or not records:
+    if producer is None or not (records or with_marker):
         return
     headers: dict[str, str | bytes] = {
         CHANGELOG_CF_MESSAGE_HEADER: "default",
@@ -325,6 +379,18 @@ def produce_backfill(
     for key, stamped in records:
         producer.produce(
             key=key, value=stamped, headers=headers, migration=True, on_delivery=phase.on_delivery
+        )
+        phase.record_produced()
+    if with_marker:
+        producer.produce(
+            key=TTL_MIGRATION_DONE_KEY,
+            value=int_to_bytes(STATE_FORMAT_VERSION),
+            headers={
+                CHANGELOG_CF_MESSAGE_HEADER: TTL_SYSTEM_CF_NAME,
+                CHANGELOG_PROCESSED_OFFSETS_MESSAGE_HEADER: json_dumps(None),
+            },
+            migration=True,
+            on_delivery=phase.on_delivery,
         )
         phase.record_produced()
     outcome = confirm_migration_delivery(

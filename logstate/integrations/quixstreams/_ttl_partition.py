@@ -19,9 +19,16 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from quixstreams.state.base import PartitionTransactionCache
+from quixstreams.state.metadata import TTL_INDEX_CF_NAME
 from quixstreams.state.recovery import ChangelogProducer
+from quixstreams.state.rocksdb.ttl_codec import decode_index_key
 
-from logstate.integrations.quixstreams._ttl import TtlState, backfill_ops, produce_backfill
+from logstate.integrations.quixstreams._ttl import (
+    TtlState,
+    backfill_ops,
+    migration_done_ops,
+    produce_backfill,
+)
 
 __all__ = ["TtlPartitionMethods"]
 
@@ -35,6 +42,7 @@ class TtlPartitionMethods:
     _ttl: TtlState
     _path: str
     _pending_backfill: list[tuple[str, bytes | None]]
+    _changelog_producer: ChangelogProducer | None
 
     if TYPE_CHECKING:
 
@@ -49,6 +57,10 @@ class TtlPartitionMethods:
         def _fold(self, cf_name: str, key: bytes) -> str: ...
 
         def _prefix(self, cf_name: str) -> str: ...
+
+        def _read(self, cf_name: str, key: bytes) -> bytes | None: ...
+
+        def _commit(self, ops: list[tuple[str, bytes | None]]) -> None: ...
 
     @property
     def high_water_ms(self) -> int | None:
@@ -136,3 +148,40 @@ class TtlPartitionMethods:
 
     def finalize_corroboration_teardown(self) -> None:
         """No provisional v3.24.0 adoption exists on this store."""
+
+    def _max_index_stamp_ms(self) -> int | None:
+        """The latest expiry in the ``__ttl_index__`` column family, or None."""
+        for index_key, _ in self.iter_items(
+            b"", b"\xff" * 9, backwards=True, cf_name=TTL_INDEX_CF_NAME
+        ):
+            try:
+                return decode_index_key(index_key)[0]
+            except ValueError:
+                continue
+        return None
+
+    def _complete_ttl_migration(self, leftovers: list[bytes]) -> None:
+        """Finish a MIXED recovery's migration as Quix's RocksDB partition does, in one group.
+
+        The leftover legacy records (replayed without the ``__ttl_stamped__``
+        header and not superseded) are stamped with RocksDB's completion expiry
+        and indexed; they and the "migration done" marker go to the changelog
+        first (delivery confirmed), then every local write is one group with
+        the flip flag and the marker. No leftovers: only the marker.
+
+        Raises:
+            ChangelogFlushError: the changelog records were not confirmed delivered.
+        """
+        present = [(k, v) for k in leftovers if (v := self._read("default", k)) is not None]
+        expires_at_ms = self._ttl.completion_expiry(self._max_index_stamp_ms()) if present else 0
+        ops, records = backfill_ops(iter(present), expires_at_ms, set(), True)
+        produce_backfill(self._changelog_producer, records, self._path, with_marker=True)
+        ops.extend(migration_done_ops())
+        self._commit([(self._fold(cf, k), v) for cf, k, v in ops])
+        logger.info(
+            "Recovery: completed the legacy-TTL migration at path=%s; stamped %d leftover "
+            "record(s) with expiry=%d",
+            self._path,
+            len(records),
+            expires_at_ms,
+        )

@@ -37,7 +37,6 @@ from quixstreams.state.metadata import (
     Marker,
 )
 from quixstreams.state.recovery import ChangelogProducer
-from quixstreams.state.rocksdb.exceptions import IncompatibleStateStoreError
 from quixstreams.state.rocksdb.metadata import CHANGELOG_OFFSET_KEY
 from quixstreams.state.rocksdb.options import RocksDBOptions
 from quixstreams.state.rocksdb.transaction import RocksDBPartitionTransaction
@@ -412,25 +411,21 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
         self._recovery_messages = 0
 
     def complete_recovery(self) -> None:
-        """Write what recovery buffered; refuse a changelog that needs a legacy-TTL migration.
+        """Write what recovery buffered; finish a MIXED changelog's legacy-TTL migration.
 
         Raises:
-            IncompatibleStateStoreError: the changelog replayed as MIXED (TTL-stamped
-                records plus leftover records written before TTL was enabled): Quix
-                would complete that migration, which this store does not implement.
+            ChangelogFlushError: the completion's changelog records were not
+                confirmed delivered (nothing of the completion is written).
         """
         self._flush_recovery()
-        leftovers = len(self._recovery_census)
+        leftovers = self._recovery_census
         self._recovery_census = set()
-        mixed = self.uses_ttl_stamps and self._recovery_saw_stamped and not self._migration_done()
+        saw_stamped = self._recovery_saw_stamped
         self._recovery_saw_stamped = False
-        if mixed and leftovers:
-            raise IncompatibleStateStoreError(
-                f"the changelog of the logstate store at {self._path!r} replayed as MIXED: "
-                f"{leftovers} record(s) written before TTL was enabled are left beside "
-                "TTL-stamped ones (an interrupted legacy-TTL migration). Quix completes such "
-                "a migration on RocksDBStore; the logstate store does not."
-            )
+        if self._migration_done() or not self.uses_ttl_stamps:
+            return  # migrated already, or a store without TTL: nothing to complete
+        if saw_stamped or self._ttl.enabled_at_open:
+            self._complete_ttl_migration(sorted(leftovers))
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self) -> RocksDBPartitionTransaction:
