@@ -65,10 +65,10 @@ def test_interrupt_after_the_group_is_written_leaves_the_state_after(
     _flush(store, 1, 1)
     assert _state(partition) == ([b"1"] * 5, 1)  # the value cache holds the old values
 
-    def interrupted(self: Any, key: str, value: bytes) -> None:
+    def interrupted(values: Any, ops: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LogstateStorePartition, "_remember", interrupted)
+    monkeypatch.setattr(LogstateStorePartition, "_cache_written", staticmethod(interrupted))
     with pytest.raises(KeyboardInterrupt):
         _flush(store, 2, 2)
     monkeypatch.undo()

@@ -302,18 +302,29 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
     def _commit(self, ops: list[tuple[str, bytes | None]]) -> None:
         """Write ``ops`` as one group; the value cache follows only a written group."""
         values = self._values
-        for key, _ in ops:  # first forget (an interrupted write then leaves no stale entry)
-            values.pop(key, None)
+        self._values = {}  # until the group is written: interrupted, the cache is empty, not stale
         with self._storage.batch() as batch:
             for key, value in ops:
                 if value is None:
                     batch.remove(key)
                 else:
                     batch.set(key, value)
+        self._values = self._cache_written(values, ops)
+
+    @staticmethod
+    def _cache_written(
+        values: dict[str, bytes], ops: list[tuple[str, bytes | None]]
+    ) -> dict[str, bytes]:
+        """``values`` updated with the written ``ops`` (a copy of each value: orjson's
+        bytes keep their ~4 KiB allocation, a copy is right-sized)."""
         for key, value in ops:
-            if value is not None:
-                # a copy: orjson's bytes keep their ~4 KiB allocation, a copy is right-sized
-                self._remember(key, bytes(memoryview(value)))
+            if value is None:
+                values.pop(key, None)
+            else:
+                values[key] = bytes(memoryview(value))
+        while len(values) > _VALUE_CACHE_ENTRIES:
+            del values[next(iter(values))]  # the oldest entries
+        return values
 
     @staticmethod
     def _check_offset(offset: object) -> int:
