@@ -63,6 +63,11 @@ def test_use_logstate_registers_logstate_stores_where_quix_registers_its_own(
     assert type(stores["topic"]["tumbling_window_1000_sum"]) is LogstateWindowedStore
     assert type(stores["topic"]["join"]) is LogstateTimestampedStore
     assert type(stores["topic"]["mem"]) is MemoryStore
+    # the app's shutdown signal reaches the partitions' lock wait
+    assert (
+        cast(Any, stores["topic"]["default"])._partition_kwargs["stop_event"]
+        is cast(Any, manager)._stop_event
+    )
 
 
 def test_manager_assign_transact_revoke_reopen(tmp_path: Path) -> None:

@@ -218,6 +218,7 @@ def test_another_process_holding_the_partition_is_waited_for_then_refused(
 ) -> None:
     import subprocess
     import sys
+    import threading
     import time
 
     path = str(tmp_path / "p")
@@ -247,6 +248,12 @@ def test_another_process_holding_the_partition_is_waited_for_then_refused(
     assert child.stdout is not None and child.stdout.readline().strip() == b"held"
     with pytest.raises(StorageLockedError, match=str(child.pid)):
         LogstateStorePartition(path, lock_timeout_s=0.2)
+    stop = threading.Event()
+    stop.set()  # the application is shutting down: the wait ends at once
+    started = time.monotonic()
+    with pytest.raises(StorageLockedError):
+        LogstateStorePartition(path, lock_timeout_s=30, stop_event=stop)
+    assert time.monotonic() - started < 5
     child.kill()
     child.wait(timeout=10)
 

@@ -12,8 +12,8 @@ Must never: change anything of Quix's but the app's one state-manager
 object, or switch a store that already has partitions assigned.
 
 Private Quix surface used (all checked by :func:`check_quix_surface`):
-``Application._state_manager``, ``StateStoreManager._state_dir`` and
-``._rocksdb_options``, ``RocksDBStore._changelog_producer_factory``,
+``Application._state_manager``, ``StateStoreManager._state_dir``,
+``._rocksdb_options`` and ``._stop_event``, ``RocksDBStore._changelog_producer_factory``,
 ``TimestampedStore._grace_ms`` / ``._keep_duplicates``, the private TTL
 helpers ``_ttl`` imports, and the partition attributes Quix's transactions
 read on their partition (found by reading their source).
@@ -177,7 +177,7 @@ def check_quix_surface(app: Application | None = None) -> list[str]:
             )
     with tempfile.TemporaryDirectory() as state_dir:
         manager = StateStoreManager(state_dir=state_dir)
-        for attribute in ("_state_dir", "_rocksdb_options"):
+        for attribute in ("_state_dir", "_rocksdb_options", "_stop_event"):
             if not hasattr(manager, attribute):
                 problems.append(f"StateStoreManager no longer has the attribute {attribute}")
         rocks = RocksDBStore(name="probe", stream_id="probe", base_dir=state_dir)
@@ -215,6 +215,7 @@ def _replacement(manager: StateStoreManager, store: Store, options: dict[str, An
         base_dir=str(manager._state_dir),
         changelog_producer_factory=store._changelog_producer_factory,
         options=manager._rocksdb_options,
+        stop_event=manager._stop_event,  # shutdown ends a partition's lock wait
         **extra,
         **options,
     )
