@@ -82,6 +82,7 @@ from logstate._format import (
     SEGMENT_MAGIC,
     SEQ,
     SEQ_SIZE,
+    Op,
     check_group_op,
     check_record,
     decode_group,
@@ -99,9 +100,11 @@ from logstate._scan import (
     FRAME_COMPRESSED_GROUP,
     FRAME_GROUP,
     Damage,
+    Expiry,
     Frame,
     replay_frame,
     scan_records,
+    value_expiry,
 )
 from logstate._values import decode_value, encode_value
 
@@ -234,6 +237,13 @@ def read_back(data: bytes, loc: Location, ns: str, key: str) -> str:
     return kind
 
 
+def expiry_of(op: Op, buf: bytes | memoryview) -> Expiry | None:
+    """What recovery must find as ``op``'s expiry: the general decoder's value, parsed."""
+    if op.op_type != REC_SET:
+        return None
+    return value_expiry(buf[op.value_start : op.value_end])
+
+
 def index_state(keydir: Keydir) -> tuple[dict[str, dict[str, Location]], Location | None, int]:
     """A copy of everything the index holds."""
     return copy.deepcopy(keydir.namespaces), keydir.checkpoint, keydir.live_bytes
@@ -253,11 +263,11 @@ def replay(keydir: Keydir, data: bytes, frame: Frame) -> set[str]:
     try:
         if frame.record_type == REC_GROUP:
             payload = memoryview(data)[frame.offset + FRAME_HEADER_SIZE : end]
-            _compressed, _buf, ops = decode_group(payload, frame.offset + FRAME_HEADER_SIZE)
-            general = [(g.op.op_type, g.op.ns, g.op.key) for g in ops]
+            _compressed, buf, ops = decode_group(payload, frame.offset + FRAME_HEADER_SIZE)
+            general = [(g.op.op_type, g.op.ns, g.op.key, expiry_of(g.op, buf)) for g in ops]
         else:
             op = decode_op(frame.record_type, data, start, end)
-            general = [(op.op_type, op.ns, op.key)]
+            general = [(op.op_type, op.ns, op.key, expiry_of(op, data))]
     except CorruptionError:
         general = None
     before = index_state(keydir)
@@ -269,7 +279,7 @@ def replay(keydir: Keydir, data: bytes, frame: Frame) -> set[str]:
         raise
     keydir._check()
     _kind, replayed = replay_frame(data, frame.offset, frame.size, frame.record_type)
-    assert general == [(t, ns, key) for t, ns, key, _o, _s in replayed], (
+    assert general == [(t, ns, key, e) for t, ns, key, _o, _s, e in replayed], (
         "recovery accepts a frame the decoders refuse" if general is None else "they disagree"
     )
     # what this frame indexes on its own: each of its locations, read back

@@ -32,18 +32,23 @@ class Batch:
         self._storage = storage
         self._ops: list[tuple[int, bytes]] = []
         self._names: list[tuple[str, str]] = []  # (namespace, key) of each op
+        self._expiring = False  # a set with a ttl was added
         self._done = False
 
     def _check_open(self) -> None:
         if self._done:
             raise RuntimeError("this batch has already been committed or discarded")
 
-    def set(self, key: str, value: Any) -> None:
-        """Add a set of ``key`` to ``value``."""
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Add a set of ``key`` to ``value``; ``ttl`` as in ``LocalFileStorage.set``
+        (counted from this call, not from the commit)."""
         self._check_open()
         key, raw_key = check_key(key)
         value_bytes = encode_value(value, self._storage._allow_pickle)
         storage = self._storage
+        if ttl is not None:
+            value_bytes = storage._expiring(value_bytes, ttl)
+            self._expiring = True
         self._ops.append(
             (REC_SET, storage._ns_bytes + NAME_LEN.pack(len(raw_key)) + raw_key + value_bytes)
         )
@@ -72,7 +77,7 @@ class Batch:
         """Write the operations as one group; returns how many were written."""
         self._check_open()
         self._done = True
-        return self._storage._write_ops(self._ops, self._names)
+        return self._storage._write_ops(self._ops, self._names, self._expiring)
 
     def discard(self) -> None:
         """Drop the operations without writing anything."""

@@ -17,6 +17,8 @@ from typing import Final
 
 from logstate._format import MAX_KEY_SIZE
 
+MAX_TTL: Final = 1e12  # seconds (31,700 years): deadlines stay finite and exact to the microsecond
+
 __all__ = [
     "DEFAULT_DIRECTORY",
     "MAX_SUB_STORAGE_NAME_SIZE",
@@ -103,6 +105,20 @@ def check_sub_storage_name(name: object) -> str:
             f"sub-storage name is {size} bytes; the limit is {MAX_SUB_STORAGE_NAME_SIZE}"
         )
     return name if type(name) is str else str.__str__(name)
+
+
+def check_ttl(ttl: object) -> float:
+    """``ttl`` of a ``set`` as seconds.
+
+    Raises:
+        TypeError: not an int or float.
+        ValueError: not positive, or not finite.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"ttl must be seconds as an int or float, got {type(ttl).__name__}")
+    if not 0 < ttl < MAX_TTL:  # also refuses nan
+        raise ValueError(f"ttl must be a positive number of seconds below 1e12, got {ttl!r}")
+    return float(ttl)
 
 
 def check_lock_timeout(lock_timeout: object) -> float:

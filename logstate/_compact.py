@@ -87,6 +87,7 @@ class Compactor:
         appender: Appender,
         zstd_level: int,
         check_writable: Callable[[], None],
+        now: Callable[[], float],
     ) -> None:
         self._fs = fs
         self._life = life
@@ -97,6 +98,7 @@ class Compactor:
         self._appender = appender
         self._zstd_level = zstd_level
         self._check_writable = check_writable
+        self._now = now  # the storage's clock: values expired by then are dropped
         self.lock = threading.Lock()  # held while a compaction runs
 
     def _prepare(self) -> int:
@@ -128,7 +130,7 @@ class Compactor:
             # ---- 1. seal, and list what is live in the sealed segments
             with self._write_lock:
                 seq = self._prepare()
-                plan = plan_compaction(self._segments, self._keydir, seq)
+                plan = plan_compaction(self._segments, self._keydir, seq, self._now())
             if plan is None:
                 return CompactionResult()
             inputs = plan.inputs

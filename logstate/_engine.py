@@ -5,6 +5,7 @@ owner of one kind of state (``docs/design.md`` draws them and their flows):
 
 - ``life`` (``_lifecycle.Lifecycle``): closing, closed, failed, forked;
 - ``keydir`` (``_keydir.Keydir``): the index and its live bytes;
+- ``clock`` (``_clock.Clock``): the time expiry is counted with, never back;
 - ``segments`` (``_segments.SegmentSet``): the open segment files;
 - ``appender`` (``_append.Appender``): seq, written bytes, the record in
   flight, rolls, commit listeners;
@@ -40,6 +41,8 @@ Locks, in the order they may be taken (never the other way):
    is settled by reading again under it.
 6. ``appender`` delivery lock: the commit listener's calls (inside the sync
    turn, never inside ``_lock``).
+7. ``clock``'s lock: a leaf (``Clock.now`` raises the clock floor under
+   it; taken inside ``_lock`` or alone, nothing is taken inside it).
 
 ``commit.synced_pos`` moves only forward, to a position an fdatasync (or a
 roll's) covered; ``life.closed`` and ``life.released`` are set by the close.
@@ -55,12 +58,15 @@ import threading
 from collections.abc import Callable
 
 from logstate._append import Appender, CommitListener
+from logstate._clock import Clock
 from logstate._commit import GroupCommit, IntervalSyncer
 from logstate._compact import CompactionResult, Compactor
 from logstate._filenames import LOCK_FILE_NAME
+from logstate._format import FORMAT_VERSION
 from logstate._fs import OS_FS, FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
+from logstate._location import location_size
 from logstate._options import EngineOptions
 from logstate._reader import Reader
 from logstate._recovery import recover, save_snapshot
@@ -157,10 +163,11 @@ class Engine:
         self.commit = commit = GroupCommit(fs, life, self._sync_target)
         segments.sync_turn = commit.turn
         appender.durable_pos = commit.advance
+        self.clock = clock = Clock(options.clock, keydir)
         self.writer = writer = Writer(
-            fs, options, lock, life, keydir, segments, appender, commit, scheduler
+            fs, options, lock, life, keydir, segments, appender, commit, scheduler, clock
         )
-        self.reader = reader = Reader(fs, lock, life, keydir, segments, appender, switch)
+        self.reader = reader = Reader(fs, lock, life, keydir, segments, appender, switch, clock)
         self.compactor = Compactor(
             fs,
             life,
@@ -171,6 +178,7 @@ class Engine:
             appender,
             options.zstd_level,
             writer.check_writable,
+            clock.now,
         )
         # the handles call the parts directly (no delegation on the hot paths)
         self.set = writer.set
@@ -189,10 +197,16 @@ class Engine:
         self.count = reader.count
         self.ordered_keys = reader.ordered_keys
         self.count_range = reader.count_range
+        self.now = clock.now
         self.child_namespaces = reader.child_namespaces
         self.checkpoint = reader.checkpoint
         if options.read_only:
             return
+        if recovered.active_version < FORMAT_VERSION:
+            # a store written by an older logstate: new records (which may hold
+            # what that version cannot read) go to a segment of this version
+            with lock:
+                appender.roll()
         # Background threads are started here, never on a write path: a
         # Thread.start() interrupted half-way can leave the new thread stuck.
         if options.sync == "interval":
@@ -245,15 +259,24 @@ class Engine:
         """Sizes in bytes: total on disk, live (pointed to by the index), dead; counts."""
         self.life.check_not_forked()
         with self._lock:
+            keydir = self.keydir
             total = self.segments.total_size()
-            live = self.keydir.live_bytes
+            # expired keys are dead: still indexed until compaction drops them
+            now_s = self.clock.now() if keydir.expiring else 0.0
+            expired = [
+                keydir.namespaces[ns][key]
+                for ns in keydir.expiring
+                for key in keydir.expired_keys(ns, now_s)
+            ]
+            live = keydir.live_bytes - sum(map(location_size, expired))
             return {
                 "segments": len(self.segments.segments),
                 "total_bytes": total,
                 "live_bytes": live,
                 "dead_bytes": total - live,
-                "keys": self.keydir.key_count(),
-                "sub_storages": len(self.keydir.namespaces) - 1,
+                "keys": keydir.key_count() - len(expired),
+                "expiring_keys": sum(map(len, keydir.expiring.values())) - len(expired),
+                "sub_storages": len(keydir.namespaces) - 1,
             }
 
     def wait_for_background_compaction(self) -> None:
@@ -416,6 +439,7 @@ class Engine:
         self.appender.in_flight = None
         self.switch.pending = None
         self.writer._lock = self.reader._lock = self.scheduler._lock = lock
+        self.clock.after_fork()
         self.compactor.after_fork(lock)
         self.commit.after_fork()
         self.segments.sync_turn = self.commit.turn

@@ -28,7 +28,8 @@ from logstate._errors import CorruptionError, UnsupportedFormatError
 
 # --------------------------------------------------------------------------- segment header
 SEGMENT_MAGIC: Final = b"\x89LGSEG\r\n"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # written; 2 added TAG_EXPIRES values (docs/format.md)
+READ_VERSIONS: Final = (1, 2)  # read: 1 is 2 without expiring values
 SEGMENT_HEADER: Final = struct.Struct("<8sHHQI")  # magic, version, reserved, number, crc
 SEGMENT_HEADER_SIZE: Final = SEGMENT_HEADER.size
 assert SEGMENT_HEADER_SIZE == 24
@@ -122,12 +123,12 @@ def decode_segment_header(data: bytes | memoryview) -> int:
         raise UnsupportedFormatError("", 0, f"not a logstate segment (magic {bytes(magic)!r})")
     if crc != crc32c(data[: SEGMENT_HEADER_SIZE - 4]):
         raise CorruptionError("", 0, "segment header checksum mismatch")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise UnsupportedFormatError(
             "",
             0,
             f"segment format version {version} is not supported (this logstate reads "
-            f"version {FORMAT_VERSION}); upgrade logstate to open it",
+            f"versions 1 to {FORMAT_VERSION}); upgrade logstate to open it",
         )
     return int(number)
 

@@ -19,10 +19,12 @@ import weakref
 from types import TracebackType
 from typing import TypeVar
 
+from logstate._checks import check_ttl
 from logstate._engine import Engine
 from logstate._errors import StorageClosedError, StorageFailedError
 from logstate._format import encode_name
 from logstate._registry import Reference, add_reference
+from logstate._values import expiring_value
 
 __all__ = ["Handle"]
 
@@ -92,8 +94,12 @@ class Handle:
         return self._closed or self._engine.closed
 
     # ------------------------------------------------------------------ the seam
-    def _write_ops(self, ops: list[tuple[int, bytes]], names: list[tuple[str, str]]) -> int:
+    def _write_ops(
+        self, ops: list[tuple[int, bytes]], names: list[tuple[str, str]], expiring: bool = False
+    ) -> int:
         """Write ``ops`` (type, body) as ONE group record; ``names``: (namespace, key) of each.
+
+        ``expiring``: some set's value has an expiry time (``_expiring``).
 
         For :meth:`Batch.commit <logstate._batch.Batch.commit>`: durable as
         the ``sync`` mode says (as a ``set``).
@@ -107,10 +113,14 @@ class Handle:
         """
         if self.closed:  # the handle, or its engine (in a forked child, say)
             raise self._closed_error()
-        return self._engine.write_group(ops, names=names)
+        return self._engine.write_group(ops, names=names, expiring=expiring)
 
     def _write_changes(
-        self, keys: list[str], values: list[bytes | None], checkpoint: bytes | None
+        self,
+        keys: list[str],
+        values: list[bytes | None],
+        checkpoint: bytes | None,
+        expiring: bool = False,
     ) -> int:
         """Set (a value of None: delete) ``keys`` and store ``checkpoint``, as ONE group.
 
@@ -135,8 +145,22 @@ class Handle:
         if not keys and checkpoint is None:
             return 0
         return self._engine.write_keys(
-            self._ns, self._ns_bytes, keys, values, checkpoint, durable=True
+            self._ns, self._ns_bytes, keys, values, checkpoint, durable=True, expiring=expiring
         )
+
+    def _expiring(self, encoded: bytes, ttl: object) -> bytes:
+        """``encoded`` with the expiry time ``ttl`` seconds from the storage's clock.
+
+        Raises:
+            TypeError / ValueError: a bad ``ttl`` (``check_ttl``).
+        """
+        ttl_s = check_ttl(ttl)
+        now_s = self._engine.now()
+        return expiring_value(encoded, now_s + ttl_s, now_s)
+
+    def _now(self) -> float:
+        """The storage's clock (``Reader.now``): never earlier than it read before."""
+        return self._engine.now()
 
     def _load_encoded(self) -> tuple[dict[str, bytes | memoryview], bool]:
         """Every key of this (sub-)storage with its stored value bytes, and ``allow_pickle``.

@@ -19,6 +19,7 @@ The write path's hot loops (``Writer.set``, ``write_group``,
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
 from itertools import pairwise
 
 from logstate import _scan
@@ -134,9 +135,28 @@ class Keydir:
     namespace that had an ordered read; every change of a namespace's key
     set calls :meth:`note_key` (the hot paths too, behind a test of
     ``ordered``), so the views stay exact.
+
+    ``expiring``: namespace -> key -> deadline (seconds, the storage's
+    clock) of each key whose value has an expiry time; every set calls
+    :meth:`note_expiry` when its value has one or when ``expiring`` is not
+    empty (a set without one clears the key's). An expired key stays in
+    the index (and in ``live_bytes``) until compaction drops it; readers
+    hide it (:meth:`is_expired`, :meth:`expired_keys`). ``clock_floor``: the
+    newest time the store is known to have seen (written with its expiring
+    values, saved in the snapshot, raised by every reader of the clock):
+    the clock never reads earlier than it, so a clock set back never makes
+    an expired key live again.
     """
 
-    __slots__ = ("checkpoint", "live_bytes", "namespaces", "ordered", "path")
+    __slots__ = (
+        "checkpoint",
+        "clock_floor",
+        "expiring",
+        "live_bytes",
+        "namespaces",
+        "ordered",
+        "path",
+    )
 
     def __init__(
         self,
@@ -150,6 +170,8 @@ class Keydir:
         self.checkpoint = checkpoint
         self.live_bytes = live_bytes
         self.ordered: dict[str, SortedKeys] = {}
+        self.expiring: dict[str, dict[str, float]] = {}
+        self.clock_floor = 0.0
 
     # ------------------------------------------------------------------ reads
     def require(self, ns: str) -> Index:
@@ -205,6 +227,35 @@ class Keydir:
             if len(view.changed) > view.limit:
                 del self.ordered[ns]
 
+    def note_expiry(self, ns: str, key: str, expiry: _scan.Expiry | None) -> None:
+        """``key`` of ``ns`` was set to a value with ``expiry`` (deadline_s,
+        written_s), or without one (None)."""
+        if expiry is not None:
+            found = self.expiring.get(ns)
+            if found is None:
+                found = self.expiring[ns] = {}
+            found[key] = expiry[0]
+            if expiry[1] > self.clock_floor:
+                self.clock_floor = expiry[1]
+        else:
+            found = self.expiring.get(ns)
+            if found is not None and found.pop(key, None) is not None and not found:
+                del self.expiring[ns]
+
+    def is_expired(self, ns: str, key: str, now_s: float) -> bool:
+        found = self.expiring.get(ns)
+        if found is None:
+            return False
+        deadline_s = found.get(key)
+        return deadline_s is not None and deadline_s <= now_s
+
+    def expired_keys(self, ns: str, now_s: float) -> list[str]:
+        """The keys of ``ns`` that expired at ``now_s`` (still in the index)."""
+        found = self.expiring.get(ns)
+        if not found:
+            return []
+        return [key for key, deadline_s in found.items() if deadline_s <= now_s]
+
     def sub_namespaces(self) -> list[str]:
         """Every namespace but the root, parents before children."""
         return sorted((n for n in self.namespaces if n), key=lambda n: (n.count(NS_SEPARATOR), n))
@@ -225,30 +276,42 @@ class Keydir:
         return index
 
     def put(self, ns: str, index: Index, key: str, loc: Location) -> None:
-        """Point ``key`` of ``index`` (of ``ns``) at ``loc``; account for the live bytes."""
+        """Point ``key`` of ``index`` (of ``ns``) at ``loc``; account for the live bytes.
+
+        A new key is noted on the ordered view before it is stored: an
+        interrupt in between leaves a noted key that did not change, which
+        the view tolerates (the other order would leave a change unnoted).
+        """
         old = index.get(key)
+        if old is None and self.ordered:
+            self.note_key(ns, key)
         index[key] = loc
-        if old is None:
-            self.live_bytes += location_size(loc)
-            if self.ordered:
-                self.note_key(ns, key)
-        else:
-            self.live_bytes += location_size(loc) - location_size(old)
+        self.live_bytes += location_size(loc) - (0 if old is None else location_size(old))
 
     def delete(self, ns: str, key: str) -> None:
+        """Delete ``key`` of ``ns`` (absent: nothing but the expiry table is touched).
+
+        The view is told first and the expiry time dropped whether the key
+        was there or not, so that re-applying a delete an interrupt cut
+        short (recovery's settle) finishes it.
+        """
         found = self.namespaces.get(ns)
         if found is not None:
+            if self.ordered:
+                self.note_key(ns, key)
             old = found.pop(key, None)
             if old is not None:
                 self.live_bytes -= location_size(old)
-                if self.ordered:
-                    self.note_key(ns, key)
+            if self.expiring:
+                self.note_expiry(ns, key, None)
 
     def clear(self, ns: str, drop_self: bool) -> None:
         """Empty ``ns`` and drop every namespace below it; ``drop_self``: drop ``ns`` too."""
         namespaces = self.namespaces
         for name in [n for n in self.ordered if is_within(n, ns)]:
             del self.ordered[name]
+        for name in [n for n in self.expiring if is_within(n, ns)]:
+            del self.expiring[name]
         for name in [n for n in namespaces if n and is_within(n, ns) and n != ns]:
             self.live_bytes -= total_size(namespaces.pop(name))
         if drop_self and ns:
@@ -259,10 +322,17 @@ class Keydir:
                 self.live_bytes -= total_size(index)
                 index.clear()
 
-    def apply(self, op_type: int, ns: str, key: str, loc: Location) -> None:
-        """Apply one operation (of a record or a group) whose bytes are at ``loc``."""
+    def apply(
+        self, op_type: int, ns: str, key: str, loc: Location, expiry: _scan.Expiry | None = None
+    ) -> None:
+        """Apply one operation (of a record or a group) whose bytes are at ``loc``.
+
+        ``expiry``: (deadline_s, written_s) of a set's value, if it has one.
+        """
         if op_type == REC_SET:
             self.put(ns, self.ensure(ns), key, loc)
+            if expiry is not None or self.expiring:
+                self.note_expiry(ns, key, expiry)
         elif op_type == REC_DELETE:
             self.delete(ns, key)
         elif op_type == REC_CLEAR:
@@ -286,7 +356,7 @@ class Keydir:
         high = segment << 74  # (literal shifts: asserted equal to _location's at import)
         compressed = kind == _scan.FRAME_COMPRESSED_GROUP and ops
         raw_size = ops[-1][3] + ops[-1][4] if compressed else 0  # the decompressed op list
-        for op_type, ns, key, op_offset, op_size in ops:
+        for op_type, ns, key, op_offset, op_size, expiry in ops:
             loc: Location
             if kind == _scan.FRAME_PLAIN:
                 loc = high | (op_offset - shift) << 34 | op_size << 2  # KIND_RECORD
@@ -303,28 +373,43 @@ class Keydir:
                 if index is None:
                     index = self.ensure(ns)
                 old = index.get(key)
+                if old is None and self.ordered:  # a settled write of a live store
+                    self.note_key(ns, key)
                 index[key] = loc
-                if old is None:
-                    self.live_bytes += op_size
-                    if self.ordered:  # a settled write of a live store: views exist
-                        self.note_key(ns, key)
-                else:
-                    self.live_bytes += op_size - location_size(old)
+                self.live_bytes += op_size if old is None else op_size - location_size(old)
+                if expiry is not None or self.expiring:
+                    self.note_expiry(ns, key, expiry)
             else:
                 self.apply(op_type, ns, key, loc)
 
-    def move_unchanged(self, moved: list[tuple[str, str, Location, Location]]) -> None:
-        """Point each (ns, key, old, new) key at ``new`` where it still points at ``old``."""
+    def move_unchanged(self, moved: Sequence[tuple[str, str, Location, Location | None]]) -> None:
+        """Point each (ns, key, old, new) key at ``new`` where it still points at ``old``.
+
+        A ``new`` of None: the key expired and the compaction dropped it;
+        it is deleted where it still points at ``old``.
+        """
         namespaces = self.namespaces
         for ns, key, old, new in moved:
             index = namespaces.get(ns)
             if index is not None and index.get(key) == old:
-                index[key] = new
-                self.live_bytes += location_size(new) - location_size(old)
+                if new is None:
+                    self.delete(ns, key)
+                else:
+                    index[key] = new
+                    self.live_bytes += location_size(new) - location_size(old)
 
     def recount(self) -> None:
-        """Count the live bytes again from the locations (after a repaired step)."""
+        """Count the live bytes again from the locations, and drop what an
+        interrupted step may have left stale (after a repaired step): the
+        expiry times of keys no longer indexed, the ordered views."""
         self.live_bytes = sum(total_size(index) for index in self.namespaces.values())
+        self.ordered.clear()
+        for ns, deadlines in list(self.expiring.items()):
+            index = self.namespaces.get(ns, {})
+            for key in [k for k in deadlines if k not in index]:
+                del deadlines[key]
+            if not deadlines:
+                del self.expiring[ns]
 
     # ------------------------------------------------------------------ invariants
     def _check(self) -> None:
@@ -344,3 +429,8 @@ class Keydir:
             noted = set(view.changed)
             stale = (set(keys) ^ index.keys()) - noted
             assert not stale, f"ordered view of {ns!r} misses changes of {sorted(stale)[:5]}"
+        for ns, deadlines in self.expiring.items():
+            assert deadlines, f"empty expiry table of {ns!r}"
+            assert ns in self.namespaces, f"expiry table of missing namespace {ns!r}"
+            extra = deadlines.keys() - self.namespaces[ns].keys()
+            assert not extra, f"deadlines of keys not in {ns!r}: {sorted(extra)[:5]}"

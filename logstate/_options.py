@@ -10,6 +10,7 @@ Must never: read a file or the environment.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from threading import TIMEOUT_MAX
 from typing import Any, Final, NamedTuple
@@ -47,6 +48,7 @@ class EngineOptions(NamedTuple):
     read_only: bool = False  # no lock, no change to any file; writes raise
     use_snapshot: bool = True  # load the index snapshot written at close, if it checks out
     copy_torn_tails: bool = True  # False: a torn tail is cut without a copy aside (full disk)
+    clock: Callable[[], float] = time.time  # seconds since the epoch: expiry times (ttl=)
 
 
 DEFAULT_OPTIONS: Final = EngineOptions()
@@ -111,6 +113,10 @@ def validate_options(given: dict[str, object]) -> EngineOptions:
     for name in _BOOL_OPTIONS:
         if type(getattr(opts, name)) is not bool:
             raise TypeError(f"{name} must be a bool, got {getattr(opts, name)!r}")
+    if not callable(opts.clock):
+        raise TypeError(
+            f"clock must be a callable returning seconds since the epoch, got {opts.clock!r}"
+        )
     return opts._replace(
         sync_interval=float(opts.sync_interval), compact_ratio=float(opts.compact_ratio)
     )

@@ -17,6 +17,7 @@ import threading
 
 from logstate import _format as fmt
 from logstate._append import Appender
+from logstate._clock import Clock
 from logstate._crc import crc_bytes
 from logstate._errors import CorruptionError
 from logstate._filenames import segment_file_name
@@ -76,7 +77,9 @@ class Reader:
         segments: SegmentSet,
         appender: Appender,
         switch: PendingSwitch,
+        clock: Clock,
     ) -> None:
+        self.now = clock.now  # the storage's clock (``Clock.now``): expiry is read with it
         self._fs = fs
         self._lock = lock
         self._life = life
@@ -237,7 +240,10 @@ class Reader:
         return data[op.value_start : op.value_end]
 
     def contains(self, ns: str, key: str) -> bool:
-        return key in self._namespace_for_read(ns)
+        index = self._namespace_for_read(ns)
+        if self._keydir.expiring and self._keydir.is_expired(ns, key, self.now()):
+            return False
+        return key in index
 
     def load_namespace(self, ns: str) -> dict[str, bytes | memoryview]:
         """Every key of ``ns`` with its encoded value, CRC-checked, in one pass.
@@ -301,15 +307,28 @@ class Reader:
             if raw is None:
                 raw = groups[where] = self._decompress_group(location)
             result[key] = self._value_in_group(raw, location, ns, key)
+        if self._keydir.expiring.get(ns):
+            expired = set(self._keydir.expired_keys(ns, self.now()))
+            return {key: result[key] for key, _loc in items if key not in expired}
         return {key: result[key] for key, _loc in items}
 
     def keys(self, ns: str) -> list[str]:
+        """The keys of ``ns`` (index order), expired ones left out."""
         index = self._namespace_for_read(ns)
         with self._lock:
-            return list(index)
+            keys = list(index)
+            if self._keydir.expiring.get(ns):
+                expired = set(self._keydir.expired_keys(ns, self.now()))
+                return [key for key in keys if key not in expired]
+            return keys
 
     def count(self, ns: str) -> int:
-        return len(self._namespace_for_read(ns))
+        """How many keys ``ns`` has, expired ones left out."""
+        index = self._namespace_for_read(ns)
+        if self._keydir.expiring.get(ns):
+            with self._lock:
+                return len(index) - len(self._keydir.expired_keys(ns, self.now()))
+        return len(index)
 
     def ordered_keys(
         self, ns: str, start: str | None, stop: str | None, prefix: str | None, reverse: bool
@@ -322,13 +341,23 @@ class Reader:
         with self._lock:  # the writers change the index (and note changes) under it
             keys = self._keydir.sorted_keys(ns)
             low, high = key_range(keys, start, stop, prefix)
-            return keys[low:high][::-1] if reverse else keys[low:high]
+            found = keys[low:high][::-1] if reverse else keys[low:high]
+            if self._keydir.expiring.get(ns):
+                expired = set(self._keydir.expired_keys(ns, self.now()))
+                return [key for key in found if key not in expired]
+            return found
 
     def count_range(self, ns: str, start: str | None, stop: str | None, prefix: str | None) -> int:
         """How many keys :meth:`ordered_keys` would list."""
         self._namespace_for_read(ns)
         with self._lock:
-            low, high = key_range(self._keydir.sorted_keys(ns), start, stop, prefix)
+            keys = self._keydir.sorted_keys(ns)
+            low, high = key_range(keys, start, stop, prefix)
+            if low < high and self._keydir.expiring.get(ns):
+                # an expired key (in the index) between the slice's ends is in it
+                first, last = keys[low], keys[high - 1]
+                expired = self._keydir.expired_keys(ns, self.now())
+                return high - low - sum(1 for key in expired if first <= key <= last)
             return high - low
 
     def _namespace_for_read(self, ns: str) -> dict[str, Location]:

@@ -68,6 +68,7 @@ class Recovered(NamedTuple):
     keydir: Keydir
     seq: int
     report: RecoveryReport
+    active_version: int  # the format version of the active segment's header
 
 
 def _header_torn(data: bytes) -> bool:
@@ -118,6 +119,7 @@ class _Recovery:
         self.options = options
         self.read_only = options.read_only
         self.report = RecoveryReport()
+        self.versions: dict[int, int] = {}  # segment number -> its header's format version
         self.segments = SegmentSet(fs, path, options.read_only)
         self.keydir = Keydir(path)
         self.aside = Aside(fs, path, options.copy_torn_tails, self.report)
@@ -165,7 +167,8 @@ class _Recovery:
         else:
             active = segments.segments[1] = segments.create(1)
         segments.active = active
-        return Recovered(segments, self.keydir, self.replay.seq, self.report)
+        version = self.versions.get(active.number, fmt.FORMAT_VERSION)
+        return Recovered(segments, self.keydir, self.replay.seq, self.report, version)
 
     def _map_size(self, segment: Segment) -> int:
         """How much of ``segment`` to map at open: all of it, but for a read-only
@@ -350,6 +353,8 @@ class _Recovery:
         keydir.namespaces = snapshot.namespaces
         keydir.checkpoint = snapshot.checkpoint
         keydir.live_bytes = snapshot.live_bytes
+        keydir.expiring = snapshot.expiring
+        keydir.clock_floor = snapshot.clock_floor
         self.replay.seq = snapshot.seq
         self.report.snapshot_used = True
         return {mark.number: mark.size for mark in marks}
@@ -446,6 +451,7 @@ class _Recovery:
             raise type(exc)(path, exc.offset, exc.reason) from None
         if found != number:
             raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
+        self.versions[number] = fmt.SEGMENT_HEADER.unpack_from(data, 0)[1]
 
 
 def save_snapshot(fs: FileSystem, segments: SegmentSet, keydir: Keydir, seq: int) -> None:
@@ -456,7 +462,15 @@ def save_snapshot(fs: FileSystem, segments: SegmentSet, keydir: Keydir, seq: int
         tail = segments.read(segment, segment.size - start, start)
         marks.append(SegmentMark(segment.number, segment.covers_from, segment.size, tail_crc(tail)))
     data = encode_snapshot(
-        Snapshot(keydir.namespaces, keydir.checkpoint, seq, keydir.live_bytes, marks),
+        Snapshot(
+            keydir.namespaces,
+            keydir.checkpoint,
+            seq,
+            keydir.live_bytes,
+            marks,
+            keydir.expiring,
+            keydir.clock_floor,
+        ),
         max_size=sum(mark.size for mark in marks),
     )
     path = segments.file(SNAPSHOT_FILE_NAME)

@@ -259,7 +259,10 @@ class CompactionPlan(NamedTuple):
 
     ``live``: (location, namespace, key) of every live value in the inputs,
     in read order; ``namespaces``: every sub-storage, parents first (the
-    output creates them all, so that empty ones survive the inputs).
+    output creates them all, so that empty ones survive the inputs);
+    ``expired``: (location, namespace, key) of the values in the inputs
+    that had expired when the plan was made: not copied, and deleted from
+    the index at the switch where the key still points at them.
     """
 
     inputs: list[int]
@@ -269,12 +272,16 @@ class CompactionPlan(NamedTuple):
     checkpoint: Location | None  # when it is in the inputs
     seq: int
     covers_from: int
+    expired: list[tuple[Location, str, str]]
 
 
-def plan_compaction(segments: SegmentSet, keydir: Keydir, seq: int) -> CompactionPlan | None:
+def plan_compaction(
+    segments: SegmentSet, keydir: Keydir, seq: int, now_s: float
+) -> CompactionPlan | None:
     """The plan for compacting every sealed segment, or None when there is none.
 
     Call under the write lock, with the active segment just sealed.
+    ``now_s``: the storage's clock; values that expired by then are dropped.
     """
     active = segments.active
     assert active is not None
@@ -283,6 +290,12 @@ def plan_compaction(segments: SegmentSet, keydir: Keydir, seq: int) -> Compactio
         return None
     input_set = set(inputs)
     live = keydir.live_in(input_set)
+    expired: list[tuple[Location, str, str]] = []
+    if keydir.expiring:
+        kept: list[tuple[Location, str, str]] = []
+        for entry in live:
+            (expired if keydir.is_expired(entry[1], entry[2], now_s) else kept).append(entry)
+        live = kept
     live.sort(key=_read_order)
     checkpoint = keydir.checkpoint
     if checkpoint is not None and location_segment(checkpoint) not in input_set:
@@ -296,6 +309,7 @@ def plan_compaction(segments: SegmentSet, keydir: Keydir, seq: int) -> Compactio
         checkpoint,
         seq,
         chosen[inputs[0]].covers_from,
+        expired,
     )
 
 
@@ -331,7 +345,7 @@ def write_output(
     if fs.exists(tmp_path):
         fs.unlink(tmp_path)
     fd = fs.create_file(tmp_path)
-    moved: Moved = []
+    moved: Moved = [(ns, key, loc, None) for loc, ns, key in plan.expired]
     new_checkpoint: int | None = None
     try:
         limit = sum(s.size for s in plan.segments.values())

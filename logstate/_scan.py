@@ -44,6 +44,7 @@ from logstate._format import (
     decode_group,
     decode_op,
 )
+from logstate._values import TAG_EXPIRES, split_expiring
 
 # a record's first fields (crc, length, type, seq), read by the scanners in one unpack
 _CRC_LENGTH_TYPE_SEQ: Final = struct.Struct("<IIBQ")
@@ -358,13 +359,41 @@ FRAME_PLAIN: Final = 0  # the op is the whole record
 FRAME_GROUP: Final = 1  # op offsets are positions in the scanned data
 FRAME_COMPRESSED_GROUP: Final = 2  # op offsets are positions in the decompressed op list
 
-ReplayOp = tuple[int, str, str, int, int]  # op_type, ns, key, op_offset, op_size
+# op_type, ns, key, op_offset, op_size, expiry: (deadline_s, written_s) of a set
+# whose value is a TAG_EXPIRES one (None otherwise, and for a malformed one:
+# reading that value reports it, with its place)
+Expiry = tuple[float, float]
+ReplayOp = tuple[int, str, str, int, int, "Expiry | None"]
 _KEYED: Final = frozenset((REC_SET, REC_DELETE))
 _NS_ONLY: Final = frozenset((REC_CLEAR, REC_CREATE_NS, REC_DROP_NS))
 
 
-def _replay_op(op_type: int, buf: bytes, start: int, end: int, base: int) -> tuple[str, str]:
-    """(ns, key) of the op body ``buf[start:end]``, checked like :func:`decode_op`."""
+def value_expiry(value: bytes | memoryview) -> Expiry | None:
+    """(deadline_s, written_s) of an encoded value with an expiry time, else None.
+
+    None also for a TAG_EXPIRES value that does not parse: the index then
+    treats it as a value without expiry, and reading it raises the
+    CorruptionError that names its place.
+    """
+    if not value or value[0] != TAG_EXPIRES:
+        return None
+    try:
+        deadline_s, written_s, _inner = split_expiring(value)
+    except CorruptionError:
+        return None
+    return deadline_s, written_s
+
+
+def set_body_value(body: bytes) -> memoryview:
+    """The encoded value of a set op's body (``ns key value``, as ``encode_op`` wrote it)."""
+    p = 2 + (body[0] | body[1] << 8)
+    return memoryview(body)[p + 2 + (body[p] | body[p + 1] << 8) :]
+
+
+def _replay_op(
+    op_type: int, buf: bytes, start: int, end: int, base: int
+) -> tuple[str, str, Expiry | None]:
+    """(ns, key, expiry) of the op body ``buf[start:end]``, checked like :func:`decode_op`."""
     if op_type in _KEYED:
         if start + 2 > end:
             raise CorruptionError("", base + start, "namespace length truncated")
@@ -382,10 +411,12 @@ def _replay_op(op_type: int, buf: bytes, start: int, end: int, base: int) -> tup
         if not key:
             kind = "set" if op_type == REC_SET else "delete"
             raise CorruptionError("", base + start, f"{kind} record with an empty key")
-        return ns, key
+        if op_type == REC_SET and buf[q] == TAG_EXPIRES:
+            return ns, key, value_expiry(memoryview(buf)[q:end])
+        return ns, key, None
     if op_type in _NS_ONLY or op_type in (REC_CHECKPOINT, REC_COMPACTED):
         op = decode_op(op_type, buf, start, end, base)
-        return op.ns, op.key
+        return op.ns, op.key, None
     raise CorruptionError("", base + start, f"unknown operation type {op_type}")
 
 
@@ -405,8 +436,8 @@ def replay_frame(
     end = offset + size
     start = offset + RECORD_OVERHEAD
     if record_type != REC_GROUP:
-        ns, key = _replay_op(record_type, data, start, end, 0)
-        return FRAME_PLAIN, [(record_type, ns, key, offset, size)]
+        ns, key, expiry = _replay_op(record_type, data, start, end, 0)
+        return FRAME_PLAIN, [(record_type, ns, key, offset, size, expiry)]
     if start + GROUP_HEADER_SIZE > end:
         raise CorruptionError("", start, "group header truncated")
     flags, count = _unpack_group_header(data, start)
@@ -414,9 +445,19 @@ def replay_frame(
     if flags == GROUP_FLAG_ZSTD:
         # large and rare: the general decoder (it also checks each op's CRC)
         payload = memoryview(data)[offset + FRAME_HEADER_SIZE : end]
-        _c, _raw, decoded = decode_group(payload, offset + FRAME_HEADER_SIZE)
+        _c, raw, decoded = decode_group(payload, offset + FRAME_HEADER_SIZE)
         return FRAME_COMPRESSED_GROUP, [
-            (g.op.op_type, g.op.ns, g.op.key, g.op_offset, g.op_size) for g in decoded
+            (
+                g.op.op_type,
+                g.op.ns,
+                g.op.key,
+                g.op_offset,
+                g.op_size,
+                value_expiry(raw[g.op.value_start : g.op.value_end])
+                if g.op.op_type == REC_SET
+                else None,
+            )
+            for g in decoded
         ]
     if flags:
         raise CorruptionError("", start, f"unknown group flags 0x{flags:02x}")
@@ -436,8 +477,8 @@ def replay_frame(
             raise CorruptionError("", pos, "group operation checksum mismatch")
         if op_type not in OP_TYPES:
             raise CorruptionError("", pos, f"operation type {op_type} inside a group")
-        ns, key = _replay_op(op_type, data, body, op_end, 0)
-        ops.append((op_type, ns, key, pos, op_end - pos))
+        ns, key, expiry = _replay_op(op_type, data, body, op_end, 0)
+        ops.append((op_type, ns, key, pos, op_end - pos, expiry))
         pos = op_end
     if pos != end:
         raise CorruptionError("", pos, f"{end - pos} bytes after the group's last operation")

@@ -61,11 +61,13 @@ from logstate._format import (
 from logstate._location import OFFSET_MASK, OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_MASK, SIZE_SHIFT
 
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
-SNAPSHOT_VERSION: Final = 2
+SNAPSHOT_VERSION: Final = 3  # written; 3 added the expiry table and the clock floor
+READ_SNAPSHOT_VERSIONS: Final = (2, 3)  # read: a 2 is a 3 without expiring keys
 SNAPSHOT_FLAG_ZSTD: Final = 0x0001  # the body is one zstd frame of the marshal bytes
 SNAPSHOT_ZSTD_LEVEL: Final = 1
 SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
 assert SNAPSHOT_HEADER.size == 28
+_INF: Final = float("inf")
 TAIL_BYTES: Final = 4096
 MAX_MARK_FIELD: Final = 1 << 48  # segment numbers, sizes and offsets are far below this
 # A snapshot's sequence number must be below this: the record field holds
@@ -89,6 +91,8 @@ class Snapshot(NamedTuple):
     seq: int
     live_bytes: int
     segments: list[SegmentMark]
+    expiring: dict[str, dict[str, float]]  # ns -> key -> deadline_s (Keydir.expiring)
+    clock_floor: float  # Keydir.clock_floor
 
 
 @overload
@@ -111,6 +115,8 @@ def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | 
             snapshot.seq,
             snapshot.live_bytes,
             [tuple(mark) for mark in snapshot.segments],
+            snapshot.expiring or None,  # (None: a byte, where a tiny store's snapshot
+            snapshot.clock_floor or None,  # must stay below its segments' size)
         )
     )
     if max_size is not None and SNAPSHOT_HEADER.size + len(body) > max_size:
@@ -154,7 +160,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
     magic, version, major, minor, marshal_version, flags, size, crc = SNAPSHOT_HEADER.unpack_from(
         data, 0
     )
-    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_VERSION or flags & ~SNAPSHOT_FLAG_ZSTD:
+    known = magic == SNAPSHOT_MAGIC and version in READ_SNAPSHOT_VERSIONS
+    if not known or flags & ~SNAPSHOT_FLAG_ZSTD:
         raise CorruptionError("", 0, "not a logstate index snapshot of a known version")
     if (major, minor) != sys.version_info[:2] or marshal_version != marshal.version:
         raise CorruptionError(
@@ -166,7 +173,15 @@ def decode_snapshot(data: bytes) -> Snapshot:
     if flags & SNAPSHOT_FLAG_ZSTD:
         body = _decompress(body)
     try:
-        namespaces, checkpoint, seq, live_bytes, raw_marks = marshal.loads(body)
+        fields = marshal.loads(body)
+        expiring: Any = {}
+        clock_floor: Any = 0.0
+        if version == 2:
+            namespaces, checkpoint, seq, live_bytes, raw_marks = fields
+        else:
+            namespaces, checkpoint, seq, live_bytes, raw_marks, expiring, clock_floor = fields
+            expiring = {} if expiring is None else expiring
+            clock_floor = 0.0 if clock_floor is None else clock_floor
         marks = [SegmentMark(*mark) for mark in raw_marks]
     except Exception as exc:
         # marshal runs no code of the data's choosing, so whatever it raises
@@ -224,7 +239,26 @@ def decode_snapshot(data: bytes) -> Snapshot:
             SNAPSHOT_HEADER.size,
             f"snapshot says {live_bytes} live bytes, its locations add up to {total}",
         )
-    return Snapshot(namespaces, checkpoint, seq, live_bytes, marks)
+    if not _expiry_table_fits(expiring, clock_floor, namespaces):
+        raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot holds a bad expiry table")
+    return Snapshot(namespaces, checkpoint, seq, live_bytes, marks, expiring, clock_floor)
+
+
+def _expiry_table_fits(expiring: Any, clock_floor: Any, namespaces: dict[str, Any]) -> bool:
+    """True when ``expiring`` is ns -> key -> finite deadline, for keys in ``namespaces``,
+    none empty, and ``clock_floor`` a finite time."""
+    if type(clock_floor) is not float or not 0.0 <= clock_floor < _INF:
+        return False
+    if type(expiring) is not dict:
+        return False
+    for ns, deadlines in expiring.items():
+        index = namespaces.get(ns) if type(ns) is str else None
+        if index is None or type(deadlines) is not dict or not deadlines:
+            return False
+        for key, deadline_s in deadlines.items():
+            if type(deadline_s) is not float or not 0.0 <= deadline_s < _INF or key not in index:
+                return False
+    return True
 
 
 # Smallest size << 2 of a location of each kind (index: the kind); a kind

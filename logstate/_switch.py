@@ -26,7 +26,8 @@ from logstate._segments import Segment, SegmentSet
 
 __all__ = ["Moved", "PendingSwitch", "Switch"]
 
-Moved = list[tuple[str, str, Location, Location]]  # (ns, key, old location, new location)
+# (ns, key, old location, new location; None: an expired key the output dropped)
+Moved = list[tuple[str, str, Location, Location | None]]
 
 
 class Switch(NamedTuple):

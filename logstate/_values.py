@@ -20,8 +20,10 @@ from typing import Final
 from logstate._errors import CorruptionError, PickleNotAllowedError
 
 __all__ = [
+    "EXPIRES_HEADER",
     "TAG_BYTEARRAY",
     "TAG_BYTES",
+    "TAG_EXPIRES",
     "TAG_FALSE",
     "TAG_FLOAT",
     "TAG_INT",
@@ -31,6 +33,8 @@ __all__ = [
     "TAG_TRUE",
     "decode_value",
     "encode_value",
+    "expiring_value",
+    "split_expiring",
 ]
 
 # Value tags: the first byte of every encoded value. 0 is never a tag.
@@ -43,12 +47,19 @@ TAG_STR: Final = 6  # UTF-8 with surrogatepass, so every Python str round-trips
 TAG_BYTES: Final = 7
 TAG_BYTEARRAY: Final = 8
 TAG_PICKLE: Final = 9  # pickle protocol 5
+# A value with an expiry time (format 2): deadline and write time, seconds
+# since the epoch (IEEE-754 binary64, little-endian), then the value itself
+# (tag + data, never another TAG_EXPIRES).
+TAG_EXPIRES: Final = 10
 
 PICKLE_PROTOCOL: Final = 5
 
 _FLOAT: Final = struct.Struct("<d")
 assert _FLOAT.size == 8
+EXPIRES_HEADER: Final = struct.Struct("<Bdd")  # TAG_EXPIRES, deadline_s, written_s
+assert EXPIRES_HEADER.size == 17
 
+_INF: Final = float("inf")
 _NONE_BYTES: Final = bytes((TAG_NONE,))
 _FALSE_BYTES: Final = bytes((TAG_FALSE,))
 _TRUE_BYTES: Final = bytes((TAG_TRUE,))
@@ -106,6 +117,37 @@ def encode_value(value: object, allow_pickle: bool = True) -> bytes:
     return _PICKLE_PREFIX + data
 
 
+def expiring_value(encoded: bytes, deadline_s: float, written_s: float) -> bytes:
+    """``encoded`` (from :func:`encode_value`) wrapped with its expiry time.
+
+    Args:
+        deadline_s: when the value expires (seconds since the epoch; the
+            storage's clock); finite.
+        written_s: the storage's clock when it was written (<= deadline_s).
+    """
+    return EXPIRES_HEADER.pack(TAG_EXPIRES, deadline_s, written_s) + encoded
+
+
+def split_expiring(data: bytes | memoryview) -> tuple[float, float, bytes | memoryview]:
+    """(deadline_s, written_s, the value's own encoding) of a TAG_EXPIRES value.
+
+    Raises:
+        CorruptionError: shorter than its header, times not finite or out of
+            order, or another TAG_EXPIRES inside (offset 0, path "").
+    """
+    if len(data) <= EXPIRES_HEADER.size:
+        raise CorruptionError("", 0, f"expiring value of {len(data)} bytes is truncated")
+    _tag, deadline_s, written_s = EXPIRES_HEADER.unpack_from(data, 0)
+    if not (0.0 <= written_s <= deadline_s < _INF):  # also refuses nan
+        raise CorruptionError(
+            "", 0, f"expiring value with bad times (deadline {deadline_s!r}, written {written_s!r})"
+        )
+    inner = data[EXPIRES_HEADER.size :]
+    if inner[0] == TAG_EXPIRES:
+        raise CorruptionError("", 0, "expiring value inside an expiring value")
+    return deadline_s, written_s, inner
+
+
 def decode_value(data: bytes | memoryview, allow_pickle: bool = True) -> object:
     """Decode bytes produced by :func:`encode_value`.
 
@@ -155,4 +197,10 @@ def decode_value(data: bytes | memoryview, allow_pickle: bool = True) -> object:
             return pickle.loads(data[1:])
         except Exception as exc:  # a pickle can fail in arbitrary ways
             raise CorruptionError("", 0, f"pickled value cannot be loaded: {exc!r}") from None
+    if tag == TAG_EXPIRES:  # the value itself (whether it expired is the storage's business)
+        inner = split_expiring(data)[2]
+        try:
+            return decode_value(inner, allow_pickle)
+        except CorruptionError as exc:
+            raise CorruptionError("", EXPIRES_HEADER.size + exc.offset, exc.reason) from None
     raise CorruptionError("", 0, f"unknown value tag {tag}")

@@ -29,7 +29,8 @@ class IndexDifference(NamedTuple):
     """One way the snapshot-based index differs from the full scan's.
 
     Attributes:
-        what: "key", "sub-storage", "checkpoint", "sequence number" or "live bytes".
+        what: "key", "sub-storage", "expiry", "checkpoint", "sequence number" or
+            "live bytes".
         namespace: the sub-storage path ("" for the root, and for the last three).
         key: the key ("" unless ``what`` is "key").
         snapshot: what the snapshot-based open gives, in words ("absent" when nothing).
@@ -150,6 +151,24 @@ def _differences(snap: Engine, scan: Engine) -> list[IndexDifference]:
                         "key", ns, key, describe_location(loc_a), describe_location(loc_b)
                     )
                 )
+    # expiry times (the clock floors may differ: the snapshot's also holds
+    # the times read, not only the times written)
+    snap_expiring, scan_expiring = snap.keydir.expiring, scan.keydir.expiring
+    for ns in sorted(snap_expiring.keys() | scan_expiring.keys()):
+        a_times, b_times = snap_expiring.get(ns, {}), scan_expiring.get(ns, {})
+        if a_times == b_times:
+            continue
+        for key in sorted(a_times.keys() | b_times.keys()):
+            if a_times.get(key) != b_times.get(key):
+                found.append(
+                    IndexDifference(
+                        "expiry",
+                        ns,
+                        key,
+                        _describe_deadline(a_times.get(key)),
+                        _describe_deadline(b_times.get(key)),
+                    )
+                )
     if snap.keydir.checkpoint != scan.keydir.checkpoint:
         found.append(
             IndexDifference(
@@ -173,3 +192,7 @@ def _differences(snap: Engine, scan: Engine) -> list[IndexDifference]:
             )
         )
     return found
+
+
+def _describe_deadline(deadline_s: float | None) -> str:
+    return "no expiry" if deadline_s is None else f"expires at {deadline_s!r} s"

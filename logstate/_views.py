@@ -19,9 +19,19 @@ storage as it is when the iteration starts; a key deleted while an
 from __future__ import annotations
 
 from collections.abc import ItemsView, Iterator, KeysView, ValuesView
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-__all__ = ["ItemRange", "KeyRange", "ValueRange", "bytes_to_key", "check_range", "key_to_bytes"]
+from logstate._handle import Handle
+
+__all__ = [
+    "ItemRange",
+    "KeyRange",
+    "OrderedViews",
+    "ValueRange",
+    "bytes_to_key",
+    "check_range",
+    "key_to_bytes",
+]
 
 _MISSING: Final[Any] = object()
 
@@ -203,3 +213,79 @@ class ValueRange(_Range, ValuesView[Any]):
 
     def __contains__(self, value: object) -> bool:
         return any(v is value or v == value for v in self._values(False))
+
+
+class OrderedViews(Handle):
+    """The ordered ``keys()``, ``items()`` and ``values()`` of a storage handle.
+
+    The base of ``LocalFileStorage``, which provides ``get`` and ``contains_key``.
+    """
+
+    if TYPE_CHECKING:  # provided by LocalFileStorage
+
+        def get(self, key: str, default: Any = None) -> Any: ...
+
+        def contains_key(self, key: str) -> bool: ...
+
+    def keys(  # a KeysView with a range and an order
+        self,
+        start: str | None = None,
+        stop: str | None = None,
+        prefix: str | None = None,
+        reverse: bool = False,
+    ) -> KeyRange:
+        """The keys of this storage in order: a live view (see docs/design.md, "Order").
+
+        Keys compare by code point, which is the order of their UTF-8 bytes.
+        ``start`` included, ``stop`` excluded, as in a range; ``prefix``: only
+        keys beginning with it; ``reverse``: from the last. Iterating the
+        storage itself (``for key in storage``) is not ordered (index order,
+        which a compaction changes) and cheaper.
+        After a few changes, an ordered read costs a few bisections, not a
+        sort (the index keeps a sorted view of each sub-storage read so).
+
+        Raises:
+            TypeError: a bound is not a str or None, or ``reverse`` not a bool.
+        """
+        check_range(start, stop, prefix, reverse)
+        return KeyRange(self, start, stop, prefix, reverse)
+
+    def items(
+        self,
+        start: str | None = None,
+        stop: str | None = None,
+        prefix: str | None = None,
+        reverse: bool = False,
+    ) -> ItemRange:
+        """(key, value) pairs in key order; the arguments are those of :meth:`keys`.
+
+        Values are read one by one while the iteration runs; a key deleted
+        meanwhile is skipped.
+        """
+        check_range(start, stop, prefix, reverse)
+        return ItemRange(self, start, stop, prefix, reverse)
+
+    def values(
+        self,
+        start: str | None = None,
+        stop: str | None = None,
+        prefix: str | None = None,
+        reverse: bool = False,
+    ) -> ValueRange:
+        """Values in key order; the arguments are those of :meth:`keys`."""
+        check_range(start, stop, prefix, reverse)
+        return ValueRange(self, start, stop, prefix, reverse)
+
+    def _ordered_keys(
+        self, start: str | None, stop: str | None, prefix: str | None, reverse: bool
+    ) -> list[str]:
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.ordered_keys(self._ns, start, stop, prefix, reverse)
+
+    def _count_range(self, start: str | None, stop: str | None, prefix: str | None) -> int:
+        if self._closed:
+            raise self._closed_error()
+        if start is None and stop is None and not prefix:
+            return self._engine.count(self._ns)
+        return self._engine.count_range(self._ns, start, stop, prefix)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from logstate import _format as fmt
 from logstate._append import Appender
+from logstate._clock import Clock
 from logstate._commit import GroupCommit
 from logstate._crc import crc_bytes
 from logstate._format import (
@@ -49,8 +50,10 @@ from logstate._location import (
     pack_location,
 )
 from logstate._options import EngineOptions
+from logstate._scan import set_body_value, value_expiry
 from logstate._schedule import CompactionScheduler
 from logstate._segments import SegmentSet
+from logstate._values import TAG_EXPIRES
 
 __all__ = ["Writer"]
 
@@ -79,7 +82,9 @@ class Writer:
         appender: Appender,
         commit: GroupCommit,
         scheduler: CompactionScheduler,
+        clock: Clock,
     ) -> None:
+        self._now = clock.now
         self._fs = fs
         self._options = options
         self._lock = lock
@@ -183,6 +188,8 @@ class Writer:
                 try:
                     segment, offset = ap.append(record)
                     self._keydir.put(ns, index, key, segment << 74 | offset << 34 | size << 2)
+                    if value[0] == TAG_EXPIRES or self._keydir.expiring:
+                        self._keydir.note_expiry(ns, key, value_expiry(value))
                     if ap.listener is not None:
                         ap.queue(seq, ap.written_pos, record)
                 except BaseException:
@@ -204,15 +211,17 @@ class Writer:
                     active.size = offset + size
                     ap.written_pos = end_pos = pos_before + size
                     old = index.get(key)
+                    if old is None and self._keydir.ordered:  # noted first: Keydir.put
+                        self._keydir.note_key(ns, key)
                     index[key] = active.number << 74 | offset << 34 | size << 2  # KIND_RECORD
                     if old is None:
                         self._keydir.live_bytes += size
-                        if self._keydir.ordered:
-                            self._keydir.note_key(ns, key)
                     elif type(old) is int:
                         self._keydir.live_bytes += size - ((old >> 2) & SIZE_MASK)
                     else:
                         self._keydir.live_bytes += size - location_size(old)
+                    if value[0] == TAG_EXPIRES or self._keydir.expiring:
+                        self._keydir.note_expiry(ns, key, value_expiry(value))
                     if ap.listener is not None:
                         ap.queue(seq, end_pos, record)
                 except OSError as exc:
@@ -233,11 +242,14 @@ class Writer:
             self._scheduler.hold_back()
 
     def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
-        """Delete ``key``; write nothing and return False when it is absent."""
+        """Delete ``key``; write nothing and return False when it is absent (or expired:
+        it reads as absent, and compaction drops it)."""
         keydir = self._keydir
         with self._lock:
             self.check_writable()
-            if key not in keydir.require(ns):
+            if key not in keydir.require(ns) or (
+                keydir.expiring and keydir.is_expired(ns, key, self._now())
+            ):
                 return False
             body = ns_bytes + NAME_LEN.pack(len(key_bytes)) + key_bytes
             end_pos = self._append_applied(REC_DELETE, body, lambda: keydir.delete(ns, key))
@@ -301,6 +313,7 @@ class Writer:
         checkpoint: bytes | None = None,
         names: list[tuple[str, str]] | None = None,
         durable: bool = False,
+        expiring: bool = False,
     ) -> int:
         """Append ``ops`` (type, body) as ONE group record: all of them or none survive.
 
@@ -313,6 +326,10 @@ class Writer:
             names: (namespace, key) of each op, from a caller that built the
                 bodies itself (Batch, InMemoryStorage): the bodies are then
                 not decoded again. Without it every body is decoded (checked).
+            expiring: some set has a value with an expiry time (TAG_EXPIRES):
+                the index notes each set's deadline (it does so anyway when
+                any key already has one). Without it, with no deadline in
+                the index, the values' tags are not looked at.
 
         Returns:
             The number of operations written.
@@ -339,12 +356,16 @@ class Writer:
                     created.add(ns)
                 elif ns not in namespaces and ns not in created and op_type != REC_CHECKPOINT:
                     self._keydir.require(ns)
+            check_expiry = expiring or bool(self._keydir.expiring)
             try:
                 if len(ops) == 1:
                     segment, offset, size, end_pos = ap.write(ops[0][0], ops[0][1])
                     ns, key = names[0]
                     loc = pack_location(segment, offset, size, KIND_RECORD)
-                    self._keydir.apply(ops[0][0], ns, key, loc)
+                    expiry = None
+                    if check_expiry and ops[0][0] == REC_SET:
+                        expiry = value_expiry(set_body_value(ops[0][1]))
+                    self._keydir.apply(ops[0][0], ns, key, loc, expiry)
                 else:
                     body = fmt.encode_group_body(
                         ops, self._options.compress_min_size, self._options.zstd_level
@@ -370,13 +391,14 @@ class Writer:
                                 index = self._keydir.ensure(ns)
                                 current_ns = ns
                             old = index.get(key)
+                            if old is None and self._keydir.ordered:  # noted first
+                                self._keydir.note_key(ns, key)
                             index[key] = high | op_offset << 34 | op_size << 2
-                            if old is None:
-                                live += op_size
-                                if self._keydir.ordered:
-                                    self._keydir.note_key(ns, key)
-                            else:
-                                live += op_size - location_size(old)
+                            live += op_size if old is None else op_size - location_size(old)
+                            if check_expiry:
+                                self._keydir.note_expiry(
+                                    ns, key, value_expiry(set_body_value(op_body))
+                                )
                         else:
                             self._keydir.live_bytes += live
                             live = 0
@@ -388,7 +410,10 @@ class Writer:
                                 )
                             else:
                                 where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
-                            apply(op_type, ns, key, where)
+                            expiry = None
+                            if check_expiry and op_type == REC_SET:
+                                expiry = value_expiry(set_body_value(op_body))
+                            apply(op_type, ns, key, where, expiry)
                         op_offset += op_size
                     self._keydir.live_bytes += live
             except BaseException:
@@ -406,6 +431,7 @@ class Writer:
         values: list[bytes | None],
         checkpoint: bytes | None = None,
         durable: bool = False,
+        expiring: bool = False,
     ) -> int:
         """Set (or, where the value is None, delete) ``keys`` of ``ns`` as ONE group.
 
@@ -425,7 +451,9 @@ class Writer:
             # one record, or a compressed group: the general path
             pairs = [(op[4], op[fmt.GROUP_OP_SIZE :]) for op in ops[: len(keys)]]
             names = [(ns, key) for key in keys]
-            return self.write_group(pairs, checkpoint, names=names, durable=durable)
+            return self.write_group(
+                pairs, checkpoint, names=names, durable=durable, expiring=expiring
+            )
         body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
         ap = self._appender
         with self._lock:
@@ -438,23 +466,25 @@ class Writer:
                 live = 0
                 get = index.get
                 ordered = bool(self._keydir.ordered)
+                check_expiry = expiring or bool(self._keydir.expiring)
                 for key, value, op in zip(keys, values, ops, strict=False):
                     op_size = len(op)
                     if value is None:
+                        if ordered:  # noted first: Keydir.put
+                            self._keydir.note_key(ns, key)
                         old = index.pop(key, None)
                         if old is not None:
                             live -= location_size(old)
-                            if ordered:
-                                self._keydir.note_key(ns, key)
                     else:
                         old = get(key)
+                        if old is None and ordered:
+                            self._keydir.note_key(ns, key)
                         index[key] = high | op_offset << 34 | op_size << 2
-                        if old is None:
-                            live += op_size
-                            if ordered:
-                                self._keydir.note_key(ns, key)
-                        else:
-                            live += op_size - location_size(old)
+                        live += op_size if old is None else op_size - location_size(old)
+                    if check_expiry:
+                        self._keydir.note_expiry(
+                            ns, key, None if value is None else value_expiry(value)
+                        )
                     op_offset += op_size
                 if checkpoint is not None:
                     self._keydir.checkpoint = high | op_offset << 34 | len(ops[-1]) << 2

@@ -158,6 +158,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for diff in snapshot.differences:
         subject = {
             "key": f"key {diff.key!r} of {_storage_name(diff.namespace)}",
+            "expiry": f"the expiry of key {diff.key!r} of {_storage_name(diff.namespace)}",
             "sub-storage": _storage_name(diff.namespace),
         }.get(diff.what, f"the {diff.what}")
         problems.append(

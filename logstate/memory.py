@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, Final
 
-from logstate._checks import check_key, encode_key
-from logstate._values import decode_value, encode_value
+from logstate._checks import check_key, check_ttl, encode_key
+from logstate._values import (
+    TAG_EXPIRES,
+    decode_value,
+    encode_value,
+    expiring_value,
+    split_expiring,
+)
 from logstate.storage import LocalFileStorage
 
 __all__ = ["InMemoryStorage"]
@@ -63,8 +70,18 @@ class InMemoryStorage(MutableMapping[str, Any]):
     """
 
     def __init__(
-        self, backing_storage: LocalFileStorage | str | os.PathLike[str] | None = None
+        self,
+        backing_storage: LocalFileStorage | str | os.PathLike[str] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        if clock is not None and (backing_storage is not None or not callable(clock)):
+            raise TypeError(
+                "clock must be a callable, and only for an InMemoryStorage without a backing "
+                "storage (one with a backing storage uses that storage's clock)"
+            )
+        self._own_clock = clock if clock is not None else time.time
+        self._clock_floor = 0.0
         self._owns_backing = False
         if isinstance(backing_storage, (str, os.PathLike)):
             backing_storage = LocalFileStorage(backing_storage)
@@ -89,11 +106,15 @@ class InMemoryStorage(MutableMapping[str, Any]):
         self._data: dict[str, Any] = {}
         self._pending: dict[str, bytes | None] = {}  # key -> encoded value, or None: deleted
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
+        self._expiry: dict[str, tuple[float, float]] = {}  # key -> (deadline_s, written_s)
         self._allow_pickle = True
         if backing_storage is not None:
-            raw, allow = backing_storage._load_encoded()
+            raw, allow = backing_storage._load_encoded()  # expired keys left out
             self._allow_pickle = allow
             for key, encoded in raw.items():
+                if encoded[0] == TAG_EXPIRES:
+                    deadline_s, written_s, encoded = split_expiring(encoded)
+                    self._expiry[key] = (deadline_s, written_s)
                 value = decode_value(encoded, allow)
                 self._data[key] = value
 
@@ -107,13 +128,60 @@ class InMemoryStorage(MutableMapping[str, Any]):
         """True: keys are kept as given."""
         return True
 
+    # ------------------------------------------------------------------ expiry
+    def _now(self) -> float:
+        """The clock expiry counts with: the backing storage's, or this object's own
+        (never earlier than it read before, as the backing storage's)."""
+        if self._backing is not None:
+            return self._backing._now()
+        now_s = self._own_clock()
+        with self._lock:
+            if now_s > self._clock_floor:
+                self._clock_floor = now_s
+            return self._clock_floor
+
+    def _expired(self, key: str) -> bool:
+        """True (and the key forgotten in memory) when ``key`` has expired.
+
+        Its pending write, if any, stays: the backing storage then holds a
+        value that reads as expired there too, never an older value.
+        """
+        expiry = self._expiry.get(key)
+        if expiry is None or expiry[0] > self._now():
+            return False
+        with self._lock:
+            if self._expiry.get(key) is expiry:
+                del self._expiry[key]
+                self._data.pop(key, None)
+                self._watched.pop(key, None)
+        return True
+
+    def _drop_expired(self) -> None:
+        """Forget every expired key in memory (see :meth:`_expired`)."""
+        if self._expiry:
+            now_s = self._now()
+            for key in [k for k, (deadline_s, _w) in self._expiry.items() if deadline_s <= now_s]:
+                self._expired(key)
+
+    def _encoded(self, key: str, value: Any) -> bytes:
+        """``value``'s bytes for the backing storage, with ``key``'s expiry time if any."""
+        encoded = encode_value(value, self._allow_pickle)
+        expiry = self._expiry.get(key)
+        return encoded if expiry is None else expiring_value(encoded, *expiry)
+
     # ------------------------------------------------------------------ writes
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Set ``key`` to ``value`` in memory (persisted by the next flush).
 
+        Args:
+            ttl: seconds after which the key expires (the backing storage's
+                clock): from then on it reads as missing here, and after a
+                flush in the backing storage too. None: never (and an
+                earlier ttl of the key is cleared).
+
         Raises:
-            TypeError / ValueError: a bad key; with a backing storage, a value
-                it cannot store (checked now, not at flush).
+            TypeError / ValueError: a bad key or ttl; with a backing storage,
+                a value it cannot store (checked now, not at flush).
             PickleNotAllowedError: the value needs pickle and the backing
                 storage has allow_pickle=False.
         """
@@ -121,13 +189,28 @@ class InMemoryStorage(MutableMapping[str, Any]):
             encode_key(key)
         else:
             key = check_key(key)[0]  # a str subclass is kept as exact str
+        expiry = None
+        if ttl is not None:
+            now_s = self._now()
+            expiry = (now_s + check_ttl(ttl), now_s)
         if self._backing is None:
-            self._data[key] = value
+            with self._lock:
+                self._data[key] = value
+                if expiry is not None:
+                    self._expiry[key] = expiry
+                else:
+                    self._expiry.pop(key, None)
             return
         encoded = encode_value(value, self._allow_pickle)
+        if expiry is not None:
+            encoded = expiring_value(encoded, *expiry)
         with self._lock:
             self._data[key] = value
             self._pending[key] = encoded
+            if expiry is not None:
+                self._expiry[key] = expiry
+            elif self._expiry:
+                self._expiry.pop(key, None)
             if type(value) in _IMMUTABLE:
                 self._watched.pop(key, None)
             else:
@@ -141,10 +224,11 @@ class InMemoryStorage(MutableMapping[str, Any]):
         if type(key) is not str:
             key = check_key(key)[0]
         with self._lock:
-            if key not in self._data:
+            if key not in self._data or self._expired(key):
                 return False
             del self._data[key]
             self._watched.pop(key, None)
+            self._expiry.pop(key, None)
             if self._backing is not None:
                 self._pending[key] = None
             return True
@@ -162,12 +246,13 @@ class InMemoryStorage(MutableMapping[str, Any]):
                     self._pending[key] = None
             self._data.clear()
             self._watched.clear()
+            self._expiry.clear()
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default``."""
         value = self._data.get(key, _MISSING)
-        if value is _MISSING:
+        if value is _MISSING or (self._expiry and self._expired(key)):
             return default
         if type(value) not in _IMMUTABLE and self._backing is not None and key not in self._watched:
             self._watch(key, value)
@@ -177,16 +262,17 @@ class InMemoryStorage(MutableMapping[str, Any]):
         """Start watching a mutable value being handed out: remember its bytes now."""
         with self._lock:
             if key not in self._watched and self._data.get(key, _MISSING) is value:
-                self._watched[key] = encode_value(value, self._allow_pickle)
+                self._watched[key] = self._encoded(key, value)
 
     def contains_key(self, key: str) -> bool:
-        return key in self._data
+        return key in self._data and not (self._expiry and self._expired(key))
 
     def has_key(self, key: str) -> bool:
         """Legacy name of :meth:`contains_key`."""
-        return key in self._data
+        return self.contains_key(key)
 
     def get_all_keys(self) -> list[str]:
+        self._drop_expired()
         return list(self._data)
 
     # ------------------------------------------------------------------ MutableMapping
@@ -204,12 +290,14 @@ class InMemoryStorage(MutableMapping[str, Any]):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._data
+        return isinstance(key, str) and self.contains_key(key)
 
     def __iter__(self) -> Iterator[str]:
+        self._drop_expired()
         return iter(list(self._data))
 
     def __len__(self) -> int:
+        self._drop_expired()
         return len(self._data)
 
     def __repr__(self) -> str:
@@ -281,13 +369,16 @@ class InMemoryStorage(MutableMapping[str, Any]):
                 allow = self._allow_pickle
                 for key, last in watched.items():
                     encoded = encode_value(self._data[key], allow)
+                    expiry = self._expiry.get(key)
+                    if expiry is not None:
+                        encoded = expiring_value(encoded, *expiry)
                     if key in changes or encoded != last:
                         changes[key] = encoded
                         rewritten[key] = encoded
             # ONE group, durable on return unless sync="none"; with nothing to
             # write, nothing is written (StorageClosedError if the backing is closed)
             written = backing._write_changes(
-                list(changes), list(changes.values()), checkpoint_bytes
+                list(changes), list(changes.values()), checkpoint_bytes, bool(self._expiry)
             )
             self._pending = {}
             watched.update(rewritten)

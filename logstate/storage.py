@@ -15,7 +15,7 @@ happens before the first byte is written, so a rejected call changes nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, Final
 
 from logstate._batch import Batch
@@ -33,13 +33,19 @@ from logstate._errors import CorruptionError, KeyNotFoundError
 from logstate._filenames import parse_segment_file_name
 from logstate._format import MAX_KEY_SIZE, MAX_NAME_SIZE
 from logstate._fs import OS_FS
-from logstate._handle import Handle
 from logstate._keydir import join_namespace
 from logstate._registry import acquire_reference
 from logstate._report import RecoveryReport
-from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
+from logstate._values import (
+    BYTES_PREFIX,
+    TAG_BYTES,
+    TAG_EXPIRES,
+    decode_value,
+    encode_value,
+    split_expiring,
+)
 from logstate._verify import SnapshotComparison, compare_snapshot_with_scan
-from logstate._views import ItemRange, KeyRange, ValueRange, check_range
+from logstate._views import OrderedViews
 
 __all__ = [
     "DEFAULT_DIRECTORY",
@@ -60,7 +66,7 @@ def is_storage_directory(path: str | os.PathLike[str]) -> bool:
     )
 
 
-class LocalFileStorage(Handle, MutableMapping[str, Any]):
+class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
     """A durable key-value storage in a local directory.
 
     Keys are non-empty ``str`` (case-sensitive); values are None, bool, int,
@@ -74,7 +80,9 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
     closes them); the directory is released when the last handle is closed or
     garbage-collected. Another process gets :class:`StorageLockedError`.
     ``close()``, ``closed``, ``path``, ``name`` and the ``with`` protocol are
-    those of the base class, :class:`logstate._handle.Handle`.
+    those of the base class, :class:`logstate._handle.Handle`; the ordered
+    ``keys()``, ``items()`` and ``values()`` those of
+    :class:`logstate._views.OrderedViews`.
 
     Args:
         storage_directory: the directory; None means ``./state``.
@@ -113,6 +121,11 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
             --no-copy``. The cut bytes are then not kept.
         allow_pickle: False refuses to write or read pickled values (for state
             from an untrusted source: loading a pickle can run code).
+        clock: the time, in seconds since the epoch, that ``set(...,
+            ttl=)`` counts from and expiry is read against (default
+            ``time.time``; for tests). It never reads earlier than the
+            newest time the store has seen, so a clock set back never
+            makes an expired key live again (see docs/durability.md).
         lock_timeout: seconds to wait for another process to release the
             directory (a partition handed over during a rebalance) before
             raising StorageLockedError; default 0: raise at once.
@@ -145,6 +158,7 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         copy_torn_tails: bool | None = None,
         allow_pickle: bool = True,
         lock_timeout: float | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         path = check_open_arguments(storage_directory, auto_create_dir, allow_pickle)
         lock_timeout_s = check_lock_timeout(lock_timeout)
@@ -162,6 +176,7 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
                 ("read_only", read_only),
                 ("use_snapshot", use_snapshot),
                 ("copy_torn_tails", copy_torn_tails),
+                ("clock", clock),
             )
             if value is not None
         }
@@ -187,12 +202,20 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         return None if raw is None else decode_value(raw, self._allow_pickle)
 
     # ------------------------------------------------------------------ key/value
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (replacing any previous value).
 
+        Args:
+            ttl: seconds after which the key expires (the storage's clock,
+                wall-clock time by default): from then on it reads as
+                missing for ``get``, ``in``, ``len`` and every listing, and
+                compaction drops it. None: it never expires (a set without
+                ``ttl`` also clears an earlier one's).
+
         Raises:
-            TypeError: key not a str; value not storable (e.g. not picklable).
-            ValueError: key empty or too long.
+            TypeError: key not a str; value not storable (e.g. not picklable);
+                ttl not a number.
+            ValueError: key empty or too long; ttl not positive or not finite.
             PickleNotAllowedError: value needs pickle and allow_pickle is False.
             StorageClosedError / StorageFailedError / SubStorageDeletedError.
             OSError: the write (or, with sync="always", the sync) failed; the
@@ -213,6 +236,8 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
             encoded = BYTES_PREFIX + value
         else:
             encoded = encode_value(value, self._allow_pickle)
+        if ttl is not None:
+            encoded = self._expiring(encoded, ttl)
         self._engine.set(self._ns, self._ns_bytes, key, raw_key, encoded)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -233,6 +258,10 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         if type(raw) is bytes and raw[0] == TAG_BYTES:  # decode_value's bytes case, inlined
             return raw[1:]
         try:
+            if raw[0] == TAG_EXPIRES:
+                deadline_s, _written_s, raw = split_expiring(raw)
+                if deadline_s <= self._engine.now():
+                    return default
             return decode_value(raw, self._allow_pickle)
         except CorruptionError as exc:  # the record's CRC held, its value does not decode
             raise self._value_error(key, exc) from None
@@ -258,7 +287,9 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
             raise self._closed_error()
         key = check_key(key)[0]
         raw = self._engine.get(self._ns, self._ns_bytes, key)
-        return None if raw is None else bytes(raw)
+        if raw is None or (raw[0] == TAG_EXPIRES and not self._engine.contains(self._ns, key)):
+            return None  # (an expired key: missing)
+        return bytes(raw)
 
     def remove(self, key: str) -> None:
         """Delete ``key``; no error when it is not stored."""
@@ -320,70 +351,6 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         if self._closed:
             raise self._closed_error()
         return self._engine.count(self._ns)
-
-    # ------------------------------------------------------------------ ordered views
-    def keys(  # a KeysView with a range and an order
-        self,
-        start: str | None = None,
-        stop: str | None = None,
-        prefix: str | None = None,
-        reverse: bool = False,
-    ) -> KeyRange:
-        """The keys of this storage in order: a live view (see docs/design.md, "Order").
-
-        Keys compare by code point, which is the order of their UTF-8 bytes.
-        ``start`` included, ``stop`` excluded, as in a range; ``prefix``: only
-        keys beginning with it; ``reverse``: from the last. Iterating the
-        storage itself (``for key in storage``) is not ordered (index order,
-        which a compaction changes) and cheaper.
-        After a few changes, an ordered read costs a few bisections, not a
-        sort (the index keeps a sorted view of each sub-storage read so).
-
-        Raises:
-            TypeError: a bound is not a str or None, or ``reverse`` not a bool.
-        """
-        check_range(start, stop, prefix, reverse)
-        return KeyRange(self, start, stop, prefix, reverse)
-
-    def items(
-        self,
-        start: str | None = None,
-        stop: str | None = None,
-        prefix: str | None = None,
-        reverse: bool = False,
-    ) -> ItemRange:
-        """(key, value) pairs in key order; the arguments are those of :meth:`keys`.
-
-        Values are read one by one while the iteration runs; a key deleted
-        meanwhile is skipped.
-        """
-        check_range(start, stop, prefix, reverse)
-        return ItemRange(self, start, stop, prefix, reverse)
-
-    def values(
-        self,
-        start: str | None = None,
-        stop: str | None = None,
-        prefix: str | None = None,
-        reverse: bool = False,
-    ) -> ValueRange:
-        """Values in key order; the arguments are those of :meth:`keys`."""
-        check_range(start, stop, prefix, reverse)
-        return ValueRange(self, start, stop, prefix, reverse)
-
-    def _ordered_keys(
-        self, start: str | None, stop: str | None, prefix: str | None, reverse: bool
-    ) -> list[str]:
-        if self._closed:
-            raise self._closed_error()
-        return self._engine.ordered_keys(self._ns, start, stop, prefix, reverse)
-
-    def _count_range(self, start: str | None, stop: str | None, prefix: str | None) -> int:
-        if self._closed:
-            raise self._closed_error()
-        if start is None and stop is None and not prefix:
-            return self._engine.count(self._ns)
-        return self._engine.count_range(self._ns, start, stop, prefix)
 
     # ------------------------------------------------------------------ batches
     def batch(self) -> Batch:

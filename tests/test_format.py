@@ -258,7 +258,7 @@ def test_file_of_another_kind_is_unsupported_format() -> None:
         decode_segment_header(b"SQLite format 3\x00" + bytes(16))
 
 
-@pytest.mark.parametrize("version", [0, 2, FORMAT_VERSION + 1, 0xFFFF])
+@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1, 0xFFFF])
 def test_unknown_version_with_a_correct_crc_is_unsupported_format(version: int) -> None:
     head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, version, 0, 1, 0)[:-4]
     header = head + struct.pack("<I", crc32c(head))
@@ -806,14 +806,14 @@ def test_replay_frame_locates_every_operation_of_a_group(
     record = encode_record(REC_GROUP, 2, encode_group_body(ops * 2, 0 if compress else None))
     data = prefix + record
     kind, replayed = replay_frame(data, len(prefix), len(record), REC_GROUP)
-    assert [(t, ns, key) for t, ns, key, _o, _s in replayed] == expected_ops(ops * 2)
+    assert [(t, ns, key) for t, ns, key, _o, _s, _e in replayed] == expected_ops(ops * 2)
     _c, buf, _ops = decode_group(memoryview(record)[FRAME_HEADER_SIZE:])
     if kind == FRAME_COMPRESSED_GROUP:
         source: bytes | memoryview = buf  # offsets in the decompressed op list
     else:
         assert kind == FRAME_GROUP
         source = data  # offsets in the scanned data
-    offsets = [(offset, size) for _t, _n, _k, offset, size in replayed]
+    offsets = [(offset, size) for _t, _n, _k, offset, size, _e in replayed]
     assert [op[:3] for op in located_ops(source, offsets)] == expected_ops(ops * 2)
 
 
@@ -822,7 +822,7 @@ def test_replay_frame_locates_a_plain_record_at_itself(op_type: int, body: bytes
     data = b"\x00" * 7 + encode_record(op_type, 3, body)
     kind, replayed = replay_frame(data, 7, len(data) - 7, op_type)
     op = decode_op(op_type, body, 0, len(body))
-    assert (kind, replayed) == (FRAME_PLAIN, [(op_type, op.ns, op.key, 7, len(data) - 7)])
+    assert (kind, replayed) == (FRAME_PLAIN, [(op_type, op.ns, op.key, 7, len(data) - 7, None)])
 
 
 group_ish_bodies = st.one_of(
@@ -849,7 +849,7 @@ def test_replay_frame_accepts_and_refuses_exactly_what_decode_group_does(body: b
         general = None
     try:
         _kind, replayed = replay_frame(record, 0, len(record), REC_GROUP)
-        fast: list[tuple[int, str, str]] | None = [(t, ns, k) for t, ns, k, _o, _s in replayed]
+        fast: list[tuple[int, str, str]] | None = [(t, ns, k) for t, ns, k, _o, _s, _e in replayed]
     except CorruptionError:
         fast = None
     assert fast == general

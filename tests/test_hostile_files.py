@@ -537,6 +537,27 @@ def test_check_reports_every_snapshot_field_that_differs_from_a_full_scan(
     assert f"the snapshot gives {snap.seq - 1}, a full scan {snap.seq}" in lines[4]
 
 
+def test_check_reports_an_expiry_time_the_snapshot_changed(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    with LocalFileStorage(directory, sync="none") as s:
+        for i in range(40):
+            s.set(f"k{i}", "v" * 50, ttl=3600)
+    snap = decode_snapshot((directory / SNAPSHOT_FILE_NAME).read_bytes())
+    deadline = snap.expiring[""]["k1"]
+    rewrite_snapshot(
+        directory,
+        lambda s: s._replace(expiring={"": {**s.expiring[""], "k1": deadline + 60.0}}),
+    )
+    code, out, _err = run_cli("check", str(directory))
+    assert code == 1
+    lines = [line for line in out.splitlines() if line.startswith("DAMAGED ")]
+    assert lines == [
+        f"DAMAGED {directory.resolve() / SNAPSHOT_FILE_NAME}: the expiry of key 'k1' of the "
+        f"root storage: the snapshot gives expires at {deadline + 60.0!r} s, a full scan "
+        f"expires at {deadline!r} s"
+    ]
+
+
 def test_check_of_a_clean_store_says_the_snapshot_matches_a_full_scan(
     store: tuple[Path, dict[str, Any]],
 ) -> None:

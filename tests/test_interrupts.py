@@ -131,6 +131,24 @@ def op_flush_memory(s: LocalFileStorage) -> None:
     memory.flush(checkpoint={"offset": 7})
 
 
+def op_set_ttl(s: LocalFileStorage) -> None:
+    s.set("a", "new", ttl=3600)
+
+
+def op_batch_ttl(s: LocalFileStorage) -> None:
+    with s.batch() as b:
+        b.set("a", "new", ttl=3600)
+        b.set("c", 3, ttl=3600)
+        b.remove("b")
+
+
+def op_flush_memory_ttl(s: LocalFileStorage) -> None:
+    memory = InMemoryStorage(s)
+    memory.set("a", "new", ttl=3600)
+    memory.set("c", {"n": 3}, ttl=3600)
+    memory.flush(checkpoint={"offset": 7})
+
+
 def op_compact(s: LocalFileStorage) -> None:
     s.compact()
 
@@ -148,6 +166,12 @@ OPERATIONS: dict[str, tuple[Callable[[LocalFileStorage], None], State]] = {
     "create_sub": (op_create_sub, {**BEFORE, "fresh": {}}),
     "delete_sub": (op_delete_sub, {"": BEFORE[""]}),
     "flush_memory": (op_flush_memory, {"": {"a": "new", "c": {"n": 3}}, "sub": {"x": [1, 2]}}),
+    "set_ttl": (op_set_ttl, {"": {"a": "new", "b": 1}, "sub": {"x": [1, 2]}}),
+    "batch_ttl": (op_batch_ttl, {"": {"a": "new", "c": 3}, "sub": {"x": [1, 2]}}),
+    "flush_memory_ttl": (
+        op_flush_memory_ttl,
+        {"": {"a": "new", "b": 1, "c": {"n": 3}}, "sub": {"x": [1, 2]}},
+    ),
     "compact": (op_compact, BEFORE),
     "sync": (op_sync, BEFORE),
 }
@@ -295,11 +319,27 @@ COMPACTED_CHECKPOINT = {"offset": 7}
 COMPACTED_STATE: State = {"": {"a": "old", "b": 1, "dead": 0}, "sub": {"x": [1, 2]}}
 
 
+class Ticking:
+    """A clock that moves one second at each reading (from now)."""
+
+    def __init__(self) -> None:
+        self.now_s = time.time()
+
+    def __call__(self) -> float:
+        self.now_s += 1.0
+        return self.now_s
+
+
 def open_dead_store(directory: Path) -> LocalFileStorage:
-    """Several segments, mostly dead bytes, and a checkpoint: a compaction
-    replaces them (its output renamed over the last of them)."""
-    s = LocalFileStorage(directory, sync="none", segment_size=4096, auto_compact=False)
+    """Several segments, mostly dead bytes, expired keys and a checkpoint: a
+    compaction replaces them (its output renamed over the last of them) and
+    drops the expired keys."""
+    s = LocalFileStorage(
+        directory, sync="none", segment_size=4096, auto_compact=False, clock=Ticking()
+    )
     populate(s)
+    for i in range(4):
+        s.set(f"expired{i}", b"e" * 900, ttl=1.5)  # gone two readings of the clock later
     for i in range(16):
         s["dead"] = b"d" * 900 + bytes([i])
     memory = InMemoryStorage(s)

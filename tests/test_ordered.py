@@ -59,7 +59,9 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(steps=ops)
 def test_views_equal_sorted_model_through_every_change(tmp_path: Path, steps: list[Any]) -> None:
     directory = tmp_path / f"s{abs(hash(str(steps)))}"
@@ -140,12 +142,12 @@ def test_unordered_iteration_is_the_plain_protocol(tmp_path: Path) -> None:
         assert sorted(s) == ["a", "b", "c"]  # iter(storage): all keys, in no promised order
         assert list(s.keys()) == ["a", "b", "c"]
         assert dict(s.items()) == {"a": "a", "b": "b", "c": "c"}
-        assert s.keys() == {"a", "b", "c"}  # still a KeysView (a set)
+        assert set(s.keys()) == {"a", "b", "c"} and s.keys() <= {"a", "b", "c", "d"}  # a set
 
 
 def test_view_arguments_are_checked(tmp_path: Path) -> None:
     with LocalFileStorage(tmp_path / "s", sync="none") as s:
-        with pytest.raises(TypeError, match="start must be a str key or None.*bytes_to_key"):
+        with pytest.raises(TypeError, match=r"start must be a str key or None.*bytes_to_key"):
             s.keys(b"a")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="prefix"):
             s.items(prefix=1)  # type: ignore[arg-type]

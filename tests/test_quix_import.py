@@ -459,9 +459,10 @@ def test_each_storage_is_written_as_one_group(
         ops: list[tuple[int, bytes]],
         checkpoint: bytes | None = None,
         names: list[tuple[str, str]] | None = None,
+        expiring: bool = False,
     ) -> int:
         groups.append([op_type for op_type, _ in ops])
-        return original(ops, checkpoint, names)
+        return original(ops, checkpoint, names, expiring=expiring)
 
     monkeypatch.setattr(engine, "write_group", spy)
     set_calls: list[str] = []
@@ -517,12 +518,13 @@ def test_a_failed_group_write_leaves_the_storage_without_any_key(
         ops: list[tuple[int, bytes]],
         checkpoint: bytes | None = None,
         names: list[tuple[str, str]] | None = None,
+        expiring: bool = False,
     ) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OSError(5, "Input/output error")
-        return original(ops, checkpoint, names)
+        return original(ops, checkpoint, names, expiring=expiring)
 
     monkeypatch.setattr(engine, "write_group", fail_second)
     with pytest.raises(OSError, match="Input/output error"):

@@ -18,6 +18,7 @@ from logstate import CorruptionError, LogstateError, PickleNotAllowedError
 from logstate._values import (
     TAG_BYTEARRAY,
     TAG_BYTES,
+    TAG_EXPIRES,
     TAG_FALSE,
     TAG_FLOAT,
     TAG_INT,
@@ -39,6 +40,7 @@ ALL_TAGS = (
     TAG_BYTES,
     TAG_BYTEARRAY,
     TAG_PICKLE,
+    TAG_EXPIRES,  # test_expiry.py
 )
 
 

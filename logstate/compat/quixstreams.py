@@ -137,9 +137,9 @@ def _fold(key: str) -> str:
 class _FoldingBatch(_storage.Batch):
     """A batch of a compat file storage: keys folded, StateValues unwrapped."""
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Add a set of the lower-cased ``key`` (see :meth:`Batch.set`)."""
-        super().set(_fold(key), _unwrap(value))
+        super().set(_fold(key), _unwrap(value), ttl)
 
     def remove(self, key: str) -> None:
         """Add a delete of the lower-cased ``key`` (see :meth:`Batch.remove`)."""
@@ -191,14 +191,16 @@ class LocalFileStorage(_storage.LocalFileStorage):
         return False
 
     # ------------------------------------------------------------------ key/value
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` (or the value a :class:`StateValue` wraps) under ``key.lower()``.
+
+        ``ttl``: as :meth:`logstate.storage.LocalFileStorage.set`.
 
         Raises:
             TypeError / ValueError / PickleNotAllowedError / OSError: as
                 :meth:`logstate.storage.LocalFileStorage.set`.
         """
-        super().set(_fold(key), _unwrap(value))
+        super().set(_fold(key), _unwrap(value), ttl)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key.lower()``, or ``default``.
@@ -300,14 +302,16 @@ class InMemoryStorage(_memory.InMemoryStorage):
         """False over a case-insensitive backing storage, else True."""
         return not self._fold_keys
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Set ``key`` to ``value`` (or the value a :class:`StateValue` wraps) in memory.
+
+        ``ttl``: as :meth:`logstate.memory.InMemoryStorage.set`.
 
         Raises:
             TypeError / ValueError / PickleNotAllowedError: as
                 :meth:`logstate.memory.InMemoryStorage.set`.
         """
-        super().set(self._key(key), _unwrap(value))
+        super().set(self._key(key), _unwrap(value), ttl)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default``."""
