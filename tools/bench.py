@@ -34,6 +34,10 @@ Benchmarks (name: what is measured):
   (max while running, after close, after compaction where the store has it).
 - ``rss``: resident memory added by a process holding N keys (open + every
   key's index in memory), bytes per key.
+- ``--quix`` (a separate section, run alone): the Quix Streams store
+  (``logstate.integrations.quixstreams``) against Quix's own RocksDBStore
+  through Quix's transaction path: updates/s, recovery messages/s, reopen
+  time, RSS growth, disk size (``python tools/bench.py --quix --repeat 5``).
 
 Every row reports the ratio logstate/peer (for times and sizes: peer/logstate,
 so above 1.0 means logstate is better in every column).
@@ -848,6 +852,158 @@ def report(rows: list[Row], cfg: Config, command: str, missing: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+# ============================================================================ Quix Streams
+# A separate section (``--quix``): the logstate Quix Streams store against Quix's
+# own RocksDBStore, through Quix's transaction path. Each (store, round) runs in
+# a child process (RSS growth is that child's), rounds interleaved.
+QUIX_CHILD = r"""
+import json, os, random, sys, time
+sys.path.insert(0, sys.argv[5])
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+kind, base, txs, per_tx = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+keys_n = 5000
+from quixstreams.state.rocksdb import RocksDBOptions, RocksDBStore
+from logstate.integrations.quixstreams import LogstateStore
+def make():
+    if kind == "rocksdb":
+        return RocksDBStore(name="bench", stream_id="t", base_dir=base)
+    return LogstateStore(name="bench", stream_id="t", base_dir=base)
+rng = random.Random(20261201)
+before = rss()
+store = make()
+store.assign_partition(0)
+started = time.perf_counter()
+for i in range(1, txs + 1):
+    tx = store.start_partition_transaction(0)
+    state = tx.as_state(prefix=b"user-key")
+    for _ in range(per_tx):
+        key = f"k{rng.randrange(keys_n)}"
+        value = state.get(key) or {"count": 0, "sum": 0.0, "last": ""}
+        value["count"] += 1
+        value["sum"] += 1.5
+        value["last"] = f"e{i:08d}"
+        state.set(key, value)
+    tx.prepare(processed_offsets={"input": i})
+    tx.flush(changelog_offset=i)
+elapsed = time.perf_counter() - started
+grown = rss() - before
+store.close()
+disk = 0
+for root, _dirs, files in os.walk(base):
+    disk += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+started = time.perf_counter()
+store = make()
+partition = store.assign_partition(0)
+assert partition.get_changelog_offset() == txs
+store.start_partition_transaction(0).as_state(prefix=b"user-key").get("k1")
+reopen_s = time.perf_counter() - started
+if kind == "logstate":
+    partition.storage.compact()  # what auto-compaction does once a segment rolls
+store.close()
+compacted = 0
+for root, _dirs, files in os.walk(base):
+    compacted += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+# recovery: the same number of changelog messages into a fresh partition, as Quix's
+# RecoveryPartition hands them over (one call each), then complete_recovery()
+messages = [(f'user-key|"k{rng.randrange(keys_n)}"'.encode(),
+             b'{"count":%d,"sum":%d.5,"last":"e%08d"}' % (n, n, n)) for n in range(txs * per_tx)]
+base = os.path.join(base, "recovered")
+store = make()
+partition = store.assign_partition(0)
+started = time.perf_counter()
+for offset, (key, value) in enumerate(messages):
+    partition.recover_from_changelog_message(key=key, value=value, cf_name="default",
+                                             offset=offset)
+partition.complete_recovery()
+recovery_rate = len(messages) / (time.perf_counter() - started)
+assert partition.get_changelog_offset() == len(messages) - 1
+store.close()
+print(json.dumps({"rate": txs * per_tx / elapsed, "reopen_s": reopen_s, "rss": grown,
+                  "disk": disk, "disk_compacted": compacted, "recovery": recovery_rate}))
+"""
+QUIX_KINDS = ("logstate", "rocksdb")
+
+
+def bench_quix(
+    base: str, txs: int, per_tx: int, repeat: int, log: Callable[[str], None]
+) -> list[Row]:
+    """Key updates/s, recovery messages/s, reopen time, RSS growth and disk size:
+    logstate's Quix store vs Quix's RocksDBStore (``txs`` transactions of ``per_tx``
+    read-modify-write updates of ~60-byte JSON values over 5,000 keys, each flushed
+    with a changelog offset; then as many changelog messages recovered into a fresh
+    partition)."""
+    got: dict[str, dict[str, list[float]]] = {k: {} for k in QUIX_KINDS}
+    for round_number in range(repeat):
+        for kind in QUIX_KINDS:
+            log(f"quix: {kind} (round {round_number + 1}/{repeat}) ...")
+            with fresh_dir(base) as path:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-W",
+                        "ignore",
+                        "-c",
+                        QUIX_CHILD,
+                        kind,
+                        path,
+                        str(txs),
+                        str(per_tx),
+                        ROOT,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            import json
+
+            for name, value in json.loads(out.strip().splitlines()[-1]).items():
+                got[kind].setdefault(name, []).append(value)
+    rows = []
+    for kind in QUIX_KINDS:
+        med = {name: statistics.median(v) for name, v in got[kind].items()}
+        rows.append(Row("quix-updates", kind, med["rate"], "ops/s"))
+        rows.append(Row("quix-recovery", kind, med["recovery"], "ops/s"))
+        rows.append(Row("quix-reopen", kind, med["reopen_s"], "s"))
+        rows.append(Row("quix-rss-growth", kind, med["rss"] / 2**20, "MiB"))
+        rows.append(Row("quix-disk", kind, med["disk"] / 2**20, "MiB"))
+        rows.append(Row("quix-disk-compacted", kind, med["disk_compacted"] / 2**20, "MiB"))
+    return rows
+
+
+def quix_report(rows: list[Row], command: str, txs: int, per_tx: int, repeat: int) -> str:
+    """The Quix section as a markdown table, with the ratio logstate/RocksDB per row."""
+    lines = [
+        f"Quix Streams store, {txs} transactions x {per_tx} read-modify-write updates over "
+        f"5,000 keys (JSON ~60 B), changelog offset per flush; median of {repeat} "
+        "interleaved rounds, each in a fresh child process.",
+        "",
+        f"Machine: {machine()}",
+        f"Command: `{command}`",
+        "",
+        "| benchmark | logstate | RocksDBStore | ratio (above 1.0: logstate better) |",
+        "|---|---|---|---|",
+    ]
+    by = {(r.bench, r.store): r for r in rows}
+    for bench in (
+        "quix-updates",
+        "quix-recovery",
+        "quix-reopen",
+        "quix-rss-growth",
+        "quix-disk",
+        "quix-disk-compacted",
+    ):
+        ours, peer = by[(bench, "logstate")], by[(bench, "rocksdb")]
+        assert ours.value is not None and peer.value is not None
+        better = ours.value / peer.value if ours.unit == "ops/s" else peer.value / ours.value
+        lines.append(
+            f"| {bench} | {ours.value:,.3f} {ours.unit} | {peer.value:,.3f} {peer.unit} "
+            f"| {better:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -860,7 +1016,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tmp", default=None, help="directory for the stores (default: system tmp)"
     )
+    parser.add_argument(
+        "--quix",
+        action="store_true",
+        help="only the Quix Streams section (logstate vs RocksDBStore)",
+    )
     args = parser.parse_args(argv)
+    if args.quix:
+        txs, per_tx, repeat = (200, 20, 1) if args.quick else (2000, 20, args.repeat or 3)
+        base = tempfile.mkdtemp(prefix="logstate-bench-", dir=args.tmp)
+        try:
+            quix_rows = bench_quix(base, txs, per_tx, repeat, lambda m: print(m, file=sys.stderr))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        text = quix_report(quix_rows, command.strip(), txs, per_tx, repeat)
+        print(text)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        return 0
     if args.quick:
         cfg = Config(2000, 5000, 50, 2, 20000, 1, [])
     else:
