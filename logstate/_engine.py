@@ -181,6 +181,7 @@ class Engine:
         )
         # the handles call the parts directly (no delegation on the hot paths)
         self.set = writer.set
+        self.set_expiring = writer.set_expiring
         self.delete = writer.delete
         self.clear = writer.clear
         self.create_namespace = writer.create_namespace

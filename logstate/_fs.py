@@ -112,8 +112,12 @@ _fsync, _fdatasync = sync_functions(getattr(fcntl, "F_FULLFSYNC", None))
 # lock in place; only flock(LOCK_UN) or closing the last copy releases it).
 # _locks_guard is held while a lock descriptor is opened or closed, and
 # across fork(), so that the set matches the descriptors the child inherits.
+# Re-entrant: the garbage collector may run inside it (at any allocation) and
+# collect the last handle of ANOTHER directory, whose finalizer closes that
+# engine and unlocks it in this same thread; a plain lock deadlocked there.
+# Nested, that unlock touches only its own descriptor's entry.
 _held_locks: dict[int, str] = {}  # descriptor -> the locked directory
-_locks_guard = threading.Lock()
+_locks_guard = threading.RLock()
 
 
 def _hold_locks_guard_for_fork() -> None:
@@ -440,9 +444,10 @@ class FileSystem:
         the first holds it (flock locks open file descriptions).
         """
         with _locks_guard:
-            for fd, locked in _held_locks.items():
-                if locked == path:
-                    return fd
+            held = _held_locks.copy()  # (a nested unlock may change the dict meanwhile)
+        for fd, locked in held.items():
+            if locked == path:
+                return fd
         return None
 
     def unlock_dir(self, fd: int, path: str | None = None) -> None:

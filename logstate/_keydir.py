@@ -44,6 +44,7 @@ from logstate._location import (
     location_size,
     total_size,
 )
+from logstate._values import TAG_EXPIRES
 
 __all__ = ["Index", "Keydir", "SortedKeys", "is_within", "join_namespace", "key_range"]
 
@@ -146,6 +147,11 @@ class Keydir:
     values, saved in the snapshot, raised by every reader of the clock):
     the clock never reads earlier than it, so a clock set back never makes
     an expired key live again.
+
+    ``watch``: True once this index has had an ordered view or an expiry
+    time (it stays True): the hot set path (``Writer.set``) then calls
+    :meth:`note_set` before each store, and pays one attribute test
+    otherwise.
     """
 
     __slots__ = (
@@ -156,6 +162,7 @@ class Keydir:
         "namespaces",
         "ordered",
         "path",
+        "watch",
     )
 
     def __init__(
@@ -172,6 +179,7 @@ class Keydir:
         self.ordered: dict[str, SortedKeys] = {}
         self.expiring: dict[str, dict[str, float]] = {}
         self.clock_floor = 0.0
+        self.watch = False
 
     # ------------------------------------------------------------------ reads
     def require(self, ns: str) -> Index:
@@ -216,6 +224,7 @@ class Keydir:
         view = self.ordered.get(ns)
         if view is None:
             view = self.ordered[ns] = SortedKeys(index)
+            self.watch = True
             return view.keys
         return view.resolve(index)
 
@@ -231,6 +240,7 @@ class Keydir:
         """``key`` of ``ns`` was set to a value with ``expiry`` (deadline_s,
         written_s), or without one (None)."""
         if expiry is not None:
+            self.watch = True
             found = self.expiring.get(ns)
             if found is None:
                 found = self.expiring[ns] = {}
@@ -241,6 +251,17 @@ class Keydir:
             found = self.expiring.get(ns)
             if found is not None and found.pop(key, None) is not None and not found:
                 del self.expiring[ns]
+
+    def note_set(self, ns: str, key: str, is_new: bool, value: bytes) -> None:
+        """A set of ``key`` of ``ns`` to the encoded ``value`` is about to be
+        stored (``is_new``: the key is not indexed): tell the ordered view,
+        and keep the expiry table. Called before the store (see :meth:`put`)
+        and after the record is written, so an interrupt in between is
+        settled by replaying the record."""
+        if is_new and self.ordered:
+            self.note_key(ns, key)
+        if self.expiring or value[0] == TAG_EXPIRES:
+            self.note_expiry(ns, key, _scan.value_expiry(value))
 
     def is_expired(self, ns: str, key: str, now_s: float) -> bool:
         found = self.expiring.get(ns)
@@ -438,6 +459,7 @@ class Keydir:
             noted = set(view.changed)
             stale = (set(keys) ^ index.keys()) - noted
             assert not stale, f"ordered view of {ns!r} misses changes of {sorted(stale)[:5]}"
+        assert self.watch or not (self.ordered or self.expiring), "views or times unwatched"
         for ns, deadlines in self.expiring.items():
             assert deadlines, f"empty expiry table of {ns!r}"
             assert ns in self.namespaces, f"expiry table of missing namespace {ns!r}"

@@ -354,6 +354,7 @@ class _Recovery:
         keydir.checkpoint = snapshot.checkpoint
         keydir.live_bytes = snapshot.live_bytes
         keydir.expiring = snapshot.expiring
+        keydir.watch = bool(snapshot.expiring)
         keydir.clock_floor = snapshot.clock_floor
         self.replay.seq = snapshot.seq
         self.report.snapshot_used = True

@@ -53,7 +53,6 @@ from logstate._options import EngineOptions
 from logstate._scan import set_body_value, value_expiry
 from logstate._schedule import CompactionScheduler
 from logstate._segments import SegmentSet
-from logstate._values import TAG_EXPIRES
 
 __all__ = ["Writer"]
 
@@ -187,9 +186,9 @@ class Writer:
             if offset + size > ap.roll_size and offset > SEGMENT_HEADER_SIZE:
                 try:
                     segment, offset = ap.append(record)
+                    if self._keydir.watch:
+                        self._keydir.note_set(ns, key, key not in index, value)
                     self._keydir.put(ns, index, key, segment << 74 | offset << 34 | size << 2)
-                    if value[0] == TAG_EXPIRES or self._keydir.expiring:
-                        self._keydir.note_expiry(ns, key, value_expiry(value))
                     if ap.listener is not None:
                         ap.queue(seq, ap.written_pos, record)
                 except BaseException:
@@ -211,8 +210,8 @@ class Writer:
                     active.size = offset + size
                     ap.written_pos = end_pos = pos_before + size
                     old = index.get(key)
-                    if old is None and self._keydir.ordered:  # noted first: Keydir.put
-                        self._keydir.note_key(ns, key)
+                    if self._keydir.watch:  # views or expiry times to keep: noted first
+                        self._keydir.note_set(ns, key, old is None, value)
                     index[key] = active.number << 74 | offset << 34 | size << 2  # KIND_RECORD
                     if old is None:
                         self._keydir.live_bytes += size
@@ -220,8 +219,6 @@ class Writer:
                         self._keydir.live_bytes += size - ((old >> 2) & SIZE_MASK)
                     else:
                         self._keydir.live_bytes += size - location_size(old)
-                    if value[0] == TAG_EXPIRES or self._keydir.expiring:
-                        self._keydir.note_expiry(ns, key, value_expiry(value))
                     if ap.listener is not None:
                         ap.queue(seq, end_pos, record)
                 except OSError as exc:
@@ -240,6 +237,14 @@ class Writer:
             self.deliver()
         if self._scheduler.backlog:
             self._scheduler.hold_back()
+
+    def set_expiring(
+        self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes
+    ) -> None:
+        """:meth:`set` of a value with an expiry time (TAG_EXPIRES): the index
+        watches sets from now on (``Keydir.watch``), so the set notes it."""
+        self._keydir.watch = True
+        self.set(ns, ns_bytes, key, key_bytes, value)
 
     def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
         """Delete ``key``; write nothing and return False when it is absent (or expired:
@@ -356,6 +361,8 @@ class Writer:
                     created.add(ns)
                 elif ns not in namespaces and ns not in created and op_type != REC_CHECKPOINT:
                     self._keydir.require(ns)
+            if expiring:
+                self._keydir.watch = True
             check_expiry = expiring or bool(self._keydir.expiring)
             try:
                 if len(ops) == 1:
@@ -466,6 +473,8 @@ class Writer:
                 live = 0
                 get = index.get
                 ordered = bool(self._keydir.ordered)
+                if expiring:
+                    self._keydir.watch = True
                 check_expiry = expiring or bool(self._keydir.expiring)
                 for key, value, op in zip(keys, values, ops, strict=False):
                     op_size = len(op)

@@ -236,9 +236,11 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
             encoded = BYTES_PREFIX + value
         else:
             encoded = encode_value(value, self._allow_pickle)
-        if ttl is not None:
+        if ttl is None:
+            self._engine.set(self._ns, self._ns_bytes, key, raw_key, encoded)
+        else:
             encoded = self._expiring(encoded, ttl)
-        self._engine.set(self._ns, self._ns_bytes, key, raw_key, encoded)
+            self._engine.set_expiring(self._ns, self._ns_bytes, key, raw_key, encoded)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none.

@@ -206,3 +206,38 @@ def test_sigterm_handled_as_system_exit_with_sync_interval_loses_no_acknowledged
             assert reopened.report.clean
             for i in acked:
                 assert reopened[f"k{i}"] == i
+
+
+GC_INSIDE_THE_LOCK_GUARD = """
+import gc, sys
+import logstate._fs as fs
+from logstate import LocalFileStorage
+
+class Holder:
+    pass
+
+gc.disable()
+holder = Holder()
+holder.cycle = holder
+holder.storage = LocalFileStorage(sys.argv[1])  # never closed; only a cycle reaches it
+del holder
+with fs._locks_guard:  # as inside lock_dir / held_lock / unlock_dir when an allocation collects
+    gc.collect()  # the finalizer closes that engine and unlocks its directory, in this thread
+with LocalFileStorage(sys.argv[1]) as s:  # released: this process opens it again
+    s["after"] = 1
+print("no deadlock")
+"""
+
+
+def test_a_handle_collected_inside_the_lock_guard_closes_without_deadlock(tmp_path: Path) -> None:
+    """The garbage collector may run while this thread opens or closes another
+    directory's lock; collecting an unclosed handle there closes its engine in
+    this same thread, which re-enters the guard."""
+    result = subprocess.run(
+        [sys.executable, "-c", GC_INSIDE_THE_LOCK_GUARD, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "no deadlock"

@@ -58,7 +58,7 @@ def test_a_key_reads_as_missing_everywhere_once_its_ttl_has_passed(tmp_path: Pat
         assert "short" in s
         clock.now += 0.001  # the deadline itself: expired
         assert visible(s) == {"long": "b", "plain": "c"}
-        assert s.get("short") is None and "short" not in s.keys()
+        assert s.get("short") is None and "short" not in list(s.keys())
         with pytest.raises(KeyError):
             s["short"]
         assert len(s.keys(start="m")) == 1  # only "plain"
@@ -148,10 +148,10 @@ def test_expiry_survives_a_reopen_with_and_without_the_snapshot(
 def test_expiry_inside_a_compressed_group_is_found_by_a_scan(tmp_path: Path) -> None:
     clock = Clock()
     directory = tmp_path / "s"
-    with LocalFileStorage(directory, clock=clock, compress_min_size=0, sync="none") as s:
-        with s.batch() as b:
-            for i in range(20):
-                b.set(f"k{i:02d}", "x" * 100, ttl=10 if i % 2 else None)
+    s = LocalFileStorage(directory, clock=clock, compress_min_size=0, sync="none")
+    with s, s.batch() as b:
+        for i in range(20):
+            b.set(f"k{i:02d}", "x" * 100, ttl=10 if i % 2 else None)
     with LocalFileStorage(directory, clock=clock, use_snapshot=False) as s:
         assert len(s) == 20
         clock.now += 11
