@@ -1,47 +1,42 @@
 """A Faust table store on logstate: ``faust.App(..., store="logstate://")``.
 
-Owns: :class:`Store`, the ``logstate`` store of Faust (faust-streaming 0.15),
-registered through the ``faust.stores`` entry point; the mapping of a table
-partition to one logstate directory (as Faust's RocksDB store keeps one
-database per partition), of Faust's bytes keys to logstate keys, and of the
-persisted changelog offsets to reserved keys in the same directory.
-Must never: patch or subclass anything of Faust but ``SerializedStore``; use
-logstate's private modules; write a changelog batch as more than one record
-per partition; let a persisted offset get ahead of the data it stands for.
+Owns: :class:`Store` (faust-streaming 0.15; registered through the
+``faust.stores`` entry point): one logstate directory per table partition, as
+Faust's RocksDB store keeps one database per partition; Faust's bytes keys as
+logstate keys; the persisted changelog offsets as reserved keys beside them.
+Must never: patch Faust; use logstate's private modules; write one
+partition's share of a changelog batch as more than one record; store an
+offset ahead of the data it stands for.
 
-Layout: partition ``P`` of table ``T`` lives in ``BASE/T-P.logstate`` where
-``BASE`` is the app's ``tabledir`` (``logstate://``), an absolute directory
-(``logstate:///srv/state``) or a directory relative to ``tabledir``
-(``logstate:state``). Table keys are stored as ``bytes_to_key(key)`` (latin-1:
-only characters up to U+00FF); the offset of changelog topic ``X`` is the
-int under ``"\\uffffoffset\\uffff" + X``, a key no table key can equal.
+Layout: partition P of table T is the directory ``BASE/T-P.logstate``; BASE is
+the app's tabledir (``logstate://``), an absolute path (``logstate:///srv/x``)
+or a path under tabledir (``logstate:x``). A key is ``bytes_to_key(key)``
+(latin-1: characters up to U+00FF); the offset of changelog topic X is an int
+under ``OFFSET_KEY_PREFIX + X``, which holds U+FFFF: no table key equals it.
 
-Offsets versus data (the guarantee):
+Offsets and data, the guarantee: after a crash (a process crash with any
+``sync``; a power loss with ``recovery="strict"`` or ``"prefix"``), a stored
+offset O of a partition is never ahead of its data: every local write made
+before O was stored is there. The data may be ahead of O; Faust re-reads the
+changelog from O + 1 and rewrites those keys. Why:
 
-* ``apply_changelog_batch`` (recovery, standbys) writes each partition's
-  changes and that partition's highest offset as ONE logstate group record:
-  after any crash the directory holds all of it or none of it.
-* ``set_persisted_offset`` (Faust calls it from the producer's delivery
-  callback of a changelog message, or at commit with exactly_once) is one
-  record appended after the local ``_set``/``_del`` that message stands for:
-  ``Table.__setitem__`` sends the message and then writes the store in the
-  same synchronous step, and the callback runs later. A directory's log is
-  one ordered sequence and recovery keeps a prefix of it (process crash, any
-  ``sync``; power loss with ``recovery="strict"`` or ``"prefix"``), so when
-  offset ``O`` is found, every local write made before it is found too: the
-  offset is never ahead of the data. The data may be ahead of the offset
-  (writes whose offset was not yet recorded); Faust re-reads the changelog
-  from ``O + 1`` and rewrites those keys with the same values.
-* A local write that fails (key too long, I/O error) after Faust already
-  sent its changelog message would break that: the partition's offset is then
-  frozen (``set_persisted_offset`` writes nothing for it) until the partition
-  is closed, so the next recovery replays that message.
-* ``recovery="salvage"`` is refused: it may keep a later record and drop an
-  earlier one, i.e. an offset without its data.
-* Not covered: tables with ``use_partitioner=True`` write a key in the
-  partition of the source event while the producer may put its changelog
-  message (hence its offset) in another partition, i.e. another directory; as
-  with RocksDB, the two are then not ordered with respect to each other.
+* ``apply_changelog_batch`` (recovery, standbys) writes a partition's changes
+  and its highest offset as ONE group record: all of it or none after a crash.
+* ``set_persisted_offset`` is called from the delivery callback of a changelog
+  message (or at commit, with exactly_once), which runs after the local write
+  of that message (``Table.__setitem__`` sends, then writes the store, in one
+  synchronous step). The offset is one record appended after that write to
+  the same directory's log, and recovery keeps a prefix of a log.
+* A local write that fails after Faust sent its changelog message (key too
+  long, I/O error) freezes the partition's offset (``set_persisted_offset``
+  writes nothing for it) until the partition is closed; the next recovery
+  replays that message.
+* ``recovery="salvage"`` is refused: it can keep a later record (an offset)
+  and drop an earlier one (its data).
+
+Not covered: with ``use_partitioner=True`` a key is written in the source
+event's partition while the producer may put its changelog message, hence its
+offset, in another partition's directory (RocksDB's store has the same gap).
 """
 
 from __future__ import annotations
@@ -62,7 +57,7 @@ from yarl import URL
 
 from logstate import LocalFileStorage, LogstateError, StorageLockedError
 
-__all__ = ["DIRECTORY_SUFFIX", "MAX_KEY_SIZE", "OFFSET_KEY_PREFIX", "Store", "StoreOptions"]
+__all__ = ["DIRECTORY_SUFFIX", "MAX_KEY_SIZE", "OFFSET_KEY_PREFIX", "Store", "check_options"]
 
 #: logstate's limit on a key, in UTF-8 bytes (a latin-1 key char >= 0x80 takes 2).
 MAX_KEY_SIZE: Final = 4096
@@ -83,107 +78,50 @@ def _key_to_bytes(key: str) -> bytes:
     return key.encode("latin-1")
 
 
-class StoreOptions:
-    """The options of a logstate store, from the URL query and the table's ``options``.
+_CHOICES: Final = {"sync": ("none", "interval", "always"), "recovery": ("strict", "prefix")}
+_NUMBERS: Final = {"sync_interval": float, "segment_size": int, "lock_timeout": float}
+_FLAGS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
-    ``store="logstate:///srv/state?sync=always&lock_timeout=60"`` or
-    ``app.Table(..., options={"sync": "always"})`` (the table's options win).
+
+def check_options(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The store options in ``given`` (URL query text or table options), checked.
 
     Args:
-        sync: logstate's sync mode, "none", "interval" (default) or "always".
-        sync_interval: seconds between background syncs for "interval".
-        segment_size: bytes at which a segment rolls.
-        recovery: "prefix" (default) or "strict"; "salvage" is refused.
-        auto_compact: background compaction (logstate's default: on).
-        lock_timeout: seconds an assigned partition waits for another process
-            to release its directory (default 30, as Faust's RocksDB retries).
+        given: option names to values; :class:`Store` lists the options.
+
+    Returns:
+        The options, converted from text where the URL gave text.
 
     Raises:
-        ValueError: an unknown option or a bad value (named in the message).
+        ValueError: an unknown option or a bad value (both named).
     """
-
-    _NAMES: Final = (
-        "sync",
-        "sync_interval",
-        "segment_size",
-        "recovery",
-        "auto_compact",
-        "lock_timeout",
-    )
-
-    def __init__(self, query: Mapping[str, str], options: Mapping[str, Any] | None) -> None:
-        given: dict[str, Any] = dict(query)
-        given.update(options or {})
-        unknown = sorted(set(given) - set(self._NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown logstate store option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(self._NAMES)}"
-            )
-        self.sync: str | None = _choice(given, "sync", ("none", "interval", "always"), None)
-        self.recovery: str = _choice(given, "recovery", ("strict", "prefix"), "prefix")
-        self.sync_interval: float | None = _number(given, "sync_interval", float, None)
-        self.segment_size: int | None = _number(given, "segment_size", int, None)
-        self.lock_timeout_s: float = _number(given, "lock_timeout", float, 30.0, zero_ok=True)
-        self.auto_compact: bool | None = _flag(given, "auto_compact")
-
-    def open_arguments(self) -> dict[str, Any]:
-        """Keyword arguments for ``LocalFileStorage`` (the unset ones left to logstate)."""
-        arguments: dict[str, Any] = {"recovery": self.recovery}
-        for name in ("sync", "sync_interval", "segment_size", "auto_compact"):
-            value = getattr(self, name)
-            if value is not None:
-                arguments[name] = value
-        return arguments
-
-
-def _choice(given: Mapping[str, Any], name: str, allowed: tuple[str, ...], default: Any) -> Any:
-    value = given.get(name, default)
-    if value is default:
-        return value
-    if value not in allowed:
-        why = (
-            " (salvage can keep a later record without an earlier one: an offset without its data)"
-            if value == "salvage"
-            else ""
-        )
-        raise ValueError(
-            f"logstate store option {name}={value!r}: expected one of {', '.join(allowed)}{why}"
-        )
-    return value
-
-
-def _number(
-    given: Mapping[str, Any], name: str, kind: type[Any], default: Any, zero_ok: bool = False
-) -> Any:
-    value = given.get(name)
-    if value is None:
-        return default
-    try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
-            raise ValueError
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"logstate store option {name}={value!r}: expected {kind.__name__}"
-        ) from None
-    if number < 0 or (number == 0 and not zero_ok):
-        raise ValueError(
-            f"logstate store option {name}={value!r}: must be {'>= 0' if zero_ok else '> 0'}"
-        )
-    return number
-
-
-def _flag(given: Mapping[str, Any], name: str) -> bool | None:
-    value = given.get(name)
-    if value is None or isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"logstate store option {name}={value!r}: expected true or false")
+    checked: dict[str, Any] = {}
+    for name, value in given.items():
+        bad = f"logstate store option {name}={value!r}"
+        if name in _CHOICES:
+            if value not in _CHOICES[name]:
+                why = " (it can keep an offset and drop its data)" if value == "salvage" else ""
+                raise ValueError(f"{bad}: expected one of {', '.join(_CHOICES[name])}{why}")
+            checked[name] = value
+        elif name == "auto_compact":
+            if str(value).lower() not in _FLAGS:
+                raise ValueError(f"{bad}: expected true or false")
+            checked[name] = _FLAGS[str(value).lower()]
+        elif name in _NUMBERS:
+            kind = _NUMBERS[name]
+            try:
+                if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+                    raise ValueError(value)
+                number = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{bad}: expected {kind.__name__}") from None
+            if number < 0 or (number == 0 and name != "lock_timeout"):
+                raise ValueError(f"{bad}: must be {'>= 0' if name == 'lock_timeout' else '> 0'}")
+            checked[name] = number
+        else:
+            known = ", ".join(sorted([*_CHOICES, *_NUMBERS, "auto_compact"]))
+            raise ValueError(f"unknown logstate store option {name!r}; known: {known}")
+    return checked
 
 
 def _open_waiting(path: Path, arguments: dict[str, Any], timeout_s: float) -> LocalFileStorage:
@@ -202,17 +140,22 @@ def _open_waiting(path: Path, arguments: dict[str, Any], timeout_s: float) -> Lo
 class Store(base.SerializedStore[Any, Any]):
     """Faust table storage in logstate directories, one per table partition.
 
-    Built by Faust from ``store="logstate://..."`` (see :class:`StoreOptions`
-    and the module docstring for the layout and the offset guarantee).
+    Built by Faust from ``store="logstate://..."`` (the module docstring has
+    the layout and the offset guarantee). Options, from the URL query
+    (``logstate:///srv/x?sync=always``) or the table's ``options`` (which win):
+    ``sync`` ("none", "interval": the default, "always"), ``sync_interval``
+    (s), ``segment_size`` (bytes), ``auto_compact`` (true/false),
+    ``recovery`` ("prefix": the default, or "strict"; "salvage" is refused) and
+    ``lock_timeout`` (s an assigned partition waits for another process to
+    release its directory; default 30, as RocksDB's 30 retries).
 
     Args:
-        url: the store URL: ``logstate://`` (the app's tabledir),
-            ``logstate:///abs/dir`` or ``logstate:rel/dir`` (under tabledir);
-            query parameters are options.
+        url: ``logstate://`` (tabledir), ``logstate:///abs/dir`` or
+            ``logstate:rel/dir`` (under tabledir), with options as its query.
         app: the Faust app.
         table: the table this store serves.
         options: the table's ``options`` mapping (read, never changed).
-        **kwargs: passed on to Faust's ``Store`` (table_name, key_type, ...).
+        **kwargs: for Faust's ``Store`` (table_name, key_type, loop, ...).
 
     Raises:
         ValueError: a URL with a host, or a bad option.
@@ -233,7 +176,9 @@ class Store(base.SerializedStore[Any, Any]):
                 f"store URL {str(self.url)!r} names a host; a logstate store is a local "
                 "directory: logstate:// (tabledir), logstate:///absolute/dir or logstate:rel/dir"
             )
-        self.settings = StoreOptions(self.url.query, options)
+        checked = check_options({**self.url.query, **(options or {})})
+        self.lock_timeout_s: float = checked.pop("lock_timeout", 30.0)
+        self.open_arguments: dict[str, Any] = {"recovery": "prefix", **checked}
         self.base_path = Path(app.conf.tabledir) / self.url.path  # an absolute path wins
         self._partitions: dict[int, LocalFileStorage] = {}
         self._active: set[int] = set()  # partitions served to reads (assigned, not standby)
@@ -250,28 +195,21 @@ class Store(base.SerializedStore[Any, Any]):
         storage = self._partitions.get(partition)
         if storage is None:
             self.base_path.mkdir(parents=True, exist_ok=True)
-            storage = LocalFileStorage(
-                self.partition_path(partition), **self.settings.open_arguments()
-            )
+            storage = LocalFileStorage(self.partition_path(partition), **self.open_arguments)
             self._partitions[partition] = storage
         return storage
 
     async def _open_partition(self, partition: int, generation_id: int | None) -> None:
-        """Open ``partition``, waiting (in a thread) for another process to release it.
-
-        Gives up, opening nothing, when a newer rebalance started meanwhile.
-        """
+        """Open ``partition``, waiting (in a thread) for its lock; give up on a newer rebalance."""
         if partition in self._partitions:
             return
         self.base_path.mkdir(parents=True, exist_ok=True)
         path = self.partition_path(partition)
-        deadline = time.monotonic() + self.settings.lock_timeout_s
+        deadline = time.monotonic() + self.lock_timeout_s
         while True:
             step_s = min(_GENERATION_CHECK_S, max(0.0, deadline - time.monotonic()))
             try:
-                storage = await asyncio.to_thread(
-                    _open_waiting, path, self.settings.open_arguments(), step_s
-                )
+                storage = await asyncio.to_thread(_open_waiting, path, self.open_arguments, step_s)
             except StorageLockedError:
                 if time.monotonic() >= deadline:
                     self.log.error("partition %r: %s directory still locked", partition, path)
@@ -324,10 +262,9 @@ class Store(base.SerializedStore[Any, Any]):
         return text
 
     def _to_key_or_none(self, key: bytes) -> str | None:
-        """For reads: a key that cannot be stored is not stored."""
         try:
             return self._to_key(key)
-        except ValueError:
+        except ValueError:  # for reads: a key that cannot be stored is not stored
             return None
 
     @staticmethod
@@ -337,18 +274,28 @@ class Store(base.SerializedStore[Any, Any]):
         raise TypeError(f"logstate store holds a {type(value).__name__}, not bytes")
 
     # ------------------------------------------------------------------ SerializedStore
-    def _get(self, key: bytes) -> bytes | None:
+    def _holders(self, key: bytes) -> tuple[str, list[tuple[int, LocalFileStorage]]]:
+        """``key`` as text and where it may be: the current event's partition (as RocksDB's
+        store, unless global or use_partitioner), else every open one; none if unstorable."""
         text = self._to_key_or_none(key)
         if text is None:
-            return None
+            return "", []
         partition = self._event_partition()
         if partition is not None:
-            return self._value(self._storage(partition).get(text))
-        for storage in self._partitions.values():
+            return text, [(partition, self._storage(partition))]
+        return text, sorted(self._partitions.items())
+
+    def _get(self, key: bytes) -> bytes | None:
+        text, holders = self._holders(key)
+        for _, storage in holders:
             value = storage.get(text)
             if value is not None:
                 return self._value(value)
         return None
+
+    def _contains(self, key: bytes) -> bool:
+        text, holders = self._holders(key)
+        return any(storage.contains_key(text) for _, storage in holders)
 
     def _set(self, key: bytes, value: bytes | None) -> None:
         event = current_event()
@@ -371,26 +318,22 @@ class Store(base.SerializedStore[Any, Any]):
         self._active.add(partition)
 
     def _del(self, key: bytes) -> None:
-        text = self._to_key_or_none(key)
-        if text is None:
-            return
-        partition = self._event_partition()
-        if partition is not None:
-            targets = [(partition, self._storage(partition))]
-        else:
-            targets = list(self._partitions.items())
-        for number, storage in targets:
+        text, holders = self._holders(key)
+        for partition, storage in holders:
             try:
                 storage.remove(text)
             except BaseException:
-                self._frozen.add(number)
+                self._frozen.add(partition)
                 raise
+
+    @staticmethod
+    def _table_keys(storage: LocalFileStorage) -> list[str]:
+        return [text for text in storage.get_all_keys() if not text.startswith(OFFSET_KEY_PREFIX)]
 
     def _iterkeys(self) -> Iterator[bytes]:
         for storage in self._served():
-            for text in sorted(storage.get_all_keys()):
-                if not text.startswith(OFFSET_KEY_PREFIX):
-                    yield _key_to_bytes(text)
+            for text in sorted(self._table_keys(storage)):
+                yield _key_to_bytes(text)
 
     def _itervalues(self) -> Iterator[bytes | None]:
         for _, value in self._iteritems():
@@ -398,35 +341,20 @@ class Store(base.SerializedStore[Any, Any]):
 
     def _iteritems(self) -> Iterator[tuple[bytes, bytes]]:
         for storage in self._served():
-            for text in sorted(storage.get_all_keys()):
-                if text.startswith(OFFSET_KEY_PREFIX):
-                    continue
+            for text in sorted(self._table_keys(storage)):
                 value = self._value(storage.get(text))
                 if value is not None:  # not deleted while we iterate
                     yield _key_to_bytes(text), value
 
     def _size(self) -> int:
-        return sum(
-            sum(1 for text in storage.get_all_keys() if not text.startswith(OFFSET_KEY_PREFIX))
-            for storage in self._served()
-        )
-
-    def _contains(self, key: bytes) -> bool:
-        text = self._to_key_or_none(key)
-        if text is None:
-            return False
-        partition = self._event_partition()
-        if partition is not None:
-            return self._storage(partition).contains_key(text)
-        return any(storage.contains_key(text) for storage in self._partitions.values())
+        return sum(len(self._table_keys(storage)) for storage in self._served())
 
     def _clear(self) -> None:
         """Delete every key of the served partitions; one record per partition, offsets kept."""
         for storage in self._served():
             with storage.batch() as group:
-                for text in storage.get_all_keys():
-                    if not text.startswith(OFFSET_KEY_PREFIX):
-                        group.remove(text)
+                for text in self._table_keys(storage):
+                    group.remove(text)
 
     # ------------------------------------------------------------------ offsets
     def persisted_offset(self, tp: TP) -> int | None:
@@ -461,20 +389,13 @@ class Store(base.SerializedStore[Any, Any]):
         to_key: Callable[[Any], Any],
         to_value: Callable[[Any], Any],
     ) -> None:
-        """Write changelog events, and each partition's highest offset, as ONE record per partition.
+        """Write changelog events and each partition's highest offset: ONE record per partition.
 
-        Every key is checked before anything is written: a bad one writes
-        nothing. A partition whose group was written has its changes and its
-        offset; one that was not has neither.
+        Every key is checked before anything is written (a bad one writes
+        nothing); a partition then has its changes and its offset, or neither.
 
-        Args:
-            batch: changelog events (``event.message`` has key, value, tp, offset).
-            to_key: unused (keys stay serialized bytes).
-            to_value: unused.
-
-        Raises:
-            TypeError: an event without a key, or a non-bytes key or value.
-            ValueError: a key that logstate cannot store (empty, too long).
+        Args: ``batch`` of changelog events; ``to_key``/``to_value`` unused (bytes stay bytes).
+        Raises: TypeError (no key, not bytes), ValueError (a key logstate cannot store).
         """
         changes: dict[int, list[tuple[str, bytes | None]]] = {}
         offsets: dict[TP, int] = {}
@@ -513,28 +434,19 @@ class Store(base.SerializedStore[Any, Any]):
         """
         for partition in list(self._partitions):
             self._close_partition(partition)
-        pattern = re.compile(re.escape(self.table_name) + r"-\d+" + re.escape(DIRECTORY_SUFFIX))
-        if not self.base_path.is_dir():
-            return
-        names = sorted(os.listdir(self.base_path))
-        found = [self.base_path / name for name in names if pattern.fullmatch(name)]
-        for path in found:
+        own = re.compile(re.escape(self.table_name) + r"-\d+\.logstate(\.deleted-\d+)?")
+        names = sorted(os.listdir(self.base_path)) if self.base_path.is_dir() else []
+        paths = [self.base_path / name for name in names if own.fullmatch(name)]
+        live = [path for path in paths if path.name.endswith(DIRECTORY_SUFFIX)]
+        for path in live:  # all free? (nothing is deleted before they all are)
             try:
-                LocalFileStorage(path, auto_create_dir=False, read_only=False).close()
-            except StorageLockedError:
-                raise
-            except LogstateError:
-                pass  # damaged: deleting it is what a reset is for
-        leftovers = [
-            self.base_path / name
-            for name in names
-            if ".deleted-" in name and pattern.fullmatch(name.split(".deleted-")[0])
-        ]
-        for path in found:
-            trash = path.with_name(f"{path.name}.deleted-{os.getpid()}")
-            os.rename(path, trash)
-            leftovers.append(trash)
-        for path in leftovers:
+                LocalFileStorage(path, auto_create_dir=False).close()
+            except LogstateError as exc:  # damaged: deleting it is what a reset is for
+                if isinstance(exc, StorageLockedError):
+                    raise
+        for path in paths:
+            if path in live:
+                path = path.rename(path.with_name(f"{path.name}.deleted-{os.getpid()}"))
             shutil.rmtree(path)
 
     async def need_active_standby_for(self, tp: TP) -> bool:
@@ -552,26 +464,14 @@ class Store(base.SerializedStore[Any, Any]):
         newly_assigned: set[TP],
         generation_id: int = 0,
     ) -> None:
-        """Close the revoked partitions, open the newly assigned active ones (waiting).
+        """Close revoked partitions; open newly assigned active ones, waiting for their locks.
 
-        Args:
-            assigned: every assigned TP (changelog TPs of this table are used).
-            revoked: TPs taken away: their directories are closed.
-            newly_assigned: TPs new to this worker: active ones are opened.
-            generation_id: the rebalance's generation; a waiting open gives up
-                when a newer one starts.
-
-        Raises:
-            StorageLockedError: a directory stayed locked for ``lock_timeout``.
+        Args: the TPs of the rebalance (only this table's changelog TPs count; standbys
+        are opened when first written) and its generation: a waiting open gives up when
+        a newer rebalance starts. Raises StorageLockedError: still locked at lock_timeout.
         """
-        if not isinstance(assigned, (set, frozenset)):
-            # faust.tables.objects.ChangeloggedObjectManager passes its table first
-            _, assigned, revoked, newly_assigned = (
-                assigned,
-                revoked,
-                newly_assigned,
-                generation_id,
-            )
+        if not isinstance(assigned, (set, frozenset)):  # ChangeloggedObjectManager: table first
+            assigned, revoked, newly_assigned = revoked, newly_assigned, generation_id
             generation_id = self.app.consumer_generation_id
         topics = set(self.table.changelog_topic.topics)
         standbys = self.app.assignor.assigned_standbys()

@@ -137,14 +137,14 @@ def test_options_come_from_the_url_query_and_the_table_options(tmp_path: Path) -
         "logstate://?sync=always&lock_timeout=2.5&segment_size=65536",
         options={"auto_compact": False, "sync_interval": 0.5},
     )
-    assert data.settings.open_arguments() == {
+    assert data.open_arguments == {
         "recovery": "prefix",
         "sync": "always",
         "sync_interval": 0.5,
         "segment_size": 65536,
         "auto_compact": False,
     }
-    assert data.settings.lock_timeout_s == 2.5
+    assert data.lock_timeout_s == 2.5
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_options_come_from_the_url_query_and_the_table_options(tmp_path: Path) -
         ("logstate://?colour=red", None, "unknown logstate store option"),
         ("logstate://", {"write_buffer_size": 1}, "write_buffer_size"),
         ("logstate://?sync=sometimes", None, "sync='sometimes'"),
-        ("logstate://?recovery=salvage", None, "an offset without its data"),
+        ("logstate://?recovery=salvage", None, "keep an offset and drop its data"),
         ("logstate://?lock_timeout=-1", None, "must be >= 0"),
         ("logstate://?segment_size=0", None, "must be > 0"),
         ("logstate://?segment_size=big", None, "expected int"),
