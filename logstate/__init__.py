@@ -20,6 +20,7 @@ from logstate._errors import (
     SubStorageDeletedError,
     UnsupportedFormatError,
 )
+from logstate._views import bytes_to_key, key_to_bytes
 from logstate.memory import InMemoryStorage
 from logstate.storage import Batch, LocalFileStorage
 
@@ -40,6 +41,8 @@ __all__ = [
     "StorageLockedError",
     "SubStorageDeletedError",
     "UnsupportedFormatError",
+    "bytes_to_key",
+    "key_to_bytes",
 ]
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ changes nothing.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Final
 
 from logstate._format import MAX_KEY_SIZE
@@ -102,6 +103,27 @@ def check_sub_storage_name(name: object) -> str:
             f"sub-storage name is {size} bytes; the limit is {MAX_SUB_STORAGE_NAME_SIZE}"
         )
     return name if type(name) is str else str.__str__(name)
+
+
+def check_lock_timeout(lock_timeout: object) -> float:
+    """``lock_timeout`` of ``LocalFileStorage(...)`` as seconds (0.0: do not wait).
+
+    Raises:
+        TypeError: not an int or float (None is 0.0).
+        ValueError: negative, not finite, or beyond ``threading.TIMEOUT_MAX``.
+    """
+    if lock_timeout is None:
+        return 0.0
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
+        raise TypeError(
+            f"lock_timeout must be seconds as an int or float, got {type(lock_timeout).__name__}"
+        )
+    if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:  # also refuses nan
+        raise ValueError(
+            f"lock_timeout must be from 0 to {threading.TIMEOUT_MAX:g} seconds, "
+            f"got {lock_timeout!r}"
+        )
+    return float(lock_timeout)
 
 
 def check_open_arguments(

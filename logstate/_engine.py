@@ -187,6 +187,8 @@ class Engine:
         self.load_namespace = reader.load_namespace
         self.keys = reader.keys
         self.count = reader.count
+        self.ordered_keys = reader.ordered_keys
+        self.count_range = reader.count_range
         self.child_namespaces = reader.child_namespaces
         self.checkpoint = reader.checkpoint
         if options.read_only:

@@ -63,14 +63,18 @@ class StorageLockedError(LogstateError):
     Attributes:
         path: the storage directory.
         pid: the holder's process id, or None when it could not be read.
+        waited_s: how long the open waited for the lock (``lock_timeout``), 0.0
+            when it did not wait.
     """
 
-    def __init__(self, path: str, pid: int | None) -> None:
+    def __init__(self, path: str, pid: int | None, waited_s: float = 0.0) -> None:
         self.path = path
         self.pid = pid
+        self.waited_s = waited_s
         holder = f"process {pid}" if pid is not None else "another process"
+        waited = f" (still after waiting {waited_s:g} s)" if waited_s else ""
         super().__init__(
-            f"storage directory {path} is locked by {holder} (lock file {path}/LOCK); "
+            f"storage directory {path} is locked by {holder}{waited} (lock file {path}/LOCK); "
             "only one process may open a storage directory at a time"
         )
 

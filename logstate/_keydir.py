@@ -18,6 +18,9 @@ The write path's hot loops (``Writer.set``, ``write_group``,
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import pairwise
+
 from logstate import _scan
 from logstate._errors import SubStorageDeletedError
 from logstate._format import (
@@ -41,7 +44,7 @@ from logstate._location import (
     total_size,
 )
 
-__all__ = ["Index", "Keydir", "is_within", "join_namespace"]
+__all__ = ["Index", "Keydir", "SortedKeys", "is_within", "join_namespace", "key_range"]
 
 # the replay loop writes the location shifts as literals
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
@@ -59,16 +62,81 @@ def is_within(ns: str, ancestor: str) -> bool:
     return not ancestor or ns == ancestor or ns.startswith(ancestor + NS_SEPARATOR)
 
 
+def key_range(
+    keys: list[str], start: str | None, stop: str | None, prefix: str | None
+) -> tuple[int, int]:
+    """The slice ``[low, high)`` of the sorted ``keys`` that are ``>= start``,
+    ``< stop`` and begin with ``prefix`` (None: no bound)."""
+    low = 0 if start is None else bisect_left(keys, start)
+    high = len(keys) if stop is None else bisect_left(keys, stop, low)
+    if prefix:
+        low = max(low, bisect_left(keys, prefix))
+        # the first str after every str that begins with prefix
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            high = min(high, bisect_left(keys, prefix[:-1] + chr(last + 1), low))
+        else:  # no successor of the last code point: walk to the end of the run
+            end = low
+            while end < high and keys[end].startswith(prefix):
+                end += 1
+            high = end
+    return low, max(low, high)
+
+
+class SortedKeys:
+    """The keys of one namespace in order, kept up to date by the changes noted.
+
+    ``keys`` is sorted when ``changed`` is empty. Every key whose presence
+    may have changed since (a new key, a delete) is appended to
+    ``changed``; :meth:`resolve` merges those into ``keys`` (or sorts again
+    when there are many), so an ordered read after a few changes costs a
+    few bisections, not a sort. ``limit``: past that many unresolved
+    changes the keydir drops the view (no ordered read came for a long
+    time; the memory is not kept growing).
+    """
+
+    __slots__ = ("changed", "keys", "limit")
+
+    def __init__(self, index: Index) -> None:
+        self.keys = sorted(index)
+        self.changed: list[str] = []
+        self.limit = max(4096, len(self.keys))
+
+    def resolve(self, index: Index) -> list[str]:
+        """``keys``, made equal to ``sorted(index)`` again."""
+        changed = self.changed
+        if not changed:
+            return self.keys
+        self.changed = []
+        keys = self.keys
+        if len(changed) > 64 and len(changed) * 16 > len(keys):
+            self.keys = keys = sorted(index)
+        else:
+            for key in set(changed):
+                i = bisect_left(keys, key)
+                present = i < len(keys) and keys[i] == key
+                if key in index:
+                    if not present:
+                        keys.insert(i, key)
+                elif present:
+                    del keys[i]
+        self.limit = max(4096, len(keys))
+        return keys
+
+
 class Keydir:
     """The index of one storage directory (``path`` names it in errors).
 
     ``namespaces`` maps each namespace ("" is the root) to its keys'
     locations; the dict objects are the index itself (the hot paths use
     them directly). ``live_bytes``: the sum of :func:`location_size` over
-    every location.
+    every location. ``ordered``: a :class:`SortedKeys` view of each
+    namespace that had an ordered read; every change of a namespace's key
+    set calls :meth:`note_key` (the hot paths too, behind a test of
+    ``ordered``), so the views stay exact.
     """
 
-    __slots__ = ("checkpoint", "live_bytes", "namespaces", "path")
+    __slots__ = ("checkpoint", "live_bytes", "namespaces", "ordered", "path")
 
     def __init__(
         self,
@@ -81,6 +149,7 @@ class Keydir:
         self.namespaces: dict[str, Index] = {"": {}} if namespaces is None else namespaces
         self.checkpoint = checkpoint
         self.live_bytes = live_bytes
+        self.ordered: dict[str, SortedKeys] = {}
 
     # ------------------------------------------------------------------ reads
     def require(self, ns: str) -> Index:
@@ -118,6 +187,24 @@ class Keydir:
             if location_segment(loc) in segments
         ]
 
+    def sorted_keys(self, ns: str) -> list[str]:
+        """The keys of ``ns`` in order (the list is the view's own: copy before
+        releasing the lock the caller holds)."""
+        index = self.require(ns)
+        view = self.ordered.get(ns)
+        if view is None:
+            view = self.ordered[ns] = SortedKeys(index)
+            return view.keys
+        return view.resolve(index)
+
+    def note_key(self, ns: str, key: str) -> None:
+        """``key`` of ``ns`` was added or removed: tell the ordered view, if any."""
+        view = self.ordered.get(ns)
+        if view is not None:
+            view.changed.append(key)
+            if len(view.changed) > view.limit:
+                del self.ordered[ns]
+
     def sub_namespaces(self) -> list[str]:
         """Every namespace but the root, parents before children."""
         return sorted((n for n in self.namespaces if n), key=lambda n: (n.count(NS_SEPARATOR), n))
@@ -137,11 +224,16 @@ class Keydir:
         assert index is not None
         return index
 
-    def put(self, index: Index, key: str, loc: Location) -> None:
-        """Point ``key`` of ``index`` at ``loc`` and account for the live bytes."""
+    def put(self, ns: str, index: Index, key: str, loc: Location) -> None:
+        """Point ``key`` of ``index`` (of ``ns``) at ``loc``; account for the live bytes."""
         old = index.get(key)
         index[key] = loc
-        self.live_bytes += location_size(loc) - (0 if old is None else location_size(old))
+        if old is None:
+            self.live_bytes += location_size(loc)
+            if self.ordered:
+                self.note_key(ns, key)
+        else:
+            self.live_bytes += location_size(loc) - location_size(old)
 
     def delete(self, ns: str, key: str) -> None:
         found = self.namespaces.get(ns)
@@ -149,10 +241,14 @@ class Keydir:
             old = found.pop(key, None)
             if old is not None:
                 self.live_bytes -= location_size(old)
+                if self.ordered:
+                    self.note_key(ns, key)
 
     def clear(self, ns: str, drop_self: bool) -> None:
         """Empty ``ns`` and drop every namespace below it; ``drop_self``: drop ``ns`` too."""
         namespaces = self.namespaces
+        for name in [n for n in self.ordered if is_within(n, ns)]:
+            del self.ordered[name]
         for name in [n for n in namespaces if n and is_within(n, ns) and n != ns]:
             self.live_bytes -= total_size(namespaces.pop(name))
         if drop_self and ns:
@@ -166,7 +262,7 @@ class Keydir:
     def apply(self, op_type: int, ns: str, key: str, loc: Location) -> None:
         """Apply one operation (of a record or a group) whose bytes are at ``loc``."""
         if op_type == REC_SET:
-            self.put(self.ensure(ns), key, loc)
+            self.put(ns, self.ensure(ns), key, loc)
         elif op_type == REC_DELETE:
             self.delete(ns, key)
         elif op_type == REC_CLEAR:
@@ -208,7 +304,12 @@ class Keydir:
                     index = self.ensure(ns)
                 old = index.get(key)
                 index[key] = loc
-                self.live_bytes += op_size if old is None else op_size - location_size(old)
+                if old is None:
+                    self.live_bytes += op_size
+                    if self.ordered:  # a settled write of a live store: views exist
+                        self.note_key(ns, key)
+                else:
+                    self.live_bytes += op_size - location_size(old)
             else:
                 self.apply(op_type, ns, key, loc)
 
@@ -235,3 +336,11 @@ class Keydir:
                 assert parent in self.namespaces, f"namespace {ns!r} without parent"
         live = sum(total_size(index) for index in self.namespaces.values())
         assert self.live_bytes == live, f"live bytes {self.live_bytes}, index says {live}"
+        for ns, view in self.ordered.items():
+            assert ns in self.namespaces, f"ordered view of missing namespace {ns!r}"
+            index = self.namespaces[ns]
+            keys = view.keys
+            assert all(a < b for a, b in pairwise(keys)), f"view of {ns!r} not sorted"
+            noted = set(view.changed)
+            stale = (set(keys) ^ index.keys()) - noted
+            assert not stale, f"ordered view of {ns!r} misses changes of {sorted(stale)[:5]}"

@@ -22,7 +22,7 @@ from logstate._errors import CorruptionError
 from logstate._filenames import segment_file_name
 from logstate._format import FRAME_HEADER_SIZE, NAME_LEN, REC_SET, RECORD_OVERHEAD
 from logstate._fs import FileSystem
-from logstate._keydir import Keydir
+from logstate._keydir import Keydir, key_range
 from logstate._lifecycle import Lifecycle
 from logstate._location import (
     KIND_RECORD,
@@ -310,6 +310,26 @@ class Reader:
 
     def count(self, ns: str) -> int:
         return len(self._namespace_for_read(ns))
+
+    def ordered_keys(
+        self, ns: str, start: str | None, stop: str | None, prefix: str | None, reverse: bool
+    ) -> list[str]:
+        """The keys of ``ns`` in order (str order: the order of their UTF-8
+        bytes) that are ``>= start``, ``< stop`` and begin with ``prefix``;
+        a new list. Kept cheap by the keydir's sorted view of ``ns``: after a
+        few changes, a few bisections (see ``Keydir.sorted_keys``)."""
+        self._namespace_for_read(ns)
+        with self._lock:  # the writers change the index (and note changes) under it
+            keys = self._keydir.sorted_keys(ns)
+            low, high = key_range(keys, start, stop, prefix)
+            return keys[low:high][::-1] if reverse else keys[low:high]
+
+    def count_range(self, ns: str, start: str | None, stop: str | None, prefix: str | None) -> int:
+        """How many keys :meth:`ordered_keys` would list."""
+        self._namespace_for_read(ns)
+        with self._lock:
+            low, high = key_range(self._keydir.sorted_keys(ns), start, stop, prefix)
+            return high - low
 
     def _namespace_for_read(self, ns: str) -> dict[str, Location]:
         if self._life.closed:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 
 from logstate._engine import Engine
-from logstate._errors import OptionConflictError, StorageChangedError
+from logstate._errors import OptionConflictError, StorageChangedError, StorageLockedError
 from logstate._fs import OS_FS, FileSystem
 from logstate._options import EngineOptions, validate_options
 from logstate._recovery import READ_ONLY_OPEN_ATTEMPTS, SegmentVanished
@@ -44,6 +44,7 @@ def acquire_reference(
     given: dict[str, object],
     create: bool,
     fs: FileSystem = OS_FS,
+    lock_timeout_s: float = 0.0,
 ) -> Reference:
     """A new reference on the engine for directory ``path``, opened if needed.
 
@@ -52,13 +53,36 @@ def acquire_reference(
         given: options the caller passed explicitly; others take the open
             engine's values (or the defaults when it is opened now).
         create: create the directory when missing.
+        lock_timeout_s: how long to wait for another process to release the
+            directory's lock (a partition handed over in a rebalance): the
+            open is retried, 10 ms apart at first and at most 200 ms apart,
+            without holding the registry's lock meanwhile. 0: fail at once.
 
     Raises:
         OptionConflictError: the directory is already open with other values
             for options in ``given``.
         FileNotFoundError: missing directory and ``create`` is False.
-        StorageLockedError, CorruptionError, OSError: from opening.
+        StorageLockedError: from opening; after ``lock_timeout_s``, naming the
+            holder's pid and the time waited.
+        CorruptionError, OSError: from opening.
     """
+    if lock_timeout_s <= 0:
+        return _acquire(path, given, create, fs)
+    started = time.monotonic()
+    pause_s = 0.01
+    while True:
+        try:
+            return _acquire(path, given, create, fs)
+        except StorageLockedError as exc:
+            waited_s = time.monotonic() - started
+            if waited_s >= lock_timeout_s:
+                raise StorageLockedError(exc.path, exc.pid, round(waited_s, 3)) from None
+            time.sleep(min(pause_s, lock_timeout_s - waited_s))
+            pause_s = min(pause_s * 2, 0.2)
+
+
+def _acquire(path: str, given: dict[str, object], create: bool, fs: FileSystem) -> Reference:
+    """:func:`acquire_reference`, one attempt."""
     options = validate_options(given)
     if not fs.is_dir(path):
         if fs.exists(path):

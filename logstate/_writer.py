@@ -182,7 +182,7 @@ class Writer:
             if offset + size > ap.roll_size and offset > SEGMENT_HEADER_SIZE:
                 try:
                     segment, offset = ap.append(record)
-                    self._keydir.put(index, key, segment << 74 | offset << 34 | size << 2)
+                    self._keydir.put(ns, index, key, segment << 74 | offset << 34 | size << 2)
                     if ap.listener is not None:
                         ap.queue(seq, ap.written_pos, record)
                 except BaseException:
@@ -207,6 +207,8 @@ class Writer:
                     index[key] = active.number << 74 | offset << 34 | size << 2  # KIND_RECORD
                     if old is None:
                         self._keydir.live_bytes += size
+                        if self._keydir.ordered:
+                            self._keydir.note_key(ns, key)
                     elif type(old) is int:
                         self._keydir.live_bytes += size - ((old >> 2) & SIZE_MASK)
                     else:
@@ -369,7 +371,12 @@ class Writer:
                                 current_ns = ns
                             old = index.get(key)
                             index[key] = high | op_offset << 34 | op_size << 2
-                            live += op_size if old is None else op_size - location_size(old)
+                            if old is None:
+                                live += op_size
+                                if self._keydir.ordered:
+                                    self._keydir.note_key(ns, key)
+                            else:
+                                live += op_size - location_size(old)
                         else:
                             self._keydir.live_bytes += live
                             live = 0
@@ -430,16 +437,24 @@ class Writer:
                 high = segment << 74 | KIND_GROUP_OP
                 live = 0
                 get = index.get
+                ordered = bool(self._keydir.ordered)
                 for key, value, op in zip(keys, values, ops, strict=False):
                     op_size = len(op)
                     if value is None:
                         old = index.pop(key, None)
                         if old is not None:
                             live -= location_size(old)
+                            if ordered:
+                                self._keydir.note_key(ns, key)
                     else:
                         old = get(key)
                         index[key] = high | op_offset << 34 | op_size << 2
-                        live += op_size if old is None else op_size - location_size(old)
+                        if old is None:
+                            live += op_size
+                            if ordered:
+                                self._keydir.note_key(ns, key)
+                        else:
+                            live += op_size - location_size(old)
                     op_offset += op_size
                 if checkpoint is not None:
                     self._keydir.checkpoint = high | op_offset << 34 | len(ops[-1]) << 2

@@ -23,6 +23,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator, MutableMapping
+from types import TracebackType
 from typing import Any, Final
 
 from logstate._checks import check_key, encode_key
@@ -42,23 +43,46 @@ class InMemoryStorage(MutableMapping[str, Any]):
 
     Args:
         backing_storage: a :class:`LocalFileStorage` (or one of its
-            sub-storages) to load from now and flush to; None for a plain
+            sub-storages) to load from now and flush to; a directory path,
+            opened here as ``LocalFileStorage(path)`` (and closed by
+            :meth:`close` or the ``with`` block); None for a plain
             in-memory storage whose ``flush()`` does nothing.
 
+    As a context manager: a clean exit from the ``with`` block flushes (no
+    checkpoint), an exception leaves every change since the last flush
+    unwritten (as ``Batch`` does); either way the backing storage is closed
+    if this object opened it, and left open if the caller passed it.
+
     Raises:
-        TypeError: ``backing_storage`` is not a LocalFileStorage.
+        TypeError: ``backing_storage`` is not a LocalFileStorage, a path or None.
         CorruptionError / PickleNotAllowedError: from loading the backing data.
+        StorageLockedError / OSError: from opening a path.
 
     Thread-safe: one lock guards every change and the flush, so a flush sees
     (and writes) a consistent state; reads are plain dict reads.
     """
 
-    def __init__(self, backing_storage: LocalFileStorage | None = None) -> None:
-        if backing_storage is not None and not isinstance(backing_storage, LocalFileStorage):
+    def __init__(
+        self, backing_storage: LocalFileStorage | str | os.PathLike[str] | None = None
+    ) -> None:
+        self._owns_backing = False
+        if isinstance(backing_storage, (str, os.PathLike)):
+            backing_storage = LocalFileStorage(backing_storage)
+            self._owns_backing = True
+        elif backing_storage is not None and not isinstance(backing_storage, LocalFileStorage):
             raise TypeError(
-                "backing_storage must be a logstate LocalFileStorage or None, "
-                f"got {type(backing_storage).__name__}"
+                "backing_storage must be a logstate LocalFileStorage, a directory path or "
+                f"None, got {type(backing_storage).__name__}"
             )
+        try:
+            self._load(backing_storage)
+        except BaseException:
+            if self._owns_backing:
+                assert backing_storage is not None
+                backing_storage.close()
+            raise
+
+    def _load(self, backing_storage: LocalFileStorage | None) -> None:
         self._backing = backing_storage
         self._lock = threading.RLock()
         _instances[id(self)] = self
@@ -191,6 +215,32 @@ class InMemoryStorage(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         backing = f" backed by {self._backing!r}" if self._backing is not None else ""
         return f"<InMemoryStorage {len(self._data)} keys{backing}>"
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close the backing storage if this object opened it (from a path).
+
+        Nothing is flushed: call :meth:`flush` first. A backing storage the
+        caller passed is left open (the caller closes it). Closing twice is
+        allowed.
+        """
+        if self._owns_backing and self._backing is not None:
+            self._backing.close()
+
+    def __enter__(self) -> InMemoryStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
 
     # ------------------------------------------------------------------ flush
     def pending_changes(self) -> int:

@@ -23,6 +23,7 @@ from logstate._checks import (
     DEFAULT_DIRECTORY,
     MAX_SUB_STORAGE_NAME_SIZE,
     check_key,
+    check_lock_timeout,
     check_open_arguments,
 )
 from logstate._checks import check_sub_storage_name as check_sub_storage_name
@@ -38,6 +39,7 @@ from logstate._registry import acquire_reference
 from logstate._report import RecoveryReport
 from logstate._values import BYTES_PREFIX, TAG_BYTES, decode_value, encode_value
 from logstate._verify import SnapshotComparison, compare_snapshot_with_scan
+from logstate._views import ItemRange, KeyRange, ValueRange, check_range
 
 __all__ = [
     "DEFAULT_DIRECTORY",
@@ -111,11 +113,15 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
             --no-copy``. The cut bytes are then not kept.
         allow_pickle: False refuses to write or read pickled values (for state
             from an untrusted source: loading a pickle can run code).
+        lock_timeout: seconds to wait for another process to release the
+            directory (a partition handed over during a rebalance) before
+            raising StorageLockedError; default 0: raise at once.
 
     Raises:
         TypeError / ValueError: a bad argument (nothing is opened).
         FileNotFoundError: missing directory and ``auto_create_dir`` is False.
-        StorageLockedError: another process has the directory open.
+        StorageLockedError: another process has the directory open (still,
+            after ``lock_timeout``).
         OptionConflictError: open in this process with other explicit options.
         CorruptionError: damage that ``recovery`` does not allow to repair.
     """
@@ -138,8 +144,10 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         use_snapshot: bool | None = None,
         copy_torn_tails: bool | None = None,
         allow_pickle: bool = True,
+        lock_timeout: float | None = None,
     ) -> None:
         path = check_open_arguments(storage_directory, auto_create_dir, allow_pickle)
+        lock_timeout_s = check_lock_timeout(lock_timeout)
         given: dict[str, object] = {
             name: value
             for name, value in (
@@ -159,7 +167,9 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         }
         if compress_min_size is not _MISSING:
             given["compress_min_size"] = compress_min_size
-        reference = acquire_reference(path, given, create=auto_create_dir)
+        reference = acquire_reference(
+            path, given, create=auto_create_dir, lock_timeout_s=lock_timeout_s
+        )
         self._attach(reference, "", allow_pickle)
 
     # ------------------------------------------------------------------ properties
@@ -310,6 +320,70 @@ class LocalFileStorage(Handle, MutableMapping[str, Any]):
         if self._closed:
             raise self._closed_error()
         return self._engine.count(self._ns)
+
+    # ------------------------------------------------------------------ ordered views
+    def keys(  # a KeysView with a range and an order
+        self,
+        start: str | None = None,
+        stop: str | None = None,
+        prefix: str | None = None,
+        reverse: bool = False,
+    ) -> KeyRange:
+        """The keys of this storage in order: a live view (see docs/design.md, "Order").
+
+        Keys compare by code point, which is the order of their UTF-8 bytes.
+        ``start`` included, ``stop`` excluded, as in a range; ``prefix``: only
+        keys beginning with it; ``reverse``: from the last. Iterating the
+        storage itself (``for key in storage``) is not ordered (index order,
+        which a compaction changes) and cheaper.
+        After a few changes, an ordered read costs a few bisections, not a
+        sort (the index keeps a sorted view of each sub-storage read so).
+
+        Raises:
+            TypeError: a bound is not a str or None, or ``reverse`` not a bool.
+        """
+        check_range(start, stop, prefix, reverse)
+        return KeyRange(self, start, stop, prefix, reverse)
+
+    def items(
+        self,
+        start: str | None = None,
+        stop: str | None = None,
+        prefix: str | None = None,
+        reverse: bool = False,
+    ) -> ItemRange:
+        """(key, value) pairs in key order; the arguments are those of :meth:`keys`.
+
+        Values are read one by one while the iteration runs; a key deleted
+        meanwhile is skipped.
+        """
+        check_range(start, stop, prefix, reverse)
+        return ItemRange(self, start, stop, prefix, reverse)
+
+    def values(
+        self,
+        start: str | None = None,
+        stop: str | None = None,
+        prefix: str | None = None,
+        reverse: bool = False,
+    ) -> ValueRange:
+        """Values in key order; the arguments are those of :meth:`keys`."""
+        check_range(start, stop, prefix, reverse)
+        return ValueRange(self, start, stop, prefix, reverse)
+
+    def _ordered_keys(
+        self, start: str | None, stop: str | None, prefix: str | None, reverse: bool
+    ) -> list[str]:
+        if self._closed:
+            raise self._closed_error()
+        return self._engine.ordered_keys(self._ns, start, stop, prefix, reverse)
+
+    def _count_range(self, start: str | None, stop: str | None, prefix: str | None) -> int:
+        if self._closed:
+            raise self._closed_error()
+        if start is None and stop is None and not prefix:
+            return self._engine.count(self._ns)
+        return self._engine.count_range(self._ns, start, stop, prefix)
 
     # ------------------------------------------------------------------ batches
     def batch(self) -> Batch:

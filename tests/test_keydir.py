@@ -233,7 +233,7 @@ class KeydirMachine(RuleBasedStateMachine):
 
     @rule(ns=namespaces, key=keys, loc=locations)
     def put(self, ns: str, key: str, loc: Location) -> None:
-        self.keydir.put(self.keydir.ensure(ns), key, loc)
+        self.keydir.put(ns, self.keydir.ensure(ns), key, loc)
         self.model.set(ns, key, loc)
 
     @rule(op_type=st.sampled_from(ALL_OP_TYPES), ns=namespaces, key=keys, loc=locations)
@@ -245,6 +245,16 @@ class KeydirMachine(RuleBasedStateMachine):
     def delete(self, ns: str, key: str) -> None:
         self.keydir.delete(ns, key)
         self.model.delete(ns, key)
+
+    @rule(ns=namespaces)
+    def ordered_read(self, ns: str) -> None:
+        """An ordered read makes (or brings up to date) the namespace's sorted view."""
+        index = self.keydir.namespaces.get(ns)
+        if index is None:
+            with pytest.raises(SubStorageDeletedError):
+                self.keydir.sorted_keys(ns)
+        else:
+            assert self.keydir.sorted_keys(ns) == sorted(index)
 
     @rule(ns=namespaces, drop_self=st.booleans())
     def clear(self, ns: str, drop_self: bool) -> None:
@@ -392,7 +402,7 @@ def test_clear_keeps_the_namespace_and_drops_what_is_below_it() -> None:
     keydir = Keydir(PATH)
     loc = pack_location(1, 24, 50, KIND_RECORD)
     for ns in ("a", "a/b", "ab"):
-        keydir.put(keydir.ensure(ns), "k", loc)
+        keydir.put(ns, keydir.ensure(ns), "k", loc)
     index = keydir.namespaces["a"]
     keydir.clear("a", drop_self=False)
     assert keydir.namespaces == {"": {}, "a": {}, "ab": {"k": loc}}
@@ -411,11 +421,11 @@ def test_move_unchanged_moves_only_keys_still_at_their_old_location() -> None:
     new = {k: pack_location(5, 24 + 10 * i, 90, KIND_RECORD) for i, k in enumerate("abcd")}
     rewritten = compressed_location(2, 24, 70, 0, 10, 10)
     for key, loc in old.items():
-        keydir.put(keydir.ensure("ns"), key, loc)
-    keydir.put(keydir.namespaces["ns"], "b", rewritten)  # set again after the copy
+        keydir.put("ns", keydir.ensure("ns"), key, loc)
+    keydir.put("ns", keydir.namespaces["ns"], "b", rewritten)  # set again after the copy
     keydir.delete("ns", "c")  # deleted after the copy
     in_group = compressed_location(3, 24, 80, 10, 20, 40)  # share 40
-    keydir.put(keydir.namespaces["ns"], "e", in_group)
+    keydir.put("ns", keydir.namespaces["ns"], "e", in_group)
     moved: list[tuple[str, str, Location, Location]] = [("ns", k, old[k], new[k]) for k in "abcd"]
     moved.append(("ns", "e", compressed_location(3, 24, 80, 10, 20, 40), new["a"]))  # equal
     moved.append(("gone", "a", old["a"], new["a"]))  # its namespace was dropped

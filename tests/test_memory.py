@@ -429,3 +429,41 @@ def test_flush_writes_the_same_bytes_as_the_general_group_path(
         return _segment(path).read_bytes()
 
     assert build(tmp_path / "flush", True) == build(tmp_path / "group", False)
+
+
+# =========================================================================== context manager
+def test_with_block_flushes_on_a_clean_exit_and_closes_what_it_opened(tmp_path: Path) -> None:
+    directory = tmp_path / "s"
+    with InMemoryStorage(directory) as m:
+        m["a"] = 1
+        backing = m.backing_storage
+        assert backing is not None and not backing.closed
+    assert backing.closed  # it opened it (from the path): it closed it
+    with LocalFileStorage(directory) as s:
+        assert s["a"] == 1
+
+
+def test_with_block_writes_nothing_on_an_exception(tmp_path: Path) -> None:
+    with LocalFileStorage(tmp_path / "s") as s:
+        s["a"] = 0
+        with pytest.raises(RuntimeError), InMemoryStorage(s) as m:
+            m["a"] = 1
+            m["b"] = 2
+            raise RuntimeError("stop")
+        assert not s.closed  # the caller's storage stays open
+        assert dict(s.items()) == {"a": 0}
+        with InMemoryStorage(s) as m2:
+            m2["b"] = 3
+        assert not s.closed and dict(s.items()) == {"a": 0, "b": 3}
+
+
+def test_a_backing_storage_that_fails_to_load_is_closed_again(tmp_path: Path) -> None:
+    directory = tmp_path / "s"
+    with LocalFileStorage(directory) as s:
+        s["obj"] = {1, 2}  # a pickle: a read with allow_pickle=False refuses it
+    with LocalFileStorage(directory, allow_pickle=False) as strict:
+        with pytest.raises(PickleNotAllowedError):
+            InMemoryStorage(strict)
+        assert not strict.closed  # the caller's: left open
+    with pytest.raises(TypeError, match="directory path"):
+        InMemoryStorage(3)  # type: ignore[arg-type]
