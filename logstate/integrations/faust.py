@@ -8,17 +8,17 @@ Must never: patch Faust; use logstate's private modules; write one
 partition's share of a changelog batch as more than one record; store an
 offset ahead of the data it stands for.
 
-Layout: partition P of table T is the directory ``BASE/T-P.logstate``; BASE is
-the app's tabledir (``logstate://``), an absolute path (``logstate:///srv/x``)
-or a path under tabledir (``logstate:x``). A key is ``bytes_to_key(key)``
-(latin-1: characters up to U+00FF); the offset of changelog topic X is an int
-under ``OFFSET_KEY_PREFIX + X``, which holds U+FFFF: no table key equals it.
+Layout: partition P of table T is the directory ``BASE/T-P.logstate`` (BASE:
+the URL's path, see :class:`Store`). A key is ``bytes_to_key(key)`` (code
+points up to U+00FF); the offset of changelog topic X is an int under
+``OFFSET_KEY_PREFIX + X``, which holds U+FFFF: no table key equals it.
 
 Offsets and data, the guarantee: after a crash (a process crash with any
 ``sync``; a power loss with ``recovery="strict"`` or ``"prefix"``), a stored
 offset O of a partition is never ahead of its data: every local write made
 before O was stored is there. The data may be ahead of O; Faust re-reads the
-changelog from O + 1 and rewrites those keys. Why:
+changelog from O + 1 and rewrites those keys (a local write whose changelog
+message was never delivered stays, as with RocksDB's store). Why:
 
 * ``apply_changelog_batch`` (recovery, standbys) writes a partition's changes
   and its highest offset as ONE group record: all of it or none after a crash.
@@ -55,27 +55,15 @@ from faust.streams import current_event
 from faust.types import TP, AppT, CollectionT, EventT
 from yarl import URL
 
-from logstate import LocalFileStorage, LogstateError, StorageLockedError
+from logstate import LocalFileStorage, LogstateError, StorageLockedError, bytes_to_key, key_to_bytes
 
 __all__ = ["DIRECTORY_SUFFIX", "MAX_KEY_SIZE", "OFFSET_KEY_PREFIX", "Store", "check_options"]
 
-#: logstate's limit on a key, in UTF-8 bytes (a latin-1 key char >= 0x80 takes 2).
-MAX_KEY_SIZE: Final = 4096
-#: Reserved key prefix of the persisted offsets (U+FFFF never comes out of latin-1).
-OFFSET_KEY_PREFIX: Final = "\uffffoffset\uffff"
-#: Suffix of a partition directory: ``{table}-{partition}.logstate``.
-DIRECTORY_SUFFIX: Final = ".logstate"
-_LOCK_RETRY_S: Final = 0.05  # the lock-wait poll (TODO until LocalFileStorage has lock_timeout)
+MAX_KEY_SIZE: Final = 4096  # logstate's limit on a key, UTF-8 bytes (a byte >= 0x80 takes 2)
+OFFSET_KEY_PREFIX: Final = "\uffffoffset\uffff"  # of the offset keys: U+FFFF is never a byte
+DIRECTORY_SUFFIX: Final = ".logstate"  # of a partition directory, {table}-{partition}.logstate
+_TABLE_KEYS_STOP: Final = "\u0100"  # every table key sorts before it, every offset key after
 _GENERATION_CHECK_S: Final = 1.0  # how often a waiting open checks for a newer rebalance
-
-
-# TODO until logstate main has bytes_to_key / key_to_bytes: then import them from logstate
-def _bytes_to_key(data: bytes) -> str:
-    return data.decode("latin-1")
-
-
-def _key_to_bytes(key: str) -> bytes:
-    return key.encode("latin-1")
 
 
 _CHOICES: Final = {"sync": ("none", "interval", "always"), "recovery": ("strict", "prefix")}
@@ -124,28 +112,13 @@ def check_options(given: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _open_waiting(path: Path, arguments: dict[str, Any], timeout_s: float) -> LocalFileStorage:
-    """Open ``path``, waiting up to ``timeout_s`` for another process to release it."""
-    # TODO until logstate main has LocalFileStorage(lock_timeout=...): this poll
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return LocalFileStorage(path, **arguments)
-        except StorageLockedError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(_LOCK_RETRY_S)
-
-
 class Store(base.SerializedStore[Any, Any]):
     """Faust table storage in logstate directories, one per table partition.
 
-    Built by Faust from ``store="logstate://..."`` (the module docstring has
-    the layout and the offset guarantee). Options, from the URL query
-    (``logstate:///srv/x?sync=always``) or the table's ``options`` (which win):
-    ``sync`` ("none", "interval": the default, "always"), ``sync_interval``
-    (s), ``segment_size`` (bytes), ``auto_compact`` (true/false),
-    ``recovery`` ("prefix": the default, or "strict"; "salvage" is refused) and
+    Options, from the URL query (``logstate:///srv/x?sync=always``) or the
+    table's ``options`` (which win): ``sync`` ("none", "interval": default,
+    "always"), ``sync_interval`` (s), ``segment_size`` (bytes), ``auto_compact``
+    (true/false), ``recovery`` ("prefix": default, "strict"; not "salvage") and
     ``lock_timeout`` (s an assigned partition waits for another process to
     release its directory; default 30, as RocksDB's 30 retries).
 
@@ -173,8 +146,8 @@ class Store(base.SerializedStore[Any, Any]):
         super().__init__(url, app, table, options=options, **kwargs)
         if self.url.host:
             raise ValueError(
-                f"store URL {str(self.url)!r} names a host; a logstate store is a local "
-                "directory: logstate:// (tabledir), logstate:///absolute/dir or logstate:rel/dir"
+                f"store URL {str(self.url)!r} names a host; a logstate store is a local directory:"
+                " logstate:// (tabledir), logstate:///absolute/dir or logstate:rel/dir"
             )
         checked = check_options({**self.url.query, **(options or {})})
         self.lock_timeout_s: float = checked.pop("lock_timeout", 30.0)
@@ -209,7 +182,9 @@ class Store(base.SerializedStore[Any, Any]):
         while True:
             step_s = min(_GENERATION_CHECK_S, max(0.0, deadline - time.monotonic()))
             try:
-                storage = await asyncio.to_thread(_open_waiting, path, self.open_arguments, step_s)
+                storage = await asyncio.to_thread(
+                    LocalFileStorage, path, lock_timeout=step_s, **self.open_arguments
+                )
             except StorageLockedError:
                 if time.monotonic() >= deadline:
                     self.log.error("partition %r: %s directory still locked", partition, path)
@@ -250,7 +225,7 @@ class Store(base.SerializedStore[Any, Any]):
     def _to_key(self, key: bytes) -> str:
         if not isinstance(key, bytes):
             raise TypeError(f"table {self.table_name!r}: key must be bytes, not {type(key)}")
-        text = _bytes_to_key(key)
+        text = bytes_to_key(key)
         if not text:
             raise ValueError(f"table {self.table_name!r}: an empty key cannot be stored")
         size = len(text.encode("utf-8"))
@@ -326,14 +301,10 @@ class Store(base.SerializedStore[Any, Any]):
                 self._frozen.add(partition)
                 raise
 
-    @staticmethod
-    def _table_keys(storage: LocalFileStorage) -> list[str]:
-        return [text for text in storage.get_all_keys() if not text.startswith(OFFSET_KEY_PREFIX)]
-
-    def _iterkeys(self) -> Iterator[bytes]:
+    def _iterkeys(self) -> Iterator[bytes]:  # in key order per partition, as RocksDB's
         for storage in self._served():
-            for text in sorted(self._table_keys(storage)):
-                yield _key_to_bytes(text)
+            for text in storage.keys(stop=_TABLE_KEYS_STOP):
+                yield key_to_bytes(text)
 
     def _itervalues(self) -> Iterator[bytes | None]:
         for _, value in self._iteritems():
@@ -341,19 +312,19 @@ class Store(base.SerializedStore[Any, Any]):
 
     def _iteritems(self) -> Iterator[tuple[bytes, bytes]]:
         for storage in self._served():
-            for text in sorted(self._table_keys(storage)):
-                value = self._value(storage.get(text))
-                if value is not None:  # not deleted while we iterate
-                    yield _key_to_bytes(text), value
+            for text, value in storage.items(stop=_TABLE_KEYS_STOP):
+                checked = self._value(value)
+                if checked is not None:
+                    yield key_to_bytes(text), checked
 
     def _size(self) -> int:
-        return sum(len(self._table_keys(storage)) for storage in self._served())
+        return sum(len(storage.keys(stop=_TABLE_KEYS_STOP)) for storage in self._served())
 
     def _clear(self) -> None:
         """Delete every key of the served partitions; one record per partition, offsets kept."""
         for storage in self._served():
             with storage.batch() as group:
-                for text in self._table_keys(storage):
+                for text in list(storage.keys(stop=_TABLE_KEYS_STOP)):
                     group.remove(text)
 
     # ------------------------------------------------------------------ offsets
@@ -394,8 +365,14 @@ class Store(base.SerializedStore[Any, Any]):
         Every key is checked before anything is written (a bad one writes
         nothing); a partition then has its changes and its offset, or neither.
 
-        Args: ``batch`` of changelog events; ``to_key``/``to_value`` unused (bytes stay bytes).
-        Raises: TypeError (no key, not bytes), ValueError (a key logstate cannot store).
+        Args:
+            batch: changelog events (``event.message``: tp, offset, key, value).
+            to_key: unused (keys stay bytes), as RocksDB's store.
+            to_value: unused.
+
+        Raises:
+            TypeError: an event without a key; a key or value that is not bytes.
+            ValueError: a key logstate cannot store (empty, too long).
         """
         changes: dict[int, list[tuple[str, bytes | None]]] = {}
         offsets: dict[TP, int] = {}
@@ -424,9 +401,9 @@ class Store(base.SerializedStore[Any, Any]):
     def reset_state(self) -> None:
         """Delete every local partition directory of this table (the changelog stays).
 
-        Each directory is checked to be free (opened and closed), then renamed
-        away (atomic) and deleted: an interrupted reset leaves a partition as it
-        was or gone (a leftover ``*.deleted-*`` directory is removed next time).
+        All are checked to be free (opened, closed), then each is renamed away
+        (atomic) and deleted: an interrupted reset leaves a partition whole or
+        gone (a leftover ``*.deleted-*`` directory is removed the next time).
 
         Raises:
             StorageLockedError: another process holds a partition (nothing deleted).
@@ -440,7 +417,7 @@ class Store(base.SerializedStore[Any, Any]):
         live = [path for path in paths if path.name.endswith(DIRECTORY_SUFFIX)]
         for path in live:  # all free? (nothing is deleted before they all are)
             try:
-                LocalFileStorage(path, auto_create_dir=False).close()
+                LocalFileStorage(path, auto_create_dir=False, **self.open_arguments).close()
             except LogstateError as exc:  # damaged: deleting it is what a reset is for
                 if isinstance(exc, StorageLockedError):
                     raise
@@ -466,9 +443,15 @@ class Store(base.SerializedStore[Any, Any]):
     ) -> None:
         """Close revoked partitions; open newly assigned active ones, waiting for their locks.
 
-        Args: the TPs of the rebalance (only this table's changelog TPs count; standbys
-        are opened when first written) and its generation: a waiting open gives up when
-        a newer rebalance starts. Raises StorageLockedError: still locked at lock_timeout.
+        Args:
+            assigned: every TP of this worker (only this table's changelog TPs count).
+            revoked: TPs taken away: closed.
+            newly_assigned: TPs new to this worker: opened unless standby (a standby
+                partition is opened when a changelog batch first writes it).
+            generation_id: a waiting open gives up when a newer rebalance starts.
+
+        Raises:
+            StorageLockedError: a directory still locked after ``lock_timeout``.
         """
         if not isinstance(assigned, (set, frozenset)):  # ChangeloggedObjectManager: table first
             assigned, revoked, newly_assigned = revoked, newly_assigned, generation_id

@@ -62,7 +62,7 @@ def open_table(datadir: Path) -> tuple[Store, list[TP]]:
     table = app.Table("t", partitions=2)
     data = table.data
     assert isinstance(data, Store)
-    return data, [TP(table.changelog_topic_name, p) for p in (0, 1)]
+    return data, [TP(table.changelog_topic.topics[0], p) for p in (0, 1)]
 
 
 def test_changelog_batches_and_offsets_survive_sigkill_whole(tmp_path: Path) -> None:
@@ -108,9 +108,9 @@ def test_changelog_batches_and_offsets_survive_sigkill_whole(tmp_path: Path) -> 
             if acknowledged:
                 assert acknowledged[-1] <= offset <= acknowledged[-1] + 1
             previous[tp] = offset
-        if offsets[tps[0]] is not None and offsets[tps[1]] is not None:
-            # partition 0's group is written first, in the same call
-            assert offsets[tps[0]] - offsets[tps[1]] in (0, 1)
+        first, second = offsets[tps[0]], offsets[tps[1]]
+        if first is not None and second is not None:
+            assert first - second in (0, 1)  # partition 0's group is written first
         asyncio.run(data.on_stop())
     assert acknowledged_total > KILLS  # the kills landed while batches were being written
     assert time.monotonic() - started < 60

@@ -23,6 +23,7 @@ from typing import Any
 import faust
 import faust.stores
 import pytest
+from faust.assignor import PartitionAssignor
 from faust.assignor.client_assignment import ClientAssignment
 from faust.events import Event
 from faust.streams import _current_event
@@ -359,9 +360,9 @@ def test_on_rebalance_opens_assigned_actives_and_closes_revoked(tmp_path: Path) 
     app, table, data = make_table(tmp_path)
     tp0, tp1, tp3 = (changelog_tp(table, n) for n in (0, 1, 3))
     source = TP("source", 0)
-    app.assignor._assignment = ClientAssignment(
-        actives={}, standbys={table.changelog_topic_name: [3]}
-    )
+    assignor = app.assignor
+    assert isinstance(assignor, PartitionAssignor)
+    assignor._assignment = ClientAssignment(actives={}, standbys={table.changelog_topic_name: [3]})
     asyncio.run(data.on_rebalance({tp0, tp1, tp3, source}, set(), {tp0, tp1, tp3, source}))
     assert sorted(data.partitions) == [0, 1]  # the standby is not opened
     asyncio.run(data.on_rebalance({tp1}, {tp0, source}, set()))
@@ -374,6 +375,7 @@ def test_reads_go_over_active_partitions_or_all_for_a_global_table(tmp_path: Pat
         app = make_app(tmp_path / str(is_global))
         table = (app.GlobalTable if is_global else app.Table)("g", partitions=2)
         data = table.data
+        assert isinstance(data, Store)
         tp0, tp1 = changelog_tp(table, 0), changelog_tp(table, 1)
         table.apply_changelog_batch(
             [changelog_event(app, tp0, 1, b'"a"', b"1"), changelog_event(app, tp1, 1, b'"b"', b"2")]
@@ -449,6 +451,7 @@ def test_need_active_standby_for_is_false_while_another_process_holds_it(tmp_pat
 def test_reset_state_deletes_this_tables_partitions_only(tmp_path: Path) -> None:
     app, table, data = make_table(tmp_path)
     other = app.Table("other", partitions=4).data
+    assert isinstance(other, Store)
     with processing(app, 0):
         table["a"] = 1
         other._set(b"x", b"1")
