@@ -28,7 +28,7 @@ from faust.assignor.client_assignment import ClientAssignment
 from faust.events import Event
 from faust.streams import _current_event
 from faust.types import TP
-from faust.types.tuples import Message
+from faust.types.tuples import Message, RecordMetadata
 
 from logstate import LocalFileStorage, StorageLockedError
 from logstate.integrations.faust import MAX_KEY_SIZE, OFFSET_KEY_PREFIX, Store
@@ -303,6 +303,23 @@ def test_offsets_are_not_table_keys(tmp_path: Path) -> None:
     assert list(data._itervalues()) == [b"1"]
     storage = data.partitions[0]
     assert storage.get(OFFSET_KEY_PREFIX + tp.topic) == 3
+
+
+def test_table_write_then_its_delivery_callback_stores_the_offset(tmp_path: Path) -> None:
+    app, table, data = make_table(tmp_path)
+    tp = changelog_tp(table, 2)
+    with processing(app, 2):
+        table["a"] = 1  # sends the changelog message, then writes the store
+        future = app.producer.buffer.pending.get_nowait()
+        assert data._get(b'"a"') == b"1" and data.persisted_offset(tp) is None
+        # what the topic does once Kafka acknowledged the message (Topic._on_published)
+        future.set_result(RecordMetadata(tp.topic, tp.partition, tp, 41))
+        assert future.message.callback is not None
+        future.message.callback(future)
+    assert data.persisted_offset(tp) == 41
+    close(data)
+    _, _, data2 = make_table(tmp_path)
+    assert data2.persisted_offset(tp) == 41 and data2._get(b'"a"') == b"1"
 
 
 def test_apply_changelog_batch_writes_changes_and_highest_offset_per_partition(
