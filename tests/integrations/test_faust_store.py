@@ -34,6 +34,22 @@ from logstate import LocalFileStorage, StorageLockedError
 from logstate.integrations.faust import MAX_KEY_SIZE, OFFSET_KEY_PREFIX, Store
 
 ROOT = str(Path(__file__).resolve().parents[2])
+_stores: list[Store] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    """Close every store a test made, so that no open handle is left to the collector."""
+    yield
+    while _stores:
+        asyncio.run(_stores.pop().on_stop())
+
+
+def store_of(table: Any) -> Store:
+    data = table.data
+    assert isinstance(data, Store)
+    _stores.append(data)
+    return data
 
 
 def make_app(datadir: Path, store: str = "logstate://") -> faust.App:
@@ -45,9 +61,7 @@ def make_table(
 ) -> tuple[faust.App, Any, Store]:
     app = make_app(datadir)
     table = app.Table(name, partitions=4, store=store, **kwargs)
-    data = table.data
-    assert isinstance(data, Store)
-    return app, table, data
+    return app, table, store_of(table)
 
 
 def changelog_event(app: faust.App, tp: TP, offset: int, key: bytes, value: bytes | None) -> Any:
@@ -118,7 +132,7 @@ def test_app_store_url_and_table_store_url_build_logstate_stores(tmp_path: Path)
     own = app.Table("b", store=f"logstate://{tmp_path / 'own'}")
     relative = app.Table("c", store="logstate:rel/dir")
     assert isinstance(default.data, Store) and isinstance(own.data, Store)
-    assert isinstance(relative.data, Store)
+    assert isinstance(relative.data, Store)  # none opens a partition: nothing to close
     assert default.data.base_path == Path(app.conf.tabledir)
     assert own.data.base_path == tmp_path / "own"
     assert relative.data.base_path == Path(app.conf.tabledir) / "rel" / "dir"
@@ -391,8 +405,7 @@ def test_reads_go_over_active_partitions_or_all_for_a_global_table(tmp_path: Pat
     for is_global in (False, True):
         app = make_app(tmp_path / str(is_global))
         table = (app.GlobalTable if is_global else app.Table)("g", partitions=2)
-        data = table.data
-        assert isinstance(data, Store)
+        data = store_of(table)
         tp0, tp1 = changelog_tp(table, 0), changelog_tp(table, 1)
         table.apply_changelog_batch(
             [changelog_event(app, tp0, 1, b'"a"', b"1"), changelog_event(app, tp1, 1, b'"b"', b"2")]
@@ -467,8 +480,7 @@ def test_need_active_standby_for_is_false_while_another_process_holds_it(tmp_pat
 # ---------------------------------------------------------------------- reset, stop
 def test_reset_state_deletes_this_tables_partitions_only(tmp_path: Path) -> None:
     app, table, data = make_table(tmp_path)
-    other = app.Table("other", partitions=4).data
-    assert isinstance(other, Store)
+    other = store_of(app.Table("other", partitions=4))
     with processing(app, 0):
         table["a"] = 1
         other._set(b"x", b"1")
