@@ -34,9 +34,8 @@ message was never delivered stays, as with RocksDB's store). Why:
 * ``recovery="salvage"`` is refused: it can keep a later record (an offset)
   and drop an earlier one (its data).
 
-Not covered: with ``use_partitioner=True`` a key is written in the source
-event's partition while the producer may put its changelog message, hence its
-offset, in another partition's directory (RocksDB's store has the same gap).
+Not covered: ``use_partitioner=True`` writes a key in the source event's
+partition, its changelog offset in the one the producer picks (as RocksDB's).
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,7 +63,7 @@ MAX_KEY_SIZE: Final = 4096  # logstate's limit on a key, UTF-8 bytes (a byte >= 
 OFFSET_KEY_PREFIX: Final = "\uffffoffset\uffff"  # of the offset keys: U+FFFF is never a byte
 DIRECTORY_SUFFIX: Final = ".logstate"  # of a partition directory, {table}-{partition}.logstate
 _TABLE_KEYS_STOP: Final = "\u0100"  # every table key sorts before it, every offset key after
-_GENERATION_CHECK_S: Final = 1.0  # how often a waiting open checks for a newer rebalance
+_OPENER: Final = ThreadPoolExecutor(thread_name_prefix="logstate-faust-open")  # waiting opens
 
 
 _CHOICES: Final = {"sync": ("none", "interval", "always"), "recovery": ("strict", "prefix")}
@@ -112,6 +112,17 @@ def check_options(given: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
+def _checked_value(value: Any) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    raise TypeError(f"a logstate store holds bytes, not a {type(value).__name__}")
+
+
+def _close_opened(job: Future[LocalFileStorage]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        job.result().close()
+
+
 class Store(base.SerializedStore[Any, Any]):
     """Faust table storage in logstate directories, one per table partition.
 
@@ -158,7 +169,6 @@ class Store(base.SerializedStore[Any, Any]):
         self._frozen: set[int] = set()  # a local write failed: offsets must not advance
         self._rebalance_lock = asyncio.Lock()
 
-    # ------------------------------------------------------------------ partitions
     def partition_path(self, partition: int) -> Path:
         """The directory of ``partition``: ``BASE/{table}-{partition}.logstate``."""
         return self.base_path / f"{self.table_name}-{partition}{DIRECTORY_SUFFIX}"
@@ -180,14 +190,15 @@ class Store(base.SerializedStore[Any, Any]):
         path = self.partition_path(partition)
         deadline = time.monotonic() + self.lock_timeout_s
         while True:
-            step_s = min(_GENERATION_CHECK_S, max(0.0, deadline - time.monotonic()))
+            step_s = min(1.0, max(0.0, deadline - time.monotonic()))  # then: a newer rebalance?
+            job = _OPENER.submit(LocalFileStorage, path, lock_timeout=step_s, **self.open_arguments)
             try:
-                storage = await asyncio.to_thread(
-                    LocalFileStorage, path, lock_timeout=step_s, **self.open_arguments
-                )
+                storage = await asyncio.wrap_future(job)
+            except asyncio.CancelledError:  # the thread goes on: what it opens is closed
+                job.add_done_callback(_close_opened)
+                raise
             except StorageLockedError:
                 if time.monotonic() >= deadline:
-                    self.log.error("partition %r: %s directory still locked", partition, path)
                     raise
                 if generation_id is not None and generation_id != self.app.consumer_generation_id:
                     self.log.info("partition %r: rebalanced again, not opened", partition)
@@ -221,11 +232,8 @@ class Store(base.SerializedStore[Any, Any]):
             return None
         return event.message.partition
 
-    # ------------------------------------------------------------------ keys
     def _to_key(self, key: bytes) -> str:
-        if not isinstance(key, bytes):
-            raise TypeError(f"table {self.table_name!r}: key must be bytes, not {type(key)}")
-        text = bytes_to_key(key)
+        text = bytes_to_key(key)  # TypeError for a key that is not bytes
         if not text:
             raise ValueError(f"table {self.table_name!r}: an empty key cannot be stored")
         size = len(text.encode("utf-8"))
@@ -242,13 +250,6 @@ class Store(base.SerializedStore[Any, Any]):
         except ValueError:  # for reads: a key that cannot be stored is not stored
             return None
 
-    @staticmethod
-    def _value(value: Any) -> bytes | None:
-        if value is None or isinstance(value, bytes):
-            return value
-        raise TypeError(f"logstate store holds a {type(value).__name__}, not bytes")
-
-    # ------------------------------------------------------------------ SerializedStore
     def _holders(self, key: bytes) -> tuple[str, list[tuple[int, LocalFileStorage]]]:
         """``key`` as text and where it may be: the current event's partition (as RocksDB's
         store, unless global or use_partitioner), else every open one; none if unstorable."""
@@ -265,7 +266,7 @@ class Store(base.SerializedStore[Any, Any]):
         for _, storage in holders:
             value = storage.get(text)
             if value is not None:
-                return self._value(value)
+                return _checked_value(value)
         return None
 
     def _contains(self, key: bytes) -> bool:
@@ -313,7 +314,7 @@ class Store(base.SerializedStore[Any, Any]):
     def _iteritems(self) -> Iterator[tuple[bytes, bytes]]:
         for storage in self._served():
             for text, value in storage.items(stop=_TABLE_KEYS_STOP):
-                checked = self._value(value)
+                checked = _checked_value(value)
                 if checked is not None:
                     yield key_to_bytes(text), checked
 
@@ -327,7 +328,6 @@ class Store(base.SerializedStore[Any, Any]):
                 for text in list(storage.keys(stop=_TABLE_KEYS_STOP)):
                     group.remove(text)
 
-    # ------------------------------------------------------------------ offsets
     def persisted_offset(self, tp: TP) -> int | None:
         """The last changelog offset of ``tp`` stored with the data, or None.
 
@@ -381,7 +381,7 @@ class Store(base.SerializedStore[Any, Any]):
             if message.key is None:
                 raise TypeError(f"changelog entry is missing its key: {message}")
             changes.setdefault(message.tp.partition, []).append(
-                (self._to_key(message.key), self._value(message.value))
+                (self._to_key(message.key), _checked_value(message.value))
             )
             offsets[message.tp] = max(message.offset, offsets.get(message.tp, message.offset))
         for partition in sorted(changes):
@@ -397,7 +397,6 @@ class Store(base.SerializedStore[Any, Any]):
                         if tp.partition == partition:
                             group.set(OFFSET_KEY_PREFIX + tp.topic, offset)
 
-    # ------------------------------------------------------------------ state
     def reset_state(self) -> None:
         """Delete every local partition directory of this table (the changelog stays).
 
@@ -446,8 +445,7 @@ class Store(base.SerializedStore[Any, Any]):
         Args:
             assigned: every TP of this worker (only this table's changelog TPs count).
             revoked: TPs taken away: closed.
-            newly_assigned: TPs new to this worker: opened unless standby (a standby
-                partition is opened when a changelog batch first writes it).
+            newly_assigned: TPs new to this worker: opened unless standby (at first write).
             generation_id: a waiting open gives up when a newer rebalance starts.
 
         Raises:

@@ -457,6 +457,37 @@ def test_waiting_open_gives_up_when_a_newer_rebalance_starts(tmp_path: Path) -> 
         child.wait()
 
 
+def test_cancelled_waiting_open_keeps_nothing_open(tmp_path: Path) -> None:
+    _, table, data = make_table(tmp_path, "logstate://?lock_timeout=20")
+    tp = changelog_tp(table, 0)
+    data.base_path.mkdir(parents=True)
+    child = hold_directory(data.partition_path(0), 0.5)
+
+    async def rebalance_then_cancel() -> None:
+        task = asyncio.ensure_future(data.on_rebalance({tp}, set(), {tp}))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(rebalance_then_cancel())
+    assert child.wait(10) == 0
+    assert data.partitions == {}
+    probe = (
+        "import sys; from logstate import LocalFileStorage; LocalFileStorage(sys.argv[1]).close()"
+    )
+    deadline = time.monotonic() + 10
+    while True:  # the waiting thread opens the directory once it is free: it is closed again
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(data.partition_path(0))],
+            env={**os.environ, "PYTHONPATH": ROOT},
+            capture_output=True,
+        )
+        if done.returncode == 0:
+            break
+        assert b"StorageLockedError" in done.stderr and time.monotonic() < deadline
+
+
 def test_changelogged_object_manager_argument_order_is_understood(tmp_path: Path) -> None:
     _, table, data = make_table(tmp_path)
     tp = changelog_tp(table, 1)
