@@ -41,6 +41,7 @@ partition, its changelog offset in the one the producer picks (as RocksDB's).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import shutil
@@ -64,8 +65,6 @@ OFFSET_KEY_PREFIX: Final = "\uffffoffset\uffff"  # of the offset keys: U+FFFF is
 DIRECTORY_SUFFIX: Final = ".logstate"  # of a partition directory, {table}-{partition}.logstate
 _TABLE_KEYS_STOP: Final = "\u0100"  # every table key sorts before it, every offset key after
 _OPENER: Final = ThreadPoolExecutor(thread_name_prefix="logstate-faust-open")  # waiting opens
-
-
 _CHOICES: Final = {"sync": ("none", "interval", "always"), "recovery": ("strict", "prefix")}
 _NUMBERS: Final = {"sync_interval": float, "segment_size": int, "lock_timeout": float}
 _FLAGS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -103,7 +102,7 @@ def check_options(given: Mapping[str, Any]) -> dict[str, Any]:
                 number = kind(value)
             except (TypeError, ValueError):
                 raise ValueError(f"{bad}: expected {kind.__name__}") from None
-            if number < 0 or (number == 0 and name != "lock_timeout"):
+            if not math.isfinite(number) or number < 0 or (number == 0 and name != "lock_timeout"):
                 raise ValueError(f"{bad}: must be {'>= 0' if name == 'lock_timeout' else '> 0'}")
             checked[name] = number
         else:
@@ -217,10 +216,10 @@ class Store(base.SerializedStore[Any, Any]):
         if storage is not None:
             storage.close()
 
-    def _served(self) -> list[LocalFileStorage]:
-        """The storages reads go over: active partitions (every open one if global)."""
+    def _served(self) -> list[tuple[int, LocalFileStorage]]:
+        """The partitions reads go over: the active ones (every open one if global)."""
         return [
-            storage
+            (partition, storage)
             for partition, storage in sorted(self._partitions.items())
             if self.table.is_global or partition in self._active
         ]
@@ -303,7 +302,7 @@ class Store(base.SerializedStore[Any, Any]):
                 raise
 
     def _iterkeys(self) -> Iterator[bytes]:  # in key order per partition, as RocksDB's
-        for storage in self._served():
+        for _, storage in self._served():
             for text in storage.keys(stop=_TABLE_KEYS_STOP):
                 yield key_to_bytes(text)
 
@@ -312,21 +311,25 @@ class Store(base.SerializedStore[Any, Any]):
             yield value
 
     def _iteritems(self) -> Iterator[tuple[bytes, bytes]]:
-        for storage in self._served():
+        for _, storage in self._served():
             for text, value in storage.items(stop=_TABLE_KEYS_STOP):
                 checked = _checked_value(value)
                 if checked is not None:
                     yield key_to_bytes(text), checked
 
     def _size(self) -> int:
-        return sum(len(storage.keys(stop=_TABLE_KEYS_STOP)) for storage in self._served())
+        return sum(len(storage.keys(stop=_TABLE_KEYS_STOP)) for _, storage in self._served())
 
     def _clear(self) -> None:
         """Delete every key of the served partitions; one record per partition, offsets kept."""
-        for storage in self._served():
-            with storage.batch() as group:
-                for text in list(storage.keys(stop=_TABLE_KEYS_STOP)):
-                    group.remove(text)
+        for partition, storage in self._served():
+            try:
+                with storage.batch() as group:
+                    for text in list(storage.keys(stop=_TABLE_KEYS_STOP)):
+                        group.remove(text)
+            except BaseException:
+                self._frozen.add(partition)  # Table.clear() sent the deletes already
+                raise
 
     def persisted_offset(self, tp: TP) -> int | None:
         """The last changelog offset of ``tp`` stored with the data, or None.

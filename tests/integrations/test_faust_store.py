@@ -170,6 +170,8 @@ def test_options_come_from_the_url_query_and_the_table_options(tmp_path: Path) -
         ("logstate://?sync=sometimes", None, "sync='sometimes'"),
         ("logstate://?recovery=salvage", None, "keep an offset and drop its data"),
         ("logstate://?lock_timeout=-1", None, "must be >= 0"),
+        ("logstate://?lock_timeout=nan", None, "must be >= 0"),
+        ("logstate://", {"sync_interval": float("inf")}, "must be > 0"),
         ("logstate://?segment_size=0", None, "must be > 0"),
         ("logstate://?segment_size=big", None, "expected int"),
         ("logstate://?auto_compact=maybe", None, "expected true or false"),
