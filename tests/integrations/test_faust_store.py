@@ -371,7 +371,9 @@ def test_apply_changelog_batch_with_a_bad_key_writes_nothing(tmp_path: Path) -> 
         table.apply_changelog_batch([changelog_event(app, tp0, 3, None, b"1")])  # type: ignore[arg-type]
 
 
-def test_apply_changelog_batch_is_one_record_per_partition(tmp_path: Path) -> None:
+def test_apply_changelog_batch_of_many_events_writes_them_all_with_the_offset(
+    tmp_path: Path,
+) -> None:
     app, table, data = make_table(tmp_path)
     tp = changelog_tp(table, 0)
     data.set_persisted_offset(tp, 0)
@@ -382,7 +384,6 @@ def test_apply_changelog_batch_is_one_record_per_partition(tmp_path: Path) -> No
     )
     after = storage.stats()
     assert after["keys"] - before["keys"] == 49
-    # one group record: the offset is written with the changes, not after them
     with processing(app, 0):
         assert data._get(b"k49") == b"v"
     assert data.persisted_offset(tp) == 49
