@@ -272,11 +272,14 @@ class Reader:
 
     def _load_namespace(self, ns: str, locked: bool) -> dict[str, bytes | memoryview]:
         index = self._namespace_for_read(ns)
+        keydir = self._keydir
         if locked:
             items = list(index.items())
+            expired = set(keydir.expired_keys(ns, self.now())) if keydir.expiring else set()
         else:
-            with self._lock:
+            with self._lock:  # (writers change the index and its expiry table under it)
                 items = list(index.items())
+                expired = set(keydir.expired_keys(ns, self.now())) if keydir.expiring else set()
         plain = sorted((loc, key) for key, loc in items if type(loc) is int)
         ns_bytes = fmt.encode_name(ns)
         result: dict[str, bytes | memoryview] = {}
@@ -307,8 +310,7 @@ class Reader:
             if raw is None:
                 raw = groups[where] = self._decompress_group(location)
             result[key] = self._value_in_group(raw, location, ns, key)
-        if self._keydir.expiring.get(ns):
-            expired = set(self._keydir.expired_keys(ns, self.now()))
+        if expired:
             return {key: result[key] for key, _loc in items if key not in expired}
         return {key: result[key] for key, _loc in items}
 

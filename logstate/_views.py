@@ -95,6 +95,8 @@ class Ranged(Protocol):
 
     def _count_range(self, start: str | None, stop: str | None, prefix: str | None) -> int: ...
 
+    def _stored_key(self, key: str) -> str: ...
+
     def get(self, key: str, default: Any = None) -> Any: ...
 
     def contains_key(self, key: str) -> bool: ...
@@ -129,10 +131,14 @@ class _Range:
         )
 
     def _covers(self, key: str) -> bool:
+        """True when ``key``, as the storage stores it, is inside the range
+        (whose bounds are taken the same way)."""
+        stored = self._storage._stored_key
+        key = stored(key)
         return (
-            (self._start is None or key >= self._start)
-            and (self._stop is None or key < self._stop)
-            and (self._prefix is None or key.startswith(self._prefix))
+            (self._start is None or key >= stored(self._start))
+            and (self._stop is None or key < stored(self._stop))
+            and (self._prefix is None or key.startswith(stored(self._prefix)))
         )
 
     def __len__(self) -> int:
@@ -220,6 +226,10 @@ class OrderedViews(Handle):
 
     The base of ``LocalFileStorage``, which provides ``get`` and ``contains_key``.
     """
+
+    def _stored_key(self, key: str) -> str:
+        """``key`` as this storage stores it (the legacy compat class lower-cases)."""
+        return key
 
     if TYPE_CHECKING:  # provided by LocalFileStorage
 

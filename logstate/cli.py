@@ -25,7 +25,7 @@ from logstate import __version__
 from logstate._demo import DemoRefusedError, run_demo, run_worker
 from logstate._errors import CorruptionError, LogstateError
 from logstate._filenames import segment_file_name
-from logstate._values import TAG_BYTEARRAY, TAG_BYTES, TAG_PICKLE
+from logstate._values import TAG_BYTEARRAY, TAG_BYTES, TAG_EXPIRES, TAG_PICKLE, split_expiring
 from logstate.compat.quix_import import import_quix_directory
 from logstate.storage import LocalFileStorage, is_storage_directory
 
@@ -81,6 +81,27 @@ def _storage_name(ns: str) -> str:
 
 def _mib(size: int) -> str:
     return f"{size:,} bytes ({size / 1048576:.2f} MiB)"
+
+
+def _unwrap(
+    storage: LocalFileStorage, key: str, encoded: bytes
+) -> tuple[bytes | memoryview, float | None]:
+    """The value's own encoding (tag + data) and its expiry time (None: it has none).
+
+    A value set with a ttl is tag 10 around the value: its inner tag decides
+    what is shown and whether it is a pickle (never loaded unasked).
+
+    Raises:
+        CorruptionError: the expiring value's header is damaged (with its place).
+    """
+    if encoded[0] != TAG_EXPIRES:
+        return encoded, None
+    try:
+        deadline_s, _written_s, inner = split_expiring(encoded)
+    except CorruptionError:
+        storage.decode_stored(key, encoded, allow_pickle=False)  # raises it, with its place
+        raise
+    return inner, deadline_s
 
 
 def _json_value(
@@ -144,8 +165,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             for key in sub.get_all_keys():
                 try:
                     encoded = sub.get_encoded(key)
-                    if encoded is not None and encoded[0] != TAG_PICKLE:
-                        sub.decode_stored(key, encoded)  # a pickle is not loaded: it runs code
+                    if encoded is not None:
+                        inner, _expires = _unwrap(sub, key, encoded)
+                        if inner[0] != TAG_PICKLE:  # a pickle is not loaded: it runs code
+                            sub.decode_stored(key, bytes(inner))
                 except CorruptionError as exc:
                     problems.append(f"{exc.path} at offset {exc.offset}: {exc.reason}{where}")
                 checked += 1
@@ -220,7 +243,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
                     encoded = sub.get_encoded(key)
                     if encoded is None:  # removed meanwhile (not with read_only)
                         continue
-                    line["type"], line["value"] = _json_value(sub, key, encoded, args.unpickle)
+                    inner, expires_at = _unwrap(sub, key, encoded)
+                    line["type"], line["value"] = _json_value(sub, key, bytes(inner), args.unpickle)
+                    if expires_at is not None:
+                        line["expires_at"] = expires_at
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
     return EXIT_OK
 

@@ -107,6 +107,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
         self._pending: dict[str, bytes | None] = {}  # key -> encoded value, or None: deleted
         self._watched: dict[str, bytes] = {}  # mutable values handed out -> bytes last written
         self._expiry: dict[str, tuple[float, float]] = {}  # key -> (deadline_s, written_s)
+        self._pending_expiring = False  # a pending value has an expiry time
         self._allow_pickle = True
         if backing_storage is not None:
             raw, allow = backing_storage._load_encoded()  # expired keys left out
@@ -151,16 +152,21 @@ class InMemoryStorage(MutableMapping[str, Any]):
             return False
         with self._lock:
             if self._expiry.get(key) is expiry:
-                del self._expiry[key]
-                self._data.pop(key, None)
+                # in this order: an interrupt in between leaves a key still
+                # expiring (finished by the next call), never a watched key
+                # without a value, nor a value without its expiry
                 self._watched.pop(key, None)
+                self._data.pop(key, None)
+                del self._expiry[key]
         return True
 
     def _drop_expired(self) -> None:
         """Forget every expired key in memory (see :meth:`_expired`)."""
         if self._expiry:
             now_s = self._now()
-            for key in [k for k, (deadline_s, _w) in self._expiry.items() if deadline_s <= now_s]:
+            with self._lock:  # (a set in another thread changes the dict)
+                expired = [k for k, (deadline_s, _w) in self._expiry.items() if deadline_s <= now_s]
+            for key in expired:
                 self._expired(key)
 
     def _encoded(self, key: str, value: Any) -> bytes:
@@ -208,6 +214,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
             self._data[key] = value
             self._pending[key] = encoded
             if expiry is not None:
+                self._pending_expiring = True  # (before the value can be written)
                 self._expiry[key] = expiry
             elif self._expiry:
                 self._expiry.pop(key, None)
@@ -377,10 +384,14 @@ class InMemoryStorage(MutableMapping[str, Any]):
                         rewritten[key] = encoded
             # ONE group, durable on return unless sync="none"; with nothing to
             # write, nothing is written (StorageClosedError if the backing is closed)
+            # expiring: some value written has an expiry time (a pending one
+            # may have expired here meanwhile: it is written all the same)
+            expiring = self._pending_expiring or bool(rewritten and self._expiry)
             written = backing._write_changes(
-                list(changes), list(changes.values()), checkpoint_bytes, bool(self._expiry)
+                list(changes), list(changes.values()), checkpoint_bytes, expiring
             )
             self._pending = {}
+            self._pending_expiring = False
             watched.update(rewritten)
             return written
 

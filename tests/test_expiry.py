@@ -10,7 +10,12 @@ snapshot, and through a zstd-compressed group. The clock is injected.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import shutil
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,8 @@ from logstate import InMemoryStorage, LocalFileStorage, _rewrite
 from logstate._format import SEGMENT_HEADER, decode_segment_header
 from logstate._snapshot import decode_snapshot, encode_snapshot
 from logstate._values import TAG_EXPIRES, decode_value, encode_value, expiring_value
+from logstate.cli import main
+from tests.interrupts import Injector
 
 from .helpers import kill
 
@@ -338,3 +345,116 @@ def test_a_snapshot_with_a_bad_expiry_table_is_refused_for_a_scan(tmp_path: Path
         with LocalFileStorage(directory, clock=clock, read_only=True) as s:
             assert not s.report.snapshot_used and "expiry table" in s.report.snapshot_refused
             assert len(s) == 50
+
+
+# =========================================================================== found in review
+class Trap:
+    """A pickled value that would leave a mark if it were ever loaded."""
+
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path(self.mark).touch, ())
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+def test_dump_and_check_never_load_a_pickle_that_has_a_ttl(tmp_path: Path) -> None:
+    directory, mark = tmp_path / "s", tmp_path / "loaded"
+    with LocalFileStorage(directory, sync="none") as s:
+        s.set("trap", Trap(str(mark)), ttl=3600)
+        s.set("raw", b"xy", ttl=3600)
+        s["plain"] = 1
+    mark.unlink(missing_ok=True)  # (pickling it ran nothing; be sure)
+    code, out = run_cli("dump", str(directory))
+    assert code == 0 and not mark.exists()
+    lines = {line["key"]: line for line in map(json.loads, out.splitlines())}
+    assert lines["trap"]["type"] == "pickle" and lines["trap"]["value"] is None
+    assert lines["raw"]["type"] == "bytes" and lines["raw"]["value"] == "eHk="
+    assert lines["raw"]["expires_at"] > 0 and "expires_at" not in lines["plain"]
+    code, out = run_cli("check", str(directory))
+    assert code == 0 and not mark.exists(), out
+
+
+def test_a_flushed_value_that_expired_in_memory_first_reads_expired_everywhere(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    with LocalFileStorage(tmp_path / "s", clock=clock, sync="none") as s:
+        m = InMemoryStorage(s)
+        m.set("k", 1, ttl=10)
+        clock.now += 20
+        assert m.get("k") is None  # forgotten in memory; its pending write stays
+        m.flush()
+        s._check()
+        assert visible(s) == {}
+        s.compact()
+        assert s._engine.keydir.key_count() == 0
+
+
+def test_an_interrupt_while_memory_forgets_an_expired_key_leaves_it_flushable(
+    tmp_path: Path,
+) -> None:
+    for point in range(500):
+        clock = Clock()
+        s = LocalFileStorage(tmp_path / f"p{point}", clock=clock, sync="none")
+        m = InMemoryStorage(s)
+        m.set("k", [1], ttl=10)  # a mutable value: watched
+        m.flush()
+        clock.now += 20
+        interrupted = Injector(point).run(lambda m=m: m.get("k"))  # type: ignore[misc]
+        assert m.get("k") is None and "k" not in m
+        m["probe"] = point
+        m.flush()
+        assert dict(s.items()) == {"probe": point}
+        s.close()
+        if not interrupted:
+            assert point > 0
+            return
+    raise AssertionError("still interrupted after 500 points")
+
+
+def test_loading_a_sub_storage_while_ttl_writers_run_never_fails(tmp_path: Path) -> None:
+    """The expiry table is read under the write lock that its writers hold."""
+    with LocalFileStorage(tmp_path / "s", sync="none", auto_compact=False) as s:
+        for i in range(2000):
+            s.set(f"k{i}", i, ttl=3600)
+        stop = threading.Event()
+
+        def write() -> None:
+            i = 0
+            while not stop.is_set():
+                s.set(f"n{i}", i, ttl=3600)
+                i += 1
+
+        writer = threading.Thread(target=write)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        writer.start()
+        try:
+            for _ in range(5):
+                assert len(InMemoryStorage(s)) >= 2000
+        finally:
+            stop.set()
+            writer.join()
+            sys.setswitchinterval(interval)
+        s._check()
+
+
+def test_compat_ordered_views_fold_their_bounds_as_the_keys(tmp_path: Path) -> None:
+    from logstate.compat.quixstreams import LocalFileStorage as LegacyStorage
+
+    with LegacyStorage(tmp_path / "s") as s:
+        s["Abc"] = 1
+        s["abd"] = 2
+        s["b"] = 3
+        view = s.keys(prefix="AB")
+        assert list(view) == ["abc", "abd"] and len(view) == 2
+        assert "ABC" in view and "abc" in view and "b" not in view
+        assert list(s.items(start="ABD")) == [("abd", 2), ("b", 3)]

@@ -134,6 +134,11 @@ def _fold(key: str) -> str:
     return key.lower() if isinstance(key, str) else key
 
 
+def _fold_bound(bound: str | None) -> str | None:
+    """A view bound as the keys it compares with are stored: lower-cased."""
+    return None if bound is None else bound.lower()
+
+
 class _FoldingBatch(_storage.Batch):
     """A batch of a compat file storage: keys folded, StateValues unwrapped."""
 
@@ -189,6 +194,21 @@ class LocalFileStorage(_storage.LocalFileStorage):
     def is_case_sensitive(self) -> bool:
         """False: keys are lower-cased, as in the legacy file store."""
         return False
+
+    # ------------------------------------------------------------------ ordered views
+    def _ordered_keys(
+        self, start: str | None, stop: str | None, prefix: str | None, reverse: bool
+    ) -> list[str]:
+        """The ordered views' keys, with their bounds lower-cased as every key is."""
+        return super()._ordered_keys(
+            _fold_bound(start), _fold_bound(stop), _fold_bound(prefix), reverse
+        )
+
+    def _count_range(self, start: str | None, stop: str | None, prefix: str | None) -> int:
+        return super()._count_range(_fold_bound(start), _fold_bound(stop), _fold_bound(prefix))
+
+    def _stored_key(self, key: str) -> str:
+        return _fold(key)
 
     # ------------------------------------------------------------------ key/value
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
