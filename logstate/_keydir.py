@@ -403,12 +403,12 @@ class Keydir:
                 if index is None:
                     index = self.ensure(ns)
                 old = index.get(key)
-                if old is None and self.ordered:  # a settled write of a live store
-                    self.note_key(ns, key)
+                if expiry is not None or self.watch:  # noted first, as in put
+                    if old is None and self.ordered:  # (a settled write of a live store)
+                        self.note_key(ns, key)
+                    self.note_expiry(ns, key, expiry)
                 index[key] = loc
                 self.live_bytes += op_size if old is None else op_size - location_size(old)
-                if expiry is not None or self.expiring:
-                    self.note_expiry(ns, key, expiry)
             else:
                 self.apply(op_type, ns, key, loc)
 

@@ -364,6 +364,7 @@ FRAME_COMPRESSED_GROUP: Final = 2  # op offsets are positions in the decompresse
 # reading that value reports it, with its place)
 Expiry = tuple[float, float]
 ReplayOp = tuple[int, str, str, int, int, "Expiry | None"]
+assert TAG_EXPIRES == 10  # the replay loop writes it as a literal
 _KEYED: Final = frozenset((REC_SET, REC_DELETE))
 _NS_ONLY: Final = frozenset((REC_CLEAR, REC_CREATE_NS, REC_DROP_NS))
 
@@ -411,7 +412,7 @@ def _replay_op(
         if not key:
             kind = "set" if op_type == REC_SET else "delete"
             raise CorruptionError("", base + start, f"{kind} record with an empty key")
-        if op_type == REC_SET and buf[q] == TAG_EXPIRES:
+        if op_type == REC_SET and buf[q] == 10:  # TAG_EXPIRES (asserted at import)
             return ns, key, value_expiry(memoryview(buf)[q:end])
         return ns, key, None
     if op_type in _NS_ONLY or op_type in (REC_CHECKPOINT, REC_COMPACTED):
