@@ -423,10 +423,11 @@ class Store(base.SerializedStore[Any, Any]):
             except LogstateError as exc:  # damaged: deleting it is what a reset is for
                 if isinstance(exc, StorageLockedError):
                     raise
-        for path in paths:
-            if path in live:
-                path = path.rename(path.with_name(f"{path.name}.deleted-{os.getpid()}"))
-            shutil.rmtree(path)
+        for path in paths:  # leftovers of an interrupted reset first: a rename may reuse a name
+            if path not in live:
+                shutil.rmtree(path)
+        for path in live:
+            shutil.rmtree(path.rename(path.with_name(f"{path.name}.deleted-{os.getpid()}")))
 
     async def need_active_standby_for(self, tp: TP) -> bool:
         """False when another process holds ``tp``'s directory (it keeps it up to date)."""

@@ -524,6 +524,11 @@ def test_reset_state_deletes_this_tables_partitions_only(tmp_path: Path) -> None
     data.partition_path(2).mkdir()  # an empty, never-opened partition directory
     leftover = data.base_path / "tab-1.logstate.deleted-99"  # an interrupted reset's
     leftover.mkdir()
+    # one left by a process of this pid (pid 1 again in a container): the name
+    # this reset renames partition 0 to
+    same_pid = data.base_path / f"tab-0.logstate.deleted-{os.getpid()}"
+    same_pid.mkdir()
+    (same_pid / "segment-0000000001.seg").write_bytes(b"left over")
     _, table2, data2 = make_table(tmp_path)
     data2.persisted_offset(changelog_tp(table2, 0))  # holds partition 0 itself
     table2.reset_state()

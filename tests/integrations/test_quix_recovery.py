@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +22,7 @@ from quixstreams.state.recovery import RecoveryPartition
 from quixstreams.state.rocksdb import RocksDBOptions, RocksDBStorePartition
 from quixstreams.state.rocksdb.ttl_codec import SENTINEL_NEVER, encode_ttl_value
 
-from logstate.integrations.quixstreams import LogstateStorePartition
+from logstate.integrations.quixstreams import LogstateStorePartition, QuixKeyTooLongError
 from tests.integrations.quix_helpers import ChangelogMessage, RecordingChangelog, as_message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,3 +227,58 @@ def test_mixed_changelog_completes_the_migration_as_rocksdb_does(
     assert reopened.uses_ttl_stamps is True
     assert reopened.get(b"__ttl_migration_done__", "__ttl_system__") is not Marker.UNDEFINED
     reopened.close()
+
+
+def test_a_mixed_recovery_cut_short_before_completion_is_completed_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The census of leftover legacy records is on disk with the data, as RocksDB's is:
+    a restart with the offset caught up still completes the migration, as RocksDB does."""
+    options = RocksDBOptions(legacy_records_ttl=timedelta(hours=1))
+    future_ms = int(time.time() * 1000) + 10**7
+    rocks_path, ours_path = str(tmp_path / "rocks"), str(tmp_path / "ours")
+    rocks = RocksDBStorePartition(rocks_path, options=options)
+    ours = LogstateStorePartition(ours_path, options=options, recovery_batch_size=1)
+    for partition in (rocks, ours):
+        partition.recover_from_changelog_message(
+            key=b"legacy", value=b'"old"', cf_name="default", offset=0
+        )
+        partition.recover_from_changelog_message(
+            key=b"new",
+            value=encode_ttl_value(future_ms, b'"new"'),
+            cf_name="default",
+            offset=1,
+            ttl_stamped=True,
+        )
+        partition.close()  # revoked (or killed) before complete_recovery
+    rocks = RocksDBStorePartition(rocks_path, options=options)
+    ours = LogstateStorePartition(ours_path, options=options, recovery_batch_size=1)
+    try:
+        assert rocks.get_changelog_offset() == ours.get_changelog_offset() == 1
+        assert rocks.has_incomplete_ttl_migration() is True
+        assert ours.has_incomplete_ttl_migration() is True
+        for partition in (rocks, ours):
+            partition.complete_recovery()
+        stamped = rocks.get(b"legacy")
+        assert stamped != b'"old"' and ours.get(b"legacy") == stamped  # stamped, as RocksDB
+        assert ours.has_incomplete_ttl_migration() is False
+    finally:
+        rocks.close()
+        ours.close()
+
+
+def test_a_recovery_message_refused_for_its_key_changes_nothing(tmp_path: Path) -> None:
+    ours = LogstateStorePartition(str(tmp_path / "ours"), recovery_batch_size=1)
+    try:
+        with pytest.raises(QuixKeyTooLongError):
+            ours.recover_from_changelog_message(
+                key=b"\xff" * 3000,
+                value=encode_ttl_value(SENTINEL_NEVER, b"1"),
+                cf_name="default",
+                offset=0,
+                ttl_stamped=True,
+            )
+        assert ours.uses_ttl_stamps is False
+        assert ours.get_changelog_offset() is None
+    finally:
+        ours.close()

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from quixstreams.state.base import PartitionTransactionCache
-from quixstreams.state.metadata import TTL_INDEX_CF_NAME
+from quixstreams.state.metadata import TTL_BACKFILL_PENDING_CF_NAME, TTL_INDEX_CF_NAME
 from quixstreams.state.recovery import ChangelogProducer
 from quixstreams.state.rocksdb.ttl_codec import decode_index_key
 
@@ -177,6 +177,7 @@ class TtlPartitionMethods:
         ops, records = backfill_ops(iter(present), expires_at_ms, set(), True)
         produce_backfill(self._changelog_producer, records, self._path, with_marker=True)
         ops.extend(migration_done_ops())
+        ops.extend((TTL_BACKFILL_PENDING_CF_NAME, k, None) for k in leftovers)  # the census, done
         self._commit([(self._fold(cf, k), v) for cf, k, v in ops])
         logger.info(
             "Recovery: completed the legacy-TTL migration at path=%s; stamped %d leftover "

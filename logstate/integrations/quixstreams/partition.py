@@ -31,6 +31,7 @@ from quixstreams.state.base import PartitionTransactionCache, StorePartition
 from quixstreams.state.metadata import (
     LOCAL_ONLY_CFS,
     METADATA_CF_NAME,
+    TTL_BACKFILL_PENDING_CF_NAME,
     TTL_INDEX_CF_NAME,
     TTL_MIGRATION_DONE_KEY,
     TTL_SYSTEM_CF_NAME,
@@ -145,7 +146,6 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
         self._recovery_ops: dict[str, bytes | None] = {}
         self._recovery_offset: int | None = None
         self._recovery_messages = 0
-        self._recovery_census: set[bytes] = set()
         self._recovery_saw_stamped = False
         self._recovery_saw_migration_done = False
         self._closed = True
@@ -369,6 +369,9 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
         if value is not None and not isinstance(value, bytes):
             raise TypeError(f"a changelog value must be bytes or None, got {type(value).__name__}")
         offset = self._check_offset(offset)
+        # checked before any state changes: a key that does not fit changes nothing
+        self._fold(cf_name, key)
+        self._fold(TTL_BACKFILL_PENDING_CF_NAME, key)
         ops: list[Op] = []
         class_ttl = type(self).uses_ttl_stamps
         if class_ttl and cf_name == TTL_SYSTEM_CF_NAME and key == TTL_MIGRATION_DONE_KEY:
@@ -380,13 +383,13 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
             self.uses_ttl_stamps = True
             ops.extend(flip_metadata_ops())
         if class_ttl and cf_name == "default" and not self._migration_done():
+            # the census of leftover legacy records, kept in a local column
+            # family written with the data and the offset (as RocksDB's
+            # __ttl_backfill_pending__): a recovery cut short keeps it
             if ttl_stamped:
                 self._recovery_saw_stamped = True
-                self._recovery_census.discard(key)
-            elif value is not None:
-                self._recovery_census.add(key)
-            else:
-                self._recovery_census.discard(key)
+            leftover = not ttl_stamped and value is not None
+            ops.append((TTL_BACKFILL_PENDING_CF_NAME, key, b"" if leftover else None))
         if not self.uses_ttl_stamps or (cf_name == "default" and not ttl_stamped):
             ops.append((cf_name, key, value))
         elif cf_name in LOCAL_ONLY_CFS:
@@ -429,14 +432,29 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
                 confirmed delivered (nothing of the completion is written).
         """
         self._flush_recovery()
-        leftovers = self._recovery_census
-        self._recovery_census = set()
+        leftovers = self._pending_census()
         saw_stamped = self._recovery_saw_stamped
         self._recovery_saw_stamped = False
         if self._migration_done() or not self.uses_ttl_stamps:
+            if leftovers:  # a census that no migration needs any more
+                self._commit(
+                    [(self._fold(TTL_BACKFILL_PENDING_CF_NAME, k), None) for k in leftovers]
+                )
             return  # migrated already, or a store without TTL: nothing to complete
         if saw_stamped or self._ttl.enabled_at_open:
-            self._complete_ttl_migration(sorted(leftovers))
+            self._complete_ttl_migration(leftovers)
+
+    def _pending_census(self) -> list[bytes]:
+        """The keys of the leftover legacy records a MIXED recovery censused, in order."""
+        return [key for key, _value in self._iterate(TTL_BACKFILL_PENDING_CF_NAME, b"", None)]
+
+    def has_incomplete_ttl_migration(self) -> bool:
+        """True when a recovery censused leftover legacy records (a MIXED changelog)
+        and the migration is not done: Quix's recovery then runs
+        :meth:`complete_recovery` even when the offset has caught up."""
+        if not self.uses_ttl_stamps or self._migration_done():
+            return False
+        return next(iter(self._iterate(TTL_BACKFILL_PENDING_CF_NAME, b"", None)), None) is not None
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self) -> RocksDBPartitionTransaction:
