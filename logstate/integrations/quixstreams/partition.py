@@ -29,9 +29,7 @@ from typing import Any, Final, Literal, cast
 
 from quixstreams.state.base import PartitionTransactionCache, StorePartition
 from quixstreams.state.metadata import (
-    LOCAL_ONLY_CFS,
     METADATA_CF_NAME,
-    TTL_BACKFILL_PENDING_CF_NAME,
     TTL_INDEX_CF_NAME,
     TTL_MIGRATION_DONE_KEY,
     TTL_SYSTEM_CF_NAME,
@@ -47,7 +45,9 @@ from quixstreams.state.serialization import int_from_bytes, int_to_bytes
 from logstate import LocalFileStorage
 from logstate.integrations.quixstreams._keys import cf_prefix, fold_key, key_to_bytes
 from logstate.integrations.quixstreams._ranges import iter_range, open_storage
-from logstate.integrations.quixstreams._ttl import Op, TtlState, flip_metadata_ops
+from logstate.integrations.quixstreams._recovery import OFFSET_KEY as _OFFSET_KEY
+from logstate.integrations.quixstreams._recovery import RecoveryPartitionMethods
+from logstate.integrations.quixstreams._ttl import TtlState
 from logstate.integrations.quixstreams._ttl_partition import TtlPartitionMethods
 
 __all__ = [
@@ -63,7 +63,6 @@ DEFAULT_LOCK_TIMEOUT_S: Final = 30.0  # about Quix's RocksDB open retries (10 x 
 DEFAULT_RECOVERY_BATCH_SIZE: Final = 1000  # changelog messages per recovery group
 _VALUE_CACHE_ENTRIES: Final = 16384  # values a partition keeps in memory (RocksDB: block cache)
 _SYNC_MODES: Final = (None, "none", "interval", "always")
-_OFFSET_KEY: Final = fold_key(cf_prefix(METADATA_CF_NAME), METADATA_CF_NAME, CHANGELOG_OFFSET_KEY)
 
 
 def check_partition_options(
@@ -84,7 +83,7 @@ def check_partition_options(
         raise ValueError(f"recovery_batch_size must be an int >= 1, got {recovery_batch_size!r}")
 
 
-class LogstateStorePartition(TtlPartitionMethods, StorePartition):
+class LogstateStorePartition(RecoveryPartitionMethods, TtlPartitionMethods, StorePartition):
     """One Quix store partition in one logstate directory.
 
     Args:
@@ -148,6 +147,9 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
         self._recovery_messages = 0
         self._recovery_saw_stamped = False
         self._recovery_saw_migration_done = False
+        # keys this process put in the census; whether it held any at first
+        self._recovery_census: set[bytes] = set()
+        self._census_found: bool | None = None
         self._closed = True
         self._storage: LocalFileStorage = open_storage(
             path, sync, float(lock_timeout_s), stop_event
@@ -347,114 +349,6 @@ class LogstateStorePartition(TtlPartitionMethods, StorePartition):
         """Move the changelog offset without data (a skipped recovery message); buffered."""
         self._check_open()
         self._buffer([], self._check_offset(offset))
-
-    # ------------------------------------------------------------------ recovery
-    def recover_from_changelog_message(
-        self,
-        key: bytes,
-        value: bytes | None,
-        cf_name: str,
-        offset: int,
-        ttl_stamped: bool = False,
-    ) -> None:
-        """Apply one changelog message; written with its offset in the next recovery group.
-
-        Raises:
-            RuntimeError: the partition is closed.
-            TypeError / ValueError: a bad key, value or offset (nothing buffered).
-            QuixKeyTooLongError: the key does not fit a logstate key.
-        """
-        self._check_open()
-        key = self._bytes_key(key)
-        if value is not None and not isinstance(value, bytes):
-            raise TypeError(f"a changelog value must be bytes or None, got {type(value).__name__}")
-        offset = self._check_offset(offset)
-        # checked before any state changes: a key that does not fit changes nothing
-        self._fold(cf_name, key)
-        self._fold(TTL_BACKFILL_PENDING_CF_NAME, key)
-        ops: list[Op] = []
-        class_ttl = type(self).uses_ttl_stamps
-        if class_ttl and cf_name == TTL_SYSTEM_CF_NAME and key == TTL_MIGRATION_DONE_KEY:
-            self._recovery_saw_migration_done = True
-            if not self.uses_ttl_stamps:
-                self.uses_ttl_stamps = True
-                ops.extend(flip_metadata_ops())
-        if class_ttl and not self.uses_ttl_stamps and cf_name == "default" and ttl_stamped:
-            self.uses_ttl_stamps = True
-            ops.extend(flip_metadata_ops())
-        if class_ttl and cf_name == "default" and not self._migration_done():
-            # the census of leftover legacy records, kept in a local column
-            # family written with the data and the offset (as RocksDB's
-            # __ttl_backfill_pending__): a recovery cut short keeps it
-            if ttl_stamped:
-                self._recovery_saw_stamped = True
-            leftover = not ttl_stamped and value is not None
-            ops.append((TTL_BACKFILL_PENDING_CF_NAME, key, b"" if leftover else None))
-        if not self.uses_ttl_stamps or (cf_name == "default" and not ttl_stamped):
-            ops.append((cf_name, key, value))
-        elif cf_name in LOCAL_ONLY_CFS:
-            pass
-        elif value is None or cf_name != "default":
-            ops.append((cf_name, key, value))
-        else:
-            ops.extend(self._ttl.replay_default(key, value))
-        self._buffer(ops, offset)
-
-    def _migration_done(self) -> bool:
-        return self._migration_done_at_open or self._recovery_saw_migration_done
-
-    def _buffer(self, ops: list[Op], offset: int) -> None:
-        folded = [(self._fold(cf_name, key), value) for cf_name, key, value in ops]
-        self._recovery_ops.update(folded)
-        self._recovery_offset = offset
-        self._recovery_messages += 1
-        if self._recovery_messages >= self._recovery_batch_size:
-            self._flush_recovery()
-
-    def _flush_recovery(self) -> None:
-        """Write the buffered recovery messages and their offset as one group."""
-        if self._recovery_offset is None:
-            return
-        self._check_open()
-        ops = list(self._recovery_ops.items())
-        ops.append((_OFFSET_KEY, int_to_bytes(self._recovery_offset)))
-        self._commit(ops)
-        # cleared after the group: an interruption before this line writes it again, same state
-        self._recovery_ops = {}
-        self._recovery_offset = None
-        self._recovery_messages = 0
-
-    def complete_recovery(self) -> None:
-        """Write what recovery buffered; finish a MIXED changelog's legacy-TTL migration.
-
-        Raises:
-            ChangelogFlushError: the completion's changelog records were not
-                confirmed delivered (nothing of the completion is written).
-        """
-        self._flush_recovery()
-        leftovers = self._pending_census()
-        saw_stamped = self._recovery_saw_stamped
-        self._recovery_saw_stamped = False
-        if self._migration_done() or not self.uses_ttl_stamps:
-            if leftovers:  # a census that no migration needs any more
-                self._commit(
-                    [(self._fold(TTL_BACKFILL_PENDING_CF_NAME, k), None) for k in leftovers]
-                )
-            return  # migrated already, or a store without TTL: nothing to complete
-        if saw_stamped or self._ttl.enabled_at_open:
-            self._complete_ttl_migration(leftovers)
-
-    def _pending_census(self) -> list[bytes]:
-        """The keys of the leftover legacy records a MIXED recovery censused, in order."""
-        return [key for key, _value in self._iterate(TTL_BACKFILL_PENDING_CF_NAME, b"", None)]
-
-    def has_incomplete_ttl_migration(self) -> bool:
-        """True when a recovery censused leftover legacy records (a MIXED changelog)
-        and the migration is not done: Quix's recovery then runs
-        :meth:`complete_recovery` even when the offset has caught up."""
-        if not self.uses_ttl_stamps or self._migration_done():
-            return False
-        return next(iter(self._iterate(TTL_BACKFILL_PENDING_CF_NAME, b"", None)), None) is not None
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self) -> RocksDBPartitionTransaction:
