@@ -128,12 +128,13 @@ class RecoveryPartitionMethods:
             # the census of leftover legacy records, kept in a local column
             # family written with the data and the offset (as RocksDB's
             # __ttl_backfill_pending__): a recovery cut short keeps it. A key
-            # leaves it only if it may be in it (no write otherwise).
+            # joins it once, and leaves it only if it may be in it.
             if ttl_stamped:
                 self._recovery_saw_stamped = True
             if not ttl_stamped and value is not None:
-                ops.append((TTL_BACKFILL_PENDING_CF_NAME, key, b""))
-                census = True
+                if key not in self._recovery_census:  # (in it already: nothing to write)
+                    ops.append((TTL_BACKFILL_PENDING_CF_NAME, key, b""))
+                    census = True
             elif key in self._recovery_census or self._census_at_open():
                 ops.append((TTL_BACKFILL_PENDING_CF_NAME, key, None))
                 census = False
