@@ -50,11 +50,16 @@ from logstate._location import (
     pack_location,
 )
 from logstate._options import EngineOptions
-from logstate._scan import set_body_value, value_expiry
+from logstate._scan import Expiry, set_body_value, value_expiry
 from logstate._schedule import CompactionScheduler
 from logstate._segments import SegmentSet
 
 __all__ = ["Writer"]
+
+
+def _expiry(check: bool, op_type: int, body: bytes) -> Expiry | None:
+    """(deadline_s, written_s) of a set op's value, when ``check`` (else None)."""
+    return value_expiry(set_body_value(body)) if check and op_type == REC_SET else None
 
 # the hot paths write the location shifts as literals (74, 34, 2)
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
@@ -331,10 +336,8 @@ class Writer:
             names: (namespace, key) of each op, from a caller that built the
                 bodies itself (Batch, InMemoryStorage): the bodies are then
                 not decoded again. Without it every body is decoded (checked).
-            expiring: some set has a value with an expiry time (TAG_EXPIRES):
-                the index notes each set's deadline (it does so anyway when
-                any key already has one). Without it, with no deadline in
-                the index, the values' tags are not looked at.
+            expiring: some set's value has an expiry time (TAG_EXPIRES): the
+                index notes the deadlines (it does anyway once it holds one).
 
         Returns:
             The number of operations written.
@@ -361,18 +364,14 @@ class Writer:
                     created.add(ns)
                 elif ns not in namespaces and ns not in created and op_type != REC_CHECKPOINT:
                     self._keydir.require(ns)
-            if expiring:
-                self._keydir.watch = True
+            self._keydir.watch = self._keydir.watch or expiring  # (sticky: Keydir.watch)
             check_expiry = expiring or bool(self._keydir.expiring)
             try:
                 if len(ops) == 1:
                     segment, offset, size, end_pos = ap.write(ops[0][0], ops[0][1])
                     ns, key = names[0]
                     loc = pack_location(segment, offset, size, KIND_RECORD)
-                    expiry = None
-                    if check_expiry and ops[0][0] == REC_SET:
-                        expiry = value_expiry(set_body_value(ops[0][1]))
-                    self._keydir.apply(ops[0][0], ns, key, loc, expiry)
+                    self._keydir.apply(ops[0][0], ns, key, loc, _expiry(check_expiry, *ops[0]))
                 else:
                     body = fmt.encode_group_body(
                         ops, self._options.compress_min_size, self._options.zstd_level
@@ -403,9 +402,7 @@ class Writer:
                             index[key] = high | op_offset << 34 | op_size << 2
                             live += op_size if old is None else op_size - location_size(old)
                             if check_expiry:
-                                self._keydir.note_expiry(
-                                    ns, key, value_expiry(set_body_value(op_body))
-                                )
+                                self._keydir.note_expiry(ns, key, _expiry(True, REC_SET, op_body))
                         else:
                             self._keydir.live_bytes += live
                             live = 0
@@ -417,10 +414,7 @@ class Writer:
                                 )
                             else:
                                 where = pack_location(segment, op_offset, op_size, KIND_GROUP_OP)
-                            expiry = None
-                            if check_expiry and op_type == REC_SET:
-                                expiry = value_expiry(set_body_value(op_body))
-                            apply(op_type, ns, key, where, expiry)
+                            apply(op_type, ns, key, where, _expiry(check_expiry, op_type, op_body))
                         op_offset += op_size
                     self._keydir.live_bytes += live
             except BaseException:
@@ -473,8 +467,7 @@ class Writer:
                 live = 0
                 get = index.get
                 ordered = bool(self._keydir.ordered)
-                if expiring:
-                    self._keydir.watch = True
+                self._keydir.watch = self._keydir.watch or expiring
                 check_expiry = expiring or bool(self._keydir.expiring)
                 for key, value, op in zip(keys, values, ops, strict=False):
                     op_size = len(op)
