@@ -16,6 +16,7 @@ __all__ = [
     "COMPACT_TMP_SUFFIX",
     "DAMAGED_SUFFIX",
     "LOCK_FILE_NAME",
+    "REPLICATION_STATE_FILE_NAME",
     "SEGMENT_PREFIX",
     "SEGMENT_SUFFIX",
     "SNAPSHOT_FILE_NAME",
@@ -30,6 +31,7 @@ SEGMENT_PREFIX: Final = "segment-"
 SEGMENT_SUFFIX: Final = ".seg"
 SNAPSHOT_FILE_NAME: Final = "index.snapshot"
 LOCK_FILE_NAME: Final = "LOCK"
+REPLICATION_STATE_FILE_NAME: Final = "replication.json"  # a changelog's state (a cache)
 TMP_SUFFIX: Final = ".tmp"  # a file written whole, then renamed over its final name
 COMPACT_TMP_SUFFIX: Final = ".compact.tmp"  # a compaction's output before its rename
 TORN_SUFFIX: Final = ".torn"  # torn tails copied aside before truncation
