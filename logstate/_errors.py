@@ -12,6 +12,8 @@ or sync is involved), wrapped only as the ``__cause__`` of
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "CorruptionError",
     "KeyNotFoundError",
@@ -21,6 +23,7 @@ __all__ = [
     "ReadOnlyStorageError",
     "StorageChangedError",
     "StorageClosedError",
+    "StorageExistsError",
     "StorageFailedError",
     "StorageForkedError",
     "StorageLockedError",
@@ -141,6 +144,29 @@ class StorageForkedError(StorageClosedError):
 
     def __reduce__(self) -> tuple[type[StorageForkedError], tuple[str, int, int]]:
         return (type(self), (self.path, self.owner_pid, self.pid))
+
+
+class StorageExistsError(LogstateError, FileExistsError):
+    """A store was to be made at a path that already holds something (a restore's target).
+
+    Also a :class:`FileExistsError` (``errno`` EEXIST, ``filename`` the path),
+    so ``except FileExistsError`` works.
+
+    Attributes:
+        path: the target.
+        reason: what is there, in words.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(errno.EEXIST, reason, path)
+
+    def __str__(self) -> str:
+        return f"cannot make a store at {self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple[type[StorageExistsError], tuple[str, str]]:
+        return (type(self), (self.path, self.reason))
 
 
 class StorageFailedError(LogstateError):

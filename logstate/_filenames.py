@@ -17,6 +17,7 @@ __all__ = [
     "DAMAGED_SUFFIX",
     "LOCK_FILE_NAME",
     "REPLICATION_STATE_FILE_NAME",
+    "RESTORING_INFIX",
     "SEGMENT_PREFIX",
     "SEGMENT_SUFFIX",
     "SNAPSHOT_FILE_NAME",
@@ -36,6 +37,10 @@ TMP_SUFFIX: Final = ".tmp"  # a file written whole, then renamed over its final 
 COMPACT_TMP_SUFFIX: Final = ".compact.tmp"  # a compaction's output before its rename
 TORN_SUFFIX: Final = ".torn"  # torn tails copied aside before truncation
 DAMAGED_SUFFIX: Final = ".damaged"  # damaged ranges moved aside by salvage
+# replication (logstate.replication): its state file in a store directory, and the
+# directory a restore builds next to its target, ``<target>.restoring-<random hex>``
+REPLICATION_STATE_FILE_NAME: Final = "replication.json"
+RESTORING_INFIX: Final = ".restoring-"
 
 
 def segment_file_name(number: int) -> str:

@@ -39,6 +39,7 @@ import errno
 import mmap
 import os
 import resource
+import shutil
 import stat
 import sys
 import threading
@@ -245,6 +246,22 @@ class FileSystem:
     def list_dir(self, path: str) -> list[str]:
         return os.listdir(path)
 
+    def make_dir(self, path: str) -> None:
+        """Create the directory ``path`` (mode 0700); its parent must exist (no dir fsync).
+
+        Raises:
+            FileExistsError: ``path`` exists (whatever it is: never reused).
+        """
+        os.mkdir(path, DIR_MODE)
+
+    def remove_tree(self, path: str) -> None:
+        """Remove the directory ``path`` and everything in it (links removed, never followed).
+
+        For a directory logstate made itself (a restore's temporary one);
+        never a storage directory.
+        """
+        shutil.rmtree(path)
+
     # ------------------------------------------------------------------ files
     def create_file(self, path: str) -> int:
         """Create a new file (it must not exist) for reading and appending.
@@ -276,6 +293,11 @@ class FileSystem:
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def dup(self, fd: int) -> int:
+        """A new descriptor of the same open file (close-on-exec): the file stays
+        readable through it after its name is unlinked or renamed over."""
+        return os.dup(fd)
 
     def file_size(self, fd: int) -> int:
         return os.fstat(fd).st_size
