@@ -39,7 +39,6 @@ TORN_SUFFIX: Final = ".torn"  # torn tails copied aside before truncation
 DAMAGED_SUFFIX: Final = ".damaged"  # damaged ranges moved aside by salvage
 # replication (logstate.replication): its state file in a store directory, and the
 # directory a restore builds next to its target, ``<target>.restoring-<random hex>``
-REPLICATION_STATE_FILE_NAME: Final = "replication.json"
 RESTORING_INFIX: Final = ".restoring-"
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, NamedTuple
 
 from logstate._errors import CorruptionError, StorageExistsError
@@ -57,7 +57,7 @@ def build_store(
     target: str,
     container: str | None,
     records: Iterable[bytes],
-    state: Mapping[str, object] | None,
+    state: Mapping[str, object] | Callable[[int], Mapping[str, object]] | None,
     *,
     snapshot_seq: int | None = None,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
@@ -85,7 +85,8 @@ def build_store(
             listener gets them: ``Engine.add_commit_listener``), seqs
             continuing the snapshot's by exactly 1 each; consumed once, as
             they come (memory stays bounded).
-        state: written as JSON to ``replication.json`` (None: no file).
+        state: written as JSON to ``replication.json`` (None: no file); a
+            callable is called with the last seq once every record is written.
         snapshot_seq: the seq the caller knows the container is at (e.g. from
             its object's description); checked against it.
         segment_size: bytes at which the appended records roll to a new segment.
@@ -114,9 +115,7 @@ def build_store(
     """
     if container is None and snapshot_seq not in (None, 0):
         raise ValueError(f"snapshot_seq {snapshot_seq} given without a snapshot container")
-    state_bytes = None
-    if state is not None:
-        state_bytes = (json.dumps(dict(state), sort_keys=True, allow_nan=False) + "\n").encode()
+    state_bytes = None if state is None or callable(state) else _state_bytes(state)
     target = fs.canonical_path(target)
     _check_target(fs, target)
     if container is not None and snapshot_seq is not None:
@@ -155,6 +154,8 @@ def build_store(
         finally:
             writer.close()
         total_bytes += writer.bytes_written
+        if callable(state):
+            state_bytes = _state_bytes(state(last_seq))
         if state_bytes is not None:
             fs.write_new_file(building + "/" + REPLICATION_STATE_FILE_NAME, state_bytes)
         fs.fsync_dir(building)
@@ -177,6 +178,10 @@ def build_store(
                 log.error("%s: removing the unfinished restore %s: %r", target, building, exc)
         raise
     return BuildResult(last_seq, count, total_bytes)
+
+
+def _state_bytes(state: Mapping[str, object]) -> bytes:
+    return (json.dumps(dict(state), sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def _segment_number(name: str) -> int:
