@@ -51,8 +51,8 @@ DEFAULT_CONNECT_OPTIONS: dict[str, Any] = {
     "allow_reconnect": True,
     "max_reconnect_attempts": -1,  # after the first connect: reconnect forever
     "reconnect_time_wait": 0.5,
-    "ping_interval": 10,  # a silent (paused, partitioned) server is dropped after ~30 s
-    "max_outstanding_pings": 3,
+    "ping_interval": 5,  # a silent (hung, partitioned) server is dropped after 10-15 s
+    "max_outstanding_pings": 2,
 }
 CLOSE_TIMEOUT_S = 2.0
 

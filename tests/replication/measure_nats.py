@@ -11,8 +11,7 @@ a plain thread (R1 and R3, empty, 1 KiB and ~1 MiB payloads); range reads
 one request per message; object put/get of 5 MB; time to fail on a refused
 port; what the client sees while the server restarts (how long until the
 first publish succeeds again and what failed meanwhile); what a retry of a
-stored message answers on R1 and R3. The numbers in
-``/work/notes/nats-facts.md`` come from this script.
+stored message answers on R1 and R3.
 """
 
 from __future__ import annotations

@@ -155,3 +155,19 @@ def test_an_r3_stream_survives_sigkill_of_its_leader(nats_cluster: NatsCluster) 
     finally:
         client.release()
     assert os.path.isdir(leader.store_dir)
+
+
+def test_a_closed_proxy_refuses_connections_and_leaves_no_thread(
+    nats_server: NatsServer,
+) -> None:
+    proxy = TcpProxy(nats_server.port)
+    client = Client.get(proxy.url, timeout_s=T_S)
+    try:
+        assert client.stream_info("NONE", T_S) is None  # a round trip through it
+    finally:
+        client.release()
+    proxy.close()
+    assert not proxy._acceptor.is_alive()
+    assert not any(t.is_alive() for t in proxy._threads)
+    with pytest.raises(ReplicationError, match="cannot connect"):
+        Client.get(proxy.url, timeout_s=0.5)
