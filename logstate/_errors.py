@@ -21,6 +21,7 @@ __all__ = [
     "OptionConflictError",
     "PickleNotAllowedError",
     "ReadOnlyStorageError",
+    "ReplicationError",
     "StorageChangedError",
     "StorageClosedError",
     "StorageExistsError",
@@ -206,3 +207,29 @@ class KeyNotFoundError(LogstateError, KeyError):
 
     def __str__(self) -> str:
         return f"key not found: {self.key!r}"
+
+
+class ReplicationError(LogstateError):
+    """Shipping records to, or reading them from, the replication stream failed.
+
+    Attributes:
+        stream: the JetStream stream name.
+        partition: the store's partition in that stream ("" when not known).
+        reason: what went wrong, in words.
+        seq: the logstate record seq concerned, or None.
+    """
+
+    def __init__(self, stream: str, partition: str, reason: str, seq: int | None = None) -> None:
+        self.stream = stream
+        self.partition = partition
+        self.reason = reason
+        self.seq = seq
+        message = f"replication of {partition!r} on stream {stream!r}: {reason}"
+        if seq is not None:
+            message += f" (seq {seq})"
+        super().__init__(message)
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[ReplicationError], tuple[str, str, str, int | None]]:
+        return (type(self), (self.stream, self.partition, self.reason, self.seq))
