@@ -265,23 +265,29 @@ class Shipper:
         first, last = run[0].seq, run[-1].seq
         times = (run[0].time_s, run[-1].time_s)
         if count == 1 and len(run[0].record) > limit:
-            stream_seq = self.head_stream_seq
             for chunk, part in wire.chunk_record(run[0].record, limit):
-                stream_seq = self._publish(first, last, times, part, chunk)
+                resume = self.resume_chunk
+                if resume is not None and resume >= (first, chunk.index):
+                    continue  # stored already (before a crash or a lost ack)
+                stream_seq, _ = self._publish(first, last, times, part, chunk)
+                self.resume_chunk = (first, chunk.index)
+            self.resume_chunk = None
+            stored_last = last
         else:
-            stream_seq = self._publish(first, last, times, b"".join(p.record for p in run))
-        size = sum(len(p.record) for p in run)
+            payload = b"".join(p.record for p in run)
+            stream_seq, stored_last = self._publish(first, last, times, payload)
         with self._lock:
-            for _ in range(count):
-                self._pending.popleft()
+            size = 0
+            while self._pending and self._pending[0].seq <= stored_last:
+                size += len(self._pending.popleft().record)
             self.pending_bytes -= size
-            self.acked_seq = last
-            waiters = [w for w in self._waiters if w.seq <= last]
+            self.acked_seq = stored_last
+            waiters = [w for w in self._waiters if w.seq <= stored_last]
         self.shipped_bytes += size
-        self.acked_messages.append((last, stream_seq))
+        self.acked_messages.append((stored_last, stream_seq))
         for waiter in waiters:
             waiter.wake()
-        self._on_ack(last, stream_seq)
+        self._on_ack(stored_last, stream_seq)
 
     def _publish(
         self,
@@ -290,29 +296,51 @@ class Shipper:
         times: tuple[float, float],
         payload: bytes,
         chunk: wire.Chunk | None = None,
-    ) -> int:
-        """Publish one message on top of the current head; its stream seq."""
+    ) -> tuple[int, int]:
+        """Publish one message on top of the current head.
+
+        Returns:
+            (its stream seq, the last seq the stream now holds): that is
+            ``last``, or less when an earlier attempt of ours, sent again by
+            the client after a reconnect, holds a shorter run.
+        """
         headers = wire.message_headers(
             self.who, first, last, times, payload, self.head_stream_seq, chunk
         )
-        resume = self.resume_chunk
-        if chunk is not None and resume is not None and resume >= (first, chunk.index):
-            return self.head_stream_seq  # stored before a crash: the head is that chunk
         try:
             stream_seq = self._client.publish(self.subject, payload, headers, self.timeout_s)
         except WrongLastSequence:
-            # the head moved: our own message whose ack was lost, or another writer's
-            last_msg = self._client.last_message(self.stream, self.subject, self.timeout_s)
-            if last_msg is not None and last_msg.headers.get(wire.H_MSG_ID) == headers[
-                wire.H_MSG_ID
-            ] and last_msg.headers.get(wire.H_WRITER) == self.who.writer:
-                stream_seq = last_msg.stream_seq
-            else:
-                by = "" if last_msg is None else last_msg.headers.get(wire.H_WRITER, "")
-                self._fence(by, first)
-                raise self.fenced_now() from None
+            # the head moved: an earlier attempt of ours (its ack lost, or sent
+            # by the client after a reconnect), or another writer's message
+            stream_seq, stored_last = self._head_moved(first, last, headers[wire.H_MSG_ID])
+        else:
+            stored_last = last
         self.head_stream_seq = stream_seq
-        return stream_seq
+        return stream_seq, stored_last
+
+    def _head_moved(self, first: int, last: int, msg_id: str) -> tuple[int, int]:
+        last_msg = self._client.last_message(self.stream, self.subject, self.timeout_s)
+        head = None
+        if last_msg is not None:
+            with contextlib.suppress(wire.MessageError):
+                head = wire.read_message(last_msg.stream_seq, last_msg.headers, last_msg.data)
+        if head is not None and head.writer == self.who.writer and head.epoch == self.who.epoch:
+            if head.msg_id == msg_id:
+                return head.stream_seq, last
+            if head.first == first and head.chunk is None and head.last <= last:
+                return head.stream_seq, head.last
+            if head.first == first and head.chunk is not None:
+                self.head_stream_seq = head.stream_seq
+                self.resume_chunk = (first, head.chunk.index)
+                raise ReplicationError(
+                    self.stream, self.who.partition, "resuming a chunked record", first
+                )
+            if head.last == first - 1:  # our message before this one: the head we expect
+                self.head_stream_seq = head.stream_seq
+                raise ReplicationError(self.stream, self.who.partition, "head re-read", first)
+        by = "" if last_msg is None else last_msg.headers.get(wire.H_WRITER, "")
+        self._fence(by, first)
+        raise self.fenced_now()
 
     def fenced_now(self) -> FencedError:
         fenced = self.fenced
