@@ -7,11 +7,13 @@ tail left by a crash. See README.md and docs/.
 
 from logstate._errors import (
     CorruptionError,
+    FencedError,
     KeyNotFoundError,
     LogstateError,
     OptionConflictError,
     PickleNotAllowedError,
     ReadOnlyStorageError,
+    ReplicationError,
     StorageChangedError,
     StorageClosedError,
     StorageFailedError,
@@ -20,6 +22,7 @@ from logstate._errors import (
     SubStorageDeletedError,
     UnsupportedFormatError,
 )
+from logstate._hooks import ReplicationLag
 from logstate._views import bytes_to_key, key_to_bytes
 from logstate.memory import InMemoryStorage
 from logstate.storage import Batch, LocalFileStorage
@@ -27,6 +30,7 @@ from logstate.storage import Batch, LocalFileStorage
 __all__ = [
     "Batch",
     "CorruptionError",
+    "FencedError",
     "InMemoryStorage",
     "KeyNotFoundError",
     "LocalFileStorage",
@@ -34,6 +38,8 @@ __all__ = [
     "OptionConflictError",
     "PickleNotAllowedError",
     "ReadOnlyStorageError",
+    "ReplicationError",
+    "ReplicationLag",
     "StorageChangedError",
     "StorageClosedError",
     "StorageFailedError",

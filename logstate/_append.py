@@ -2,9 +2,11 @@
 
 Owns: the sequence counter, ``written_pos`` (bytes appended since open),
 the record being appended while its bookkeeping is unfinished
-(``in_flight``), when the active segment rolls (its early-roll size), and
-the commit listeners' queue: each committed record's seq and exact bytes,
-delivered in seq order once durable by the storage's rule.
+(``in_flight``: one record, or a run of records ingested from a changelog
+stream), when the active segment rolls (its early-roll size), and the
+commit listeners' queue: each committed record's seq and exact bytes,
+delivered in seq order once durable by the storage's rule (ingested records
+are not: the stream has them).
 Must never: decide what a record means for the index beyond replaying it
 (``Keydir.apply_frame``), wait for a sync while holding the write lock, or
 count a byte durable before its fdatasync returned.
@@ -61,9 +63,10 @@ class Appender:
         self._scheduler = scheduler
         self.seq = seq
         self.written_pos = 0  # bytes appended since open (all segments)
-        # (segment, offset, size, written_pos before) of the record being
-        # appended while its bookkeeping is not finished: see settle
-        self.in_flight: tuple[Segment, int, int, int] | None = None
+        # (segment, offset, size, written_pos before, ingested) of the record
+        # (or run of ingested records) being appended while its bookkeeping is
+        # not finished: see settle
+        self.in_flight: tuple[Segment, int, int, int, bool] | None = None
         self.segment_size = options.segment_size
         # Early roll: compaction covers sealed segments only, so the active
         # segment is looked at every roll_step bytes past roll_size, and
@@ -86,11 +89,13 @@ class Appender:
         self._delivering = threading.Lock()
 
     # ------------------------------------------------------------------ append
-    def append(self, record: bytes) -> tuple[int, int]:
+    def append(self, record: bytes, ingested: bool = False) -> tuple[int, int]:
         """Append one whole record to the active segment (rolling first if due).
 
         The caller clears ``in_flight`` once its index bookkeeping is done
         too; until then an exception anywhere leaves it for :meth:`settle`.
+        ``ingested``: ``record`` is a run of whole records received from a
+        changelog stream (``_ingest``), never queued for the commit listener.
 
         Returns:
             (segment number, offset) of the record.
@@ -106,7 +111,7 @@ class Appender:
             else:  # look again after another step
                 self.roll_size = min(self.segment_size, active.size + size + self.roll_step)
         offset = active.size
-        self.in_flight = (active, offset, size, self.written_pos)
+        self.in_flight = (active, offset, size, self.written_pos, ingested)
         try:
             self._fs.append(active.fd, record)
         except OSError as exc:
@@ -192,16 +197,17 @@ class Appender:
         updated. The file says which state is true: the record is whole in
         the file (the after state: its bookkeeping is redone from its bytes,
         as recovery would), or it is not there at all, or only part of it is
-        (the before state: the part is cut off). Every step is idempotent,
-        so a second interrupt here leaves ``in_flight`` set and the next call
-        under the lock settles it again.
+        (the before state: the part is cut off). A run of ingested records
+        is settled the same way, as one: all of it or none. Every step is
+        idempotent, so a second interrupt here leaves ``in_flight`` set and
+        the next call under the lock settles it again.
         """
         if self._switch.pending is not None:
             self._switch.finish()
         pending = self.in_flight
         if pending is None:
             return
-        segment, offset, size, pos_before = pending
+        segment, offset, size, pos_before, ingested = pending
         if self._life.failed is not None or segment is not self._segments.active:
             # A failed write (the engine refuses writes; the next open cuts
             # what it left) or a segment already sealed: nothing to redo.
@@ -212,14 +218,18 @@ class Appender:
             if on_disk >= offset + size:
                 record = self._fs.pread(segment.fd, size, offset)
                 frames = list(scan_records(record, 0, ignore_damage))
-                if len(frames) != 1 or frames[0].size != size:
+                # one record written, or a run ingested: whole records, nothing else
+                if not frames or sum(frame.size for frame in frames) != size:
                     raise CorruptionError(
                         segment.path, offset, "interrupted record reads back wrong"
                     )
-                self._keydir.apply_frame(record, frames[0], segment.number, -offset)
+                for frame in frames:
+                    self._keydir.apply_frame(record, frame, segment.number, -offset)
                 segment.size = offset + size
                 self.written_pos = pos_before + size
-                if self.listener is not None and not self._queued(frames[0].seq):
+                if frames[-1].seq > self.seq:  # an ingested run: its seqs are the local ones
+                    self.seq = frames[-1].seq
+                if self.listener is not None and not ingested and not self._queued(frames[0].seq):
                     self.queue(frames[0].seq, self.written_pos, record)
             else:
                 if on_disk > offset:

@@ -1,6 +1,7 @@
 """Argument checks of the public API: keys, sub-storage names, the storage directory.
 
-Owns: what a valid key, sub-storage name and storage directory argument is,
+Owns: what a valid key, sub-storage name, storage directory and ``restore``
+argument is,
 the exact ``str`` a ``str`` subclass becomes, and the TypeError or ValueError
 that says what is wrong with an argument.
 Must never: touch the engine, files or stored bytes, or accept what the byte
@@ -16,6 +17,7 @@ import threading
 from typing import Final
 
 from logstate._format import MAX_KEY_SIZE
+from logstate._options import RESTORE_MODES
 
 MAX_TTL: Final = 1e12  # seconds (31,700 years): deadlines stay finite and exact to the microsecond
 
@@ -24,6 +26,7 @@ __all__ = [
     "MAX_SUB_STORAGE_NAME_SIZE",
     "check_key",
     "check_open_arguments",
+    "check_restore",
     "check_sub_storage_name",
     "encode_key",
 ]
@@ -140,6 +143,25 @@ def check_lock_timeout(lock_timeout: object) -> float:
             f"got {lock_timeout!r}"
         )
     return float(lock_timeout)
+
+
+def check_restore(restore: object, changelog: object) -> str | None:
+    """``LocalFileStorage(restore=)``: None, or a restore mode with a changelog to restore from.
+
+    Raises:
+        TypeError: ``restore`` is neither None nor a str.
+        ValueError: not one of ``RESTORE_MODES``, or given without a changelog.
+    """
+    if restore is None:
+        return None
+    accepts = f"None or one of {', '.join(map(repr, RESTORE_MODES))}"
+    if not isinstance(restore, str):
+        raise TypeError(f"restore must be {accepts}, got {restore!r}")
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"restore must be {accepts}, got {restore!r}")
+    if changelog is None:
+        raise ValueError(f"restore={restore!r} needs a changelog to restore from (changelog=)")
+    return restore
 
 
 def check_open_arguments(

@@ -11,12 +11,24 @@ never neither: open deletes inputs that an output already covers
 Must never: touch the active segment or its file descriptor (the active
 segment is sealed first, and a new one takes the writes); delete an input
 before the output is durable under its final name; drop a tombstone unless
-the compaction covers every older segment. Every compaction covers all
-sealed segments, from the oldest, so the deletes, clears and sub-storage
-drops it leaves out can hide nothing older (Bitcask lost deletes by dropping
-tombstones in partial merges: its issues #82 and #148). Must never grow the
-store either: an output that would be larger than its inputs is abandoned,
-and the inputs stay as they are.
+the compaction covers every older segment; rewrite a record a replication
+has not had acknowledged (``hold``). Every compaction covers the segments
+sealed when it starts, from the oldest, so the deletes, clears and
+sub-storage drops it leaves out can hide nothing older (Bitcask lost deletes
+by dropping tombstones in partial merges: its issues #82 and #148). Must
+never grow the store either: an output that would be larger than its inputs
+is abandoned, and the inputs stay as they are.
+
+The replication's hold (``Compactor.hold``, set by ``Changelog.attach``):
+after the seal and the plan, with the write lock released, ``hold(seq)``
+waits (bounded) until the stream acknowledged every record up to the seal's
+``seq``, so every record the plan rewrites; False cancels the compaction
+(nothing changed). The plan stays the one made at the seal: it covers the
+segments sealed then, not those rolled during the wait, and its output is
+the state at the seal (what was written during the wait only stays newer
+where the switch finds it, as for any write during a compaction). A plan
+made after the wait would drop the older value of a key overwritten in the
+wait: a crash losing that unsynced overwrite would lose the key.
 
 Writers are blocked only twice, briefly: while the live locations are listed
 and while the index is switched to the output. A key written during the
@@ -100,6 +112,8 @@ class Compactor:
         self._check_writable = check_writable
         self._now = now  # the storage's clock: values expired by then are dropped
         self.lock = threading.Lock()  # held while a compaction runs
+        # a replication's Replication.hold_compaction (see the module docstring)
+        self.hold: Callable[[int], bool] | None = None
 
     def _prepare(self) -> int:
         """Under the lock: check writable, seal the active segment if it holds
@@ -133,6 +147,15 @@ class Compactor:
                 plan = plan_compaction(self._segments, self._keydir, seq, self._now())
             if plan is None:
                 return CompactionResult()
+            hold = self.hold
+            if hold is not None:
+                # ---- 1b. wait until the stream has every record up to seq
+                # (the plan's inputs hold none after it)
+                if not hold(seq):
+                    log.info("%s: compaction held back: records up to %d not replicated", path, seq)
+                    return CompactionResult()
+                if life.closing or life.closed:  # (closed or fenced meanwhile)
+                    raise life.closed_during("compaction")
             inputs = plan.inputs
             hi = inputs[-1]
             before = sum(s.size for s in plan.segments.values())

@@ -15,7 +15,11 @@ owner of one kind of state (``docs/design.md`` draws them and their flows):
 - ``scheduler`` (``_schedule.CompactionScheduler``) and ``compactor``
   (``_compact.Compactor``): when and how to compact;
 - ``writer`` (``_writer.Writer``) and ``reader`` (``_reader.Reader``): the
-  operations.
+  operations; ``ingest`` (``_ingest.Ingester``): records from a changelog
+  stream;
+- ``replica`` (``_replica.Replica``): the changelog's replication (also
+  ``replication``), attached before the background threads start, closed
+  after the final delivery; ``fence`` (every later call raises FencedError).
 
 Open locks the directory, lets ``_recovery.recover`` rebuild the segments
 and the index, and wires the parts; the handles then call the writer's and
@@ -26,7 +30,8 @@ Locks, in the order they may be taken (never the other way):
 
 1. ``_close_lock``: one ``close()`` at a time.
 2. ``compactor.lock``: one compaction at a time (then ``_lock`` for its
-   short steps: listing the plan, recording and finishing the switch).
+   short steps: listing the plan, recording and finishing the switch; a
+   replication's hold waits between them, holding this lock only).
 3. ``scheduler.gate``: held by the background compactor while it runs
    (writers held back by a backlog wait on it, holding nothing).
 4. ``commit.turn``: the fdatasync turn; its leader takes ``_lock`` briefly
@@ -40,12 +45,16 @@ Locks, in the order they may be taken (never the other way):
    the index and the mappings without it and verify what they read; a doubt
    is settled by reading again under it.
 6. ``appender`` delivery lock: the commit listener's calls (inside the sync
-   turn, never inside ``_lock``).
+   turn, never inside ``_lock``). The one exception to the order: a
+   listener may call ``fence``, which takes ``_lock`` (no thread waits for
+   this lock while holding ``_lock``, so no cycle); a replication never
+   calls into the engine with ``_lock`` held.
 7. ``clock``'s lock: a leaf (``Clock.now`` raises the clock floor under
    it; taken inside ``_lock`` or alone, nothing is taken inside it).
 
 ``commit.synced_pos`` moves only forward, to a position an fdatasync (or a
-roll's) covered; ``life.closed`` and ``life.released`` are set by the close.
+roll's) covered; ``life.closed`` and ``life.released`` are set by the close
+(``closed`` by a fence too).
 
 Must never: encode or decode bytes, or call the file system beyond locking
 and unlocking the directory and closing what a forked child inherited.
@@ -64,11 +73,14 @@ from logstate._compact import CompactionResult, Compactor
 from logstate._filenames import LOCK_FILE_NAME
 from logstate._format import FORMAT_VERSION
 from logstate._fs import OS_FS, FileSystem
+from logstate._hooks import Replication
+from logstate._ingest import Ingester
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
 from logstate._options import EngineOptions
-from logstate._reader import Reader
+from logstate._reader import Reader, StorageStats
 from logstate._recovery import recover, save_snapshot
+from logstate._replica import Replica
 from logstate._report import RecoveryReport
 from logstate._schedule import CompactionScheduler
 from logstate._segments import SegmentSet
@@ -124,6 +136,7 @@ class Engine:
         self.report = RecoveryReport()
         self.segments = SegmentSet(fs, path, options.read_only)  # (until recovery's)
         self.syncer = None
+        self.replica = Replica(path, self.life, self._lock)
         try:
             self._open()
             if register is not None:
@@ -200,6 +213,11 @@ class Engine:
         self.now = clock.now
         self.child_namespaces = reader.child_namespaces
         self.checkpoint = reader.checkpoint
+        self.ingest = Ingester(
+            lock, keydir, appender, commit.commit, writer.check_writable, options.segment_size
+        ).ingest
+        self.replica.appender = appender
+        self.fence = self.replica.fence
         if options.read_only:
             return
         if recovered.active_version < FORMAT_VERSION:
@@ -207,6 +225,8 @@ class Engine:
             # what that version cannot read) go to a segment of this version
             with lock:
                 appender.roll()
+        if options.changelog is not None:  # (may ingest, listen, hold compactions)
+            self.replica.attach(options.changelog, self)
         # Background threads are started here, never on a write path: a
         # Thread.start() interrupted half-way can leave the new thread stuck.
         if options.sync == "interval":
@@ -239,6 +259,7 @@ class Engine:
             # lock_dir took the lock, and the exception came before its
             # descriptor was stored: release it all the same
             self._lock_fd = self.fs.held_lock(self.path)
+        self.replica.end(abandon=True)  # (the open failed after attach)
         self._release_resources()
 
     # ------------------------------------------------------------------ operations
@@ -250,30 +271,23 @@ class Engine:
             self.commit.listener = self.appender.deliver  # (first: does nothing without one)
             self.appender.add_listener(listener)
 
+    @property
+    def replication(self) -> Replication | None:
+        """The changelog's replication of this engine (``Changelog.attach``), or None."""
+        return self.replica.replication
+
     def compact(self) -> CompactionResult:
         """Compact every sealed segment now (see ``_compact``); returns what it did."""
         self.life.check_not_forked()
         return self.compactor.compact()
 
-    def stats(self) -> dict[str, int]:
-        """Sizes in bytes: total on disk, live (pointed to by the index), dead; counts."""
-        self.life.check_not_forked()
-        with self._lock:
-            keydir = self.keydir
-            total = self.segments.total_size()
-            # expired keys are dead: still indexed until compaction drops them
-            now_s = self.clock.now() if keydir.expiring else 0.0
-            expired = sum(len(keydir.expired_keys(ns, now_s)) for ns in keydir.expiring)
-            live = keydir.live_bytes - (keydir.expired_bytes(now_s) if expired else 0)
-            return {
-                "segments": len(self.segments.segments),
-                "total_bytes": total,
-                "live_bytes": live,
-                "dead_bytes": total - live,
-                "keys": keydir.key_count() - expired,
-                "expiring_keys": sum(map(len, keydir.expiring.values())) - expired,
-                "sub_storages": len(keydir.namespaces) - 1,
-            }
+    def stats(self) -> StorageStats:
+        """Sizes in bytes: total on disk, live (pointed to by the index), dead; counts;
+        the replication's figures when there is one (``Replica.with_stats``)."""
+        life = self.life
+        if life.forked_from is not None or life.fenced is not None:
+            raise life.closed_error()
+        return self.replica.with_stats(self.reader.sizes())
 
     def wait_for_background_compaction(self) -> None:
         """Return once no background compaction is requested or running (for tests, tools)."""
@@ -307,10 +321,15 @@ class Engine:
         attempted) and the directory lock released before close returns or
         raises: the same process can open the directory again at once.
 
+        With a replication: ``replication.close()`` after the final sync and
+        the last delivery to the commit listener, before the release.
+
         Raises:
             OSError: the final sync failed, or else the first ``close(2)`` that
                 failed (EIO on NFS or FUSE: what the file system reports at
                 close); a later failure is logged.
+            Exception: what ``replication.close()`` raised, once all is released
+                (logged; a failed sync or close(2) is raised instead).
         """
         life = self.life
         with self._close_lock:  # a C lock: released whatever interrupts the close
@@ -326,14 +345,18 @@ class Engine:
                 # the final sync failed: release everything all the same, and
                 # raise that error (a close(2) failing too is logged)
                 try:
+                    self.replica.end(abandon=False)
                     with self.commit.turn, self._lock:
                         self._release_resources()
                 except OSError as exc:
                     log.error("%s: closing after %r: %r", self.path, failure, exc)
                 raise
             # (an interrupt above leaves the rest to the close that resumes this one)
+            replication_error = self.replica.end(abandon=False)
             with self.commit.turn, self._lock:  # no commit is between its read and its sync
                 self._release_resources()  # raises the first close(2) that failed
+            if replication_error is not None:
+                raise replication_error
 
     def abandon(self) -> None:
         """Leave the files as a killed process would (tests, crash tools).
@@ -346,6 +369,7 @@ class Engine:
         with self._lock:
             self.life.begin_close()
         self._stop_background(settle=False)  # a killed process repairs nothing
+        self.replica.end(abandon=True)  # (its error is logged)
         with self.commit.turn, self._lock:
             self._release_resources()
 
@@ -430,6 +454,7 @@ class Engine:
         self._close_lock = threading.Lock()
         self._lock_fd = None
         self.syncer = None
+        self.replica.after_fork(lock)
         if not hasattr(self, "writer"):
             return  # forked while it was opening: nothing else was made
         self.appender.in_flight = None

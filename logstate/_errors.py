@@ -1,7 +1,8 @@
 """The exceptions logstate raises.
 
 Owns: every exception type of the library, each carrying the fields a caller
-needs to act on it (path, offset, reason, pid) and not only a message.
+needs to act on it (path, offset, reason, pid; stream, partition, seq for
+replication) and not only a message.
 Must never: import any other logstate module (every layer imports this one).
 
 ``OSError`` raised by the operating system is never caught and renamed here:
@@ -16,6 +17,7 @@ import errno
 
 __all__ = [
     "CorruptionError",
+    "FencedError",
     "KeyNotFoundError",
     "LogstateError",
     "OptionConflictError",
@@ -210,13 +212,13 @@ class KeyNotFoundError(LogstateError, KeyError):
 
 
 class ReplicationError(LogstateError):
-    """Shipping records to, or reading them from, the replication stream failed.
+    """Replicating a storage to (or restoring it from) its changelog stream failed.
 
     Attributes:
-        stream: the JetStream stream name.
-        partition: the store's partition in that stream ("" when not known).
+        stream: the stream's name.
+        partition: the partition (the store's name in the stream).
         reason: what went wrong, in words.
-        seq: the logstate record seq concerned, or None.
+        seq: the record sequence number concerned, or None.
     """
 
     def __init__(self, stream: str, partition: str, reason: str, seq: int | None = None) -> None:
@@ -224,12 +226,66 @@ class ReplicationError(LogstateError):
         self.partition = partition
         self.reason = reason
         self.seq = seq
-        message = f"replication of {partition!r} on stream {stream!r}: {reason}"
-        if seq is not None:
-            message += f" (seq {seq})"
-        super().__init__(message)
+        at = f" (seq {seq})" if seq is not None else ""
+        super().__init__(f"replication of {partition!r} on stream {stream!r}: {reason}{at}")
 
     def __reduce__(
         self,
     ) -> tuple[type[ReplicationError], tuple[str, str, str, int | None]]:
         return (type(self), (self.stream, self.partition, self.reason, self.seq))
+
+
+class FencedError(LogstateError):
+    """Another writer took over this storage's partition of the stream: this one is fenced.
+
+    Once fenced, every call on every handle of the storage raises a new
+    FencedError with the same fields (reads too: this copy of the state is no
+    longer the partition's); only ``close()`` works. Records committed here
+    but never accepted by the stream are not in the partition's history
+    (``kept_aside`` names them). Close every
+    handle, then open the directory again with ``restore="rebase"`` to
+    continue from the stream.
+
+    Attributes:
+        path: the storage directory.
+        stream: the stream's name.
+        partition: the partition.
+        by_writer: the id of the writer that took over.
+        kept_aside: (first, last) local seq of the records committed here but
+            not in the stream, or None when there are none.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        stream: str,
+        partition: str,
+        by_writer: str,
+        kept_aside: tuple[int, int] | None = None,
+    ) -> None:
+        self.path = path
+        self.stream = stream
+        self.partition = partition
+        self.by_writer = by_writer
+        self.kept_aside = kept_aside
+        if kept_aside is None:
+            aside = "every record committed here is in the stream"
+        else:
+            first, last = kept_aside
+            aside = (
+                f"kept aside: records seq {first}..{last}, committed here but never "
+                "accepted by the stream"
+            )
+        super().__init__(
+            f"storage {path} is fenced: writer {by_writer} took over partition "
+            f"{partition!r} on stream {stream!r}; every call on this storage is refused; "
+            f'{aside}; close every handle and reopen it with restore="rebase"'
+        )
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[FencedError], tuple[str, str, str, str, tuple[int, int] | None]]:
+        return (
+            type(self),
+            (self.path, self.stream, self.partition, self.by_writer, self.kept_aside),
+        )

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from logstate._checks import check_ttl
 from logstate._engine import Engine
-from logstate._errors import StorageClosedError, StorageFailedError
+from logstate._errors import LogstateError, StorageClosedError, StorageFailedError
 from logstate._format import encode_name
 from logstate._registry import Reference, add_reference
 from logstate._values import expiring_value
@@ -73,9 +73,11 @@ class Handle:
         handle._attach(reference, ns, allow_pickle)
         return handle
 
-    def _closed_error(self) -> StorageClosedError:
-        if self._engine.life.forked_from is not None:  # an inherited handle in a forked child
-            return self._engine.life.closed_error()
+    def _closed_error(self) -> LogstateError:
+        life = self._engine.life
+        # an inherited handle in a forked child, or any handle of a fenced engine
+        if life.forked_from is not None or life.fenced is not None:
+            return life.closed_error()
         return StorageClosedError(f"storage handle on {self.path} is closed")
 
     # ------------------------------------------------------------------ properties

@@ -1,9 +1,10 @@
-"""Whether an engine may still be used: open, closing, closed, failed, forked.
+"""Whether an engine may still be used: open, closing, closed, failed, fenced, forked.
 
 Owns: the lifecycle flags of one engine and the one wording of each error a
 call on an unusable engine raises (closed, read-only, refused after an I/O
-error, a commit refused, a forked child). ``blocked`` sums up the flags for
-the write path's one test.
+error, a commit refused, fenced by another writer, a forked child).
+``blocked`` sums up the flags for the write path's one test; ``closed`` is
+the read path's one test (set by the close, and by a fence: see ``fail``).
 Must never: clear ``failed`` (an engine that failed a write or sync stays
 failed until it is closed and opened again), take a lock, or do I/O.
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 import os
 
 from logstate._errors import (
+    FencedError,
+    LogstateError,
     ReadOnlyStorageError,
     StorageClosedError,
     StorageFailedError,
@@ -33,6 +36,7 @@ class Lifecycle:
         "closed",
         "closing",
         "failed",
+        "fenced",
         "final_synced",
         "forked_from",
         "path",
@@ -48,14 +52,24 @@ class Lifecycle:
         self.released = False  # every resource released: close() is done
         self.final_synced = False  # close() made everything durable
         self.failed: BaseException | None = None  # a write or sync failed: writes refused
+        self.fenced: FencedError | None = None  # another writer took over: every call refused
         # in a child forked from the process that opened the engine: that
         # process's pid; every call raises StorageForkedError
         self.forked_from: int | None = None
         self.blocked = read_only  # any reason a write must take the slow check
 
     def fail(self, exc: BaseException) -> None:
-        """Refuse every later write: ``exc`` (a failed write or sync) is why."""
+        """Refuse every later write: ``exc`` (a failed write or sync) is why.
+
+        A :class:`FencedError` (``Engine.fence``) refuses reads too: it marks
+        the engine closed, the one flag the read path tests, and every later
+        call raises a new FencedError with its fields (``closed_error``).
+        The files stay open until the engine's close releases them.
+        """
         self.blocked = True  # first: an interrupt between the two leaves writes refused
+        if isinstance(exc, FencedError):
+            self.fenced = exc  # (before closed: a reader that sees closed finds it)
+            self.closed = True
         self.failed = exc
 
     def begin_close(self) -> None:
@@ -72,10 +86,16 @@ class Lifecycle:
         self.forked_from = owner_pid
         self.closed = self.released = True
 
-    def closed_error(self) -> StorageClosedError:
-        """The error for a call on this closed engine (StorageForkedError in a forked child)."""
+    def closed_error(self) -> LogstateError:
+        """The error for a call on this closed engine (StorageForkedError in a forked
+        child; a new FencedError with the fence's fields on a fenced engine)."""
         if self.forked_from is not None:
             return StorageForkedError(self.path, self.forked_from, os.getpid())
+        fenced = self.fenced
+        if fenced is not None:
+            return FencedError(
+                fenced.path, fenced.stream, fenced.partition, fenced.by_writer, fenced.kept_aside
+            )
         return StorageClosedError(f"storage {self.path} is closed")
 
     def check_open(self) -> None:
@@ -102,16 +122,18 @@ class Lifecycle:
             ) from self.failed
 
     def refuse_commit(self) -> None:
-        """Raise why a commit cannot sync: an earlier I/O error, or a closed engine."""
-        if self.failed is not None:
+        """Raise why a commit cannot sync: an earlier I/O error, or a closed (or fenced) engine."""
+        if self.failed is not None and self.fenced is None:
             raise StorageFailedError(
                 f"storage {self.path}: the write was not made durable: an earlier "
                 f"write or sync failed ({self.failed!r}); close every handle and reopen it"
             ) from self.failed
         raise self.closed_error()
 
-    def closed_during(self, what: str) -> StorageClosedError:
-        """The error of a long call (a compaction) that found the engine closing."""
+    def closed_during(self, what: str) -> LogstateError:
+        """The error of a long call (a compaction) that found the engine closing (or fenced)."""
+        if self.fenced is not None:
+            return self.closed_error()
         return StorageClosedError(f"storage {self.path} closed during {what}")
 
     def _check(self) -> None:

@@ -1,8 +1,8 @@
 """The options of a storage directory: names, defaults, accepted values.
 
 Owns: ``EngineOptions`` (every option a directory is opened with, shared by
-its handles), their defaults, the sync and recovery mode names, the segment
-size bounds, and ``validate_options``: one rule for every option, a wrong
+its handles), their defaults, the sync, recovery and restore mode names,
+the segment size bounds, and ``validate_options``: one rule for every option, a wrong
 type raises TypeError and a value out of range ValueError, each naming the
 option and what it accepts.
 Must never: read a file or the environment.
@@ -21,6 +21,7 @@ __all__ = [
     "MAX_SYNC_INTERVAL",
     "MIN_SEGMENT_SIZE",
     "RECOVERY_MODES",
+    "RESTORE_MODES",
     "SYNC_MODES",
     "EngineOptions",
     "validate_options",
@@ -28,6 +29,7 @@ __all__ = [
 
 SYNC_MODES: Final = ("none", "interval", "always")
 RECOVERY_MODES: Final = ("strict", "prefix", "salvage")
+RESTORE_MODES: Final = ("if-missing", "if-behind", "rebase")  # LocalFileStorage(restore=)
 MIN_SEGMENT_SIZE: Final = 4096
 MAX_SEGMENT_SIZE: Final = 1 << 31
 MAX_SYNC_INTERVAL: Final = TIMEOUT_MAX  # seconds: the longest wait the interval syncer can make
@@ -49,6 +51,9 @@ class EngineOptions(NamedTuple):
     use_snapshot: bool = True  # load the index snapshot written at close, if it checks out
     copy_torn_tails: bool = True  # False: a torn tail is cut without a copy aside (full disk)
     clock: Callable[[], float] = time.time  # seconds since the epoch: expiry times (ttl=)
+    # a logstate._hooks.Changelog, attached to the engine at open (typed Any:
+    # _hooks and _options are independent modules of the bottom layer)
+    changelog: Any = None
 
 
 DEFAULT_OPTIONS: Final = EngineOptions()
@@ -117,6 +122,21 @@ def validate_options(given: dict[str, object]) -> EngineOptions:
         raise TypeError(
             f"clock must be a callable returning seconds since the epoch, got {opts.clock!r}"
         )
+    changelog = opts.changelog
+    if changelog is not None:
+        if isinstance(changelog, type) or not all(
+            callable(getattr(changelog, name, None)) for name in ("attach", "restore_before_open")
+        ):
+            raise TypeError(
+                "changelog must be None or a changelog (with attach() and "
+                f"restore_before_open(), as logstate.replication.JetStreamChangelog), "
+                f"got {changelog!r}"
+            )
+        if opts.read_only:
+            raise ValueError(
+                "changelog must be None with read_only=True (a read-only open writes "
+                f"nothing to replicate), got {changelog!r}"
+            )
     return opts._replace(
         sync_interval=float(opts.sync_interval), compact_ratio=float(opts.compact_ratio)
     )

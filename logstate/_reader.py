@@ -4,8 +4,8 @@ Owns: ``get`` (the hot path: no lock, one read from a mapping, one CRC, one
 prefix comparison that proves the record is this key's), the settled read
 under the write lock that arbitrates any doubt (a compaction switched
 segments under an unlocked read, a mapping retired, damage to report with
-its place), bulk loads of a namespace, key listings, the checkpoint, and
-decompressing a group.
+its place), bulk loads of a namespace, key listings, the checkpoint, the
+sizes ``stats()`` reports (``StorageStats``), and decompressing a group.
 Must never: write, take the lock on the hot path, or return bytes whose CRC
 and key were not checked.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from typing import TypedDict
 
 from logstate import _format as fmt
 from logstate._append import Appender
@@ -40,7 +41,7 @@ from logstate._location import (
 from logstate._segments import SegmentSet
 from logstate._switch import PendingSwitch
 
-__all__ = ["Reader", "decompress_group"]
+__all__ = ["Reader", "StorageSizes", "StorageStats", "decompress_group"]
 
 # the hot paths write the location shifts as literals (74, 34, 2)
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
@@ -49,6 +50,25 @@ _set_record_value = fmt.set_record_value
 _set_group_op_value = fmt.set_group_op_value
 _crc_bytes = crc_bytes
 _unpack_frame_header = fmt.FRAME_HEADER.unpack_from
+
+
+class StorageSizes(TypedDict):
+    """Sizes in bytes and counts of a whole directory (``Reader.sizes``)."""
+
+    segments: int
+    total_bytes: int
+    live_bytes: int
+    dead_bytes: int
+    keys: int
+    expiring_keys: int
+    sub_storages: int
+
+
+class StorageStats(StorageSizes, total=False):
+    """What ``stats()`` returns: :class:`StorageSizes` (an ``int`` each) and, with a
+    changelog, ``replication``: the replication's own figures (``Replication.stats``)."""
+
+    replication: dict[str, object]
 
 
 def decompress_group(path: str, record_offset: int, record: bytes) -> bytes | memoryview:
@@ -361,6 +381,25 @@ class Reader:
                 expired = self._keydir.expired_keys(ns, self.now())
                 return high - low - sum(1 for key in expired if first <= key <= last)
             return high - low
+
+    def sizes(self) -> StorageStats:
+        """Sizes in bytes: total on disk, live (pointed to by the index), dead; counts."""
+        with self._lock:
+            keydir = self._keydir
+            total = self._segments.total_size()
+            # expired keys are dead: still indexed until compaction drops them
+            now_s = self.now() if keydir.expiring else 0.0
+            expired = sum(len(keydir.expired_keys(ns, now_s)) for ns in keydir.expiring)
+            live = keydir.live_bytes - (keydir.expired_bytes(now_s) if expired else 0)
+            return {
+                "segments": len(self._segments.segments),
+                "total_bytes": total,
+                "live_bytes": live,
+                "dead_bytes": total - live,
+                "keys": keydir.key_count() - expired,
+                "expiring_keys": sum(map(len, keydir.expiring.values())) - expired,
+                "sub_storages": len(keydir.namespaces) - 1,
+            }
 
     def _namespace_for_read(self, ns: str) -> dict[str, Location]:
         if self._life.closed:

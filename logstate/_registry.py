@@ -3,8 +3,9 @@
 Owns: the registry of open engines (keyed by canonical path, a read-only
 open apart), the reference count of each (one per handle, released once),
 waiting for an engine whose last handle is closing it, retrying a read-only
-open that a live writer's compaction raced, and forgetting the parent's
-engines in a forked child.
+open that a live writer's compaction raced, a changelog's restore before a
+directory is opened (never while this process has it open), and
+forgetting the parent's engines in a forked child.
 Must never: open a file itself (``Engine`` does), or close an engine that a
 handle still references.
 """
@@ -45,6 +46,7 @@ def acquire_reference(
     create: bool,
     fs: FileSystem = OS_FS,
     lock_timeout_s: float = 0.0,
+    restore: str | None = None,
 ) -> Reference:
     """A new reference on the engine for directory ``path``, opened if needed.
 
@@ -57,6 +59,10 @@ def acquire_reference(
             directory's lock (a partition handed over in a rebalance): the
             open is retried, 10 ms apart at first and at most 200 ms apart,
             without holding the registry's lock meanwhile. 0: fail at once.
+        restore: a restore mode (checked by ``_checks.check_restore``): the
+            changelog option's ``restore_before_open(path, restore)`` runs
+            first, under the registry's lock, unless the directory is open
+            in this process (its engine is then shared as it is).
 
     Raises:
         OptionConflictError: the directory is already open with other values
@@ -64,15 +70,17 @@ def acquire_reference(
         FileNotFoundError: missing directory and ``create`` is False.
         StorageLockedError: from opening; after ``lock_timeout_s``, naming the
             holder's pid and the time waited.
-        CorruptionError, OSError: from opening.
+        FencedError: the directory is open in this process by a fenced engine
+            (close every handle of it first).
+        CorruptionError, OSError: from opening; others from the restore.
     """
     if lock_timeout_s <= 0:
-        return _acquire(path, given, create, fs)
+        return _acquire(path, given, create, fs, restore)
     started = time.monotonic()
     pause_s = 0.01
     while True:
         try:
-            return _acquire(path, given, create, fs)
+            return _acquire(path, given, create, fs, restore)
         except StorageLockedError as exc:
             waited_s = time.monotonic() - started
             if waited_s >= lock_timeout_s:
@@ -81,9 +89,13 @@ def acquire_reference(
             pause_s = min(pause_s * 2, 0.2)
 
 
-def _acquire(path: str, given: dict[str, object], create: bool, fs: FileSystem) -> Reference:
+def _acquire(
+    path: str, given: dict[str, object], create: bool, fs: FileSystem, restore: str | None
+) -> Reference:
     """:func:`acquire_reference`, one attempt."""
     options = validate_options(given)
+    if restore is not None:
+        _restore_unless_open(path, options, restore, fs)
     if not fs.is_dir(path):
         if fs.exists(path):
             raise NotADirectoryError(f"storage path {path} exists and is not a directory")
@@ -113,6 +125,28 @@ def _acquire(path: str, given: dict[str, object], create: bool, fs: FileSystem) 
             log.warning("%s: closing the previous engine failed: %r", engine.path, exc)
 
 
+def _restore_unless_open(path: str, options: EngineOptions, restore: str, fs: FileSystem) -> None:
+    """The changelog's restore of ``path`` (passed canonical: absolute, symlinks
+    resolved) before it is opened, unless this process has it open (shared as it
+    is then; a fenced one raises). Waits for a closing one."""
+    key = fs.canonical_path(path)
+    while True:
+        with _registry_lock:
+            engine = _registry.get(key)
+            if engine is None or engine.life.released:
+                # under the lock: no open of the directory in this process meanwhile
+                options.changelog.restore_before_open(key, restore)
+                return
+            if engine.refs > 0:
+                if engine.life.fenced is not None:
+                    raise engine.life.closed_error()
+                return
+        try:
+            engine.close()  # its last handle is closing it: wait for that (as _acquire)
+        except OSError as exc:  # the closing handle's error, raised there too
+            log.warning("%s: closing the previous engine failed: %r", engine.path, exc)
+
+
 def acquire_engine(
     path: str,
     given: dict[str, object],
@@ -135,6 +169,8 @@ def _share_or_open(
 ) -> Reference:
     """Under ``_registry_lock``: one more reference on ``engine``, or a new engine."""
     if engine is not None and not engine.life.released:
+        if engine.life.fenced is not None:  # every call on it is refused: so is a new handle
+            raise engine.life.closed_error()
         conflicts = [
             f"{name}={value!r} (open with {getattr(engine.options, name)!r})"
             for name, value in given.items()

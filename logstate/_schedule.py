@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from logstate._errors import StorageClosedError, StorageFailedError
+from logstate._errors import FencedError, StorageClosedError, StorageFailedError
 from logstate._lifecycle import Lifecycle
 from logstate._options import EngineOptions
 from logstate._worker import Worker
@@ -59,13 +59,15 @@ class CompactionScheduler:
         self.enabled = options.auto_compact
         self.compacting = False  # a background compaction is requested or running
         self.backlog = False  # writers wait: a running compaction is a segment behind
-        self._wake = threading.Lock()  # held while no compaction is requested
+        # held while no compaction is requested: from here, so that a roll
+        # before start() (at open: a v1 store's, an ingest's) may request one
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self.gate = threading.Lock()  # held while a background compaction runs
         self.worker: Worker | None = Worker(self._loop, name) if self.enabled else None
 
     def start(self) -> None:
         if self.worker is not None:
-            self._wake.acquire()  # released by a roll that requests a compaction
             self.worker.start()
 
     def due(self, total_size: int, live_size: int, early: bool = False) -> bool:
@@ -136,8 +138,8 @@ class CompactionScheduler:
             try:
                 with self.gate:
                     self._run()
-            except (StorageClosedError, StorageFailedError):
-                pass  # closing, or an earlier failure already reported to writers
+            except (StorageClosedError, StorageFailedError, FencedError):
+                pass  # closing, fenced, or an earlier failure already reported to writers
             except Exception:
                 log.exception("%s: background compaction failed", self._life.path)
             finally:

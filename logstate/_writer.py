@@ -232,7 +232,7 @@ class Writer:
                 except BaseException:
                     # interrupted: no store before this one, so that no call
                     # can be interrupted again before _in_flight is set
-                    ap.in_flight = (active, offset, size, pos_before)
+                    ap.in_flight = (active, offset, size, pos_before, False)
                     ap.settle()
                     raise
         # self._after_write(end_pos), inlined: the hot path

@@ -2,7 +2,8 @@
 
 Owns: the in-memory dict, the record of what changed since the last flush
 (keys set, keys deleted), the watch on mutable values handed out,
-and turning a flush into ONE group record on the backing storage.
+and turning a flush into ONE group record on the backing storage (whose
+replication methods it hands on).
 Must never: write anything outside :meth:`InMemoryStorage.flush`, or write a
 flush in more than one record (a crash must leave all of it or none).
 
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from logstate._checks import check_key, check_ttl, encode_key
+from logstate._hooks import ReplicationLag
 from logstate._values import (
     TAG_EXPIRES,
     decode_value,
@@ -394,6 +396,48 @@ class InMemoryStorage(MutableMapping[str, Any]):
             self._pending_expiring = False
             watched.update(rewritten)
             return written
+
+    # ------------------------------------------------------------------ replication
+    def _replicated(self) -> LocalFileStorage:
+        if self._backing is None:
+            raise ValueError("storage InMemoryStorage without a backing storage has no changelog")
+        return self._backing
+
+    def replication_lag(self) -> ReplicationLag:
+        """The backing storage's :meth:`~LocalFileStorage.replication_lag` (what was
+        flushed and not acknowledged by the stream yet; pending changes are not in it).
+
+        Raises:
+            ValueError: no backing storage, or it has no changelog.
+            StorageClosedError / FencedError: as the backing storage's.
+        """
+        return self._replicated().replication_lag()
+
+    def wait_replicated(self, timeout: float | None = None) -> bool:
+        """The backing storage's :meth:`~LocalFileStorage.wait_replicated`: wait until
+        every flush so far is acknowledged by the stream (at most ``timeout`` s).
+
+        Returns:
+            True when the lag is zero, False when ``timeout`` passed first.
+
+        Raises:
+            ValueError: no backing storage, or it has no changelog.
+            StorageClosedError / FencedError: as the backing storage's.
+        """
+        return self._replicated().wait_replicated(timeout)
+
+    def replication_snapshot(self) -> dict[str, object]:
+        """The backing storage's :meth:`~LocalFileStorage.replication_snapshot`
+        (of what was flushed).
+
+        Returns:
+            What was stored, as the changelog describes it.
+
+        Raises:
+            ValueError: no backing storage, or it has no changelog.
+            StorageClosedError / FencedError / ReplicationError: as the backing storage's.
+        """
+        return self._replicated().replication_snapshot()
 
 
 def _new_locks_in_child() -> None:

@@ -5,8 +5,8 @@ Owns: the public methods of a handle and their legacy-compatible names
 each turned into one engine call after its arguments are checked and its
 value encoded; :func:`is_storage_directory`. Argument checks are in
 ``_checks``, a handle's lifetime and the seam for ``Batch`` and
-``InMemoryStorage`` in ``_handle``, ``Batch`` in ``_batch``: all importable
-from here as before.
+``InMemoryStorage`` in ``_handle``, ``Batch`` in ``_batch``, the replication
+methods in ``_replicated``: all importable from here as before.
 Must never: touch files or bytes directly (the engine, the file system and
 the byte layer do), or let a bad argument reach the engine: every check
 happens before the first byte is written, so a rejected call changes nothing.
@@ -25,6 +25,7 @@ from logstate._checks import (
     check_key,
     check_lock_timeout,
     check_open_arguments,
+    check_restore,
 )
 from logstate._checks import check_sub_storage_name as check_sub_storage_name
 from logstate._checks import encode_key as encode_key
@@ -33,8 +34,11 @@ from logstate._errors import CorruptionError, KeyNotFoundError
 from logstate._filenames import parse_segment_file_name
 from logstate._format import MAX_KEY_SIZE, MAX_NAME_SIZE
 from logstate._fs import OS_FS
+from logstate._hooks import Changelog
 from logstate._keydir import join_namespace
+from logstate._reader import StorageStats
 from logstate._registry import acquire_reference
+from logstate._replicated import ReplicationMethods
 from logstate._report import RecoveryReport
 from logstate._values import (
     BYTES_PREFIX,
@@ -66,7 +70,7 @@ def is_storage_directory(path: str | os.PathLike[str]) -> bool:
     )
 
 
-class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
+class LocalFileStorage(OrderedViews, ReplicationMethods, MutableMapping[str, Any]):
     """A durable key-value storage in a local directory.
 
     Keys are non-empty ``str`` (case-sensitive); values are None, bool, int,
@@ -82,7 +86,9 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
     ``close()``, ``closed``, ``path``, ``name`` and the ``with`` protocol are
     those of the base class, :class:`logstate._handle.Handle`; the ordered
     ``keys()``, ``items()`` and ``values()`` those of
-    :class:`logstate._views.OrderedViews`.
+    :class:`logstate._views.OrderedViews`; ``replication_lag()``,
+    ``wait_replicated()`` and ``replication_snapshot()`` those of
+    :class:`logstate._replicated.ReplicationMethods`.
 
     Args:
         storage_directory: the directory; None means ``./state``.
@@ -129,14 +135,25 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
         lock_timeout: seconds to wait for another process to release the
             directory (a partition handed over during a rebalance) before
             raising StorageLockedError; default 0: raise at once.
+        changelog: replicate every committed record to this changelog (a
+            ``logstate.replication.JetStreamChangelog``); attached once per
+            directory open in the process. Default None: not replicated.
+        restore: with a changelog, restore the directory from it before it
+            is opened: "if-missing", "if-behind" or "rebase" (after a
+            FencedError); default None. Skipped when the directory is open in
+            this process already (that engine is shared as it is).
 
     Raises:
         TypeError / ValueError: a bad argument (nothing is opened).
         FileNotFoundError: missing directory and ``auto_create_dir`` is False.
         StorageLockedError: another process has the directory open (still,
             after ``lock_timeout``).
-        OptionConflictError: open in this process with other explicit options.
+        OptionConflictError: open in this process with other explicit options
+            (another changelog included).
+        FencedError: open in this process by an engine another writer fenced.
         CorruptionError: damage that ``recovery`` does not allow to repair.
+        ReplicationError and others: from the changelog's restore or attach
+            (nothing is left open).
     """
 
     def __init__(
@@ -159,9 +176,12 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
         allow_pickle: bool = True,
         lock_timeout: float | None = None,
         clock: Callable[[], float] | None = None,
+        changelog: Changelog | None = None,
+        restore: str | None = None,
     ) -> None:
         path = check_open_arguments(storage_directory, auto_create_dir, allow_pickle)
         lock_timeout_s = check_lock_timeout(lock_timeout)
+        restore = check_restore(restore, changelog)
         given: dict[str, object] = {
             name: value
             for name, value in (
@@ -177,13 +197,14 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
                 ("use_snapshot", use_snapshot),
                 ("copy_torn_tails", copy_torn_tails),
                 ("clock", clock),
+                ("changelog", changelog),
             )
             if value is not None
         }
         if compress_min_size is not _MISSING:
             given["compress_min_size"] = compress_min_size
         reference = acquire_reference(
-            path, given, create=auto_create_dir, lock_timeout_s=lock_timeout_s
+            path, given, create=auto_create_dir, lock_timeout_s=lock_timeout_s, restore=restore
         )
         self._attach(reference, "", allow_pickle)
 
@@ -362,7 +383,7 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
         cleanly, and not at all when it raises. Reads inside the block see the
         storage as it was before the batch.
         """
-        if self._closed:
+        if self.closed:  # the handle, or its engine (fenced, or in a forked child)
             raise self._closed_error()
         return Batch(self)
 
@@ -422,9 +443,15 @@ class LocalFileStorage(OrderedViews, MutableMapping[str, Any]):
             raise self._closed_error()
         return self._engine.compact()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> StorageStats:
         """Sizes (bytes) and counts of the whole directory: segments, total,
-        live and dead bytes, keys (all sub-storages), sub-storages."""
+        live and dead bytes, keys (all sub-storages), sub-storages; with a
+        changelog, ``"replication"``: the replication's figures (a dict).
+
+        Returns:
+            A dict (``StorageStats``): an int for each size and count, and
+            ``"replication"`` only when the storage has a changelog.
+        """
         if self._closed:
             raise self._closed_error()
         return self._engine.stats()

@@ -24,6 +24,21 @@ from logstate._options import (
 BOOL_OPTIONS = ("auto_compact", "read_only", "use_snapshot", "copy_torn_tails")
 
 
+class ChangelogShape:
+    """Has what validate_options asks of a changelog (attach, restore_before_open)."""
+
+    def attach(self, engine: object) -> object:
+        raise AssertionError("validate_options must not attach")
+
+    def restore_before_open(self, path: str, mode: str) -> None:
+        raise AssertionError("validate_options must not restore")
+
+
+class AttachOnly:
+    def attach(self, engine: object) -> object:
+        raise AssertionError("never called")
+
+
 def names_option(name: str) -> str:
     """A regex for a message that starts with the option's name (not a longer one's)."""
     return rf"^{re.escape(name)} must "
@@ -70,6 +85,7 @@ ACCEPTED: list[tuple[str, object]] = [
     ("compact_min_size", 0),
     ("compact_min_size", 10**12),
     *[(name, value) for name in BOOL_OPTIONS for value in (True, False)],
+    ("changelog", ChangelogShape()),
 ]
 
 
@@ -128,6 +144,9 @@ WRONG_TYPE: list[tuple[str, object]] = [
     ("compact_min_size", None),
     ("compact_min_size", True),
     *[(name, value) for name in BOOL_OPTIONS for value in (1, 0, "yes", None)],
+    ("changelog", "nats://localhost:4222"),  # a URL, not a changelog
+    ("changelog", AttachOnly()),
+    ("changelog", ChangelogShape),  # the class, whose methods are not bound
 ]
 
 
@@ -180,8 +199,16 @@ def test_a_value_out_of_range_raises_value_error_naming_the_option(
 
 
 def test_every_option_with_a_range_has_an_out_of_range_case() -> None:
-    ranged = set(EngineOptions._fields) - set(BOOL_OPTIONS) - {"clock"}  # any callable
+    # clock: any callable; changelog: any changelog (but not with read_only, below)
+    ranged = set(EngineOptions._fields) - set(BOOL_OPTIONS) - {"clock", "changelog"}
     assert {name for name, _value in OUT_OF_RANGE} == ranged
+
+
+def test_a_changelog_with_read_only_raises_value_error_naming_the_changelog() -> None:
+    with pytest.raises(ValueError, match=names_option("changelog")) as info:
+        validate_options({"changelog": ChangelogShape(), "read_only": True})
+    assert not isinstance(info.value, TypeError)
+    assert validate_options({"changelog": None, "read_only": True}).changelog is None
 
 
 def test_an_unknown_option_raises_type_error_naming_it() -> None:
