@@ -46,15 +46,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
     common: dict[str, Any] = {"timeout": args.timeout}
     if args.list:
         span = restorable(args.url, args.stream, args.partition, **common)
-        out = {
+        snapshots = [
+            {"seq": s["seq"], "time": _time_text(s.get("time")), "size": s.get("size")}
+            for s in span.snapshots
+        ]
+        out: dict[str, Any] = {
             "oldest_seq": span.oldest_seq,
             "oldest_time": _time_text(span.oldest_time),
             "newest_seq": span.newest_seq,
             "newest_time": _time_text(span.newest_time),
-            "snapshots": [
-                {"seq": s["seq"], "time": _time_text(s.get("time")), "size": s.get("size")}
-                for s in span.snapshots
-            ],
+            "snapshots": snapshots,
         }
         if args.json:
             print(json.dumps(out, sort_keys=True))
@@ -62,7 +63,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"{args.stream} / {args.partition}")
             print(f"  oldest restorable: seq {out['oldest_seq']:,} ({out['oldest_time']})")
             print(f"  newest:            seq {out['newest_seq']:,} ({out['newest_time']})")
-            for snap in out["snapshots"]:
+            for snap in snapshots:
                 print(f"  snapshot:          seq {snap['seq']:,} ({snap['time']})")
         return EXIT_OK
     if args.dir is None:
@@ -102,9 +103,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_follow(args: argparse.Namespace) -> int:
     from logstate.replication import FollowStatus, JetStreamChangelog, follow
 
-    changelog = JetStreamChangelog(
-        args.url, args.stream, args.partition, timeout=args.timeout
-    )
+    changelog = JetStreamChangelog(args.url, args.stream, args.partition, timeout=args.timeout)
     stopping = [False]
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
 
@@ -118,7 +117,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
         now = time.monotonic()
         if args.json:
             print(json.dumps(status._asdict(), sort_keys=True), flush=True)
-        elif now - last_print[0] >= 1.0 or status.lag == 0 and last_print[0] == 0.0:
+        elif now - last_print[0] >= 1.0 or (status.lag == 0 and last_print[0] == 0.0):
             last_print[0] = now
             print(
                 f"local seq {status.local_seq:,}, stream seq {status.stream_seq:,}, "

@@ -62,6 +62,7 @@ class StorageSizes(TypedDict):
     keys: int
     expiring_keys: int
     sub_storages: int
+    last_seq: int  # the newest record's sequence number
 
 
 class StorageStats(StorageSizes, total=False):
@@ -399,6 +400,7 @@ class Reader:
                 "keys": keydir.key_count() - expired,
                 "expiring_keys": sum(map(len, keydir.expiring.values())) - expired,
                 "sub_storages": len(keydir.namespaces) - 1,
+                "last_seq": self._appender.seq,
             }
 
     def _namespace_for_read(self, ns: str) -> dict[str, Location]:

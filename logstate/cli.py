@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from logstate import __version__
+from logstate._cli_replication import add_commands, print_replication, replication_stats
 from logstate._demo import DemoRefusedError, run_demo, run_worker
 from logstate._errors import CorruptionError, LogstateError
 from logstate._filenames import segment_file_name
@@ -218,6 +219,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     stats_out: dict[str, Any] = dict(stats)
     stats_out["garbage_ratio"] = round(stats["dead_bytes"] / total, 4) if total else 0.0
     stats_out["sub_storage_names"] = names
+    replication = replication_stats(args.dir, stats["last_seq"], args.live, args.timeout)
+    if replication is not None:
+        stats_out["replication"] = replication
     if args.json:
         print(json.dumps(stats_out, sort_keys=True))
         return EXIT_OK
@@ -230,6 +234,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"  live:          {_mib(stats['live_bytes'])}")
     print(f"  dead:          {_mib(stats['dead_bytes'])}")
     print(f"  garbage ratio: {stats_out['garbage_ratio']:.2%}")
+    if replication is not None:
+        print_replication(replication)
     return EXIT_OK
 
 
@@ -340,9 +346,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.add_argument("--quiet", action="store_true", help="no progress output")
 
-    c = command("stats", "keys, live and dead bytes, segments, garbage ratio", cmd_stats)
+    c = command(
+        "stats",
+        "keys, live and dead bytes, segments, garbage ratio; replication state",
+        cmd_stats,
+        "Sizes and counts of a storage (read-only). For a storage with a changelog, also "
+        "its replication state from the state file (last acknowledged seq, epoch, last "
+        "snapshot), without a broker; --live URL asks the broker for the current lag.",
+    )
     c.add_argument("dir")
     c.add_argument("--json", action="store_true", help="one JSON object")
+    c.add_argument(
+        "--live", metavar="URL", default=None, help="ask the broker at URL for the current lag"
+    )
+    c.add_argument("--timeout", type=float, default=10.0, help="seconds per broker call (10)")
 
     c = command(
         "dump",
@@ -397,6 +414,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", default="./state/demo", help="storage directory (./state/demo)")
     c.add_argument("--restarts", type=int, default=6, help="how many kills (6)")
     c.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+
+    add_commands(command)
 
     # no help=: argparse lists every sub-command given one (even SUPPRESS, which it prints)
     worker = commands.add_parser("demo-worker", description="(internal) the demo's worker")

@@ -52,5 +52,3 @@ class JetStreamChangelog(ChangelogConfig):
             self._mode = None
         self.attached = replicator
         return replicator
-
-

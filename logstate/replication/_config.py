@@ -22,7 +22,9 @@ RESTORE_MODES: Final = ("if-missing", "if-behind", "rebase")
 
 def _positive(name: str, value: object, kind: type = int) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise TypeError(f"{name} must be {'a number' if kind is float else 'an int'}, got {value!r}")
+        raise TypeError(
+            f"{name} must be {'a number' if kind is float else 'an int'}, got {value!r}"
+        )
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return value

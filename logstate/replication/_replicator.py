@@ -83,9 +83,7 @@ class Replicator:
 
     def open(self) -> None:
         cl, engine = self.changelog, self.engine
-        self.client.ensure_stream(
-            cl.stream, [f"{cl.subject_prefix}.>"], cl.replicas, cl.timeout_s
-        )
+        self.client.ensure_stream(cl.stream, [f"{cl.subject_prefix}.>"], cl.replicas, cl.timeout_s)
         state = load_state(self.path)
         if state is not None and (state.stream, state.partition) != (cl.stream, cl.partition):
             raise self._error(
@@ -107,9 +105,9 @@ class Replicator:
             epoch, head_stream_seq, acked = max(state.epoch, 1), 0, 0
         else:
             head_last = head.last
-            if head.chunk is not None and head.chunk.index + 1 < head.chunk.count:
+            if head.chunk is not None and head.chunk.part + 1 < head.chunk.parts:
                 head_last = head.first - 1  # its record is not whole in the stream yet
-                resume = (head.first, head.chunk.index)
+                resume = (head.first, head.chunk.part)
             if head.writer == state.writer:
                 epoch, head_stream_seq = head.epoch, head.stream_seq
                 if head_last > local:  # a power loss after shipping: take back what is lost
@@ -181,7 +179,7 @@ class Replicator:
             rec
             for rec in stream_records(self.client, self.changelog, start, local, until_seq=until)
         ]
-        if records and records[-1][0] != until or (not records and until > local):
+        if (records and records[-1][0] != until) or (not records and until > local):
             raise self._error(f"the stream lacks records {local + 1}-{until} to catch up", local)
         self.engine.ingest([rec for _seq, rec in records])
         log.info("%s: caught up from the stream: seqs %d-%d", self.path, local + 1, until)
@@ -214,7 +212,12 @@ class Replicator:
         self._upload_snapshot(stream_seq=0)
         who = shipper.who
         headers = wire.message_headers(
-            who, local, local, (time.time(), time.time()), b"", shipper.head_stream_seq,
+            who,
+            local,
+            local,
+            (time.time(), time.time()),
+            b"",
+            shipper.head_stream_seq,
             kind=wire.KIND_MARKER,
         )
         cl = self.changelog
@@ -244,9 +247,10 @@ class Replicator:
         except OSError as exc:  # a cache: stats may be stale, nothing is lost
             log.warning("%s: saving the replication state: %r", self.path, exc)
 
-    def _on_fenced(self, error: FencedError) -> None:
-        state = self.state
-        assert state is not None
+    def _on_fenced(self, error: FencedError) -> FencedError:
+        state, shipper = self.state, self.shipper
+        assert state is not None and shipper is not None
+        error = self.engine.fence(error, acked_seq=shipper.acked_seq)
         with self._state_lock:
             state.fenced = {
                 "by_writer": error.by_writer,
@@ -254,7 +258,7 @@ class Replicator:
                 "kept_aside": None if error.kept_aside is None else list(error.kept_aside),
             }
             self._save()
-        self.engine.fence(error)
+        return error
 
     # ------------------------------------------------------------------ snapshots
     def _start_snapshot_thread(self) -> None:
@@ -336,8 +340,11 @@ class Replicator:
         assert shipper is not None
         bucket = bucket_name(cl.stream)
         mine = sorted(
-            (o for o in self.client.list_objects(bucket, cl.timeout_s)
-             if o.name.startswith(cl.partition + "/")),
+            (
+                o
+                for o in self.client.list_objects(bucket, cl.timeout_s)
+                if o.name.startswith(cl.partition + "/")
+            ),
             key=lambda o: o.name,
         )
         if len(mine) < cl.keep_snapshots:

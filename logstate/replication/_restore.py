@@ -27,10 +27,10 @@ from logstate._filenames import TMP_SUFFIX, parse_segment_file_name
 from logstate._fs import OS_FS
 from logstate.replication import _wire as wire
 from logstate.replication._build import build_store
-from logstate.replication._config import ChangelogConfig, bucket_name
 from logstate.replication._client import Client
-from logstate.replication._stream import StreamReader
+from logstate.replication._config import ChangelogConfig, bucket_name
 from logstate.replication._state import ReplicationState, load_state, new_writer_id, save_state
+from logstate.replication._stream import StreamReader
 from logstate.replication._wire import MessageError
 
 __all__ = [
@@ -221,8 +221,7 @@ def _restore(
             raise ReplicationError(
                 cl.stream,
                 cl.partition,
-                f"the oldest restorable point is seq {snaps[0]['seq']} "
-                f"(the oldest snapshot kept)",
+                f"the oldest restorable point is seq {snaps[0]['seq']} (the oldest snapshot kept)",
                 until_seq,
             )
         snap = usable[-1] if usable else None
@@ -240,7 +239,7 @@ def _restore(
         counted = [0]
 
         def records() -> Iterator[bytes]:
-            for seq, record in reader.records(start, base_seq, until_seq, until_s):
+            for _seq, record in reader.records(start, base_seq, until_seq, until_s):
                 counted[0] += 1
                 if progress is not None and counted[0] % 10_000 == 0:
                     progress("records", counted[0], 0)
@@ -358,7 +357,9 @@ def follow(
             newest = engine.appender.seq
             if head is not None:
                 newest = wire.read_message(head.stream_seq, head.headers, head.data).last
-            on_status(FollowStatus(engine.appender.seq, newest, max(newest - engine.appender.seq, 0)))
+            on_status(
+                FollowStatus(engine.appender.seq, newest, max(newest - engine.appender.seq, 0))
+            )
             if not batch:
                 time.sleep(poll_s)
     finally:

@@ -58,7 +58,8 @@ class Shipper:
     the shipper starts (what the first publish expects); ``acked_seq``: the
     last logstate seq the stream holds. ``on_ack(last_seq, stream_seq)`` is
     called from the shipper's thread after each acknowledged message;
-    ``on_fenced(error)`` once, when another writer has taken over.
+    ``on_fenced(error)`` once, when another writer has taken over (it
+    returns the error kept, its ``kept_aside`` counted under the engine's lock).
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class Shipper:
         timeout_s: float,
         max_lag_bytes: int,
         on_ack: Callable[[int, int], None],
-        on_fenced: Callable[[FencedError], None],
+        on_fenced: Callable[[FencedError], FencedError],
         fenced_error: Callable[[str, tuple[int, int] | None], FencedError],
     ) -> None:
         self._client = client
@@ -196,9 +197,8 @@ class Shipper:
         try:
             got = waiter.lock.acquire(timeout=-1 if timeout_s is None else max(timeout_s, 0))
         finally:
-            with self._lock:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
         return got and self.acked_seq >= seq
 
     def lag(self) -> ReplicationLag:
@@ -267,10 +267,10 @@ class Shipper:
         if count == 1 and len(run[0].record) > limit:
             for chunk, part in wire.chunk_record(run[0].record, limit):
                 resume = self.resume_chunk
-                if resume is not None and resume >= (first, chunk.index):
+                if resume is not None and resume >= (first, chunk.part):
                     continue  # stored already (before a crash or a lost ack)
                 stream_seq, _ = self._publish(first, last, times, part, chunk)
-                self.resume_chunk = (first, chunk.index)
+                self.resume_chunk = (first, chunk.part)
             self.resume_chunk = None
             stored_last = last
         else:
@@ -331,7 +331,7 @@ class Shipper:
                 return head.stream_seq, head.last
             if head.first == first and head.chunk is not None:
                 self.head_stream_seq = head.stream_seq
-                self.resume_chunk = (first, head.chunk.index)
+                self.resume_chunk = (first, head.chunk.part)
                 raise ReplicationError(
                     self.stream, self.who.partition, "resuming a chunked record", first
                 )
@@ -351,12 +351,15 @@ class Shipper:
         with self._lock:
             kept = (first_unacked, self.queued_seq) if self.queued_seq >= first_unacked else None
             error = self._fenced_error(by_writer, kept)
-            self.fenced = error
-            waiters = list(self._waiters)
-        for waiter in waiters:
-            waiter.wake()
         log.error("%s", error)
-        self._on_fenced(error)
+        try:
+            error = self._on_fenced(error)  # the engine refuses every call from here on
+        finally:
+            with self._lock:
+                self.fenced = error
+                waiters = list(self._waiters)
+            for waiter in waiters:
+                waiter.wake()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -59,18 +59,7 @@ class StreamReader:
                 if until_seq is not None and replay.last_seq >= until_seq:
                     return
         except MessageError as exc:
-            raise self.error(exc.reason, exc.stream_seq) from None
-
-
-def stream_records(
-    client: Client,
-    changelog: ChangelogConfig,
-    from_stream_seq: int,
-    after_seq: int,
-    until_seq: int | None = None,
-) -> Iterator[tuple[int, bytes]]:
-    """The records after ``after_seq`` (to ``until_seq``), from message ``from_stream_seq`` on."""
-    return StreamReader(client, changelog).records(from_stream_seq, after_seq, until_seq)
+            raise self.error(f"message {exc.stream_seq} of the stream: {exc.reason}") from None
 
 
 def stream_records(

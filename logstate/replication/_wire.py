@@ -88,8 +88,8 @@ class Pending(NamedTuple):
 class Chunk(NamedTuple):
     """Where a chunk sits in the record it is part of."""
 
-    index: int
-    count: int
+    part: int  # from 0
+    parts: int
     offset: int
     total_size: int
 
@@ -109,7 +109,7 @@ def check_partition(partition: str) -> str:
 def message_id(who: Identity, first: int, last: int, chunk: Chunk | None = None) -> str:
     """The ``Nats-Msg-Id`` of a message: partition, epoch and seq range (and chunk)."""
     base = f"{who.partition}:{who.epoch}:{first}-{last}"
-    return base if chunk is None else f"{base}:{chunk.index}/{chunk.count}"
+    return base if chunk is None else f"{base}:{chunk.part}/{chunk.parts}"
 
 
 def plan_run(pending: Sequence[Pending], limit_size: int, span_s: float = MAX_TIME_SPAN_S) -> int:
@@ -167,7 +167,7 @@ def message_headers(
     if kind != KIND_RECORDS:
         headers[H_KIND] = kind
     if chunk is not None:
-        headers[H_CHUNK] = f"{chunk.index}/{chunk.count} {chunk.offset} {chunk.total_size}"
+        headers[H_CHUNK] = f"{chunk.part}/{chunk.parts} {chunk.offset} {chunk.total_size}"
     return headers
 
 
@@ -317,6 +317,11 @@ class Replay:
                     f"after seq {self.last_seq}: restore from that snapshot",
                 )
             return []
+        head = self.pending_chunk
+        if head is not None and (msg.chunk is None or msg.first != head.first):
+            raise MessageError(
+                msg.stream_seq, f"the chunked record {head.first} is cut short by this message"
+            )
         if msg.last <= self.last_seq and self.pending_chunk is None:
             return []  # before the starting point (kept by retention, or a snapshot's)
         if msg.first <= self.last_seq < msg.last and msg.chunk is None:
@@ -325,14 +330,12 @@ class Replay:
             records = [r for r in split_records(msg) if r[0] > after]
             self.last_seq = msg.last
             return records
-        if msg.first != self.last_seq + 1:
+        if head is None and msg.first != self.last_seq + 1:
             raise MessageError(
                 msg.stream_seq,
                 f"seq gap: records {msg.first}-{msg.last} follow seq {self.last_seq}",
             )
         if msg.chunk is None:
-            if self.pending_chunk is not None:
-                raise MessageError(msg.stream_seq, "a chunked record is cut short")
             records = split_records(msg)
             self.last_seq = msg.last
             return records
@@ -343,26 +346,26 @@ class Replay:
         assert chunk is not None
         head = self.pending_chunk
         if head is None:
-            if chunk.index != 0:
-                raise MessageError(msg.stream_seq, f"chunk {chunk.index} without chunk 0")
+            if chunk.part != 0:
+                raise MessageError(msg.stream_seq, f"chunk {chunk.part} without chunk 0")
             self.pending_chunk = msg
             self._parts = []
         else:
             assert head.chunk is not None
             expected = len(self._parts)
             if (
-                chunk.index != expected
-                or chunk.count != head.chunk.count
+                chunk.part != expected
+                or chunk.parts != head.chunk.parts
                 or chunk.total_size != head.chunk.total_size
                 or msg.first != head.first
             ):
                 raise MessageError(
-                    msg.stream_seq, f"chunk {chunk.index}/{chunk.count} where {expected} was due"
+                    msg.stream_seq, f"chunk {chunk.part}/{chunk.parts} where {expected} was due"
                 )
         if chunk.offset != sum(len(p) for p in self._parts):
             raise MessageError(msg.stream_seq, f"chunk offset {chunk.offset} does not follow")
         self._parts.append(msg.payload)
-        if chunk.index + 1 < chunk.count:
+        if chunk.part + 1 < chunk.parts:
             return []
         record = b"".join(self._parts)
         self.pending_chunk = None
@@ -372,4 +375,3 @@ class Replay:
         records = split_records(msg, record)
         self.last_seq = msg.last
         return records
-

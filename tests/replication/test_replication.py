@@ -23,19 +23,25 @@ from tests.replication.servers import NatsServer
 from tests.replication.stores import Clock, fill, more_changes, store_state
 
 
-def changelog(server: NatsServer, partition: str = "orders.0", **options: Any) -> JetStreamChangelog:
+def changelog(
+    server: NatsServer, partition: str = "orders.0", **options: Any
+) -> JetStreamChangelog:
     options.setdefault("timeout", 5.0)
     return JetStreamChangelog(server.url, "STATE", partition, **options)
 
 
-def open_replicated(path: Path, cl: JetStreamChangelog, clock: Clock, **options: Any) -> LocalFileStorage:
+def open_replicated(
+    path: Path, cl: JetStreamChangelog, clock: Clock, **options: Any
+) -> LocalFileStorage:
     options.setdefault("sync", "none")
     options.setdefault("segment_size", 4096)
     options.setdefault("auto_compact", False)
     return LocalFileStorage(path, clock=clock, changelog=cl, **options)
 
 
-def subject_seqs(server: NatsServer, subject: str = "logstate.STATE.orders.0") -> list[tuple[int, int]]:
+def subject_seqs(
+    server: NatsServer, subject: str = "logstate.STATE.orders.0"
+) -> list[tuple[int, int]]:
     """The (first, last) logstate seqs of every message of the subject, in stream order."""
     client = Client.get(server.url, timeout_s=5.0)
     try:
@@ -121,7 +127,9 @@ def test_a_group_over_the_message_limit_ships_in_chunks_and_restores_whole(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     clock = Clock()
-    source = open_replicated(tmp_path / "src", changelog(nats_server), clock, compress_min_size=None)
+    source = open_replicated(
+        tmp_path / "src", changelog(nats_server), clock, compress_min_size=None
+    )
     memory = InMemoryStorage(source)
     memory.update({f"big{i}": bytes([i % 256]) * 50_000 for i in range(60)})  # 3 MB: chunks
     memory.flush(checkpoint="big")
