@@ -129,8 +129,8 @@ class Appender:
         """
         seq = self.seq + 1
         record = fmt.encode_record(record_type, seq, body)  # (a refused record takes no seq)
-        self.seq = seq
         segment, offset = self.append(record)
+        self.seq = seq  # (not before: a record an interrupt cut takes no seq either)
         if self.listener is not None:
             self.queue(seq, self.written_pos, record)
         return segment, offset, len(record), self.written_pos

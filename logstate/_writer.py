@@ -172,7 +172,7 @@ class Writer:
                 raise self._keydir.deleted_error(ns)
             if body_size > _MAX_BODY_SIZE:
                 raise fmt.record_too_large(SEQ_SIZE + body_size)
-            ap.seq = seq = ap.seq + 1
+            seq = ap.seq + 1  # taken once the record is written (settle: from the file)
             # fmt.encode_record(REC_SET, seq, ns key value), inlined: one join
             rest = b"".join(
                 (
@@ -191,6 +191,7 @@ class Writer:
             if offset + size > ap.roll_size and offset > SEGMENT_HEADER_SIZE:
                 try:
                     segment, offset = ap.append(record)
+                    ap.seq = seq
                     if self._keydir.watch:
                         self._keydir.note_set(ns, key, key not in index, value)
                     self._keydir.put(ns, index, key, segment << 74 | offset << 34 | size << 2)
@@ -213,6 +214,7 @@ class Writer:
                             active.fd, memoryview(record)[written:] if written else record
                         )
                     active.size = offset + size
+                    ap.seq = seq
                     ap.written_pos = end_pos = pos_before + size
                     old = index.get(key)
                     if self._keydir.watch:  # views or expiry times to keep: noted first
@@ -243,13 +245,11 @@ class Writer:
         if self._scheduler.backlog:
             self._scheduler.hold_back()
 
-    def set_expiring(
-        self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes
-    ) -> None:
+    def set_expiring(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, v: bytes) -> None:
         """:meth:`set` of a value with an expiry time (TAG_EXPIRES): the index
         watches sets from now on (``Keydir.watch``), so the set notes it."""
         self._keydir.watch = True
-        self.set(ns, ns_bytes, key, key_bytes, value)
+        self.set(ns, ns_bytes, key, key_bytes, v)
 
     def delete(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes) -> bool:
         """Delete ``key``; write nothing and return False when it is absent (or expired:

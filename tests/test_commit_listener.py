@@ -607,3 +607,39 @@ def test_a_record_already_queued_or_delivered_is_never_queued_or_delivered_again
     assert seen == [seq]  # not delivered twice
     assert not appender._undelivered
     store.close()
+
+
+class _InterruptingFS(CrashFS):
+    """Raises KeyboardInterrupt in the chosen ``append`` calls, before writing anything."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__(root)
+        self.interrupt_next = False
+
+    def append(self, fd: int, data: bytes | bytearray | memoryview) -> None:
+        if self.interrupt_next:
+            self.interrupt_next = False
+            raise KeyboardInterrupt
+        super().append(fd, data)
+
+
+@pytest.mark.parametrize("sync", ["none", "always"])
+def test_a_write_an_interrupt_cut_takes_no_seq(tmp_path: Path, sync: str) -> None:
+    # seqs stay contiguous: a changelog checks every seq follows the last one
+    fs = _InterruptingFS(tmp_path)
+    storage = open_storage(fs, tmp_path / "s", sync=sync, segment_size=4096)
+    seen: list[int] = []
+    storage._engine.add_commit_listener(lambda seq, _record: seen.append(seq))
+    for i in range(40):  # the interrupted writes take both paths: in place and rolling
+        fs.interrupt_next = True
+        with pytest.raises(KeyboardInterrupt):
+            storage[f"k{i}"] = "x" * 200
+        storage[f"k{i}"] = "y" * 200
+        fs.interrupt_next = True
+        with pytest.raises(KeyboardInterrupt):
+            del storage[f"k{i}"]  # (a record through Appender.write)
+        assert fs.interrupt_next is False
+    storage.flush()
+    assert seen == list(range(1, len(seen) + 1))
+    assert storage._engine.appender.seq == len(seen) == 40
+    storage.close()
