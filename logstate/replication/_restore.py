@@ -295,6 +295,8 @@ def restore_for_open(cl: ChangelogConfig, path: str, mode: str) -> None:
             )
     client = cl.client()
     try:
+        if client.stream_info(cl.stream, cl.timeout_s) is None:
+            return  # no stream yet: a new partition, which the open starts
         empty = client.last_message(cl.stream, cl.subject, cl.timeout_s) is None
         if empty and not _snapshots(client, cl):
             return  # a new partition: the open starts it
