@@ -63,7 +63,7 @@ class Handle:
         self._closed = False
         # the reference is released by close(), or when the handle is
         # collected (or at exit: legacy code never closes its storages)
-        self._finalizer = weakref.finalize(self, reference.release)
+        self._finalizer = weakref.finalize(self, reference.release_collected)
 
     @classmethod
     def _new_handle(cls: type[_H], engine: Engine, ns: str, allow_pickle: bool) -> _H:

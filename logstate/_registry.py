@@ -261,10 +261,27 @@ class Reference:
         """Drop this reference (see :func:`release_engine`); later calls do nothing."""
         release_engine(self.engine, self)
 
+    def release_collected(self) -> None:
+        """The release of a handle the garbage collector took (its finalizer).
+
+        The collector runs finalizers in whatever thread allocates: one that
+        another thread, holding the registry lock, may be waiting on (an open
+        whose changelog waits for the replication's event loop thread). So it
+        never waits for that lock: when it is taken, the release runs in a
+        thread of its own.
+        """
+        if not _registry_lock.acquire(blocking=False):
+            threading.Thread(
+                target=self.release, name=f"logstate-release:{self.engine.path}", daemon=True
+            ).start()
+            return
+        _registry_lock.release()  # (free now: a later wait for it is brief)
+        self.release()
+
     def __del__(self) -> None:
         if not getattr(self, "released", True):  # (an __init__ cut short set nothing)
             try:
-                release_engine(self.engine, self)
+                self.release_collected()
             except Exception:  # pragma: no cover - nothing to raise to in a finalizer
                 log.exception("%s: releasing a lost reference", self.engine.path)
 

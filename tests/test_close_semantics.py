@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,53 @@ def test_a_handle_collected_inside_the_lock_guard_closes_without_deadlock(tmp_pa
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no deadlock"
+
+
+def test_a_handle_collected_while_another_thread_holds_the_registry_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    # An open holding the registry lock may wait for a thread (the replication's
+    # event loop) in which the garbage collector runs a handle's finalizer:
+    # that finalizer must not wait for the registry lock.
+    import gc
+
+    from logstate import _registry
+
+    storage = LocalFileStorage(tmp_path / "s")
+    storage["k"] = 1
+    engine = storage._engine
+    box: list[object] = [storage]
+    box.append(box)  # a cycle: only the collector frees the handle
+    del storage, box
+    collected = threading.Event()
+    holding = threading.Event()
+    done = threading.Event()
+
+    def hold_registry() -> None:
+        with _registry._registry_lock:
+            holding.set()
+            collected.wait(10.0)  # (an open waiting on the collecting thread)
+        done.set()
+
+    holder = threading.Thread(target=hold_registry)
+    gc.disable()
+    try:
+        holder.start()
+        assert holding.wait(10.0)
+
+        def collect() -> None:
+            gc.collect()
+            collected.set()
+
+        collector = threading.Thread(target=collect)
+        collector.start()
+        assert collected.wait(5.0), "the finalizer waited for the registry lock"
+    finally:
+        gc.enable()
+        holder.join(10.0)
+        assert done.is_set()
+    for _ in range(200):  # the release ran in its own thread once the lock was free
+        if engine.closed:
+            break
+        time.sleep(0.01)
+    assert engine.closed

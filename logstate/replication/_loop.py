@@ -20,7 +20,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread", "keep_in_child", "loop_thread", "run"]
+__all__ = ["LoopThread", "keep_in_child", "loop_thread", "on_loop_thread", "run"]
 
 T = TypeVar("T")
 
@@ -95,6 +95,13 @@ def loop_thread() -> LoopThread:
 def run(coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
     """:meth:`LoopThread.run` on this process's loop."""
     return loop_thread().run(coro, timeout_s)
+
+
+def on_loop_thread() -> bool:
+    """Is the caller the loop thread? (A garbage-collected storage may close there:
+    it must then not wait for anything the loop does.)"""
+    current = _current
+    return current is not None and threading.current_thread() is current.thread
 
 
 def keep_in_child(obj: object) -> None:

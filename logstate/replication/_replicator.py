@@ -26,6 +26,7 @@ from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import OS_FS
 from logstate._hooks import ReplicationLag
 from logstate._scan import ignore_damage, scan_records
+from logstate.replication import _loop
 from logstate.replication import _wire as wire
 from logstate.replication._client import Client
 from logstate.replication._config import ChangelogConfig, bucket_name, snapshot_name
@@ -411,7 +412,10 @@ class Replicator:
             with self._state_lock:
                 self._save()
         finally:
-            self.client.release()
+            if _loop.on_loop_thread():  # (collected there: the loop cannot wait on itself)
+                threading.Thread(target=self.client.release, daemon=True).start()
+            else:
+                self.client.release()
 
     def abandon(self) -> None:
         if self.closed:

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from logstate._errors import FencedError, ReplicationError
 from logstate._hooks import ReplicationLag
+from logstate.replication import _loop
 from logstate.replication import _wire as wire
 from logstate.replication._client import Client, WrongLastSequence
 from logstate.replication._wire import Identity, Pending
@@ -211,8 +212,14 @@ class Shipper:
         self._thread.start()
 
     def stop(self, ship_first: bool) -> None:
-        """Stop the thread; ``ship_first``: after shipping what is queued (bounded)."""
-        if ship_first and self.fenced is None:
+        """Stop the thread; ``ship_first``: after shipping what is queued (bounded).
+
+        On the loop thread (a storage the garbage collector closed there)
+        nothing is waited for: the loop would wait on itself. The records
+        not shipped stay in the local log, shipped at the next open.
+        """
+        on_loop = _loop.on_loop_thread()
+        if ship_first and self.fenced is None and not on_loop:
             with self._lock:
                 target = self.queued_seq
             if not self.wait_acked(target, self.timeout_s):
@@ -225,7 +232,7 @@ class Shipper:
         self._stopping = True
         self._poke()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread() and not on_loop:
             thread.join(self.timeout_s + 1.0)
 
     def forget(self) -> None:
