@@ -359,8 +359,8 @@ class Replicator:
         known = list(shipper.acked_messages)
         for i, (last, _stream_seq) in enumerate(known):
             if last <= oldest_seq:
-                before = known[i + 1][1] if i + 1 < len(known) else known[i][1]
-        if before is None:
+                before = known[i + 1][1] if i + 1 < len(known) else shipper.head_stream_seq
+        if not before:
             return  # not known here yet: the next snapshot's retention purges
         purged = self.client.purge(cl.stream, cl.subject, before, cl.timeout_s)
         log.info("%s: purged %d changelog messages below stream seq %d", self.path, purged, before)

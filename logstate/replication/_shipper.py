@@ -101,7 +101,9 @@ class Shipper:
         self.fenced: FencedError | None = None
         self.last_error: BaseException | None = None
         self.shipped_bytes = 0  # payload bytes acknowledged since start
-        self.acked_messages: deque[tuple[int, int]] = deque(maxlen=100_000)  # (last, stream seq)
+        # (last seq, stream seq of its first message: of chunk 0 for a chunked
+        # record, 0 when not known) of each record run acknowledged here
+        self.acked_messages: deque[tuple[int, int]] = deque(maxlen=100_000)
         # (seq, chunk index) of the subject's head when it is a chunk of a
         # record not yet whole in the stream (a crash cut its chunks): resumed after it
         self.resume_chunk: tuple[int, int] | None = None
@@ -272,17 +274,21 @@ class Shipper:
         first, last = run[0].seq, run[-1].seq
         times = (run[0].time_s, run[-1].time_s)
         if count == 1 and len(run[0].record) > limit:
+            start_stream_seq = 0  # (unknown when chunks stored before a crash are skipped)
             for chunk, part in wire.chunk_record(run[0].record, limit):
                 resume = self.resume_chunk
                 if resume is not None and resume >= (first, chunk.part):
                     continue  # stored already (before a crash or a lost ack)
                 stream_seq, _ = self._publish(first, last, times, part, chunk)
+                if chunk.part == 0:
+                    start_stream_seq = stream_seq
                 self.resume_chunk = (first, chunk.part)
             self.resume_chunk = None
             stored_last = last
         else:
             payload = b"".join(p.record for p in run)
             stream_seq, stored_last = self._publish(first, last, times, payload)
+            start_stream_seq = stream_seq
         with self._lock:
             size = 0
             while self._pending and self._pending[0].seq <= stored_last:
@@ -291,7 +297,7 @@ class Shipper:
             self.acked_seq = stored_last
             waiters = [w for w in self._waiters if w.seq <= stored_last]
         self.shipped_bytes += size
-        self.acked_messages.append((stored_last, stream_seq))
+        self.acked_messages.append((stored_last, start_stream_seq))
         for waiter in waiters:
             waiter.wake()
         self._on_ack(stored_last, stream_seq)
