@@ -1,6 +1,7 @@
 """The replication commands of the ``logstate`` command line: restore, follow, stats.
 
-Owns: ``logstate restore`` (and ``--list``), ``logstate follow`` and the
+Owns: ``logstate restore`` (and ``--list``), ``logstate snapshot``,
+``logstate follow`` and the
 replication part of ``logstate stats`` (from the store's state file without
 a broker; ``--live`` asks the broker), their arguments and their output.
 Must never: reach into the engine: it calls ``logstate.replication``'s
@@ -137,6 +138,34 @@ def cmd_follow(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from logstate.replication import JetStreamChangelog
+    from logstate.storage import LocalFileStorage
+
+    changelog = JetStreamChangelog(args.url, args.stream, args.partition, timeout=args.timeout)
+    shown = [False]
+
+    def progress(step: str, done: int, total: int) -> None:
+        if args.quiet or not sys.stderr.isatty():
+            return
+        sys.stderr.write("\r" + f"{step}: {done:,} of {total:,} bytes".ljust(60))
+        sys.stderr.flush()
+        shown[0] = True
+
+    with LocalFileStorage(args.dir, auto_create_dir=False, changelog=changelog) as storage:
+        try:
+            info = storage.replication_snapshot(progress)
+        finally:
+            if shown[0]:
+                sys.stderr.write("\r" + " " * 60 + "\r")
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        size = info.get("size", 0)
+        print(f"snapshot of {args.partition} at seq {info['seq']:,} stored ({size:,} bytes)")
+    return EXIT_OK
+
+
 def replication_stats(
     directory: str, last_seq: int, url: str | None, timeout_s: float
 ) -> dict[str, Any] | None:
@@ -211,6 +240,20 @@ def add_commands(command: Callable[..., Any]) -> None:
         "--until-time", default=None, help="restore up to this local commit time (ISO-8601)"
     )
     c.add_argument("--list", action="store_true", help="show the restorable seqs and times")
+    c.add_argument("--json", action="store_true", help="one JSON object")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+
+    c = command(
+        "snapshot",
+        "upload a snapshot of a storage to its changelog's object store now",
+        cmd_snapshot,
+        "Open DIR as the writer of its partition (it must not be open elsewhere), ship what "
+        "the stream lacks, and upload a snapshot of it at its newest seq; then the retention "
+        "rule deletes older snapshots and purges the stream messages no kept snapshot needs. "
+        "Progress on a terminal unless --quiet.",
+    )
+    broker(c)
+    c.add_argument("dir")
     c.add_argument("--json", action="store_true", help="one JSON object")
     c.add_argument("--quiet", action="store_true", help="no progress output")
 

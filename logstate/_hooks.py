@@ -31,6 +31,7 @@ What the engine does with them (``_engine``, ``_compact``, ``storage``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 __all__ = ["Changelog", "Replication", "ReplicationLag"]
@@ -66,9 +67,12 @@ class Replication(Protocol):
         """
         ...
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(
+        self, progress: Callable[[str, int, int], None] | None = None
+    ) -> dict[str, object]:
         """Take a snapshot of the store into the stream's snapshot store now
-        (``replication_snapshot()``); returns what was stored."""
+        (``replication_snapshot()``); returns what was stored. ``progress``:
+        called with (step, bytes done, bytes in all) as it goes."""
         ...
 
     def stats(self) -> dict[str, object]:

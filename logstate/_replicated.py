@@ -10,6 +10,8 @@ runs (it may wait for the broker).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from logstate._handle import Handle
 from logstate._hooks import Replication, ReplicationLag
 
@@ -65,11 +67,18 @@ class ReplicationMethods(Handle):
         """
         return self._replication().wait_replicated(timeout)
 
-    def replication_snapshot(self) -> dict[str, object]:
+    def replication_snapshot(
+        self, progress: Callable[[str, int, int], None] | None = None
+    ) -> dict[str, object]:
         """Store a snapshot of the whole directory with the stream now.
 
         A restore starts from the newest snapshot and replays the stream's
         records after it; older records can then be purged from the stream.
+
+        Args:
+            progress: called with (step, bytes done, bytes in all) as the
+                snapshot is captured, written and uploaded (``logstate
+                snapshot`` shows it on a terminal).
 
         Returns:
             What was stored (as the changelog describes it: name, seq, size...).
@@ -79,4 +88,4 @@ class ReplicationMethods(Handle):
             StorageClosedError / FencedError: closed, or fenced by another writer.
             ReplicationError: the snapshot could not be stored.
         """
-        return self._replication().snapshot()
+        return self._replication().snapshot(progress)

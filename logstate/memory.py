@@ -426,7 +426,9 @@ class InMemoryStorage(MutableMapping[str, Any]):
         """
         return self._replicated().wait_replicated(timeout)
 
-    def replication_snapshot(self) -> dict[str, object]:
+    def replication_snapshot(
+        self, progress: Callable[[str, int, int], None] | None = None
+    ) -> dict[str, object]:
         """The backing storage's :meth:`~LocalFileStorage.replication_snapshot`
         (of what was flushed).
 
@@ -437,7 +439,7 @@ class InMemoryStorage(MutableMapping[str, Any]):
             ValueError: no backing storage, or it has no changelog.
             StorageClosedError / FencedError / ReplicationError: as the backing storage's.
         """
-        return self._replicated().replication_snapshot()
+        return self._replicated().replication_snapshot(progress)
 
 
 def _new_locks_in_child() -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from logstate._errors import FencedError, ReplicationError
@@ -40,8 +41,13 @@ __all__ = ["Replicator"]
 
 log = logging.getLogger("logstate.replication")
 
+Progress = Callable[[str, int, int], None]  # (step, bytes done, bytes in all)
 SNAPSHOT_TMP_NAME: Final = "replication-snapshot.tmp"  # (removed by recovery if left)
 _STATE_SAVE_EVERY_S: Final = 1.0
+
+
+def _no_progress(_step: str, _done: int, _total: int) -> None:
+    """A ``progress`` that shows nothing."""
 
 
 class Replicator:
@@ -277,20 +283,24 @@ class Replicator:
         )
         self._snapshot_thread.start()
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self, progress: Progress | None = None) -> dict[str, object]:
         """Upload the store at its current seq, then apply retention (see the docs)."""
         self._check_usable()
         with self._snapshot_lock:
-            info = self._upload_snapshot(stream_seq=None)
+            info = self._upload_snapshot(stream_seq=None, progress=progress)
             self._retention()
             return info
 
-    def _upload_snapshot(self, stream_seq: int | None) -> dict[str, object]:
+    def _upload_snapshot(
+        self, stream_seq: int | None, progress: Progress | None = None
+    ) -> dict[str, object]:
         cl, shipper, state = self.changelog, self.shipper, self.state
         assert shipper is not None and state is not None
+        show = progress if progress is not None else _no_progress
         cap = capture(self.engine)
         tmp = os.path.join(self.path, SNAPSHOT_TMP_NAME)
         try:
+            show("waiting for the broker", 0, cap.size)
             if not shipper.wait_acked(cap.seq, cl.timeout_s):
                 if shipper.fenced is not None:
                     raise shipper.fenced_now()
@@ -301,7 +311,9 @@ class Replicator:
                 stream_seq = self._stream_seq_of(cap.seq)
             with contextlib.suppress(FileNotFoundError):
                 OS_FS.unlink(tmp)
+            show("writing the snapshot", 0, cap.size)
             written = write_container(cap, tmp)
+            show("uploading", 0, written.size)
             info: dict[str, object] = {
                 "name": snapshot_name(cl.partition, cap.seq),
                 "seq": cap.seq,
@@ -315,6 +327,7 @@ class Replicator:
             self.client.put_object(
                 bucket_name(cl.stream), str(info["name"]), tmp, json.dumps(info), cl.timeout_s
             )
+            show("uploaded", written.size, written.size)
         finally:
             cap.close()
             with contextlib.suppress(FileNotFoundError):

@@ -5,6 +5,7 @@ Every test starts its own server (``nats_server``) and stores in ``tmp_path``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,27 @@ def test_restore_from_an_unreachable_broker_fails_within_the_timeout(tmp_path: P
         restore(f"nats://127.0.0.1:{free_port()}", "STATE", "p", tmp_path / "x", timeout=1.0)
     assert time.monotonic() - started < 5.0
     assert not (tmp_path / "x").exists()
+
+
+def test_logstate_snapshot_uploads_and_restore_starts_from_it(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from logstate import cli
+
+    clock = Clock()
+    source = open_replicated(tmp_path / "src", changelog(nats_server), clock)
+    fill(source, clock)
+    expected = store_state(source)
+    last = source._engine.appender.seq
+    source.close()
+    args = [nats_server.url, "--stream", "STATE", "--partition", "orders.0"]
+    assert cli.main(["snapshot", *args, str(tmp_path / "src"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seq"] == last and printed["name"] == f"orders.0/{last:020d}"
+    result = restore(nats_server.url, "STATE", "orders.0", tmp_path / "copy")
+    assert (result.snapshot_seq, result.records, result.seq) == (last, 0, last)
+    copy = LocalFileStorage(tmp_path / "copy", clock=clock)
+    assert store_state(copy) == expected
+    copy.close()
+    assert cli.main(["snapshot", *args, str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
