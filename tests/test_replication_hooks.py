@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,13 @@ def test_attach_is_called_once_per_engine_with_it_before_any_background_thread_r
     assert again._engine is engine and shared._engine is engine
     assert changelog.attached == [(engine, False, False)]
     assert engine.replication is changelog.replication
-    assert engine.scheduler.worker is not None and engine.scheduler.worker.is_alive()
+    worker = engine.scheduler.worker
+    assert worker is not None
+    for _ in range(500):  # (a thread just started takes its running lock soon after)
+        if worker.is_alive():
+            break
+        time.sleep(0.01)
+    assert worker.is_alive()
     for handle in (sub, shared, again, s):
         handle.close()
     assert changelog.replication.closed == 1
