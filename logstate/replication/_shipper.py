@@ -128,11 +128,14 @@ class Shipper:
             raise self._refused(fenced)
         with self._lock:
             if seq > self.queued_seq:  # (else delivered again after an exception)
-                if seq != self.queued_seq + 1:
-                    raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
-                self._pending.append(Pending(seq, record, time.time()))
-                self.pending_bytes += len(record)
-                self.queued_seq = seq
+                pending = self._pending
+                # queued already when an interrupt fell between the append and
+                # the count (then maybe shipped): count it, never queue it twice
+                if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
+                    if seq != self.queued_seq + 1:
+                        raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
+                    pending.append(Pending(seq, record, time.time()))
+                self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
             over = self.pending_bytes > self.max_lag_bytes
         self._poke()
         if self._sync:
