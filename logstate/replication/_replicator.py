@@ -377,12 +377,14 @@ class Replicator:
             self.client.delete_object(bucket, old.name, cl.timeout_s)
         oldest_seq = int(mine[-cl.keep_snapshots].name.rsplit("/", 1)[1])
         # the first message past the oldest kept snapshot's seq, found among those
-        # this process acknowledged (messages before it hold only older seqs)
+        # this process acknowledged (messages before it hold only older seqs);
+        # past the last one known, that message itself (the head may be a chunk
+        # of a record whose first chunks the snapshot needs)
         before = None
         known = list(shipper.acked_messages)
-        for i, (last, _stream_seq) in enumerate(known):
+        for i, (last, stream_seq) in enumerate(known):
             if last <= oldest_seq:
-                before = known[i + 1][1] if i + 1 < len(known) else shipper.head_stream_seq
+                before = known[i + 1][1] if i + 1 < len(known) else stream_seq
         if not before:
             return  # not known here yet: the next snapshot's retention purges
         purged = self.client.purge(cl.stream, cl.subject, before, cl.timeout_s)
