@@ -109,6 +109,8 @@ class Replicator:
             cut = head.chunk is not None and head.chunk.part + 1 < head.chunk.parts
             if cut:
                 head_last = head.first - 1  # its record is not whole in the stream yet
+            if head.writer != state.writer and local > state.acked_seq:
+                self._own_messages_after(state, local)  # (the file may lag: a crash)
             if head.writer == state.writer:
                 if cut and head.chunk is not None:  # (only its own writer resumes them)
                     resume = (head.first, head.chunk.part)
@@ -177,6 +179,24 @@ class Replicator:
         engine.compactor.hold = self.hold_compaction
         engine.add_commit_listener(shipper.on_commit)
         shipper.start(f"logstate-ship:{self.path}")
+
+    def _own_messages_after(self, state: ReplicationState, local: int) -> None:
+        """Move ``state``'s acknowledged point over this writer's messages the stream
+        holds after it (up to ``local``): the file is saved at most once a second."""
+        cl = self.changelog
+        for msg in self.client.messages(
+            cl.stream, cl.subject, state.acked_stream_seq + 1, cl.timeout_s
+        ):
+            try:
+                got = wire.read_message(msg.stream_seq, msg.headers, msg.data)
+            except MessageError:
+                return
+            if got.writer != state.writer or got.kind != wire.KIND_RECORDS:
+                return
+            if got.first != state.acked_seq + 1 or got.last > local:
+                return
+            if got.chunk is None or got.chunk.part + 1 == got.chunk.parts:
+                state.acked_seq, state.acked_stream_seq = got.last, got.stream_seq
 
     def _cut_chunks_after(self, state: ReplicationState, head: wire.Received) -> bool:
         """Are the subject's messages after this copy's point only the chunks of

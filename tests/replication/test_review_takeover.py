@@ -77,3 +77,26 @@ def test_a_takeover_on_top_of_a_cut_chunked_record_keeps_the_stream_restorable(
     check = LocalFileStorage(tmp_path / "check", clock=clock)
     assert store_state(check) == expected
     check.close()
+
+
+def test_a_writer_whose_state_file_is_stale_is_behind_not_diverged(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    old = open_replicated(tmp_path / "a", changelog(nats_server), clock)
+    for i in range(30):
+        old[f"k{i}"] = i
+    assert old.wait_replicated(10.0)
+    last = old._engine.appender.seq
+    old._engine.abandon()  # killed: its replication.json is saved at most once a second
+    state = load_state(str(tmp_path / "a"))
+    assert state is not None and state.acked_seq < last  # (stale: what this test is about)
+
+    new = open_replicated(tmp_path / "b", changelog(nats_server), clock, restore="if-missing")
+    new["k0"] = "new writer"
+    assert new.wait_replicated(10.0)
+    new.close()
+    # every record of the old copy is in the stream: it is behind, and catches up
+    again = open_replicated(tmp_path / "a", changelog(nats_server), clock, restore="if-behind")
+    assert again["k0"] == "new writer" and again["k29"] == 29
+    again.close()
