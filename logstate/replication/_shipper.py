@@ -324,7 +324,16 @@ class Shipper:
             self.who, first, last, times, payload, self.head_stream_seq, chunk
         )
         try:
-            stream_seq = self._client.publish(self.subject, payload, headers, self.timeout_s)
+            ack = self._client.publish_ack(self.subject, payload, headers, self.timeout_s)
+            stream_seq = ack.stream_seq
+            if ack.duplicate:  # (an R3 stream: ids hold no writer, so it may be another's)
+                stored = self._client.message(self.stream, stream_seq, self.timeout_s)
+                if stored is None:  # (purged: ask again; past the window the head tells)
+                    raise ReplicationError(self.stream, self.who.partition, "duplicate", first)
+                by = stored.headers.get(wire.H_WRITER, "")
+                if by != self.who.writer:
+                    self._fence(by, first)
+                    raise self.fenced_now()
         except WrongLastSequence:
             # the head moved: an earlier attempt of ours (its ack lost, or sent
             # by the client after a reconnect), or another writer's message

@@ -31,10 +31,10 @@ def test_retention_during_a_chunked_record_keeps_what_the_snapshot_needs(
     assert source.wait_replicated(10.0)
 
     client = Client.get(nats_server.url, timeout_s=5.0)
-    real_publish, real_list = client.publish, client.list_objects
+    real_publish, real_list = client.publish_ack, client.list_objects
     in_retention, chunks_in_flight, release = (threading.Event() for _ in range(3))
 
-    def publish(subject: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> int:
+    def publish(subject: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> Any:
         if headers.get(wire.H_CHUNK, "").startswith("2/"):
             chunks_in_flight.set()  # chunks 0 and 1 are stored
             release.wait(10.0)
@@ -45,7 +45,7 @@ def test_retention_during_a_chunked_record_keeps_what_the_snapshot_needs(
         chunks_in_flight.wait(10.0)
         return real_list(bucket, timeout_s)
 
-    client.publish = publish  # type: ignore[method-assign]
+    client.publish_ack = publish  # type: ignore[method-assign]
     client.list_objects = list_objects  # type: ignore[method-assign]
     snapper = threading.Thread(target=source.replication_snapshot)
     try:
@@ -54,9 +54,10 @@ def test_retention_during_a_chunked_record_keeps_what_the_snapshot_needs(
         source["big"] = os.urandom(2_500_000)  # three chunks
         snapper.join(20.0)
         assert not snapper.is_alive()
+        assert chunks_in_flight.is_set()  # (the retention ran between the chunks)
     finally:
         release.set()
-        del client.publish, client.list_objects
+        del client.publish_ack, client.list_objects
         client.release()
     assert source.wait_replicated(10.0)
     expected = store_state(source)

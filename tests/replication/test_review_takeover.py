@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,25 +29,25 @@ from tests.replication.test_replication import changelog, open_replicated
 def cut_chunks(nats_server: NatsServer) -> Iterator[tuple[list[str], threading.Event]]:
     """Publishes of the writers listed refuse every chunk after chunk 0 (a crash there)."""
     client = Client.get(nats_server.url, timeout_s=5.0)
-    real = client.publish
+    real = client.publish_ack
     writers: list[str] = []
     stored = threading.Event()
 
-    def publish(subject: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> int:
+    def publish(subject: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> Any:
         chunk = headers.get(wire.H_CHUNK)
         if headers.get(wire.H_WRITER) in writers and chunk is not None:
             if not chunk.startswith("0/"):
                 raise ReplicationError("STATE", "orders.0", "the writer died here")
-            seq = real(subject, payload, headers, timeout_s)
+            ack = real(subject, payload, headers, timeout_s)
             stored.set()
-            return seq
+            return ack
         return real(subject, payload, headers, timeout_s)
 
-    client.publish = publish  # type: ignore[method-assign]
+    client.publish_ack = publish  # type: ignore[method-assign]
     try:
         yield writers, stored
     finally:
-        del client.publish
+        del client.publish_ack
         client.release()
 
 
