@@ -87,7 +87,7 @@ def test_a_writer_whose_state_file_is_stale_is_behind_not_diverged(
     old = open_replicated(tmp_path / "a", changelog(nats_server), clock)
     for i in range(30):
         old[f"k{i}"] = i
-    assert old.wait_replicated(10.0)
+        assert old.wait_replicated(10.0)  # (its own message: the first ack is saved)
     last = old._engine.appender.seq
     old._engine.abandon()  # killed: its replication.json is saved at most once a second
     state = load_state(str(tmp_path / "a"))
