@@ -112,16 +112,23 @@ class Replicator:
             epoch, head_stream_seq, acked = max(state.epoch, 1), 0, 0
         else:
             head_last = head.last
-            if head.chunk is not None and head.chunk.part + 1 < head.chunk.parts:
+            cut = head.chunk is not None and head.chunk.part + 1 < head.chunk.parts
+            if cut:
                 head_last = head.first - 1  # its record is not whole in the stream yet
-                resume = (head.first, head.chunk.part)
+            if head.writer != state.writer and local > state.acked_seq:
+                self._own_messages_after(state, local)  # (the file may lag: a crash)
             if head.writer == state.writer:
+                if cut and head.chunk is not None:  # (only its own writer resumes them)
+                    resume = (head.first, head.chunk.part)
                 epoch, head_stream_seq = head.epoch, head.stream_seq
                 if head_last > local:  # a power loss after shipping: take back what is lost
                     self._catch_up(state, local, head_last)
                     local = head_last
                 acked = head_last
-            elif head.stream_seq == state.acked_stream_seq and local >= head_last:
+            elif local >= head_last and (
+                head.stream_seq == state.acked_stream_seq
+                or (cut and state.acked_seq == head_last and self._cut_chunks_after(state, head))
+            ):
                 # restored from (or caught up to) this head: take the partition over
                 epoch, head_stream_seq, acked = head.epoch + 1, head.stream_seq, head_last
             elif local == state.acked_seq and local <= head_last:
@@ -178,6 +185,42 @@ class Replicator:
         engine.compactor.hold = self.hold_compaction
         engine.add_commit_listener(shipper.on_commit)
         shipper.start(f"logstate-ship:{self.path}")
+
+    def _own_messages_after(self, state: ReplicationState, local: int) -> None:
+        """Move ``state``'s acknowledged point over this writer's messages the stream
+        holds after it (up to ``local``): the file is saved at most once a second."""
+        cl = self.changelog
+        for msg in self.client.messages(
+            cl.stream, cl.subject, state.acked_stream_seq + 1, cl.timeout_s
+        ):
+            try:
+                got = wire.read_message(msg.stream_seq, msg.headers, msg.data)
+            except MessageError:
+                return
+            if got.writer != state.writer or got.kind != wire.KIND_RECORDS:
+                return
+            if got.first != state.acked_seq + 1 or got.last > local:
+                return
+            if got.chunk is None or got.chunk.part + 1 == got.chunk.parts:
+                state.acked_seq, state.acked_stream_seq = got.last, got.stream_seq
+
+    def _cut_chunks_after(self, state: ReplicationState, head: wire.Received) -> bool:
+        """Are the subject's messages after this copy's point only the chunks of
+        ``head``'s record, which its writer never finished (died between them)?"""
+        cl = self.changelog
+        after = state.acked_stream_seq
+        if after <= 0:
+            return False
+        for msg in self.client.messages(
+            cl.stream, cl.subject, after + 1, cl.timeout_s, until_stream_seq=head.stream_seq
+        ):
+            try:
+                got = wire.read_message(msg.stream_seq, msg.headers, msg.data)
+            except MessageError:
+                return False
+            if got.chunk is None or got.first != head.first or got.writer != head.writer:
+                return False
+        return True
 
     def _catch_up(self, state: ReplicationState, local: int, until: int) -> None:
         """Append the stream's records after ``local`` (up to ``until``) to the local log."""
@@ -367,12 +410,14 @@ class Replicator:
             self.client.delete_object(bucket, old.name, cl.timeout_s)
         oldest_seq = int(mine[-cl.keep_snapshots].name.rsplit("/", 1)[1])
         # the first message past the oldest kept snapshot's seq, found among those
-        # this process acknowledged (messages before it hold only older seqs)
+        # this process acknowledged (messages before it hold only older seqs);
+        # past the last one known, that message itself (the head may be a chunk
+        # of a record whose first chunks the snapshot needs)
         before = None
         known = list(shipper.acked_messages)
-        for i, (last, _stream_seq) in enumerate(known):
+        for i, (last, stream_seq) in enumerate(known):
             if last <= oldest_seq:
-                before = known[i + 1][1] if i + 1 < len(known) else shipper.head_stream_seq
+                before = known[i + 1][1] if i + 1 < len(known) else stream_seq
         if not before:
             return  # not known here yet: the next snapshot's retention purges
         purged = self.client.purge(cl.stream, cl.subject, before, cl.timeout_s)

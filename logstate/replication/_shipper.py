@@ -128,11 +128,14 @@ class Shipper:
             raise self._refused(fenced)
         with self._lock:
             if seq > self.queued_seq:  # (else delivered again after an exception)
-                if seq != self.queued_seq + 1:
-                    raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
-                self._pending.append(Pending(seq, record, time.time()))
-                self.pending_bytes += len(record)
-                self.queued_seq = seq
+                pending = self._pending
+                # queued already when an interrupt fell between the append and
+                # the count (then maybe shipped): count it, never queue it twice
+                if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
+                    if seq != self.queued_seq + 1:
+                        raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
+                    pending.append(Pending(seq, record, time.time()))
+                self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
             over = self.pending_bytes > self.max_lag_bytes
         self._poke()
         if self._sync:
@@ -321,7 +324,16 @@ class Shipper:
             self.who, first, last, times, payload, self.head_stream_seq, chunk
         )
         try:
-            stream_seq = self._client.publish(self.subject, payload, headers, self.timeout_s)
+            ack = self._client.publish_ack(self.subject, payload, headers, self.timeout_s)
+            stream_seq = ack.stream_seq
+            if ack.duplicate:  # (an R3 stream: ids hold no writer, so it may be another's)
+                stored = self._client.message(self.stream, stream_seq, self.timeout_s)
+                if stored is None:  # (purged: ask again; past the window the head tells)
+                    raise ReplicationError(self.stream, self.who.partition, "duplicate", first)
+                by = stored.headers.get(wire.H_WRITER, "")
+                if by != self.who.writer:
+                    self._fence(by, first)
+                    raise self.fenced_now()
         except WrongLastSequence:
             # the head moved: an earlier attempt of ours (its ack lost, or sent
             # by the client after a reconnect), or another writer's message

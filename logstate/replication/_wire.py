@@ -318,6 +318,11 @@ class Replay:
                 )
             return []
         head = self.pending_chunk
+        if head is not None and msg.first == head.first and msg.writer != head.writer:
+            # its writer died between the chunks and another took over at
+            # that seq: the record was never whole in the stream, drop it
+            head = self.pending_chunk = None
+            self._parts = []
         if head is not None and (msg.chunk is None or msg.first != head.first):
             raise MessageError(
                 msg.stream_seq, f"the chunked record {head.first} is cut short by this message"
