@@ -124,6 +124,12 @@ class Replicator:
                 if head_last > local:  # a power loss after shipping: take back what is lost
                     self._catch_up(state, local, head_last)
                     local = head_last
+                if resume is not None and local < resume[0]:
+                    # a power loss took the record whose chunks were being shipped:
+                    # the seq goes to other data, so under a new epoch (a restore
+                    # drops the unfinished chunks when the next epoch starts there)
+                    resume = None
+                    epoch += 1
                 acked = head_last
             elif local >= head_last and (
                 head.stream_seq == state.acked_stream_seq

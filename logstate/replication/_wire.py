@@ -304,6 +304,7 @@ class Replay:
         self.pending_chunk: Received | None = None
         self._parts: list[bytes] = []
         self.last_message: Received | None = None
+        self.started = False  # a message past the starting point was read
 
     def feed(self, msg: Received) -> list[tuple[int, bytes]]:
         self.last_message = msg
@@ -318,17 +319,30 @@ class Replay:
                 )
             return []
         head = self.pending_chunk
-        if head is not None and msg.first == head.first and msg.writer != head.writer:
-            # its writer died between the chunks and another took over at
-            # that seq: the record was never whole in the stream, drop it
+        if (
+            head is not None
+            and msg.first == head.first
+            and (msg.writer != head.writer or msg.epoch > head.epoch)
+        ):
+            # its writer died between the chunks, and another (or the same one
+            # after losing the record locally: a new epoch) wrote at that seq:
+            # the record was never whole in the stream, drop it
             head = self.pending_chunk = None
             self._parts = []
         if head is not None and (msg.chunk is None or msg.first != head.first):
             raise MessageError(
                 msg.stream_seq, f"the chunked record {head.first} is cut short by this message"
             )
+        if self.started and head is None and msg.first <= self.last_seq:
+            # past the starting point every seq is in the stream once
+            raise MessageError(
+                msg.stream_seq,
+                f"seqs {msg.first}-{msg.last} overlap what the stream held before "
+                f"(up to seq {self.last_seq}): a seq stored twice",
+            )
         if msg.last <= self.last_seq and self.pending_chunk is None:
             return []  # before the starting point (kept by retention, or a snapshot's)
+        self.started = True
         if msg.first <= self.last_seq < msg.last and msg.chunk is None:
             # the starting point falls inside this message: keep what follows it
             after = self.last_seq

@@ -101,3 +101,45 @@ def test_a_writer_whose_state_file_is_stale_is_behind_not_diverged(
     again = open_replicated(tmp_path / "a", changelog(nats_server), clock, restore="if-behind")
     assert again["k0"] == "new writer" and again["k29"] == 29
     again.close()
+
+
+def test_a_power_loss_of_the_record_being_chunked_gives_its_seq_to_a_new_epoch(
+    nats_server: NatsServer, tmp_path: Path, cut_chunks: tuple[list[str], threading.Event]
+) -> None:
+    # sync="none": the record whose first chunk reached the stream is lost
+    # locally (a power loss takes the unsynced tail); the next record takes its
+    # seq, under a new epoch, and a restore drops the unfinished chunks
+    writers, stored = cut_chunks
+    clock = Clock()
+    path = tmp_path / "a"
+    cl = changelog(nats_server)
+    writer = open_replicated(path, cl, clock, compress_min_size=None, segment_size=1 << 24)
+    for i in range(5):
+        writer[f"k{i}"] = i
+    writer.flush()
+    assert writer.wait_replicated(10.0)
+    state = load_state(str(path))
+    assert state is not None
+    writers.append(state.writer)
+    engine = writer._engine
+    active = engine.segments.active
+    assert active is not None
+    cut_at = active.size  # where the big record starts: the power loss cuts it off
+    writer["big"] = os.urandom(1_500_000)
+    assert stored.wait(10.0)
+    seq_lost = engine.appender.seq
+    engine.abandon()
+    writers.clear()  # (the publishes go through from here on)
+    os.truncate(active.path, cut_at)
+
+    again = open_replicated(path, changelog(nats_server), clock, compress_min_size=None)
+    assert "big" not in again and again._engine.appender.seq == seq_lost - 1
+    again["other"] = os.urandom(1_300_000)  # seq_lost again: other data, chunked
+    again["after"] = 1
+    assert again.wait_replicated(10.0)
+    expected = store_state(again)
+    again.close()
+    restore(nats_server.url, "STATE", "orders.0", tmp_path / "check")
+    check = LocalFileStorage(tmp_path / "check", clock=clock)
+    assert store_state(check) == expected
+    check.close()

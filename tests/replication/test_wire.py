@@ -181,3 +181,29 @@ def test_reading_any_message_either_parses_or_raises_message_error(
         return
     with contextlib.suppress(MessageError):
         Replay(0).feed(got)
+
+
+def test_past_the_starting_point_a_seq_stored_twice_is_refused() -> None:
+    replay = Replay(0)
+    replay.feed(message(1, 2, record(1) + record(2), stream_seq=1))
+    with pytest.raises(MessageError, match=r"overlap .* a seq stored twice") as info:
+        replay.feed(message(2, 3, record(2) + record(3), stream_seq=2))
+    assert info.value.stream_seq == 2
+    again = Replay(0)
+    again.feed(message(1, 2, record(1) + record(2), stream_seq=1))
+    with pytest.raises(MessageError, match="overlap"):
+        again.feed(message(1, 1, record(1), stream_seq=2))  # (once skipped silently)
+
+
+def test_unfinished_chunks_are_dropped_when_a_new_epoch_starts_at_their_seq() -> None:
+    chunks = wire.chunk_record(record(1, 3000), 1024)
+    replay = Replay(0)
+    replay.feed(message(1, 1, chunks[0][1], chunk=chunks[0][0]))
+    later = Identity(WHO.partition, WHO.writer, WHO.epoch + 1)
+    payload = record(1, 5)
+    headers = wire.message_headers(later, 1, 1, (2.0, 2.0), payload, 1)
+    assert replay.feed(wire.read_message(2, headers, payload)) == [(1, payload)]
+    same_epoch = Replay(0)
+    same_epoch.feed(message(1, 1, chunks[0][1], chunk=chunks[0][0]))
+    with pytest.raises(MessageError, match="cut short"):
+        same_epoch.feed(message(1, 1, payload, stream_seq=2))
