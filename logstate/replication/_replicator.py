@@ -443,7 +443,10 @@ class Replicator:
         shipper = self.shipper
         assert shipper is not None
         self._check_usable()
-        return shipper.wait_acked(shipper.queued_seq, timeout)
+        if shipper.wait_acked(shipper.queued_seq, timeout):
+            return True
+        self._check_usable()  # fenced during the wait: that, not a timeout
+        return False
 
     def hold_compaction(self, seq: int) -> bool:
         shipper = self.shipper
