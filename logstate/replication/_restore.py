@@ -27,7 +27,7 @@ from logstate._filenames import TMP_SUFFIX, parse_segment_file_name
 from logstate._fs import OS_FS
 from logstate.replication import _wire as wire
 from logstate.replication._build import build_store
-from logstate.replication._client import Client
+from logstate.replication._client import Client, Message
 from logstate.replication._config import ChangelogConfig, bucket_name
 from logstate.replication._state import ReplicationState, load_state, new_writer_id, save_state
 from logstate.replication._stream import StreamReader
@@ -120,6 +120,15 @@ def _changelog(
     )
 
 
+def _read(cl: ChangelogConfig, msg: Message) -> wire.Received:
+    """``msg`` checked; a bad one is a ReplicationError naming its stream seq."""
+    try:
+        return wire.read_message(msg.stream_seq, msg.headers, msg.data)
+    except MessageError as exc:
+        reason = f"message {exc.stream_seq} of the stream: {exc.reason}"
+        raise ReplicationError(cl.stream, cl.partition, reason) from None
+
+
 def restorable(
     servers: str | Sequence[str],
     stream: str,
@@ -144,10 +153,7 @@ def restorable(
             raise ReplicationError(stream, partition, "the stream holds nothing of this partition")
         newest_seq, newest_time = 0, None
         if head is not None:
-            try:
-                got = wire.read_message(head.stream_seq, head.headers, head.data)
-            except MessageError as exc:
-                raise ReplicationError(stream, partition, exc.reason, exc.stream_seq) from None
+            got = _read(cl, head)
             newest_seq, newest_time = got.last, got.t_last
         if snaps:
             oldest_seq, oldest_time = snaps[0]["seq"], snaps[0].get("time")
@@ -155,7 +161,7 @@ def restorable(
             first = next(iter(client.messages(cl.stream, cl.subject, 1, cl.timeout_s)), None)
             oldest_seq, oldest_time = 0, None
             if first is not None:
-                got = wire.read_message(first.stream_seq, first.headers, first.data)
+                got = _read(cl, first)
                 oldest_seq, oldest_time = got.first - 1, got.t_first
         return Restorable(oldest_seq, oldest_time, max(newest_seq, oldest_seq), newest_time, snaps)
     finally:
@@ -358,7 +364,7 @@ def follow(
             head = client.last_message(cl.stream, cl.subject, cl.timeout_s)
             newest = engine.appender.seq
             if head is not None:
-                newest = wire.read_message(head.stream_seq, head.headers, head.data).last
+                newest = _read(cl, head).last
             on_status(
                 FollowStatus(engine.appender.seq, newest, max(newest - engine.appender.seq, 0))
             )
