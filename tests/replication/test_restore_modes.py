@@ -27,7 +27,12 @@ from logstate._values import encode_value
 from logstate.replication import FencedError, ReplicationError, restorable, restore
 from tests.replication.servers import NatsServer
 from tests.replication.stores import Clock, fill, more_changes, store_state
-from tests.replication.test_replication import changelog, open_replicated
+from tests.replication.test_replication import (
+    assert_exactly_once,
+    changelog,
+    open_replicated,
+    subject_seqs,
+)
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -233,3 +238,46 @@ def test_restorable_gives_the_oldest_and_newest_seq_and_time(
     assert [s["seq"] for s in span.snapshots] == [30]
     with pytest.raises(ReplicationError, match="holds nothing of this partition"):
         restorable(nats_server.url, "STATE", "orders.9")
+
+
+def segment_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("segment-*.seg"))}
+
+
+def test_compaction_waits_for_the_broker_and_never_rewrites_what_it_has_not_acknowledged(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    path = tmp_path / "src"
+    source = open_replicated(path, changelog(nats_server, timeout=1.0), clock)
+    for round_ in range(10):
+        write_round(source, round_, 40)
+    assert source.wait_replicated(10.0)
+    nats_server.pause()  # the broker stops answering: commits stay local
+    try:
+        for round_ in range(10, 20):
+            write_round(source, round_, 40)
+        assert source.replication_lag().groups > 0
+        before = segment_files(path)
+        skipped = source.compact()  # waits (at most the changelog's timeout), then skips
+        assert (skipped.inputs, skipped.output) == ([], None)
+        after = segment_files(path)
+        assert {name: after.get(name) for name in before} == before  # nothing rewritten
+        assert source.replication_lag().groups > 0
+    finally:
+        nats_server.resume()
+    assert source.wait_replicated(20.0)
+    assert source.replication_lag() == (0, 0)
+    last = source._engine.appender.seq
+    assert_exactly_once(subject_seqs(nats_server), last)
+
+    done = source.compact()  # everything acknowledged: it proceeds
+    assert done.inputs and done.output is not None
+    assert len(segment_files(path)) < len(before)
+    source["after-compaction"] = 1
+    assert source.wait_replicated(10.0)
+    expected = store_state(source)
+    source.close()
+    assert_exactly_once(subject_seqs(nats_server), last + 1)
+    restore(nats_server.url, "STATE", "orders.0", tmp_path / "copy")
+    assert state_of(tmp_path / "copy", clock) == expected
