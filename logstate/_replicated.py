@@ -53,7 +53,10 @@ class ReplicationMethods(Handle):
         return self._replication().lag()
 
     def wait_replicated(self, timeout: float | None = None) -> bool:
-        """Wait until everything committed so far is acknowledged by the stream.
+        """Wait until everything written so far is acknowledged by the stream.
+
+        Writes the sync mode has not made durable yet (``sync="interval"``)
+        are made durable first: a record is shipped once it is durable here.
 
         Args:
             timeout: seconds to wait at most; None: no bound.
@@ -64,8 +67,13 @@ class ReplicationMethods(Handle):
         Raises:
             ValueError: the storage has no changelog.
             StorageClosedError / FencedError: closed, or fenced by another writer.
+            OSError: making the writes durable failed (as for ``flush()``).
         """
-        return self._replication().wait_replicated(timeout)
+        replication = self._replication()
+        engine = self._engine
+        if engine.options.sync == "interval":  # (the others deliver once written or synced)
+            engine.sync()
+        return replication.wait_replicated(timeout)
 
     def replication_snapshot(
         self, progress: Callable[[str, int, int], None] | None = None

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from logstate import LocalFileStorage
+from logstate import InMemoryStorage, LocalFileStorage
 from logstate._values import encode_value
 from logstate.replication import FencedError, ReplicationError, restorable, restore
 from tests.replication.servers import NatsServer
@@ -281,3 +281,21 @@ def test_compaction_waits_for_the_broker_and_never_rewrites_what_it_has_not_ackn
     assert_exactly_once(subject_seqs(nats_server), last + 1)
     restore(nats_server.url, "STATE", "orders.0", tmp_path / "copy")
     assert state_of(tmp_path / "copy", clock) == expected
+
+
+def test_wait_replicated_ships_writes_the_sync_interval_has_not_made_durable_yet(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    cl = changelog(nats_server)
+    source = open_replicated(tmp_path / "src", cl, clock, sync="interval", sync_interval=60.0)
+    for i in range(10):
+        source[f"k{i}"] = i
+    assert source.wait_replicated(10.0)
+    assert_exactly_once(subject_seqs(nats_server), source._engine.appender.seq)
+    memory = InMemoryStorage(source)
+    memory["from-memory"] = 1
+    memory.flush(checkpoint=1)
+    assert memory.wait_replicated(10.0)
+    assert_exactly_once(subject_seqs(nats_server), source._engine.appender.seq)
+    source.close()
