@@ -214,6 +214,24 @@ def print_replication(stats: dict[str, Any]) -> None:
         print(f"  FENCED:        taken over by writer {stats['fenced'].get('by_writer')}")
 
 
+def place_dir(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Give ``restore``'s DIR its place when it follows the options; what is left over.
+
+    ``restore URL --stream S --partition P DIR``: argparse matches the
+    optional DIR (as nothing) with URL, before the options, so DIR comes
+    back unrecognized.
+    """
+    if (
+        args.command == "restore"
+        and args.dir is None
+        and len(extra) == 1
+        and not extra[0].startswith("-")
+    ):
+        args.dir = extra[0]
+        return []
+    return extra
+
+
 def add_commands(command: Callable[..., Any]) -> None:
     """Register restore and follow with the command line's ``command`` factory."""
 

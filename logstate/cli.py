@@ -22,7 +22,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from logstate import __version__
-from logstate._cli_replication import add_commands, print_replication, replication_stats
+from logstate._cli_replication import (
+    add_commands,
+    place_dir,
+    print_replication,
+    replication_stats,
+)
 from logstate._demo import DemoRefusedError, run_demo, run_worker
 from logstate._errors import CorruptionError, LogstateError
 from logstate._filenames import segment_file_name
@@ -427,7 +432,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    extra = place_dir(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logger = logging.getLogger("logstate")
     quiet_log = args.command in ("check", "repair", "stats", "dump")
     propagate = logger.propagate
