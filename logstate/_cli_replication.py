@@ -41,7 +41,27 @@ def _progress(quiet: bool) -> Callable[[str, int, int], None] | None:
     return show
 
 
+def _bad_argument(command: str, exc: ValueError) -> int:
+    """A value the replication refused (a partition name, a time without a zone ...)."""
+    print(f"logstate {command}: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        return _restore(args)
+    except ValueError as exc:
+        return _bad_argument("restore", exc)
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    try:
+        return _follow(args)
+    except ValueError as exc:
+        return _bad_argument("follow", exc)
+
+
+def _restore(args: argparse.Namespace) -> int:
     from logstate.replication import restorable, restore
 
     common: dict[str, Any] = {"timeout": args.timeout}
@@ -101,7 +121,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_follow(args: argparse.Namespace) -> int:
+def _follow(args: argparse.Namespace) -> int:
     from logstate.replication import FollowStatus, JetStreamChangelog, follow
 
     changelog = JetStreamChangelog(args.url, args.stream, args.partition, timeout=args.timeout)
