@@ -191,6 +191,29 @@ def test_retention_purges_below_the_oldest_kept_snapshot_and_the_writer_goes_on(
     assert not (tmp_path / "too-old").exists()
 
 
+def test_retention_never_purges_the_subjects_newest_message_and_the_writer_goes_on(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    cl = changelog(nats_server, ack="sync", keep_snapshots=1)
+    source = open_replicated(tmp_path / "src", cl, clock)
+    for round_ in range(3):
+        for i in range(10):
+            source[f"k{i}"] = f"{round_}-{i}"
+        seq = source._engine.appender.seq
+        assert source.replication_snapshot()["seq"] == seq  # covers the newest message
+        messages = subject_messages(nats_server)
+        assert [m[2:] for m in messages] == [(seq, seq)]  # only the newest is left
+    for i in range(5):  # its expected last subject seq still matches: no fencing
+        source[f"after{i}"] = i
+    assert source.wait_replicated(10.0)
+    assert subject_messages(nats_server)[-1][3] == source._engine.appender.seq
+    expected = store_state(source)
+    source.close()
+    result, state = restored_state(nats_server, tmp_path / "copy", clock)
+    assert state == expected and (result.snapshot_seq, result.records) == (30, 5)
+
+
 def test_retention_keeps_every_chunk_of_a_large_record_after_the_oldest_snapshot(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
