@@ -34,7 +34,7 @@ from logstate.replication._config import ChangelogConfig, bucket_name, snapshot_
 from logstate.replication._shipper import Shipper
 from logstate.replication._snapshot import capture, write_container
 from logstate.replication._state import ReplicationState, load_state, new_writer_id, save_state
-from logstate.replication._stream import stream_records
+from logstate.replication._stream import check_still_held, stream_records
 from logstate.replication._wire import Identity, MessageError
 
 __all__ = ["Replicator"]
@@ -231,6 +231,7 @@ class Replicator:
     def _catch_up(self, state: ReplicationState, local: int, until: int) -> None:
         """Append the stream's records after ``local`` (up to ``until``) to the local log."""
         start = state.acked_stream_seq + 1 if 0 < state.acked_seq <= local else 1
+        check_still_held(self.client, self.changelog, start, local, self.path)
         records = [
             rec
             for rec in stream_records(self.client, self.changelog, start, local, until_seq=until)

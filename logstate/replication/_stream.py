@@ -18,7 +18,7 @@ from logstate.replication._client import Client
 from logstate.replication._config import ChangelogConfig
 from logstate.replication._wire import MessageError
 
-__all__ = ["StreamReader", "stream_records"]
+__all__ = ["StreamReader", "check_still_held", "stream_records"]
 
 
 class StreamReader:
@@ -71,3 +71,31 @@ def stream_records(
 ) -> Iterator[tuple[int, bytes]]:
     """The records after ``after_seq`` (to ``until_seq``), from message ``from_stream_seq`` on."""
     return StreamReader(client, changelog).records(from_stream_seq, after_seq, until_seq)
+
+
+def check_still_held(
+    client: Client, changelog: ChangelogConfig, from_stream_seq: int, local: int, path: str
+) -> None:
+    """Raise unless the subject, from ``from_stream_seq`` on, starts at or before ``local + 1``.
+
+    A catch-up of a copy at seq ``local`` needs every record after it; a
+    purge below a snapshot may have taken them. A first message whose
+    ``Logstate-Seq`` is not a seq range passes: the verified read names it.
+
+    Raises:
+        ReplicationError: the stream starts past ``local + 1``; it names ``restore='rebase'``.
+    """
+    cl = changelog
+    msg = next(
+        iter(client.messages(cl.stream, cl.subject, max(from_stream_seq, 1), cl.timeout_s)), None
+    )
+    text = "" if msg is None else msg.headers.get(wire.H_SEQ, "").split("-")[0]
+    if text.isdigit() and int(text) > local + 1:
+        raise ReplicationError(
+            cl.stream,
+            cl.partition,
+            f"{path} is behind what the stream still holds (from seq {text}, purged below a "
+            f"snapshot; seq {local} here): open it with restore='rebase' to restore it from "
+            "the snapshot (it holds nothing the stream lacks)",
+            local,
+        )

@@ -299,3 +299,34 @@ def test_wait_replicated_ships_writes_the_sync_interval_has_not_made_durable_yet
     assert memory.wait_replicated(10.0)
     assert_exactly_once(subject_seqs(nats_server), source._engine.appender.seq)
     source.close()
+
+
+def test_a_copy_behind_the_purged_part_of_the_stream_is_told_to_rebase_and_rebase_works(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    old = open_replicated(tmp_path / "old", changelog(nats_server, keep_snapshots=1), clock)
+    write_round(old, 0)
+    assert old.wait_replicated(10.0)
+    restore(nats_server.url, "STATE", "orders.0", tmp_path / "new")  # stale from here on
+    for round_ in range(1, 3):
+        write_round(old, round_)
+        assert old.wait_replicated(10.0)
+        old.replication_snapshot()  # the stream is purged below it
+    write_round(old, 3)
+    assert old.wait_replicated(10.0)
+    expected = store_state(old)
+    before = files_of(tmp_path / "new")
+    with pytest.raises(ReplicationError, match="restore='rebase'") as info:
+        open_replicated(tmp_path / "new", changelog(nats_server), clock, restore="if-behind")
+    assert info.value.seq == 30 and "seq 30 here" in info.value.reason
+    assert files_of(tmp_path / "new") == before
+    new = open_replicated(tmp_path / "new", changelog(nats_server), clock, restore="rebase")
+    assert store_state(new) == expected
+    new["k0"] = "the new writer"
+    assert new.wait_replicated(10.0)
+    old["k1"] = "fenced"
+    with pytest.raises(FencedError):
+        old.wait_replicated(10.0)
+    old.close()
+    new.close()
