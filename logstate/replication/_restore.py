@@ -308,9 +308,7 @@ def restore_for_open(cl: ChangelogConfig, path: str, mode: str) -> None:
             return  # a new partition: the open starts it
     finally:
         client.release()
-    if OS_FS.is_dir(path) and not OS_FS.list_dir(path):
-        os.rmdir(path)  # (an empty directory: the build renames over it)
-    _restore(cl, path, None, None, None)
+    _restore(cl, path, None, None, None)  # (an empty directory: the build renames over it)
 
 
 class FollowStatus(NamedTuple):
