@@ -1,4 +1,4 @@
-"""Review: takeovers in the awkward places, on a real nats-server.
+"""Takeovers in the awkward places, on a real nats-server.
 
 - the old writer died with a chunked record cut between its chunks: the
   restored writer takes over on top of those chunks, and the stream stays

@@ -1,4 +1,4 @@
-"""Review: fencing on an R3 stream (a real 3-node cluster).
+"""Fencing on an R3 stream (a real 3-node cluster).
 
 An R3 stream answers a repeated ``Nats-Msg-Id`` with a duplicate ack
 before it checks the expected last sequence; the id holds partition, epoch
@@ -20,7 +20,7 @@ from tests.replication.stores import Clock
 
 
 def _open(path: Path, cluster: NatsCluster, clock: Clock, **options: Any) -> LocalFileStorage:
-    cl = JetStreamChangelog(cluster.urls, "REVIEWDUP", "orders.0", replicas=3, timeout=5.0)
+    cl = JetStreamChangelog(cluster.urls, "TAKEOVERDUP", "orders.0", replicas=3, timeout=5.0)
     return LocalFileStorage(
         path, clock=clock, changelog=cl, sync="none", auto_compact=False, **options
     )

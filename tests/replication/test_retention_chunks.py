@@ -1,4 +1,4 @@
-"""Review: the retention purge against a shipper in the middle of a chunked record.
+"""The retention purge against a shipper in the middle of a chunked record.
 
 A snapshot's retention may run while the shipper is between the chunks of
 a large record: the purge must keep every message the kept snapshot needs.

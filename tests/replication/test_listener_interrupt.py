@@ -1,4 +1,4 @@
-"""Review: an interrupt (KeyboardInterrupt) inside the commit listener, on a real nats-server.
+"""An interrupt (KeyboardInterrupt) inside the commit listener, on a real nats-server.
 
 The engine delivers a record again when its listener raised; the shipper's
 queue must come out of that holding each seq once.
