@@ -352,13 +352,16 @@ class Replicator:
         for old in mine[: -cl.keep_snapshots]:
             self.client.delete_object(bucket, old.name, cl.timeout_s)
         oldest_seq = int(mine[-cl.keep_snapshots].name.rsplit("/", 1)[1])
-        # the first message past the oldest kept snapshot's seq, found among those
-        # this process acknowledged (messages before it hold only older seqs)
+        # just past the last message holding only seqs up to the oldest kept
+        # snapshot's, found among those this process acknowledged; the newest
+        # message of the subject is kept. (Not the stream seq of the next one
+        # known: for a chunked record that is its last chunk's, and purging
+        # below it would cut the record's first chunks off.)
         before = None
         known = list(shipper.acked_messages)
-        for i, (last, _stream_seq) in enumerate(known):
+        for i, (last, stream_seq) in enumerate(known):
             if last <= oldest_seq:
-                before = known[i + 1][1] if i + 1 < len(known) else known[i][1]
+                before = stream_seq + 1 if i + 1 < len(known) else stream_seq
         if before is None:
             return  # not known here yet: the next snapshot's retention purges
         purged = self.client.purge(cl.stream, cl.subject, before, cl.timeout_s)
