@@ -132,7 +132,13 @@ def test_kill_9_of_the_writer_anywhere_loses_and_duplicates_nothing(
 
     final_seq = reopen_and_ship(path, servers, "p.0")
     assert not (path / SNAPSHOT_TMP_NAME).exists()  # (recovery removed the leftover)
-    assert assert_exactly_once(subject_messages(servers, "p.0")) == final_seq >= last_seq
+    messages = subject_messages(servers, "p.0")
+    assert assert_exactly_once(messages) == final_seq >= last_seq
+    chunked = sum(1 for m in messages if m.chunk is not None and m.chunk.part == 0)
+    print(
+        f"seed {seed}: {kills} kills, {final_seq} seqs in {len(messages)} messages, "
+        f"{chunked} chunked records, last acknowledged round {last_round}"
+    )
     state = assert_restore_equals(servers, "p.0", path, tmp_path / "restored", **STORE_OPTIONS)
     assert state["checkpoint"] >= last_round
     assert restorable(servers, "STATE", "p.0").newest_seq == final_seq

@@ -10,6 +10,7 @@ Writer processes killed or paused: test_failures.py.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -108,6 +109,8 @@ def loops() -> Iterator[list[CommitLoop]]:
         for loop in made:
             loop._stop.set()
             loop._thread.join(LOOP_BOUND_S)
+            with contextlib.suppress(Exception):  # (closed by the test when it passed)
+                loop.store.close()
 
 
 def open_writer(path: Path, servers: list[str], partition: str, **options: Any) -> LocalFileStorage:
@@ -174,6 +177,7 @@ def test_a_broker_killed_and_restarted_loses_and_duplicates_nothing(
         assert errors, "no sync commit failed in an outage three times its timeout"
         assert all(KEPT_TEXT in str(e) for e in errors), errors[0]
         assert {o.round for o in outcomes if o.error} <= {o.round for o in during}
+    print(f"{ack}: {len(during)} commits during the outage, {len(errors)} failed")
     assert finish(store, servers, "p.0") == outcomes[-1].seq
     state = assert_restore_equals(servers, "p.0", tmp_path / "w", tmp_path / "copy")
     assert state["checkpoint"] == outcomes[-1].round
@@ -216,6 +220,10 @@ def test_a_network_cut_keeps_async_commits_local_fails_sync_ones_and_heals_witho
     assert {o.round for o in failed} <= {
         o.round for o in running["sync"].between(cut_at, healed_at)
     }
+    print(
+        f"cut: {len(during_async)} async commits, "
+        f"{len(failed)} sync commits failed after {timeout_s:g} s"
+    )
     direct = [nats_server.url]
     for ack, store in stores.items():
         assert finish(store, direct, f"{ack}.0") == outcomes[ack][-1].seq
@@ -248,11 +256,18 @@ def test_killing_the_r3_stream_leader_loses_no_acknowledged_group(
         survivors = [s.url for s in nats_cluster.servers if s is not leader]
         for p in partitions:
             acknowledged = [o for o in outcomes[p] if o.error is None]
-            result = restore(survivors, stream, p, tmp_path / f"{p}-at-stop", timeout=10.0)
+            at_stop = tmp_path / f"{p}-at-stop"
+            result = restore(survivors, stream, p, at_stop, timeout=10.0)
             assert result.seq >= acknowledged[-1].seq  # every returned flush is there
+            restored = LocalFileStorage(at_stop, read_only=True)
+            assert restored.checkpoint >= acknowledged[-1].round
+            restored.close()
+            longest = max(o.ended - o.started for o in outcomes[p])
+            failed = len(outcomes[p]) - len(acknowledged)
+            print(f"{p}: {len(outcomes[p])} sync commits, {failed} failed, longest {longest:.1f} s")
             finish(stores[p], survivors, p, stream)
-            restored = tmp_path / f"{p}-copy"
-            state = assert_restore_equals(survivors, p, tmp_path / p, restored, stream=stream)
+            copy = tmp_path / f"{p}-copy"
+            state = assert_restore_equals(survivors, p, tmp_path / p, copy, stream=stream)
             assert state["checkpoint"] == outcomes[p][-1].round
     finally:
         leader.start(wait=False)
