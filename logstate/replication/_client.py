@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 OBJECT_CHUNK_SIZE = 128 * 1024  # nats-py's default chunk size (object store put)
+# a chunk leaves this much of the server's max_payload to the protocol
+OBJECT_CHUNK_ROOM = 4096
 
 
 def _obj_stream(bucket: str) -> str:
@@ -145,18 +147,25 @@ class Client(StreamCalls):
         """Put the file's content as object ``name`` (streamed in 128 KiB chunks).
 
         A previous object of that name is replaced (its chunks purged).
-        Each chunk's publish is bounded by ``timeout_s``.
+        Each chunk's publish is bounded by ``timeout_s``. Chunks are
+        ``OBJECT_CHUNK_SIZE`` bytes, less on a server whose ``max_payload``
+        is smaller (nats-py would refuse a chunk over it).
 
         Raises:
             OSError: reading the file failed.
             ReplicationError: a chunk or the metadata was not stored.
         """
         nc = self._connection(timeout_s)
+        chunk_size = min(OBJECT_CHUNK_SIZE, self.max_payload - OBJECT_CHUNK_ROOM)
         fd = fs.open_read_only(file_path)
         try:
-            chunks = fs.file_size(fd) // OBJECT_CHUNK_SIZE + 1
+            chunks = fs.file_size(fd) // chunk_size + 1
             reader = _FileReader(fs, fd)
-            meta = js_api.ObjectMeta(name=name, description=description)
+            meta = js_api.ObjectMeta(
+                name=name,
+                description=description,
+                options=js_api.ObjectMetaOptions(max_chunk_size=chunk_size),
+            )
 
             async def work() -> None:
                 js = nc.jetstream(timeout=timeout_s)

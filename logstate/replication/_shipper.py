@@ -127,15 +127,21 @@ class Shipper:
         if fenced is not None:
             raise self._refused(fenced)
         with self._lock:
-            if seq > self.queued_seq:  # (else delivered again after an exception)
-                pending = self._pending
-                # queued already when an interrupt fell between the append and
-                # the count (then maybe shipped): count it, never queue it twice
-                if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
-                    if seq != self.queued_seq + 1:
-                        raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
-                    pending.append(Pending(seq, record, time.time()))
-                self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
+            if seq <= self.queued_seq:
+                # delivered again after this call raised (a sync timeout, a full
+                # backlog) for the commit that made it: queued already, and that
+                # commit was told. Waiting here again would keep the engine from
+                # handing over the records committed after it, which would then
+                # count in no lag and be shipped by no one until a later commit.
+                return
+            pending = self._pending
+            # queued already when an interrupt fell between the append and
+            # the count (then maybe shipped): count it, never queue it twice
+            if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
+                if seq != self.queued_seq + 1:
+                    raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
+                pending.append(Pending(seq, record, time.time()))
+            self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
             over = self.pending_bytes > self.max_lag_bytes
         self._poke()
         if self._sync:
