@@ -82,23 +82,23 @@ def install_kill_point(spec: str) -> None:
         return
     if point not in ("before-publish", "after-publish", "mid-chunks"):
         raise SystemExit(f"unknown kill point {point!r}")
-    publish = _client.Client.publish
+    publish_ack = _client.Client.publish_ack  # (what the shipper publishes with)
 
-    def killing_publish(
+    def killing_publish_ack(
         self: Any, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float
-    ) -> int:
+    ) -> Any:
         records = headers.get("Logstate-Kind", "records") == "records" and "Logstate-Seq" in headers
         chunk = headers.get("Logstate-Chunk")
         if records and point == "before-publish" and reached():
             die(point)
         if records and point == "mid-chunks" and chunk and not chunk.startswith("0/") and reached():
             die(point)
-        stream_seq: int = publish(self, subject, payload, headers, timeout_s)
+        ack = publish_ack(self, subject, payload, headers, timeout_s)
         if records and point == "after-publish" and reached():
             die(point)
-        return stream_seq
+        return ack
 
-    _client.Client.publish = killing_publish  # type: ignore[method-assign]
+    _client.Client.publish_ack = killing_publish_ack  # type: ignore[method-assign]
 
 
 def commit_round(store: LocalFileStorage, rng: random.Random, round_: int, big: bool) -> None:
