@@ -38,6 +38,9 @@ Benchmarks (name: what is measured):
   (``logstate.integrations.quixstreams``) against Quix's own RocksDBStore
   through Quix's transaction path: updates/s, recovery messages/s, reopen
   time, RSS growth, disk size (``python tools/bench.py --quix --repeat 5``).
+- ``--replication`` (a separate section, run alone): shipping to NATS
+  JetStream, its cost on flushes, and restore (``tools/bench_replication.py``
+  describes the rows).
 
 Every row reports the ratio logstate/peer (for times and sizes: peer/logstate,
 so above 1.0 means logstate is better in every column).
@@ -1004,6 +1007,27 @@ def quix_report(rows: list[Row], command: str, txs: int, per_tx: int, repeat: in
     return "\n".join(lines) + "\n"
 
 
+def _main_replication(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from tools import bench_replication as repl
+
+    cfg = repl.ReplicationConfig.make(args.quick, args.repeat)
+    only = {x for x in args.only.split(",") if x}
+    base = tempfile.mkdtemp(prefix="logstate-bench-", dir=args.tmp)
+    try:
+        rows = repl.run_replication(
+            cfg, base, lambda msg: print(msg, file=sys.stderr, flush=True), only
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = repl.replication_report(rows, cfg, command.strip())
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -1021,7 +1045,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the Quix Streams section (logstate vs RocksDBStore)",
     )
+    parser.add_argument(
+        "--replication",
+        action="store_true",
+        help="only the replication section (tools/bench_replication.py)",
+    )
     args = parser.parse_args(argv)
+    if args.replication:
+        return _main_replication(args, argv)
     if args.quix:
         txs, per_tx, repeat = (200, 20, 1) if args.quick else (2000, 20, args.repeat or 3)
         base = tempfile.mkdtemp(prefix="logstate-bench-", dir=args.tmp)
