@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from logstate._errors import ReplicationError
 from logstate.replication import _wire as wire
 from logstate.replication._client import Client
 
@@ -110,6 +111,25 @@ class ChangelogConfig:
             f"{type(self).__name__}({self.servers!r}, stream={self.stream!r}, "
             f"partition={self.partition!r}, ack={self.ack!r})"
         )
+
+    def ensure_stream(self, client: Client) -> None:
+        """Create the stream if missing; refuse one (the user made) whose subjects
+        do not take the partition's.
+
+        Raises:
+            ReplicationError: naming the stream's subjects and the one needed.
+        """
+        info = client.ensure_stream(
+            self.stream, [f"{self.subject_prefix}.>"], self.replicas, self.timeout_s
+        )
+        subjects = list(info.get("config", {}).get("subjects") or [])
+        if not wire.subject_covered(subjects, self.subject):
+            raise ReplicationError(
+                self.stream,
+                self.partition,
+                f"the stream's subjects {subjects} do not take {self.subject!r}: add "
+                f"{self.subject_prefix + '.>'!r} to them, or pass subject_prefix=",
+            )
 
     def client(self) -> Client:
         return Client.get(

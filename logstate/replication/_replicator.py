@@ -90,7 +90,7 @@ class Replicator:
 
     def open(self) -> None:
         cl, engine = self.changelog, self.engine
-        self.client.ensure_stream(cl.stream, [f"{cl.subject_prefix}.>"], cl.replicas, cl.timeout_s)
+        cl.ensure_stream(self.client)
         state = load_state(self.path)
         if state is not None and (state.stream, state.partition) != (cl.stream, cl.partition):
             raise self._error(

@@ -37,6 +37,7 @@ __all__ = [
     "plan_run",
     "read_message",
     "split_records",
+    "subject_covered",
 ]
 
 # header names
@@ -104,6 +105,24 @@ def check_partition(partition: str) -> str:
             f"joined by '.', at most {MAX_PARTITION_SIZE} characters"
         )
     return partition
+
+
+def subject_covered(patterns: Sequence[str], subject: str) -> bool:
+    """Does one of a stream's subject patterns (NATS ``*`` and ``>``) take ``subject``?"""
+    tokens = subject.split(".")
+    for pattern in patterns:
+        parts = pattern.split(".")
+        for i, part in enumerate(parts):
+            if part == ">":
+                if len(tokens) > i:
+                    return True
+                break
+            if i >= len(tokens) or (part != "*" and part != tokens[i]):
+                break
+        else:
+            if len(parts) == len(tokens):
+                return True
+    return False
 
 
 def message_id(who: Identity, first: int, last: int, chunk: Chunk | None = None) -> str:

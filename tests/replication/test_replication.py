@@ -227,3 +227,16 @@ def test_logstate_snapshot_uploads_and_restore_starts_from_it(
     copy.close()
     assert cli.main(["snapshot", *args, str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_stream_the_user_made_without_the_partitions_subject_is_refused(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    client = Client.get(nats_server.url, timeout_s=5.0)
+    try:
+        client.ensure_stream("STATE", ["elsewhere.>"], 1, 5.0)
+    finally:
+        client.release()
+    with pytest.raises(ReplicationError, match=r"do not take 'logstate\.STATE\.orders\.0'"):
+        open_replicated(tmp_path / "s", changelog(nats_server), Clock())
+    LocalFileStorage(tmp_path / "s").close()  # the directory was released

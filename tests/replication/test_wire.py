@@ -207,3 +207,14 @@ def test_unfinished_chunks_are_dropped_when_a_new_epoch_starts_at_their_seq() ->
     same_epoch.feed(message(1, 1, chunks[0][1], chunk=chunks[0][0]))
     with pytest.raises(MessageError, match="cut short"):
         same_epoch.feed(message(1, 1, payload, stream_seq=2))
+
+
+def test_subject_patterns_are_matched_as_nats_does() -> None:
+    subject = "logstate.STATE.orders.0"
+    assert wire.subject_covered(["logstate.STATE.>"], subject)
+    assert wire.subject_covered(["other", "logstate.*.orders.*"], subject)
+    assert wire.subject_covered([">"], subject)
+    assert not wire.subject_covered(["logstate.STATE"], subject)
+    assert not wire.subject_covered(["logstate.STATE.orders.0.>"], subject)
+    assert not wire.subject_covered(["logstate.*.orders"], subject)
+    assert not wire.subject_covered([], subject)
