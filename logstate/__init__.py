@@ -23,6 +23,7 @@ from logstate._errors import (
     UnsupportedFormatError,
 )
 from logstate._hooks import ReplicationLag
+from logstate._native import ACTIVE as native
 from logstate._views import bytes_to_key, key_to_bytes
 from logstate.memory import InMemoryStorage
 from logstate.storage import Batch, LocalFileStorage
@@ -49,6 +50,7 @@ __all__ = [
     "UnsupportedFormatError",
     "bytes_to_key",
     "key_to_bytes",
+    "native",
 ]
 
 __version__ = "0.1.0"

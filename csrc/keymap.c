@@ -1,0 +1,8 @@
+/* logstate._cnative: keymap (not built yet: registers nothing). */
+#include "native.h"
+
+int
+ls_keymap_init(PyObject *module)
+{
+    return 0;
+}

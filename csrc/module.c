@@ -1,0 +1,25 @@
+/* logstate._cnative: module definition; each part registers itself. */
+#include "native.h"
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    "logstate._cnative",
+    "logstate's optional C core (pure Python is the reference: logstate._native).",
+    -1,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__cnative(void)
+{
+    PyObject *module = PyModule_Create(&native_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (ls_crc_init(module) < 0 || ls_keymap_init(module) < 0 || ls_fast_init(module) < 0
+        || ls_scan_init(module) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
