@@ -2,11 +2,10 @@
 #include "native.h"
 
 static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT,
-    "logstate._cnative",
-    "logstate's optional C core (pure Python is the reference: logstate._native).",
-    -1,
-    NULL,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "logstate._cnative",
+    .m_doc = "logstate's optional C core (pure Python is the reference: logstate._native).",
+    .m_size = -1,
 };
 
 PyMODINIT_FUNC
