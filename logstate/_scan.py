@@ -195,6 +195,13 @@ class WindowedScan:
         self._buf = b""
         self._buf_start = start
         self._skip = skip
+        # A replay's fast path (the C scanner, see _replay.SegmentReplay.scan),
+        # set before frames() is called: called with (window, index, window's
+        # data offset) before each record of frames' fast path; it applies
+        # the records it handles from there and returns the index of the first
+        # one it does not (the same index: none). None (the default): every
+        # record is yielded.
+        self.fast: Callable[[bytes, int, int], int] | None = None
         # resync: where each type byte next occurs in the window (see _next_type_byte)
         self._found_in: tuple[bytes, int] | None = None
         self._found: list[int] = []
@@ -310,6 +317,7 @@ class WindowedScan:
         ``window_start + frame.offset``); damage goes to ``report``.
         """
         unpack = _CRC_LENGTH_TYPE_SEQ.unpack_from
+        fast = self.fast
         offset = self.start
         while offset < self.end:
             buf = self._buf
@@ -317,10 +325,15 @@ class WindowedScan:
             n = len(buf)
             if rel >= 0:
                 # fast path: whole, valid records inside the window (a copy of
-                # scan_records' fast path, kept inline for speed; the two are
+                # scan_records' fast path, kept inline for speed, and copied in
+                # csrc/scan.c's replay_records; the two are
                 # proved equal by tests/test_recovery_limits.py::
                 # test_windowed_scan_reports_exactly_what_the_whole_buffer_scan_reports)
                 while rel + RECORD_OVERHEAD <= n:
+                    if fast is not None:
+                        rel = fast(buf, rel, self._buf_start)
+                        if rel + RECORD_OVERHEAD > n:
+                            break
                     crc, length, record_type, seq = unpack(buf, rel)
                     frame_end = rel + FRAME_HEADER_SIZE + length
                     if (
