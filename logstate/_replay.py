@@ -32,7 +32,7 @@ from logstate._aside import Aside
 from logstate._errors import CorruptionError
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
-from logstate._keydir import Keydir
+from logstate._keydir import Index, Keydir
 from logstate._native import EXT
 from logstate._report import RecoveryReport, SalvagedRange, TornTail
 from logstate._scan import Damage, WindowedScan
@@ -40,7 +40,8 @@ from logstate._segments import Segment
 
 __all__ = ["NATIVE_REPLAY", "SegmentReplay", "native_replay", "scanner"]
 
-ReplayRecords = Callable[[bytes, int, dict[str, dict[str, object]], int, int], tuple[int, int, int, int]]
+# replay_records(window, offset, namespaces, segment, shift) -> (stop, records, seq, live)
+ReplayRecords = Callable[[bytes, int, dict[str, Index], int, int], tuple[int, int, int, int]]
 NATIVE_REPLAY: Final[ReplayRecords | None] = None if EXT is None else EXT.replay_records
 """The C scanner's replay_records (csrc/scan.c), None on the pure path."""
 
@@ -51,7 +52,8 @@ def native_replay() -> ReplayRecords | None:
     then follows the changed value)."""
     if NATIVE_REPLAY is None or EXT is None:
         return None
-    if _scan.MAX_RECORD_SIZE != EXT.SCAN_LAYOUT["MAX_RECORD_SIZE"]:
+    # (the limit the Python scanner reads: its module's name, which tests patch)
+    if vars(_scan)["MAX_RECORD_SIZE"] != EXT.SCAN_LAYOUT["MAX_RECORD_SIZE"]:
         return None
     return NATIVE_REPLAY
 

@@ -118,7 +118,7 @@ def test_scan_layout_copies_format_and_location_constants(cnative: Any) -> None:
     expected["TAG_EXPIRES"] = TAG_EXPIRES
     for name in ("SEGMENT_SHIFT", "OFFSET_SHIFT", "SIZE_SHIFT", "KIND_RECORD", "KIND_GROUP_OP"):
         expected[name] = getattr(_location, name)
-    assert cnative.SCAN_LAYOUT == expected
+    assert expected == cnative.SCAN_LAYOUT
 
 
 # ============================================================================ record by record
@@ -294,7 +294,9 @@ def test_an_open_without_snapshot_is_applied_by_the_c_scan(
     (tmp_path / SNAPSHOT_FILE_NAME).unlink()
     applied = spy_on_native(monkeypatch)
     with LocalFileStorage(tmp_path) as store:
-        assert store["k298"] == "v" * (298 % 13) and store.get_or_create_sub_storage("sub")["x"] == 1
+        assert (
+            store["k298"] == "v" * (298 % 13) and store.get_or_create_sub_storage("sub")["x"] == 1
+        )
     assert sum(applied) >= 200  # all but the first record of each segment (and window)
 
 
@@ -309,7 +311,10 @@ def records(draw: st.DrawFn, seq: int) -> bytes:
     ns = draw(st.sampled_from(NAMESPACES))
     kind = draw(
         st.sampled_from(
-            ["set"] * 6 + ["delete"] * 2 + ["group"] * 3 + ["create", "drop", "clear"]
+            ["set"] * 6
+            + ["delete"] * 2
+            + ["group"] * 3
+            + ["create", "drop", "clear"]
             + ["checkpoint", "expiring", "compressed", "bad"]
         )
     )
@@ -406,7 +411,9 @@ def open_copy(files: dict[str, bytes], directory: Path, recovery: str, native: b
     recovery=st.sampled_from(["strict", "prefix", "salvage"]),
 )
 def test_c_and_pure_replay_of_random_segments_are_equal(
-    cnative: Any, tmp_path_factory: pytest.TempPathFactory, segments: tuple[bytes, ...],
+    cnative: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    segments: tuple[bytes, ...],
     recovery: str,
 ) -> None:
     files = {segment_file_name(i + 1): data for i, data in enumerate(segments)}
@@ -415,4 +422,3 @@ def test_c_and_pure_replay_of_random_segments_are_equal(
     ours = open_copy(files, base / "c", recovery, native=True)
     shutil.rmtree(base)
     assert ours == pure
-
