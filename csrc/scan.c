@@ -266,10 +266,11 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
     }
     int failed;
     if (PyDict_CheckExact(index)) {
-        PyObject *old = PyDict_GetItemWithError(index, key);
-        failed = (old == NULL && PyErr_Occurred())
-                 || (old != NULL && location_size(old, &old_size) < 0)
-                 || PyDict_SetItem(index, key, loc) < 0;
+        /* one lookup for a new key (replay's common case): stored unless present */
+        PyObject *old = PyDict_SetDefault(index, key, loc); /* borrowed */
+        failed = old == NULL
+                 || (old != loc
+                     && (location_size(old, &old_size) < 0 || PyDict_SetItem(index, key, loc) < 0));
     }
     else {
         PyObject *old = PyObject_GetItem(index, key);
