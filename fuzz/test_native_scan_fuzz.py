@@ -18,7 +18,7 @@ Run (a few seconds with the default profile; fuzz/conftest.py has the profiles):
     python -m pytest fuzz/test_native_scan_fuzz.py -q
     LOGSTATE_FUZZ_PROFILE=long python -m pytest fuzz/test_native_scan_fuzz.py -q
 
-Without the C path (``LOGSTATE_PURE=1``, or no extension built) the tests are skipped.
+Without the C path the tests fail (skipped when ``LOGSTATE_PURE=1`` asks for pure Python).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-
-from fuzz.test_decoder_fuzz import (
+from test_decoder_fuzz import (  # fuzz/ is on sys.path: pytest puts it there
     CORPUS,
     FUZZ,
     Mutation,
@@ -39,12 +38,22 @@ from fuzz.test_decoder_fuzz import (
     refresh_checksums,
     segments,
 )
+
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._keydir import Keydir
-from logstate._native import EXT
+from logstate._native import EXT, PURE_REQUESTED
 from logstate._scan import Damage, scan_records
 
-pytestmark = pytest.mark.skipif(EXT is None, reason="the C path is not in use")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _c_path_in_use() -> None:
+    """These tests need the C path: they fail without it, unless LOGSTATE_PURE=1 asks for that."""
+    if PURE_REQUESTED:
+        pytest.skip("LOGSTATE_PURE=1: pure Python asked for")
+    if EXT is None:
+        pytest.fail("the C path is not in use (logstate._cnative did not build or import)")
+
 
 # namespaces the index already has (a set into another one is handed back)
 NAMESPACES = ("", "a", "a/b", "child", "child/grand")
