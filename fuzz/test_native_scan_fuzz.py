@@ -45,7 +45,6 @@ from logstate._native import EXT, PURE_REQUESTED
 from logstate._scan import Damage, scan_records
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _c_path_in_use() -> None:
     """These tests need the C path: they fail without it, unless LOGSTATE_PURE=1 asks for that."""
