@@ -423,8 +423,12 @@ replay_records(PyObject *self, PyObject *args)
     Py_ssize_t pos = offset;
     Py_ssize_t records = 0;
     uint64_t max_seq = 0;
-    if (offset < 0 || offset > view.len || segment >= (1ull << (128 - SEGMENT_SHIFT))) {
-        PyErr_SetString(PyExc_ValueError, "replay_records: offset or segment out of range");
+    /* every location in range: file offsets from 0 to below 2**40, a segment
+       number that fits the int's top bits */
+    if (offset < 0 || offset > view.len || segment >= (1ull << (128 - SEGMENT_SHIFT))
+        || shift > (long long)offset || (long long)view.len - shift > (1ll << 40)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "replay_records: offset, shift or segment out of range");
         goto done;
     }
     if (!PyDict_CheckExact(namespaces)) {

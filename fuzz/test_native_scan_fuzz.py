@@ -57,7 +57,7 @@ def _c_path_in_use() -> None:
 # namespaces the index already has (a set into another one is handed back)
 NAMESPACES = ("", "a", "a/b", "child", "child/grand")
 SEGMENT = 7
-shifts = st.sampled_from([0, -(1 << 30), -12345, 3])
+shifts = st.sampled_from([0, -(1 << 30), -12345, -(1 << 39)])
 
 
 def check_native_replay(data: bytes, start: int, shift: int) -> None:
@@ -122,9 +122,10 @@ def test_mutated_real_segments_replay_as_in_python(
     check_native_replay(data, min(SEGMENT_HEADER_SIZE, len(data)), shift)
 
 
-def test_a_start_offset_outside_the_bytes_is_refused() -> None:
+def test_an_offset_or_shift_that_puts_a_location_out_of_range_is_refused() -> None:
     assert EXT is not None
     namespaces: dict[str, Any] = {"": {}}
-    for start in (-1, 10):
+    for start, shift in ((-1, 0), (10, 0), (2, 3), (0, 5 - (1 << 40) - 1)):
         with pytest.raises(ValueError, match="out of range"):
-            EXT.replay_records(b"short", start, namespaces, SEGMENT, 0)
+            EXT.replay_records(b"short", start, namespaces, SEGMENT, shift)
+    assert EXT.replay_records(b"short", 2, namespaces, SEGMENT, 2) == (2, 0, 0, 0)

@@ -5,7 +5,10 @@ place by where it is (the newest segment or a sealed one, followed by valid
 records or not) and by the recovery mode (strict / prefix / salvage): keep
 the records, cut a torn tail (copied aside), drop a damaged range (salvage,
 copied aside), or raise ``CorruptionError`` naming the file and offset.
-Every branch names the crash it models.
+Every branch names the crash it models. On the C path the common records
+(valid plain sets and deletes, uncompressed groups of them) are applied by
+``_cnative.replay_records`` (csrc/scan.c) as the windowed scanner reads
+them; it hands every other record and all damage back to this policy.
 Must never: read the bytes other than through the windowed scanner (memory
 does not grow with a segment's size), or write anything but through
 ``_aside`` (a read-only open reports and changes nothing).

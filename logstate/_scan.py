@@ -368,6 +368,11 @@ class WindowedScan:
 # each other), so the per-op CRCs inside a group are checked here too: the
 # record's CRC covering them does not make a wrong op CRC acceptable (reads
 # check it, and would refuse an operation that recovery had applied).
+# Copied in csrc/scan.c (the C path's replay_records), with Keydir.apply_frame's
+# locations and live bytes: the checks of _replay_op and replay_frame for plain
+# sets and deletes and uncompressed groups of them (anything else is handed
+# back); tests/test_native_scan.py and fuzz/test_native_scan_fuzz.py prove the
+# two equal.
 FRAME_PLAIN: Final = 0  # the op is the whole record
 FRAME_GROUP: Final = 1  # op offsets are positions in the scanned data
 FRAME_COMPRESSED_GROUP: Final = 2  # op offsets are positions in the decompressed op list
