@@ -1,8 +1,571 @@
-/* logstate._cnative: scan (not built yet: registers nothing). */
+/* logstate._cnative: the replay scan of an open without an index snapshot.
+ *
+ * Owns: replay_records(), the common case of recovery's replay in C: walk
+ * the records of one window of a segment's bytes (the bytes the windowed
+ * scanner already read), check each frame (type, length, CRC) and apply the
+ * plain set and delete records and the set and delete operations of
+ * uncompressed groups to the namespace indexes, with the location ints,
+ * live bytes and highest sequence number that the Python replay
+ * (logstate/_keydir.py Keydir.apply_frame over logstate/_scan.py
+ * replay_frame) gives.
+ *
+ * Must never: do I/O, decide anything about damage, or apply part of a
+ * record. At the first record it does not handle it stops and returns its
+ * offset, having applied nothing of it; the Python path then takes that
+ * record (or reports the damage) and calls here again after it. Not
+ * handled, so handed back: damage of any kind, a record that does not fit
+ * the window, a body that does not parse, compressed groups, namespace
+ * create/drop/clear, checkpoints, compaction markers, set values with an
+ * expiry time (TAG_EXPIRES), a set into a namespace that does not exist
+ * yet, a namespaces mapping that is not a dict.
+ *
+ * Rules copied from Python (each marked "copy of" where it is; the Python
+ * places say "copied in csrc/scan.c"; tests/test_native_scan.py proves the
+ * two equal): the frame checks of _scan.WindowedScan.frames' fast path, the
+ * body checks of _scan._replay_op and replay_frame, and the location ints
+ * and live bytes of Keydir.apply_frame.
+ */
 #include "native.h"
+
+#include <string.h>
+
+/* copy of logstate/_format.py's layout constants (exported as SCAN_LAYOUT,
+   tests/test_native_scan.py compares them) */
+#define FRAME_HEADER_SIZE 9
+#define RECORD_OVERHEAD 17
+#define MIN_PAYLOAD_SIZE 8
+#define MAX_RECORD_SIZE (1u << 30)
+#define MAX_RECORD_TYPE 8
+#define REC_SET 1
+#define REC_DELETE 2
+#define REC_GROUP 4
+#define GROUP_HEADER_SIZE 5
+#define GROUP_OP_SIZE 9
+#define TAG_EXPIRES 10
+/* copy of logstate/_location.py's packing */
+#define SEGMENT_SHIFT 74
+#define OFFSET_SHIFT 34
+#define SIZE_SHIFT 2
+#define KIND_RECORD 0
+#define KIND_GROUP_OP 1
+
+static inline uint32_t
+rd_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t
+rd_u64(const unsigned char *p)
+{
+    return (uint64_t)rd_u32(p) | (uint64_t)rd_u32(p + 4) << 32;
+}
+
+static inline size_t
+rd_u16(const unsigned char *p)
+{
+    return (size_t)p[0] | (size_t)p[1] << 8;
+}
+
+/* One parsed set/delete: where its names are, and where its location points. */
+typedef struct {
+    int op_type;
+    const unsigned char *ns;
+    size_t ns_size;
+    const unsigned char *key;
+    size_t key_size;
+    uint64_t offset; /* in the segment file */
+    uint64_t size;
+    int kind;
+} ParsedOp;
+
+/* What one call walks: the window, the indexes, the location of the window. */
+typedef struct {
+    const unsigned char *buf;
+    Py_ssize_t n;
+    PyObject *namespaces; /* a dict: ns -> index (a mapping str -> location) */
+    uint64_t segment;
+    long long shift; /* file offset = window offset - shift */
+    PyObject *high;  /* segment << SEGMENT_SHIFT */
+    /* the last namespace looked up (its bytes point into buf): most records
+       of a store name the same one */
+    const unsigned char *ns;
+    size_t ns_size;
+    int ns_cached;
+    PyObject *index; /* borrowed from namespaces (not changed during a call); NULL: absent */
+    long long live_delta;
+} ScanState;
+
+/* copy of _scan._replay_op's checks for a set/delete body buf[start:end]:
+   1 and *op filled when it parses and is handled, 0 otherwise. */
+static int
+parse_keyed(const unsigned char *buf, size_t start, size_t end, int op_type, ParsedOp *op)
+{
+    if (start + 2 > end) {
+        return 0;
+    }
+    size_t p = start + 2 + rd_u16(buf + start);
+    if (p + 2 > end) {
+        return 0;
+    }
+    size_t q = p + 2 + rd_u16(buf + p);
+    if (q > end || (op_type == REC_SET && q == end) || (op_type == REC_DELETE && q != end)) {
+        return 0;
+    }
+    if (q == p + 2) {
+        return 0; /* an empty key: Python raises CorruptionError */
+    }
+    if (op_type == REC_SET && buf[q] == TAG_EXPIRES) {
+        return 0; /* an expiry time: the Python path notes it */
+    }
+    op->op_type = op_type;
+    op->ns = buf + start + 2;
+    op->ns_size = p - (start + 2);
+    op->key = buf + p + 2;
+    op->key_size = q - (p + 2);
+    return 1;
+}
+
+/* The index of op's namespace (borrowed) in *index, NULL when absent.
+   0 on success, 1 when the names are not valid UTF-8 (hand back), -1 on error. */
+static int
+lookup_namespace(ScanState *st, const ParsedOp *op, PyObject **index)
+{
+    if (st->ns_cached && st->ns_size == op->ns_size
+        && (op->ns_size == 0 || memcmp(st->ns, op->ns, op->ns_size) == 0)) {
+        *index = st->index;
+        return 0;
+    }
+    PyObject *name = PyUnicode_DecodeUTF8((const char *)op->ns, (Py_ssize_t)op->ns_size, NULL);
+    if (name == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            return 1;
+        }
+        return -1;
+    }
+    PyObject *found = PyDict_GetItemWithError(st->namespaces, name);
+    Py_DECREF(name);
+    if (found == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    st->ns = op->ns;
+    st->ns_size = op->ns_size;
+    st->ns_cached = 1;
+    st->index = found;
+    *index = found;
+    return 0;
+}
+
+/* copy of _location.location_size: the bytes a location takes on disk. */
+static int
+location_size(PyObject *loc, long long *size)
+{
+    if (PyLong_Check(loc)) {
+        unsigned long long low = PyLong_AsUnsignedLongLongMask(loc);
+        if (low == (unsigned long long)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        *size = (long long)((low >> SIZE_SHIFT) & 0xFFFFFFFFull);
+        return 0;
+    }
+    if (PyTuple_Check(loc) && PyTuple_GET_SIZE(loc) == 6) {
+        long long share = PyLong_AsLongLong(PyTuple_GET_ITEM(loc, 5));
+        if (share == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        *size = share;
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "index holds a %.100s, not a location", Py_TYPE(loc)->tp_name);
+    return -1;
+}
+
+/* copy of Keydir.apply_frame's packing: segment << 74 | offset << 34 | size << 2 | kind */
+static PyObject *
+make_location(ScanState *st, uint64_t offset, uint64_t size, int kind)
+{
+    uint64_t low = offset << OFFSET_SHIFT | size << SIZE_SHIFT | (uint64_t)kind;
+    uint64_t over = offset >> (64 - OFFSET_SHIFT); /* offset bits past bit 63 */
+#if PY_VERSION_HEX >= 0x030D0000
+    unsigned char raw[16];
+    uint64_t high = st->segment << (SEGMENT_SHIFT - 64) | over;
+    for (int i = 0; i < 8; i++) {
+        raw[i] = (unsigned char)(low >> (8 * i));
+        raw[8 + i] = (unsigned char)(high >> (8 * i));
+    }
+    return PyLong_FromUnsignedNativeBytes(raw, sizeof(raw), Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+#else
+    PyObject *low_int = PyLong_FromUnsignedLongLong(low);
+    if (low_int == NULL) {
+        return NULL;
+    }
+    PyObject *result;
+    if (over == 0) {
+        result = PyNumber_Or(st->high, low_int);
+    }
+    else {
+        /* a record past 1 GiB into its segment: rare, the slow way */
+        PyObject *over_int = PyLong_FromUnsignedLongLong(over);
+        PyObject *shift = over_int == NULL ? NULL : PyLong_FromLong(64);
+        PyObject *over_high = shift == NULL ? NULL : PyNumber_Lshift(over_int, shift);
+        PyObject *both = over_high == NULL ? NULL : PyNumber_Or(st->high, over_high);
+        result = both == NULL ? NULL : PyNumber_Or(both, low_int);
+        Py_XDECREF(over_int);
+        Py_XDECREF(shift);
+        Py_XDECREF(over_high);
+        Py_XDECREF(both);
+    }
+    Py_DECREF(low_int);
+    return result;
+#endif
+}
+
+/* Apply one parsed op whose namespace index is `index` (NULL: absent).
+   copy of Keydir.apply_frame's REC_SET branch (watch False) and of
+   Keydir.delete (nothing ordered, nothing expiring). 0, or -1 on error. */
+static int
+apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
+{
+    long long old_size = 0;
+    if (op->op_type == REC_DELETE) {
+        if (index == NULL) {
+            return 0;
+        }
+        PyObject *old;
+        if (PyDict_CheckExact(index)) {
+            old = PyDict_GetItemWithError(index, key);
+            if (old == NULL) {
+                return PyErr_Occurred() ? -1 : 0;
+            }
+            if (location_size(old, &old_size) < 0 || PyDict_DelItem(index, key) < 0) {
+                return -1;
+            }
+        }
+        else {
+            old = PyObject_GetItem(index, key);
+            if (old == NULL) {
+                if (PyErr_ExceptionMatches(PyExc_KeyError)) {
+                    PyErr_Clear();
+                    return 0;
+                }
+                return -1;
+            }
+            int failed = location_size(old, &old_size) < 0 || PyObject_DelItem(index, key) < 0;
+            Py_DECREF(old);
+            if (failed) {
+                return -1;
+            }
+        }
+        st->live_delta -= old_size;
+        return 0;
+    }
+    PyObject *loc = make_location(st, op->offset, op->size, op->kind);
+    if (loc == NULL) {
+        return -1;
+    }
+    int failed;
+    if (PyDict_CheckExact(index)) {
+        /* one lookup for a new key (replay's common case): stored unless present */
+        PyObject *old = PyDict_SetDefault(index, key, loc); /* borrowed */
+        failed = old == NULL
+                 || (old != loc
+                     && (location_size(old, &old_size) < 0 || PyDict_SetItem(index, key, loc) < 0));
+    }
+    else {
+        PyObject *old = PyObject_GetItem(index, key);
+        if (old == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+        }
+        failed = (old == NULL && PyErr_Occurred())
+                 || (old != NULL && location_size(old, &old_size) < 0)
+                 || PyObject_SetItem(index, key, loc) < 0;
+        Py_XDECREF(old);
+    }
+    Py_DECREF(loc);
+    if (failed) {
+        return -1;
+    }
+    st->live_delta += (long long)op->size - old_size;
+    return 0;
+}
+
+/* Parse and check every op of the record at buf[pos:pos+size] into ops (at
+   most *count of them); copy of _scan.replay_frame. 1 when the whole record
+   is handled, 0 when it is not (hand back). */
+static int
+parse_record(const ScanState *st, size_t pos, size_t size, int record_type, ParsedOp *ops,
+             size_t capacity, size_t *count)
+{
+    const unsigned char *buf = st->buf;
+    size_t end = pos + size;
+    size_t start = pos + RECORD_OVERHEAD;
+    if (record_type == REC_SET || record_type == REC_DELETE) {
+        if (!parse_keyed(buf, start, end, record_type, &ops[0])) {
+            return 0;
+        }
+        ops[0].offset = (uint64_t)((long long)pos - st->shift);
+        ops[0].size = size;
+        ops[0].kind = KIND_RECORD;
+        *count = 1;
+        return 1;
+    }
+    if (record_type != REC_GROUP || start + GROUP_HEADER_SIZE > end || buf[start] != 0) {
+        return 0; /* other records, a truncated header, compressed groups, unknown flags */
+    }
+    uint64_t claimed = rd_u32(buf + start + 1);
+    size_t p = start + GROUP_HEADER_SIZE;
+    if (claimed * GROUP_OP_SIZE > end - p || claimed > capacity) {
+        return 0;
+    }
+    for (size_t i = 0; i < claimed; i++) {
+        size_t body = p + GROUP_OP_SIZE;
+        if (body > end) {
+            return 0;
+        }
+        int op_type = buf[p + 4];
+        size_t op_end = body + rd_u32(buf + p + 5);
+        if (op_end > end || rd_u32(buf + p) != ls_crc32c(0, buf + p + 4, op_end - (p + 4))) {
+            return 0;
+        }
+        if ((op_type != REC_SET && op_type != REC_DELETE)
+            || !parse_keyed(buf, body, op_end, op_type, &ops[i])) {
+            return 0; /* other op types (valid or not) and bodies that do not parse */
+        }
+        ops[i].offset = (uint64_t)((long long)p - st->shift);
+        ops[i].size = op_end - p;
+        ops[i].kind = KIND_GROUP_OP;
+        p = op_end;
+    }
+    if (p != end) {
+        return 0;
+    }
+    *count = (size_t)claimed;
+    return 1;
+}
+
+/* Decode each op's key and find its namespace, then apply them all: nothing
+   of the record is applied unless all of it can be. 1: applied, 0: hand
+   back, -1: error. */
+static int
+apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObject **indexes)
+{
+    size_t decoded = 0;
+    int result = 1;
+    for (; decoded < count; decoded++) {
+        PyObject *index;
+        int found = lookup_namespace(st, &ops[decoded], &index);
+        if (found != 0) {
+            result = found > 0 ? 0 : -1;
+            break;
+        }
+        if (index == NULL && ops[decoded].op_type == REC_SET) {
+            result = 0; /* the Python path creates the namespace (Keydir.ensure) */
+            break;
+        }
+        keys[decoded] = PyUnicode_DecodeUTF8(
+            (const char *)ops[decoded].key, (Py_ssize_t)ops[decoded].key_size, NULL);
+        if (keys[decoded] == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear();
+                result = 0;
+            }
+            else {
+                result = -1;
+            }
+            break;
+        }
+        indexes[decoded] = index;
+    }
+    if (result == 1) {
+        for (size_t i = 0; i < count; i++) {
+            if (apply_op(st, &ops[i], keys[i], indexes[i]) < 0) {
+                result = -1;
+                break;
+            }
+        }
+    }
+    for (size_t i = 0; i < decoded; i++) {
+        Py_DECREF(keys[i]);
+    }
+    return result;
+}
+
+#define SMALL_GROUP 64
+
+/* replay_records(window, offset, namespaces, segment, shift) */
+static PyObject *
+replay_records(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t offset;
+    PyObject *namespaces;
+    unsigned long long segment;
+    long long shift;
+    if (!PyArg_ParseTuple(args, "y*nOKL:replay_records", &view, &offset, &namespaces, &segment,
+                          &shift)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    ParsedOp small_ops[SMALL_GROUP];
+    PyObject *small_keys[SMALL_GROUP];
+    PyObject *small_indexes[SMALL_GROUP];
+    ParsedOp *ops = small_ops;
+    PyObject **keys = small_keys;
+    PyObject **indexes = small_indexes;
+    size_t capacity = SMALL_GROUP;
+    ScanState st = {0};
+    st.buf = view.buf;
+    st.n = view.len;
+    st.namespaces = namespaces;
+    st.segment = segment;
+    st.shift = shift;
+    Py_ssize_t pos = offset;
+    Py_ssize_t records = 0;
+    uint64_t max_seq = 0;
+    /* every location in range: file offsets from 0 to below 2**40, a segment
+       number that fits the int's top bits */
+    if (offset < 0 || offset > view.len || segment >= (1ull << (128 - SEGMENT_SHIFT))
+        || shift > (long long)offset || (long long)view.len - shift > (1ll << 40)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "replay_records: offset, shift or segment out of range");
+        goto done;
+    }
+    if (!PyDict_CheckExact(namespaces)) {
+        goto finish; /* unusual: the Python path */
+    }
+    {
+        PyObject *seg_int = PyLong_FromUnsignedLongLong(segment);
+        PyObject *bits = seg_int == NULL ? NULL : PyLong_FromLong(SEGMENT_SHIFT);
+        st.high = bits == NULL ? NULL : PyNumber_Lshift(seg_int, bits);
+        Py_XDECREF(seg_int);
+        Py_XDECREF(bits);
+        if (st.high == NULL) {
+            goto done;
+        }
+    }
+    const unsigned char *buf = st.buf;
+    Py_ssize_t n = st.n;
+    /* copy of _scan.WindowedScan.frames' fast path: a whole, valid record in the window */
+    while (pos + RECORD_OVERHEAD <= n) {
+        const unsigned char *p = buf + pos;
+        uint32_t length = rd_u32(p + 4);
+        int record_type = p[8];
+        if (record_type < 1 || record_type > MAX_RECORD_TYPE || length < MIN_PAYLOAD_SIZE
+            || length > MAX_RECORD_SIZE || pos + FRAME_HEADER_SIZE + (Py_ssize_t)length > n) {
+            break;
+        }
+        size_t size = FRAME_HEADER_SIZE + (size_t)length;
+        if (record_type != REC_SET && record_type != REC_DELETE && record_type != REC_GROUP) {
+            break; /* checked by the Python path, which applies it */
+        }
+        if (rd_u32(p) != ls_crc32c(0, p + 4, size - 4)) {
+            break;
+        }
+        size_t count = 0;
+        if (record_type == REC_GROUP && size / GROUP_OP_SIZE > capacity) {
+            /* room for as many ops as could fit in the record */
+            size_t want = size / GROUP_OP_SIZE + 1;
+            ParsedOp *more_ops = PyMem_Malloc(want * sizeof(ParsedOp));
+            PyObject **more_keys = PyMem_Malloc(want * sizeof(PyObject *));
+            PyObject **more_indexes = PyMem_Malloc(want * sizeof(PyObject *));
+            if (more_ops == NULL || more_keys == NULL || more_indexes == NULL) {
+                PyMem_Free(more_ops);
+                PyMem_Free(more_keys);
+                PyMem_Free(more_indexes);
+                PyErr_NoMemory();
+                goto done;
+            }
+            if (ops != small_ops) {
+                PyMem_Free(ops);
+                PyMem_Free(keys);
+                PyMem_Free(indexes);
+            }
+            ops = more_ops;
+            keys = more_keys;
+            indexes = more_indexes;
+            capacity = want;
+        }
+        if (!parse_record(&st, (size_t)pos, size, record_type, ops, capacity, &count)) {
+            break;
+        }
+        int applied = apply_record(&st, ops, count, keys, indexes);
+        if (applied < 0) {
+            goto done;
+        }
+        if (applied == 0) {
+            break;
+        }
+        uint64_t seq = rd_u64(p + FRAME_HEADER_SIZE);
+        if (seq > max_seq) {
+            max_seq = seq;
+        }
+        records++;
+        pos += (Py_ssize_t)size;
+    }
+finish:
+    result = Py_BuildValue("nnKL", pos, records, (unsigned long long)max_seq, st.live_delta);
+done:
+    if (ops != small_ops) {
+        PyMem_Free(ops);
+        PyMem_Free(keys);
+        PyMem_Free(indexes);
+    }
+    Py_XDECREF(st.high);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(replay_records_doc,
+"replay_records(window, offset, namespaces, segment, shift) -> (stop, records, seq, live)\n\n"
+"Apply the records of window[offset:] that the C path handles (valid plain\n"
+"set/delete records and uncompressed groups of sets and deletes) to the\n"
+"namespace indexes, as logstate._keydir.Keydir.apply_frame does; stop at the\n"
+"first record it does not handle, applying nothing of it. A location's file\n"
+"offset is its window offset minus shift. Returns where it stopped, how many\n"
+"records it applied, their highest seq (0: none) and the live bytes added.");
+
+static PyMethodDef scan_methods[] = {
+    {"replay_records", replay_records, METH_VARARGS, replay_records_doc},
+    {NULL, NULL, 0, NULL},
+};
 
 int
 ls_scan_init(PyObject *module)
 {
+    if (PyModule_AddFunctions(module, scan_methods) < 0) {
+        return -1;
+    }
+    /* the constants copied from _format/_location, for the test that compares them */
+    static const struct {
+        const char *name;
+        long value;
+    } constants[] = {
+        {"FRAME_HEADER_SIZE", FRAME_HEADER_SIZE}, {"RECORD_OVERHEAD", RECORD_OVERHEAD},
+        {"MIN_PAYLOAD_SIZE", MIN_PAYLOAD_SIZE},   {"MAX_RECORD_SIZE", (long)MAX_RECORD_SIZE},
+        {"MAX_RECORD_TYPE", MAX_RECORD_TYPE},     {"REC_SET", REC_SET},
+        {"REC_DELETE", REC_DELETE},               {"REC_GROUP", REC_GROUP},
+        {"GROUP_HEADER_SIZE", GROUP_HEADER_SIZE}, {"GROUP_OP_SIZE", GROUP_OP_SIZE},
+        {"TAG_EXPIRES", TAG_EXPIRES},             {"SEGMENT_SHIFT", SEGMENT_SHIFT},
+        {"OFFSET_SHIFT", OFFSET_SHIFT},           {"SIZE_SHIFT", SIZE_SHIFT},
+        {"KIND_RECORD", KIND_RECORD},             {"KIND_GROUP_OP", KIND_GROUP_OP},
+    };
+    PyObject *layout = PyDict_New();
+    if (layout == NULL) {
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++) {
+        PyObject *value = PyLong_FromLong(constants[i].value);
+        if (value == NULL || PyDict_SetItemString(layout, constants[i].name, value) < 0) {
+            Py_XDECREF(value);
+            Py_DECREF(layout);
+            return -1;
+        }
+        Py_DECREF(value);
+    }
+    if (PyModule_AddObject(module, "SCAN_LAYOUT", layout) < 0) {
+        Py_DECREF(layout);
+        return -1;
+    }
     return 0;
 }

@@ -5,7 +5,10 @@ place by where it is (the newest segment or a sealed one, followed by valid
 records or not) and by the recovery mode (strict / prefix / salvage): keep
 the records, cut a torn tail (copied aside), drop a damaged range (salvage,
 copied aside), or raise ``CorruptionError`` naming the file and offset.
-Every branch names the crash it models.
+Every branch names the crash it models. On the C path the common records
+(valid plain sets and deletes, uncompressed groups of them) are applied by
+``_cnative.replay_records`` (csrc/scan.c) as the windowed scanner reads
+them; it hands every other record and all damage back to this policy.
 Must never: read the bytes other than through the windowed scanner (memory
 does not grow with a segment's size), or write anything but through
 ``_aside`` (a read-only open reports and changes nothing).
@@ -25,17 +28,37 @@ sealed segment's tail  nothing valid      strict      raise (prefix too)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
+from logstate import _scan
 from logstate._aside import Aside
 from logstate._errors import CorruptionError
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
-from logstate._keydir import Keydir
+from logstate._keydir import Index, Keydir
+from logstate._native import EXT
 from logstate._report import RecoveryReport, SalvagedRange, TornTail
 from logstate._scan import Damage, WindowedScan
 from logstate._segments import Segment
 
-__all__ = ["SegmentReplay", "scanner"]
+__all__ = ["NATIVE_REPLAY", "SegmentReplay", "native_replay", "scanner"]
+
+# replay_records(window, offset, namespaces, segment, shift) -> (stop, records, seq, live)
+ReplayRecords = Callable[[bytes, int, dict[str, Index], int, int], tuple[int, int, int, int]]
+NATIVE_REPLAY: Final[ReplayRecords | None] = None if EXT is None else EXT.replay_records
+"""The C scanner's replay_records (csrc/scan.c), None on the pure path."""
+
+
+def native_replay() -> ReplayRecords | None:
+    """The C scanner to use for the next segment: None on the pure path, or
+    when a test has changed a limit the C code has a copy of (the Python path
+    then follows the changed value)."""
+    if NATIVE_REPLAY is None or EXT is None:
+        return None
+    # (the limit the Python scanner reads: its module's name, which tests patch)
+    if vars(_scan)["MAX_RECORD_SIZE"] != EXT.SCAN_LAYOUT["MAX_RECORD_SIZE"]:
+        return None
+    return NATIVE_REPLAY
 
 
 def scanner(
@@ -99,6 +122,32 @@ class SegmentReplay:
         prefix = self.recovery == "prefix" and is_newest
         scan = scanner(self._fs, segment.fd, scan_from, end, pending.append)
         last_end = scan_from  # where the last valid record ends
+        keydir = self._keydir
+        replay_records = native_replay()
+        if replay_records is not None:
+
+            def fast(window: bytes, rel: int, window_start: int) -> int:
+                """The C scanner: applies the records from ``rel`` on that it
+                handles (valid plain sets and deletes, uncompressed groups of
+                them; apply_frame's result exactly), returns where it stopped.
+                Damage already reported (pending: its record must be decided
+                here first) and an index that watches expiry or ordered views
+                keep the Python path."""
+                nonlocal last_end
+                if pending or keydir.watch:
+                    return rel
+                stop, records, seq, live = replay_records(
+                    window, rel, keydir.namespaces, number, removed - window_start
+                )
+                if records:
+                    self.report.records += records
+                    if seq > self.seq:
+                        self.seq = seq
+                    keydir.live_bytes += live
+                    last_end = window_start + stop
+                return stop
+
+            scan.fast = fast
         for window, window_start, frame in scan.frames():
             if pending and prefix:
                 # Damage followed by valid records in the newest segment: with

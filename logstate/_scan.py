@@ -195,6 +195,13 @@ class WindowedScan:
         self._buf = b""
         self._buf_start = start
         self._skip = skip
+        # A replay's fast path (the C scanner, see _replay.SegmentReplay.scan),
+        # set before frames() is called: called with (window, index, window's
+        # data offset) before each record of frames' fast path; it applies
+        # the records it handles from there and returns the index of the first
+        # one it does not (the same index: none). None (the default): every
+        # record is yielded.
+        self.fast: Callable[[bytes, int, int], int] | None = None
         # resync: where each type byte next occurs in the window (see _next_type_byte)
         self._found_in: tuple[bytes, int] | None = None
         self._found: list[int] = []
@@ -310,6 +317,7 @@ class WindowedScan:
         ``window_start + frame.offset``); damage goes to ``report``.
         """
         unpack = _CRC_LENGTH_TYPE_SEQ.unpack_from
+        fast = self.fast
         offset = self.start
         while offset < self.end:
             buf = self._buf
@@ -317,10 +325,15 @@ class WindowedScan:
             n = len(buf)
             if rel >= 0:
                 # fast path: whole, valid records inside the window (a copy of
-                # scan_records' fast path, kept inline for speed; the two are
+                # scan_records' fast path, kept inline for speed, and copied in
+                # csrc/scan.c's replay_records; the two are
                 # proved equal by tests/test_recovery_limits.py::
                 # test_windowed_scan_reports_exactly_what_the_whole_buffer_scan_reports)
                 while rel + RECORD_OVERHEAD <= n:
+                    if fast is not None:
+                        rel = fast(buf, rel, self._buf_start)
+                        if rel + RECORD_OVERHEAD > n:
+                            break
                     crc, length, record_type, seq = unpack(buf, rel)
                     frame_end = rel + FRAME_HEADER_SIZE + length
                     if (
@@ -355,6 +368,11 @@ class WindowedScan:
 # each other), so the per-op CRCs inside a group are checked here too: the
 # record's CRC covering them does not make a wrong op CRC acceptable (reads
 # check it, and would refuse an operation that recovery had applied).
+# Copied in csrc/scan.c (the C path's replay_records), with Keydir.apply_frame's
+# locations and live bytes: the checks of _replay_op and replay_frame for plain
+# sets and deletes and uncompressed groups of them (anything else is handed
+# back); tests/test_native_scan.py and fuzz/test_native_scan_fuzz.py prove the
+# two equal.
 FRAME_PLAIN: Final = 0  # the op is the whole record
 FRAME_GROUP: Final = 1  # op offsets are positions in the scanned data
 FRAME_COMPRESSED_GROUP: Final = 2  # op offsets are positions in the decompressed op list
