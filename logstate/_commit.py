@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from _thread import get_ident
 from collections.abc import Callable
 from typing import Final
 
@@ -100,7 +101,7 @@ class GroupCommit:
         if self.synced_pos >= end_pos:
             return  # covered already (a roll's or another writer's sync)
         # arrive: written up to end_pos, waiting for a sync
-        me = threading.get_ident()
+        me = get_ident()
         self._pending[me] = end_pos
         self._seen[me] = self.rounds
         if self._wake is not None:
@@ -122,16 +123,18 @@ class GroupCommit:
                 gate = threading.Lock()
                 with gate:
                     self._gate = gate
-                    if len(self._seen) > 1:  # (one thread: never waits)
+                    cohort = len(self._seen) > 1  # (one thread: no wait, no timing)
+                    if cohort:
                         self._await_cohort()
                     target, fd = self._target()
-                    started = self._clock()
+                    started = self._clock() if cohort else 0.0
                     try:
                         self._fs.fdatasync(fd)
                     except OSError as exc:
                         self._life.fail(exc)
                         raise
-                    self._last_sync_s = self._clock() - started
+                    if cohort:
+                        self._last_sync_s = self._clock() - started
                     self.rounds += 1
                     if target > self.synced_pos:
                         self.synced_pos = target
