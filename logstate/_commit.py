@@ -11,6 +11,7 @@ wait unboundedly for a writer, or at all when one thread commits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -171,9 +172,9 @@ class GroupCommit:
             return
         wake = threading.Lock()
         wake.acquire()
-        self._expected = expected
-        self._wake = wake  # published before counting: no arrival is missed
         try:
+            self._expected = expected
+            self._wake = wake  # published before counting: no arrival is missed
             if self._arrived() >= expected:
                 return
             self.waits += 1
@@ -191,10 +192,8 @@ class GroupCommit:
         """An arrival while a leader waits: wake it if the cohort is complete."""
         wake = self._wake
         if wake is not None and self._arrived() >= self._expected:
-            try:
+            with contextlib.suppress(RuntimeError):  # released already, by another arrival
                 wake.release()
-            except RuntimeError:
-                pass  # released already, by another arrival
 
     def advance(self, durable_pos: int) -> None:
         """Every byte up to ``durable_pos`` is durable (a roll synced it).
@@ -239,6 +238,7 @@ class GroupCommit:
         assert 0 <= self.synced_pos <= written_pos, (
             f"synced position {self.synced_pos} beyond the {written_pos} bytes written"
         )
+        assert self._wake is None or self.turn.locked(), "a wake-up left by no waiting leader"
 
 
 class IntervalSyncer:

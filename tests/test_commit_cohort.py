@@ -209,6 +209,7 @@ def test_closed_loop_writers_are_covered_by_one_sync_per_round(
     assert commit.waits_timed_out <= 2 * COHORT_ROUNDS
     assert fs.calls <= rounds + 2 * COHORT_ROUNDS, f"{fs.calls} syncs for {rounds} rounds of 4"
     assert commit.synced_pos == fs.durable == log.written_pos == 4 * rounds * 10
+    commit._check(log.written_pos)
 
 
 def test_a_failed_sync_after_the_wait_fails_every_waiter(
@@ -282,6 +283,7 @@ def test_an_interrupt_in_the_leaders_wait_lets_the_others_sync(
     kill.join(WAIT_S)
     timed_out = commit.waits_timed_out
     assert others[0].result() is None  # it led the next sync itself
+    commit._check(log.written_pos)
     assert not commit.turn.locked() and not commit._gate.locked() and not leader_waits(commit)
     assert fs.calls == calls + 1 and commit.synced_pos == fs.durable == log.written_pos
     assert commit.waits_timed_out <= timed_out + 1  # waited for the third, bounded
@@ -301,14 +303,13 @@ def test_an_interrupted_arrival_does_not_hang_the_leader(
     wait_until(lambda: leader_waits(commit), "the leader waits for its cohort")
     main = threading.get_ident()
     end = log.write(10)
-    kill = interrupt_main_when(
-        lambda: commit._pending.get(main) == end, "the main thread arrived"
-    )
+    kill = interrupt_main_when(lambda: commit._pending.get(main) == end, "the main thread arrived")
     with pytest.raises(Interrupt):  # waiting for the leader's round, or arriving
         commit.commit(end)
         time.sleep(WAIT_S)  # (covered before the signal came: wait for it here)
     kill.join(WAIT_S)
     assert leader.result() is None
+    commit._check(log.written_pos)
     assert not commit.turn.locked() and not commit._gate.locked()
     # its commit, abandoned, is covered and no longer counts as an arrival
     assert commit.synced_pos == fs.durable == log.written_pos and commit._arrived() == 0
