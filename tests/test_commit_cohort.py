@@ -28,6 +28,7 @@ import pytest
 from logstate._commit import COHORT_ROUNDS, GroupCommit
 from logstate._errors import StorageFailedError
 from logstate._lifecycle import Lifecycle
+from tests.interrupts import Injector
 from tests.test_commit import FakeFS, Log
 
 WAIT_S: Final = 10.0  # a commit that takes longer hangs
@@ -320,3 +321,54 @@ def test_after_fork_the_cohort_is_empty() -> None:
     commit.commit(log.write(10))
     commit.after_fork()
     assert (commit._seen, commit._pending, commit._wake) == ({}, {}, None)
+
+
+def test_an_interrupt_at_any_point_of_a_waiting_leader_leaves_the_commit_whole(
+    committers: Callable[[GroupCommit, Log], Committer],
+) -> None:
+    """Every point where a signal can land in a commit that waits for its
+    cohort (which never comes: the wait ends at its bound)."""
+    for point in itertools.count():
+        commit, fs, log, _life = make(max_wait_s=0.001)
+        commit.commit(log.write(10))  # the main thread, then two more, are the cohort
+        prime(commit, [committers(commit, log) for _ in range(2)])
+        waits, end = commit.waits, log.write(10)
+        injector = Injector(point)
+        interrupted = injector.run(lambda: commit.commit(end))  # noqa: B023 (run at once)
+        where = injector.fired_at
+        commit._check(log.written_pos)
+        assert not commit.turn.locked() and not commit._gate.locked(), where
+        assert commit.synced_pos <= fs.durable, f"claimed unsynced bytes, interrupted at {where}"
+        commit.commit(end)  # the same thread commits again: covered, nothing left waiting
+        assert commit.synced_pos == fs.durable == log.written_pos, where
+        if not interrupted:
+            assert point > 0 and commit.waits > waits, "the commit never waited"
+            return
+        assert point < 200, "still interrupted after 200 points"
+
+
+@pytest.mark.usefixtures("sigint_raises_interrupt")
+def test_an_interrupt_at_any_point_of_an_arrival_never_hangs_the_waiting_leader(
+    committers: Callable[[GroupCommit, Log], Committer],
+) -> None:
+    """The main thread arrives while another thread leads and waits for it."""
+    for point in itertools.count():
+        commit, fs, log, _life = make(max_wait_s=0.01)
+        leader = committers(commit, log)
+        commit.commit(log.write(10))
+        prime(commit, [leader])
+        commit.max_wait_s = 0.2  # (an arrival not counted costs the leader this)
+        leader.start()
+        wait_until(lambda: leader_waits(commit), "the leader waits for its cohort")  # noqa: B023
+        end = log.write(10)
+        injector = Injector(point)
+        interrupted = injector.run(lambda: commit.commit(end))  # noqa: B023 (run at once)
+        where = injector.fired_at
+        assert leader.result() is None, where
+        commit._check(log.written_pos)
+        assert not commit.turn.locked() and not commit._gate.locked(), where
+        commit.commit(end)
+        assert commit.synced_pos == fs.durable == log.written_pos, where
+        if not interrupted:
+            return
+        assert point < 200, "still interrupted after 200 points"
