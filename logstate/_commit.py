@@ -156,7 +156,9 @@ class GroupCommit:
         sync's duration and ``max_wait_s``, and is woken by the last
         arrival (:meth:`_arrive`). Threads gone from the cohort are dropped
         from the maps (a racing arrival dropped too is counted at its next
-        commit).
+        commit). The wake-up lock is a leaf: the leader waits on it in the
+        turn and the gate, holding no engine lock; arrivals release it
+        holding nothing.
         """
         low = self.rounds - COHORT_ROUNDS
         seen = self._seen
