@@ -1,27 +1,38 @@
 """Durability: group commit and the interval syncer.
 
 Owns: the sync turn and its per-round gates, ``synced_pos`` (how many of the
-bytes appended since open are known durable), and the interval syncer's
-thread and timer.
+bytes appended since open are known durable), the cohort estimate and the
+leader's bounded wait for it, and the interval syncer's thread and timer.
 Must never: write bytes; sync after a failure (fsyncgate: a failed fdatasync
 may have dropped the dirty pages, so a later one that succeeds proves
-nothing) or after close; move ``synced_pos`` before an fdatasync returned.
+nothing) or after close; move ``synced_pos`` before an fdatasync returned;
+wait unboundedly for a writer, or at all when one thread commits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from _thread import get_ident
 from collections.abc import Callable
+from typing import Final
 
 from logstate._fs import FileSystem
 from logstate._lifecycle import Lifecycle
 from logstate._worker import Worker
 
-__all__ = ["GroupCommit", "IntervalSyncer"]
+__all__ = ["COHORT_ROUNDS", "MAX_WAIT_S", "WAIT_FRACTION", "GroupCommit", "IntervalSyncer"]
 
 log = logging.getLogger("logstate")
+
+# The cohort wait (GroupCommit._await_cohort): a leader waits at most
+# WAIT_FRACTION of the last fdatasync's duration, and never more than
+# MAX_WAIT_S, for the threads that committed in the last COHORT_ROUNDS syncs.
+MAX_WAIT_S: Final = 200e-6
+WAIT_FRACTION: Final = 0.5
+COHORT_ROUNDS: Final = 4
 
 # Under the engine's write lock: (bytes written so far, the active segment's
 # descriptor), or raise why no sync may run (Lifecycle.refuse_commit).
@@ -35,16 +46,34 @@ class GroupCommit:
     ``SyncTarget``). ``listener``: called after each fdatasync that moved
     ``synced_pos`` forward (and at close), with the new position, in the
     sync turn and outside the write lock (``Appender.deliver``).
+    ``clock``: seconds, to time each fdatasync (the bound of the next wait).
     """
 
-    def __init__(self, fs: FileSystem, life: Lifecycle, target: SyncTarget) -> None:
+    def __init__(
+        self,
+        fs: FileSystem,
+        life: Lifecycle,
+        target: SyncTarget,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._fs = fs
         self._life = life
         self._target = target
+        self._clock = clock
         self.turn = threading.Lock()  # the fdatasync turn
         self._gate = threading.Lock()  # held by the leader during its sync
         self.synced_pos = 0  # bytes appended since open known durable
         self.listener: Callable[[int], None] | None = None
+        # the cohort wait (see _await_cohort)
+        self.max_wait_s = MAX_WAIT_S
+        self.rounds = 0  # fdatasyncs led by commits
+        self.waits = 0  # of which the leader waited for its cohort first
+        self.waits_timed_out = 0  # of which the wait ended at its bound
+        self._last_sync_s = 0.0  # how long the last commit's fdatasync took
+        self._seen: dict[int, int] = {}  # thread -> the round of its last commit
+        self._pending: dict[int, int] = {}  # thread -> end of its last commit
+        self._expected = 0  # arrivals the waiting leader waits for
+        self._wake: threading.Lock | None = None  # held by a waiting leader
 
     def commit(self, end_pos: int) -> None:
         """Make every byte up to ``end_pos`` durable; concurrent callers share one sync.
@@ -54,17 +83,30 @@ class GroupCommit:
         sync runs does not queue for the turn: it waits for that round's gate
         (a lock the leader holds during its sync), so that every caller the
         sync covered returns when it ends, and the first one it did not cover
-        leads the next sync, which covers all of them.
+        leads the next sync, which covers all of them. Before it syncs, the
+        leader waits a bounded time for the rest of its cohort to arrive
+        (:meth:`_await_cohort`), woken by the last arrival.
 
-        Interrupt-safe: the turn and the gates are C locks taken with
-        ``with`` (released whatever is raised), and ``synced_pos`` moves
-        only after the fdatasync returned, to the position read before it.
+        Interrupt-safe: the turn, the gates and the wake-up are C locks
+        taken with ``with`` or inside ``try`` (released whatever is raised),
+        and ``synced_pos`` moves only after the fdatasync returned, to the
+        position read before it. An arrival is two dict stores, each whole:
+        one interrupted in between is at worst not counted, costing one
+        leader its bounded wait.
 
         Raises:
             StorageFailedError: an earlier write or sync failed.
             StorageClosedError: the engine closed before the bytes were synced.
             OSError: this fdatasync failed (the engine then refuses writes).
         """
+        if self.synced_pos >= end_pos:
+            return  # covered already (a roll's or another writer's sync)
+        # arrive: written up to end_pos, waiting for a sync
+        me = get_ident()
+        self._pending[me] = end_pos
+        self._seen[me] = self.rounds
+        if self._wake is not None:
+            self._arrive()
         while self.synced_pos < end_pos:
             if self.turn.locked():
                 # a sync is running: wait for the end of its round (a gate
@@ -82,17 +124,78 @@ class GroupCommit:
                 gate = threading.Lock()
                 with gate:
                     self._gate = gate
+                    cohort = len(self._seen) > 1  # (one thread: no wait, no timing)
+                    if cohort:
+                        self._await_cohort()
                     target, fd = self._target()
+                    started = self._clock() if cohort else 0.0
                     try:
                         self._fs.fdatasync(fd)
                     except OSError as exc:
                         self._life.fail(exc)
                         raise
+                    if cohort:
+                        self._last_sync_s = self._clock() - started
+                    self.rounds += 1
                     if target > self.synced_pos:
                         self.synced_pos = target
                         if self.listener is not None:
                             self.listener(target)
             return
+
+    def _await_cohort(self) -> None:
+        """In the sync turn, before reading the target: wait for the cohort.
+
+        With closed-loop writers and one sync at a time, the writers a sync
+        wakes append during the next one and split into two cohorts, each
+        sync covering about half of them. So the leader first waits for the
+        writers about to append: the cohort is the threads that committed in
+        the last ``COHORT_ROUNDS`` syncs, the arrivals those whose commit is
+        not covered yet. It waits only when at least two threads are in the
+        cohort and fewer have arrived, at most ``WAIT_FRACTION`` of the last
+        sync's duration and ``max_wait_s``, and is woken by the last
+        arrival (:meth:`_arrive`). Threads gone from the cohort are dropped
+        from the maps (a racing arrival dropped too is counted at its next
+        commit). The wake-up lock is a leaf: the leader waits on it in the
+        turn and the gate, holding no engine lock; arrivals release it
+        holding nothing.
+        """
+        low = self.rounds - COHORT_ROUNDS
+        seen = self._seen
+        expected = 0
+        for ident, last in list(seen.items()):
+            if last >= low:
+                expected += 1
+            else:
+                seen.pop(ident, None)
+                self._pending.pop(ident, None)
+        bound_s = min(self._last_sync_s * WAIT_FRACTION, self.max_wait_s)
+        if expected < 2 or bound_s <= 0.0:
+            return
+        wake = threading.Lock()
+        wake.acquire()
+        try:
+            self._expected = expected
+            self._wake = wake  # published before counting: no arrival is missed
+            if self._arrived() >= expected:
+                return
+            self.waits += 1
+            if not wake.acquire(timeout=bound_s):
+                self.waits_timed_out += 1
+        finally:
+            self._wake = None
+
+    def _arrived(self) -> int:
+        """How many threads' commits are waiting for a sync (not covered yet)."""
+        synced = self.synced_pos
+        return sum(1 for end in list(self._pending.values()) if end > synced)
+
+    def _arrive(self) -> None:
+        """An arrival while a leader waits: wake it if the cohort is complete."""
+        wake = self._wake
+        if wake is not None and self._arrived() >= self._expected:
+            with contextlib.suppress(RuntimeError):  # released already, by another arrival
+                wake.release()
 
     def advance(self, durable_pos: int) -> None:
         """Every byte up to ``durable_pos`` is durable (a roll synced it).
@@ -125,14 +228,19 @@ class GroupCommit:
                 self.listener(written_pos)
 
     def after_fork(self) -> None:
-        """In a forked child: new locks (a parent thread may have held these)."""
+        """In a forked child: new locks (a parent thread may have held these),
+        and no cohort (the parent's other threads do not exist here)."""
         self.turn = threading.Lock()
         self._gate = threading.Lock()
+        self._wake = None
+        self._seen = {}
+        self._pending = {}
 
     def _check(self, written_pos: int) -> None:
         assert 0 <= self.synced_pos <= written_pos, (
             f"synced position {self.synced_pos} beyond the {written_pos} bytes written"
         )
+        assert self._wake is None or self.turn.locked(), "a wake-up left by no waiting leader"
 
 
 class IntervalSyncer:
