@@ -19,8 +19,9 @@ The write path's hot loops (``Writer.set``, ``write_group``,
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from logstate import _scan
 from logstate._errors import SubStorageDeletedError
@@ -44,14 +45,42 @@ from logstate._location import (
     location_size,
     total_size,
 )
+from logstate._native import EXT
 from logstate._values import TAG_EXPIRES
 
-__all__ = ["Index", "Keydir", "SortedKeys", "is_within", "join_namespace", "key_range"]
+if TYPE_CHECKING:
+    from logstate._cnative import KeyMap
+
+__all__ = [
+    "Index",
+    "Keydir",
+    "SortedKeys",
+    "as_index",
+    "is_within",
+    "join_namespace",
+    "key_range",
+    "new_index",
+]
 
 # the replay loop writes the location shifts as literals
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
 
-Index = dict[str, Location]
+Index: TypeAlias = "dict[str, Location] | KeyMap"
+"""One namespace's index, key -> location: a ``KeyMap`` (the C path's compact
+index, ``csrc/keymap.c``) or a dict (the pure path; and any dict a caller
+builds: every reader and writer takes either, through the mapping API)."""
+
+new_index: Final[Callable[[], Index]] = dict if EXT is None else EXT.KeyMap
+"""An empty namespace index: every namespace the keydir creates is made by
+this (a KeyMap when the C path is in use, else a dict)."""
+
+
+def as_index(index: dict[str, Location]) -> Index:
+    """``index`` (a dict, say from a marshal snapshot) as :func:`new_index` would hold it."""
+    if EXT is None:
+        return index
+    converted: Index = EXT.KeyMap(index)
+    return converted
 
 
 def join_namespace(parent: str, name: str) -> str:
@@ -173,7 +202,7 @@ class Keydir:
         live_bytes: int = 0,
     ) -> None:
         self.path = path
-        self.namespaces: dict[str, Index] = {"": {}} if namespaces is None else namespaces
+        self.namespaces: dict[str, Index] = {"": new_index()} if namespaces is None else namespaces
         self.checkpoint = checkpoint
         self.live_bytes = live_bytes
         self.ordered: dict[str, SortedKeys] = {}
@@ -301,7 +330,10 @@ class Keydir:
         if index is None:
             parts = ns.split(NS_SEPARATOR)
             for i in range(1, len(parts) + 1):
-                index = self.namespaces.setdefault(NS_SEPARATOR.join(parts[:i]), {})
+                name = NS_SEPARATOR.join(parts[:i])
+                index = self.namespaces.get(name)
+                if index is None:
+                    index = self.namespaces[name] = new_index()
         assert index is not None
         return index
 
@@ -451,6 +483,9 @@ class Keydir:
                 assert parent in self.namespaces, f"namespace {ns!r} without parent"
         live = sum(total_size(index) for index in self.namespaces.values())
         assert self.live_bytes == live, f"live bytes {self.live_bytes}, index says {live}"
+        for index in self.namespaces.values():
+            if not isinstance(index, dict):
+                index._check()  # a KeyMap's own invariants
         for ns, view in self.ordered.items():
             assert ns in self.namespaces, f"ordered view of missing namespace {ns!r}"
             index = self.namespaces[ns]
