@@ -82,8 +82,10 @@ from logstate._native import EXT
 from logstate._snapshot_raw import decode_raw_body, encode_raw_body
 
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
-SNAPSHOT_VERSION: Final = 3  # written; 3 added the expiry table and the clock floor
-RAW_SNAPSHOT_VERSION: Final = 4  # written by the C path: KeyMaps as raw arrays
+MARSHAL_SNAPSHOT_VERSION: Final = 3  # 3 added the expiry table and the clock floor
+RAW_SNAPSHOT_VERSION: Final = 4  # KeyMaps as raw arrays
+# written: by the C path when every index is a KeyMap (else a marshal one)
+SNAPSHOT_VERSION: Final = MARSHAL_SNAPSHOT_VERSION if EXT is None else RAW_SNAPSHOT_VERSION
 # read: a 2 is a 3 without expiring keys; a 4 only where the C path can load it
 READ_SNAPSHOT_VERSIONS: Final = (2, 3) if EXT is None else (2, 3, 4)
 SNAPSHOT_FLAG_ZSTD: Final = 0x0001  # the body is one zstd frame of the marshal bytes
@@ -130,20 +132,17 @@ def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | 
             a larger body is compressed, and if that is still too large
             the result is None. None: no bound, never compressed.
     """
-    flags = 0
-    version = SNAPSHOT_VERSION
-    raw = None
+    fitted = None
+    version = RAW_SNAPSHOT_VERSION
     if EXT is not None and all(type(i) is not dict for i in snapshot.namespaces.values()):
         raw = encode_raw_body(snapshot.namespaces, _raw_meta(snapshot))
-    if raw is not None:
-        body, version = raw, RAW_SNAPSHOT_VERSION
-    else:
-        body = _encode_marshal_body(snapshot)
-    if max_size is not None and SNAPSHOT_HEADER.size + len(body) > max_size:
-        body = zstandard.ZstdCompressor(level=SNAPSHOT_ZSTD_LEVEL).compress(body)
-        flags = SNAPSHOT_FLAG_ZSTD
-        if SNAPSHOT_HEADER.size + len(body) > max_size:
+        fitted = None if raw is None else _fit(raw, max_size)
+    if fitted is None:  # (the pure path; or a raw body too large for a tiny store)
+        version = MARSHAL_SNAPSHOT_VERSION
+        fitted = _fit(_encode_marshal_body(snapshot), max_size)
+        if fitted is None:
             return None
+    body, flags = fitted
     pinned = version != RAW_SNAPSHOT_VERSION  # marshal's bytes depend on the Python version
     header = SNAPSHOT_HEADER.pack(
         SNAPSHOT_MAGIC,
@@ -156,6 +155,15 @@ def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | 
         crc32c(body),
     )
     return header + body
+
+
+def _fit(body: bytes, max_size: int | None) -> tuple[bytes, int] | None:
+    """(body, flags): ``body`` as it is, or compressed when a file of it would
+    be over ``max_size``; None when even that is over."""
+    if max_size is None or SNAPSHOT_HEADER.size + len(body) <= max_size:
+        return body, 0
+    packed = zstandard.ZstdCompressor(level=SNAPSHOT_ZSTD_LEVEL).compress(body)
+    return (packed, SNAPSHOT_FLAG_ZSTD) if SNAPSHOT_HEADER.size + len(packed) <= max_size else None
 
 
 def _raw_meta(snapshot: Snapshot) -> dict[str, Any]:
@@ -216,8 +224,9 @@ def decode_snapshot(data: bytes) -> Snapshot:
     known = magic == SNAPSHOT_MAGIC and version in READ_SNAPSHOT_VERSIONS
     if not known or flags & ~SNAPSHOT_FLAG_ZSTD:
         raise CorruptionError("", 0, "not a logstate index snapshot of a known version")
-    pinned = version != RAW_SNAPSHOT_VERSION
-    if pinned and ((major, minor) != sys.version_info[:2] or marshal_version != marshal.version):
+    pinned = version != RAW_SNAPSHOT_VERSION  # (a version 4 has zeros there)
+    found = (major, minor, marshal_version)
+    if found != ((*sys.version_info[:2], marshal.version) if pinned else (0, 0, 0)):
         raise CorruptionError(
             "", 0, f"snapshot written by Python {major}.{minor} (marshal {marshal_version})"
         )
