@@ -271,7 +271,8 @@ km_reserve_arena(KeyMapObject *km, size_t more)
         PyErr_SetString(PyExc_OverflowError, "KeyMap arena full (16 GiB)");
         return -1;
     }
-    size_t cap = km->arena_cap < 256 ? 256 : km->arena_cap + km->arena_cap / 2;
+    /* (a large block grows in place or by mremap: a small step costs no copy) */
+    size_t cap = km->arena_cap < 256 ? 256 : km->arena_cap + km->arena_cap / 4;
     if (cap < km->arena_used + more) {
         cap = km->arena_used + more;
     }
