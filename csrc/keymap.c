@@ -218,6 +218,93 @@ km_fill_table(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
     km->table_fill = fill;
 }
 
+typedef struct {
+    uint32_t home; /* the slot the key hashes to */
+    uint32_t tag;  /* the hash's high half: two keys of one tag are compared */
+    uint32_t off4; /* the record's offset / 4 */
+} km_entry;
+
+#define KM_BUCKET_BITS 12
+
+/* km_fill_table for a large map, in cache-sized steps: the records' slots
+ * are computed in one pass over the arena, grouped by the region of the
+ * table they fall in (a counting sort on their top bits), and inserted
+ * region by region, so that the inserts (and the duplicate checks, on the
+ * tags) touch a few KiB at a time instead of the whole table at random.
+ * The table is a valid linear-probing table whatever the insertion order.
+ * Returns -1 (no error set, table untouched) when its scratch memory
+ * cannot be had: the caller then uses km_fill_table. */
+static int
+km_fill_table_bucketed(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
+{
+    size_t n = (size_t)km->count;
+    size_t mask = cap - 1;
+    unsigned shift = 0;
+    while (((size_t)1 << (shift + KM_BUCKET_BITS)) < cap) {
+        shift++;
+    }
+    size_t buckets = (size_t)1 << KM_BUCKET_BITS;
+    km_entry *entries = PyMem_RawMalloc(2 * n * sizeof(km_entry) + 1);
+    size_t *starts = PyMem_RawCalloc(buckets + 1, sizeof(size_t));
+    uint32_t *tags = dups != NULL ? PyMem_RawMalloc(cap * sizeof(uint32_t)) : NULL;
+    if (entries == NULL || starts == NULL || (dups != NULL && tags == NULL)) {
+        PyMem_RawFree(entries);
+        PyMem_RawFree(starts);
+        PyMem_RawFree(tags);
+        return -1;
+    }
+    km_entry *sorted = entries + n;
+    size_t k = 0;
+    for (size_t off = 0; off < km->arena_used && k < n;) {
+        const unsigned char *rec = km->arena + off;
+        uint32_t hdr = ld32(rec);
+        size_t len = hdr & KM_MAX_KEY;
+        if (!(hdr & KM_DELETED)) {
+            uint64_t h = ks_hash(rec + KM_REC_HEAD, len);
+            entries[k].home = (uint32_t)(h & mask);
+            entries[k].tag = (uint32_t)(h >> 32);
+            entries[k].off4 = (uint32_t)(off / 4);
+            starts[(entries[k].home >> shift) + 1]++;
+            k++;
+        }
+        off += rec_size(len);
+    }
+    n = k;
+    for (size_t b = 0; b < buckets; b++) {
+        starts[b + 1] += starts[b];
+    }
+    for (size_t i = 0; i < n; i++) {
+        sorted[starts[entries[i].home >> shift]++] = entries[i];
+    }
+    for (size_t i = 0; i < n; i++) {
+        const km_entry *e = &sorted[i];
+        size_t j = e->home;
+        while (table[j] != KM_EMPTY) {
+            if (tags != NULL && tags[j] == e->tag) {
+                const unsigned char *a = km->arena + (size_t)table[j] * 4;
+                const unsigned char *b = km->arena + (size_t)e->off4 * 4;
+                uint32_t len = ld32(a);
+                if (len == ld32(b) && memcmp(a + KM_REC_HEAD, b + KM_REC_HEAD, len) == 0) {
+                    *dups = 1;
+                }
+            }
+            j = (j + 1) & mask;
+        }
+        table[j] = e->off4;
+        if (tags != NULL) {
+            tags[j] = e->tag;
+        }
+    }
+    PyMem_RawFree(entries);
+    PyMem_RawFree(starts);
+    PyMem_RawFree(tags);
+    PyMem_Free(km->table);
+    km->table = table;
+    km->table_cap = cap;
+    km->table_fill = n;
+    return 0;
+}
+
 /* Rebuild the table with room for ``need`` keys (unchanged on failure). */
 static int
 km_rebuild(KeyMapObject *km, size_t need, int *dups)
@@ -227,7 +314,9 @@ km_rebuild(KeyMapObject *km, size_t need, int *dups)
     if (table == NULL) {
         return -1;
     }
-    km_fill_table(km, table, cap, dups);
+    if (km->count < 65536 || km_fill_table_bucketed(km, table, cap, dups) < 0) {
+        km_fill_table(km, table, cap, dups);
+    }
     return 0;
 }
 
@@ -257,7 +346,9 @@ km_compact(KeyMapObject *km)
     km->arena_used = to;
     km->garbage = 0;
     km->mutations++;
-    km_fill_table(km, table, cap, NULL);
+    if (km->count < 65536 || km_fill_table_bucketed(km, table, cap, NULL) < 0) {
+        km_fill_table(km, table, cap, NULL);
+    }
     return 0;
 }
 

@@ -31,6 +31,7 @@ from logstate import _format as fmt
 from logstate._filenames import SNAPSHOT_FILE_NAME
 from logstate._location import location_size, pack_location
 from logstate._snapshot import (
+    _RAW_LIMITS,
     MARSHAL_SNAPSHOT_VERSION,
     RAW_SNAPSHOT_VERSION,
     SNAPSHOT_HEADER,
@@ -273,6 +274,23 @@ def test_a_crafted_raw_body_is_refused(ext: Any, case: str) -> None:
     data = raw_file_of({"a": pack_location(1, H, 100, 0), "b": pack_location(2, H, 50, 1)}, ext)
     assert accepted(bytes(data))
     assert not accepted(CRAFTED[case](data, arena_start(data)))
+
+
+@pytest.mark.parametrize("count", [100, 70_000])  # (a large map's table is built by regions)
+def test_keymap_load_rebuilds_a_table_that_finds_every_key_and_refuses_a_key_twice(
+    ext: Any, count: int
+) -> None:
+    km = ext.KeyMap({f"key-{i:08d}": pack_location(1, H, 100, 0) for i in range(count)})
+    n, arena, _sides = km.raw()
+    marks, limits = [(1, 5000)], _RAW_LIMITS
+    loaded, total = ext.keymap_load(arena, 0, n, len(arena), 0, marks, limits)
+    loaded._check()
+    assert loaded == km and total == 100 * count
+    twice = bytearray(arena)
+    last = len(arena) - 32  # the last record (12-character keys: 32 bytes) takes the first's key
+    twice[last + 20 : last + 32] = b"key-00000000"
+    with pytest.raises(ValueError, match="twice"):
+        ext.keymap_load(bytes(twice), 0, n, len(arena), 0, marks, limits)
 
 
 def test_a_crafted_raw_snapshot_makes_open_scan(ext: Any, tmp_path: Path) -> None:
