@@ -265,3 +265,50 @@ def test_pickle_and_repr_show_the_items(KeyMap: Any) -> None:
     km = KeyMap({"a": 4, "b": (1, 2, 3, 4, 5, 6)})
     assert pickle.loads(pickle.dumps(km)) == km
     assert repr(km) == "KeyMap({'a': 4, 'b': (1, 2, 3, 4, 5, 6)})"
+
+
+def test_repeated_operations_and_loads_leave_no_memory_behind(KeyMap: Any) -> None:
+    """A refcount or buffer leak on any path (errors included) shows as growth
+    of the traced memory (PyMem_Malloc and every object are traced)."""
+    import struct
+    import tracemalloc
+
+    load = keymap_ext().keymap_load
+    limits = (24, 20, 10, 40, 1 << 30, 65535)
+
+    def work() -> None:
+        km = KeyMap()
+        for i in range(500):
+            km[f"k{i}"] = (1 << 74 | 28 << 34 | 40 << 2) + (i << 34)
+            km[f"t{i}"] = (1, 30, 100, i, 20, 5)
+            km[f"b{i}"] = 1 << 200
+        for i in range(0, 500, 2):
+            km.pop(f"k{i}")
+            del km[f"t{i}"]
+            km.setdefault(f"n{i}", 8)
+        assert km == dict(km.items()) and km.copy() == km == KeyMap(km)
+        assert list(km.values()) and repr(km) and km.keys() | {"x"} and km.raw()
+        plain = {f"k{i}": 1 << 74 | 28 << 34 | 40 << 2 for i in range(99)}
+        groups = {f"t{i}": (1, 30, 100, i, 20, 5) for i in range(20)}
+        count, arena, sides = KeyMap({**plain, **groups}).raw()
+        side = b"".join(struct.pack("<6Q", *loc) for loc in sides)
+        load(arena + side, 0, count, len(arena), len(sides), [(1, 1000)], limits)
+        with pytest.raises(ValueError):
+            load(arena, 0, count, len(arena), 0, [(1, 1000)], limits)  # (no side entry)
+        with pytest.raises(TypeError):
+            km[b"x"] = 1
+        km.clear()
+
+    work()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(20):
+            work()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 16_384  # (20 rounds of ~1,500 objects each: a leak is far more)
