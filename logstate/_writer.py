@@ -61,6 +61,7 @@ def _expiry(check: bool, op_type: int, body: bytes) -> Expiry | None:
     """(deadline_s, written_s) of a set op's value, when ``check`` (else None)."""
     return value_expiry(set_body_value(body)) if check and op_type == REC_SET else None
 
+
 # the hot paths write the location shifts as literals (74, 34, 2)
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
 _pack_name_len = NAME_LEN.pack

@@ -240,7 +240,7 @@ def with_body(data: bytearray, body: bytes) -> bytes:
 def arena_start(data: bytes | bytearray) -> int:
     """Offset in the body of the first namespace's arena."""
     body = data[SNAPSHOT_HEADER.size :]
-    (meta_size,) = RAW_META_SIZE.unpack_from(body, 0)
+    meta_size: int = RAW_META_SIZE.unpack_from(body, 0)[0]
     return RAW_META_SIZE.size + meta_size
 
 
