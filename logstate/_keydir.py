@@ -70,16 +70,18 @@ Index: TypeAlias = "dict[str, Location] | KeyMap"
 index, ``csrc/keymap.c``) or a dict (the pure path; and any dict a caller
 builds: every reader and writer takes either, through the mapping API)."""
 
-new_index: Final[Callable[[], Index]] = dict if EXT is None else EXT.KeyMap
+_KEYMAP: Final = getattr(EXT, "KeyMap", None)  # (None: pure, or a build without keymap.c)
+
+new_index: Final[Callable[[], Index]] = dict if _KEYMAP is None else _KEYMAP
 """An empty namespace index: every namespace the keydir creates is made by
 this (a KeyMap when the C path is in use, else a dict)."""
 
 
 def as_index(index: dict[str, Location]) -> Index:
     """``index`` (a dict, say from a marshal snapshot) as :func:`new_index` would hold it."""
-    if EXT is None:
+    if _KEYMAP is None:
         return index
-    converted: Index = EXT.KeyMap(index)
+    converted: Index = _KEYMAP(index)
     return converted
 
 

@@ -78,16 +78,15 @@ from logstate._format import (
     SEQ_SIZE,
 )
 from logstate._location import OFFSET_MASK, OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_MASK, SIZE_SHIFT
-from logstate._native import EXT
-from logstate._snapshot_raw import decode_raw_body, encode_raw_body
+from logstate._snapshot_raw import RAW_AVAILABLE, decode_raw_body, encode_raw_body
 
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
 MARSHAL_SNAPSHOT_VERSION: Final = 3  # 3 added the expiry table and the clock floor
 RAW_SNAPSHOT_VERSION: Final = 4  # KeyMaps as raw arrays
 # written: by the C path when every index is a KeyMap (else a marshal one)
-SNAPSHOT_VERSION: Final = MARSHAL_SNAPSHOT_VERSION if EXT is None else RAW_SNAPSHOT_VERSION
+SNAPSHOT_VERSION: Final = RAW_SNAPSHOT_VERSION if RAW_AVAILABLE else MARSHAL_SNAPSHOT_VERSION
 # read: a 2 is a 3 without expiring keys; a 4 only where the C path can load it
-READ_SNAPSHOT_VERSIONS: Final = (2, 3) if EXT is None else (2, 3, 4)
+READ_SNAPSHOT_VERSIONS: Final = (2, 3, 4) if RAW_AVAILABLE else (2, 3)
 SNAPSHOT_FLAG_ZSTD: Final = 0x0001  # the body is one zstd frame of the marshal bytes
 SNAPSHOT_ZSTD_LEVEL: Final = 1
 SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
@@ -134,7 +133,7 @@ def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | 
     """
     fitted = None
     version = RAW_SNAPSHOT_VERSION
-    if EXT is not None and all(type(i) is not dict for i in snapshot.namespaces.values()):
+    if RAW_AVAILABLE and all(type(i) is not dict for i in snapshot.namespaces.values()):
         raw = encode_raw_body(snapshot.namespaces, _raw_meta(snapshot))
         fitted = None if raw is None else _fit(raw, max_size)
     if fitted is None:  # (the pure path; or a raw body too large for a tiny store)

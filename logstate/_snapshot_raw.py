@@ -28,7 +28,10 @@ from logstate._native import EXT
 if TYPE_CHECKING:
     from logstate._cnative import KeyMap
 
-__all__ = ["RAW_META_SIZE", "RAW_SIDE_ENTRY", "decode_raw_body", "encode_raw_body"]
+__all__ = ["RAW_AVAILABLE", "RAW_META_SIZE", "RAW_SIDE_ENTRY", "decode_raw_body", "encode_raw_body"]
+
+RAW_AVAILABLE: Final = hasattr(EXT, "keymap_load")
+"""True when the C path is in use and has KeyMaps: version 4 is read and written."""
 
 RAW_META_SIZE: Final = struct.Struct("<I")
 RAW_SIDE_ENTRY: Final = struct.Struct("<6Q")  # a compressed-group location's six fields
@@ -67,7 +70,7 @@ def decode_raw_body(
     Raises:
         CorruptionError: anything wrong (the caller then scans).
     """
-    assert EXT is not None  # (version 4 is read only where the C path is in use)
+    assert EXT is not None and RAW_AVAILABLE  # (version 4 is read only on the C path)
     try:
         (meta_size,) = RAW_META_SIZE.unpack_from(body, 0)
         end = RAW_META_SIZE.size + meta_size

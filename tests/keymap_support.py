@@ -21,4 +21,6 @@ def keymap_ext() -> ModuleType:
         if _native.PURE_REQUESTED:
             pytest.skip("LOGSTATE_PURE=1: the pure path has no KeyMap")
         pytest.fail(f"the C path is not in use ({_native.REASON}): KeyMap tests cannot run")
+    if not hasattr(_native.EXT, "KeyMap"):
+        pytest.fail(f"{_native.EXT.__file__} was built without csrc/keymap.c's KeyMap")
     return _native.EXT
