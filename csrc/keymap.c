@@ -23,6 +23,9 @@
 #include "native.h"
 
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
 
 #define KM_EMPTY 0xFFFFFFFFu
 #define KM_TOMB 0xFFFFFFFEu
@@ -218,6 +221,34 @@ km_fill_table(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
     km->table_fill = fill;
 }
 
+/* Scratch memory of a table build, mapped and unmapped whole where the
+ * system has mmap: a malloc'd block this large, once freed, would stay in
+ * the process's heap (glibc raises its mmap threshold after freeing the
+ * snapshot's buffers), and the resident size after an open would count it. */
+static void *
+km_scratch_alloc(size_t size)
+{
+#if defined(MAP_ANONYMOUS)
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+#else
+    return PyMem_RawMalloc(size);
+#endif
+}
+
+static void
+km_scratch_free(void *p, size_t size)
+{
+    if (p == NULL) {
+        return;
+    }
+#if defined(MAP_ANONYMOUS)
+    munmap(p, size);
+#else
+    PyMem_RawFree(p);
+#endif
+}
+
 typedef struct {
     uint32_t home; /* the slot the key hashes to */
     uint32_t tag;  /* the hash's high half: two keys of one tag are compared */
@@ -244,13 +275,15 @@ km_fill_table_bucketed(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
         shift++;
     }
     size_t buckets = (size_t)1 << KM_BUCKET_BITS;
-    km_entry *entries = PyMem_RawMalloc(2 * n * sizeof(km_entry) + 1);
+    size_t entries_size = 2 * n * sizeof(km_entry) + 1;
+    size_t tags_size = cap * sizeof(uint32_t);
+    km_entry *entries = km_scratch_alloc(entries_size);
     size_t *starts = PyMem_RawCalloc(buckets + 1, sizeof(size_t));
-    uint32_t *tags = dups != NULL ? PyMem_RawMalloc(cap * sizeof(uint32_t)) : NULL;
+    uint32_t *tags = dups != NULL ? km_scratch_alloc(tags_size) : NULL;
     if (entries == NULL || starts == NULL || (dups != NULL && tags == NULL)) {
-        PyMem_RawFree(entries);
+        km_scratch_free(entries, entries_size);
         PyMem_RawFree(starts);
-        PyMem_RawFree(tags);
+        km_scratch_free(tags, tags_size);
         return -1;
     }
     km_entry *sorted = entries + n;
@@ -295,9 +328,9 @@ km_fill_table_bucketed(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
             tags[j] = e->tag;
         }
     }
-    PyMem_RawFree(entries);
+    km_scratch_free(entries, entries_size);
     PyMem_RawFree(starts);
-    PyMem_RawFree(tags);
+    km_scratch_free(tags, tags_size);
     PyMem_Free(km->table);
     km->table = table;
     km->table_cap = cap;
