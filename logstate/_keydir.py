@@ -11,6 +11,9 @@ Must never: do I/O, take a lock or start a thread (the caller holds the
 engine's write lock, or owns the index alone, at open), or decode bytes
 beyond ``_scan.replay_frame``'s tuples.
 
+Each namespace's index comes from :func:`new_index`: a dict (pure path) or a
+``KeyMap`` (csrc/keymap.c, the C path: the same mapping API and order).
+
 The write path's hot loops (``Writer.set``, ``write_group``,
 ``write_keys``) keep inlined copies of :meth:`Keydir.put`, each marked;
 ``_check`` (live bytes equal the sum of the locations' sizes) guards them.
@@ -65,23 +68,15 @@ __all__ = [
 # the replay loop writes the location shifts as literals
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
 
-Index: TypeAlias = "dict[str, Location] | KeyMap"
-"""One namespace's index, key -> location: a ``KeyMap`` (the C path's compact
-index, ``csrc/keymap.c``) or a dict (the pure path; and any dict a caller
-builds: every reader and writer takes either, through the mapping API)."""
-
+Index: TypeAlias = "dict[str, Location] | KeyMap"  # one namespace's: either, by mapping API
 _KEYMAP: Final = getattr(EXT, "KeyMap", None)  # (None: pure, or a build without keymap.c)
-
 new_index: Final[Callable[[], Index]] = dict if _KEYMAP is None else _KEYMAP
-"""An empty namespace index: every namespace the keydir creates is made by
-this (a KeyMap when the C path is in use, else a dict)."""
+"""An empty namespace index: every one the keydir creates is made by this."""
 
 
 def as_index(index: dict[str, Location]) -> Index:
-    """``index`` (a dict, say from a marshal snapshot) as :func:`new_index` would hold it."""
-    if _KEYMAP is None:
-        return index
-    converted: Index = _KEYMAP(index)
+    """``index`` (a marshal snapshot's dict) as :func:`new_index` holds it."""
+    converted: Index = index if _KEYMAP is None else _KEYMAP(index)
     return converted
 
 
@@ -161,8 +156,9 @@ class Keydir:
     """The index of one storage directory (``path`` names it in errors).
 
     ``namespaces`` maps each namespace ("" is the root) to its keys'
-    locations; the dict objects are the index itself (the hot paths use
-    them directly). ``live_bytes``: the sum of :func:`location_size` over
+    locations; those mappings (from :func:`new_index`: KeyMaps on the C path,
+    dicts on the pure one) are the index itself (the hot paths use them
+    directly, through the mapping API only). ``live_bytes``: the sum of :func:`location_size` over
     every location. ``ordered``: a :class:`SortedKeys` view of each
     namespace that had an ordered read; every change of a namespace's key
     set calls :meth:`note_key` (the hot paths too, behind a test of
@@ -332,10 +328,7 @@ class Keydir:
         if index is None:
             parts = ns.split(NS_SEPARATOR)
             for i in range(1, len(parts) + 1):
-                name = NS_SEPARATOR.join(parts[:i])
-                index = self.namespaces.get(name)
-                if index is None:
-                    index = self.namespaces[name] = new_index()
+                index = self.namespaces.setdefault(NS_SEPARATOR.join(parts[:i]), new_index())
         assert index is not None
         return index
 
