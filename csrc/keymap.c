@@ -50,7 +50,14 @@ typedef struct {
     size_t side_cap;
     size_t *side_free; /* stack of free slots below side_used */
     size_t side_nfree;
-    uint64_t mutations;
+    uint64_t mutations; /* bumped by every insert, delete, and table or arena change */
+    /* the last key looked up (a strong reference), while ``mutations`` is
+     * unchanged: its hash and table slot (-1: absent). The write path does a
+     * get, then a set, of the same key object: the set skips the search. */
+    PyObject *last_key;
+    uint64_t last_hash;
+    Py_ssize_t last_slot;
+    uint64_t last_mutations;
 } KeyMapObject;
 
 typedef struct {
@@ -76,32 +83,42 @@ static PyTypeObject KeyMapViewType;
 static PyObject *km_sixty_four; /* the int 64 */
 
 /* ------------------------------------------------------------------ bytes */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define KM_LE32(v) __builtin_bswap32(v)
+#define KM_LE64(v) __builtin_bswap64(v)
+#else
+#define KM_LE32(v) (v)
+#define KM_LE64(v) (v)
+#endif
+
 static inline uint32_t
 ld32(const unsigned char *p)
 {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return KM_LE32(v);
 }
 
 static inline uint64_t
 ld64(const unsigned char *p)
 {
-    return (uint64_t)ld32(p) | (uint64_t)ld32(p + 4) << 32;
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return KM_LE64(v);
 }
 
 static inline void
 st32(unsigned char *p, uint32_t v)
 {
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-    p[2] = (unsigned char)(v >> 16);
-    p[3] = (unsigned char)(v >> 24);
+    v = KM_LE32(v);
+    memcpy(p, &v, 4);
 }
 
 static inline void
 st64(unsigned char *p, uint64_t v)
 {
-    st32(p, (uint32_t)v);
-    st32(p + 4, (uint32_t)(v >> 32));
+    v = KM_LE64(v);
+    memcpy(p, &v, 8);
 }
 
 static inline size_t
@@ -116,6 +133,7 @@ static uint64_t
 ks_hash(const unsigned char *p, size_t n)
 {
     const uint64_t m = 0x9E3779B97F4A7C15ull;
+    const size_t total = n;
     uint64_t h = 0x243F6A8885A308D3ull ^ (n * m);
     while (n >= 8) {
         uint64_t k = ld64(p) * 0xBF58476D1CE4E5B9ull;
@@ -126,8 +144,13 @@ ks_hash(const unsigned char *p, size_t n)
         n -= 8;
     }
     uint64_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        k |= (uint64_t)p[i] << (8 * i);
+    if (n > 0 && total >= 8) { /* the last n bytes, in one load inside the key */
+        k = ld64(p - 8 + n) >> (8 * (8 - n));
+    }
+    else {
+        for (size_t i = 0; i < n; i++) {
+            k |= (uint64_t)p[i] << (8 * i);
+        }
     }
     h = (h ^ (k * 0x94D049BB133111EBull)) * m;
     h ^= h >> 32;
@@ -219,6 +242,7 @@ km_fill_table(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
     km->table = table;
     km->table_cap = cap;
     km->table_fill = fill;
+    km->mutations++;
 }
 
 /* Scratch memory of a table build, mapped and unmapped whole where the
@@ -335,6 +359,7 @@ km_fill_table_bucketed(KeyMapObject *km, uint32_t *table, size_t cap, int *dups)
     km->table = table;
     km->table_cap = cap;
     km->table_fill = n;
+    km->mutations++;
     return 0;
 }
 
@@ -457,17 +482,68 @@ side_take(KeyMapObject *km, uint64_t lo)
     return obj;
 }
 
+#if PY_VERSION_HEX < 0x030D0000 /* (3.13 has PyLong_AsNativeBytes and its inverse) */
+/* The high half of an int whose low 64 bits are ``low``, from its value
+ * as a double, without an allocation: exact when the int is below 2**112
+ * (the double's rounding error, and that of the subtraction, are then at
+ * most 2**58 each: far below 2**63, half the distance between two
+ * candidates ``hi * 2**64 + low``). 0: not in that range. */
+static int
+high_from_double(double d, uint64_t low, uint64_t *hi)
+{
+    if (!(d >= 0.0 && d < 0x1p112)) {
+        return 0;
+    }
+    double h = (d - (double)low) * 0x1p-64;
+    h = h < 0.0 ? 0.0 : h + 0.5;
+    *hi = (uint64_t)h;
+    return 1;
+}
+
 /* Pack ``value`` into (lo, hi): an exact int in [0, 2**128) of kind 0..2,
  * else into the side table. */
+#endif
+
 static int
 loc_pack(KeyMapObject *km, PyObject *value, uint64_t *lo, uint64_t *hi)
 {
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyLong_CheckExact(value)) {
+        unsigned char buf[16];
+        Py_ssize_t need = PyLong_AsNativeBytes(
+            value, buf, 16,
+            Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
+                | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+        if (need < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+                return -1;
+            }
+            PyErr_Clear(); /* negative: the side table */
+        }
+        else if (need <= 16 && (buf[0] & 3) != 3) {
+            *lo = ld64(buf);
+            *hi = ld64(buf + 8);
+            return 0;
+        }
+    }
+#else
     if (PyLong_CheckExact(value)) {
         uint64_t low = PyLong_AsUnsignedLongLongMask(value);
         if (low == (uint64_t)-1 && PyErr_Occurred()) {
             return -1;
         }
         if ((low & 3) != 3) {
+            double d = PyLong_AsDouble(value); /* (OverflowError past 2**1024) */
+            if (d == -1.0 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                    return -1;
+                }
+                PyErr_Clear();
+            }
+            else if (high_from_double(d, low, hi)) {
+                *lo = low;
+                return 0;
+            }
             PyObject *high = PyNumber_Rshift(value, km_sixty_four);
             if (high == NULL) {
                 return -1;
@@ -485,9 +561,45 @@ loc_pack(KeyMapObject *km, PyObject *value, uint64_t *lo, uint64_t *hi)
             PyErr_Clear(); /* negative or past 128 bits: the side table */
         }
     }
+#endif
     *hi = 0;
     return side_put(km, value, lo);
 }
+
+#if PY_VERSION_HEX < 0x030D0000
+/* ``hi << 64`` as ints, the last few made (every location of one segment
+ * shares its high half while offsets stay below 1 GiB). Strong references,
+ * kept for the module's life. */
+#define KM_HI_CACHE 64
+static PyObject *km_hi_objects[KM_HI_CACHE];
+static uint64_t km_hi_keys[KM_HI_CACHE];
+
+static PyObject *
+high_object(uint64_t hi)
+{
+    size_t i = (size_t)(hi ^ (hi >> 10)) % KM_HI_CACHE;
+    if (km_hi_objects[i] != NULL && km_hi_keys[i] == hi) {
+        Py_INCREF(km_hi_objects[i]);
+        return km_hi_objects[i];
+    }
+    PyObject *h = PyLong_FromUnsignedLongLong(hi);
+    if (h == NULL) {
+        return NULL;
+    }
+    PyObject *shifted = PyNumber_Lshift(h, km_sixty_four);
+    Py_DECREF(h);
+    if (shifted == NULL) {
+        return NULL;
+    }
+    PyObject *old = km_hi_objects[i];
+    km_hi_objects[i] = shifted;
+    km_hi_keys[i] = hi;
+    Py_XDECREF(old);
+    Py_INCREF(shifted);
+    return shifted;
+}
+
+#endif
 
 static PyObject *
 loc_object(KeyMapObject *km, uint64_t lo, uint64_t hi)
@@ -500,12 +612,13 @@ loc_object(KeyMapObject *km, uint64_t lo, uint64_t hi)
     if (hi == 0) {
         return PyLong_FromUnsignedLongLong(lo);
     }
-    PyObject *h = PyLong_FromUnsignedLongLong(hi);
-    if (h == NULL) {
-        return NULL;
-    }
-    PyObject *shifted = PyNumber_Lshift(h, km_sixty_four);
-    Py_DECREF(h);
+#if PY_VERSION_HEX >= 0x030D0000
+    unsigned char buf[16];
+    st64(buf, lo);
+    st64(buf + 8, hi);
+    return PyLong_FromUnsignedNativeBytes(buf, 16, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+#else
+    PyObject *shifted = high_object(hi);
     if (shifted == NULL) {
         return NULL;
     }
@@ -518,6 +631,7 @@ loc_object(KeyMapObject *km, uint64_t lo, uint64_t hi)
     Py_DECREF(shifted);
     Py_DECREF(l);
     return result;
+#endif
 }
 
 static PyObject *
@@ -555,17 +669,37 @@ key_bytes(PyObject *key, const unsigned char **p, size_t *n)
     return 1;
 }
 
+static void
+remember(KeyMapObject *km, PyObject *key, uint64_t h, Py_ssize_t slot)
+{
+    PyObject *old = km->last_key;
+    Py_INCREF(key);
+    km->last_key = key;
+    km->last_hash = h;
+    km->last_slot = slot;
+    km->last_mutations = km->mutations;
+    Py_XDECREF(old); /* (a str: its release runs no code) */
+}
+
 /* The record of ``key``, or NULL (and no error when absent). */
 static unsigned char *
 km_lookup(KeyMapObject *km, PyObject *key, Py_ssize_t *slot)
 {
-    const unsigned char *p;
-    size_t n;
-    int ok = key_bytes(key, &p, &n);
-    if (ok <= 0 || km->count == 0) {
-        return NULL;
+    Py_ssize_t i;
+    if (key == km->last_key && km->mutations == km->last_mutations) {
+        i = km->last_slot;
     }
-    Py_ssize_t i = km_find(km, p, n, ks_hash(p, n), NULL);
+    else {
+        const unsigned char *p;
+        size_t n;
+        int ok = key_bytes(key, &p, &n);
+        if (ok <= 0 || km->count == 0) {
+            return NULL;
+        }
+        uint64_t h = ks_hash(p, n);
+        i = km_find(km, p, n, h, NULL);
+        remember(km, key, h, i);
+    }
     if (i < 0) {
         return NULL;
     }
@@ -598,8 +732,16 @@ km_set(KeyMapObject *km, PyObject *key, PyObject *value)
         PyErr_SetString(PyExc_ValueError, "KeyMap key too long");
         return -1;
     }
-    uint64_t h = ks_hash(p, n);
-    Py_ssize_t i = km->count ? km_find(km, p, n, h, NULL) : -1;
+    uint64_t h;
+    Py_ssize_t i;
+    if (key == km->last_key && km->mutations == km->last_mutations) {
+        h = km->last_hash; /* (found by the get before this set) */
+        i = km->last_slot;
+    }
+    else {
+        h = ks_hash(p, n);
+        i = km->count ? km_find(km, p, n, h, NULL) : -1;
+    }
     uint64_t lo, hi;
     if (loc_pack(km, value, &lo, &hi) < 0) {
         return -1;
@@ -691,6 +833,7 @@ km_del_slot(KeyMapObject *km, Py_ssize_t slot, PyObject **want)
 static void
 km_release(KeyMapObject *km)
 {
+    Py_CLEAR(km->last_key);
     PyObject **side = km->side;
     size_t used = km->side_used;
     km->side = NULL;
@@ -740,6 +883,10 @@ km_new_empty(void)
     km->side_used = km->side_cap = km->side_nfree = 0;
     km->side_free = NULL;
     km->mutations = 0;
+    km->last_key = NULL;
+    km->last_hash = 0;
+    km->last_slot = -1;
+    km->last_mutations = 0;
     if (km_init_empty(km) < 0) {
         Py_DECREF(km);
         return NULL;
