@@ -53,10 +53,15 @@ def random_key(rng: random.Random) -> str:
 
 
 def run_against_dict(km: Any, steps: int, seed: int) -> dict[str, Any]:
+    """Random operations on ``km`` and a dict. Keys are drawn from a pool of str
+    objects, so that one object comes back (as the write path's get-then-set
+    of one key does: the map remembers its last lookup) as often as an equal
+    new one."""
     rng = random.Random(seed)
     model: dict[str, Any] = {}
+    pool = [random_key(rng) for _ in range(300)]
     for step in range(steps):
-        key = random_key(rng)
+        key = rng.choice(pool) if rng.random() < 0.7 else random_key(rng)
         r = rng.random()
         if r < 0.40:
             value = random_location(rng)
