@@ -245,8 +245,9 @@ def expiry_of(op: Op, buf: bytes | memoryview) -> Expiry | None:
 
 
 def index_state(keydir: Keydir) -> tuple[dict[str, dict[str, Location]], Location | None, int]:
-    """A copy of everything the index holds."""
-    return copy.deepcopy(keydir.namespaces), keydir.checkpoint, keydir.live_bytes
+    """A copy of everything the index holds (each namespace's index as a dict)."""
+    namespaces = {ns: dict(index) for ns, index in keydir.namespaces.items()}
+    return copy.deepcopy(namespaces), keydir.checkpoint, keydir.live_bytes
 
 
 def replay(keydir: Keydir, data: bytes, frame: Frame) -> set[str]:

@@ -1,6 +1,60 @@
-"""Types of ``logstate._cnative``, the optional C core (csrc/); each part's names in its block."""
+"""Types of ``logstate._cnative``, the optional C core (``csrc/``).
 
+Only what Python code uses; each part of the extension has its own block.
+Python code reaches the module through ``logstate._native.EXT``.
+"""
+
+from collections.abc import (
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableMapping,
+    Sequence,
+    ValuesView,
+)
 from typing import Any
+
+from logstate._location import Location
+
+# ---- keymap.c: the compact index --------------------------------------------------
+
+class KeyMap(MutableMapping[str, Location]):
+    """A compact str -> location mapping, in insertion order (``csrc/keymap.c``)."""
+
+    def __init__(self, items: Mapping[str, Location] = ..., /) -> None: ...
+    def __getitem__(self, key: str, /) -> Location: ...
+    def __setitem__(self, key: str, value: Location, /) -> None: ...
+    def __delitem__(self, key: str, /) -> None: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def __len__(self) -> int: ...
+    def keys(self) -> KeysView[str]: ...
+    def values(self) -> ValuesView[Location]: ...
+    def items(self) -> ItemsView[str, Location]: ...
+    def copy(self) -> KeyMap: ...
+    def total_size(self) -> int:
+        """The sum of ``_location.location_size`` over the values."""
+    def raw(self) -> tuple[int, bytes, list[Location]]:
+        """(count, arena bytes, side objects): the form an index snapshot stores."""
+    def _check(self) -> None: ...
+
+def keymap_load(
+    data: bytes | memoryview,
+    offset: int,
+    count: int,
+    arena_size: int,
+    side_count: int,
+    marks: Sequence[tuple[int, int]],
+    limits: tuple[int, int, int, int, int, int],
+    /,
+) -> tuple[KeyMap, int]:
+    """A KeyMap from its raw form in ``data``, every location checked; (map, total size).
+
+    Raises:
+        ValueError: the bytes are not a raw KeyMap whose locations fit ``marks``.
+    """
+
+# ---- end of keymap.c ----------------------------------------------------------------
 
 # --- scan (csrc/scan.c): the replay scan of an open without a snapshot
 SCAN_LAYOUT: dict[str, int]

@@ -11,6 +11,9 @@ Must never: do I/O, take a lock or start a thread (the caller holds the
 engine's write lock, or owns the index alone, at open), or decode bytes
 beyond ``_scan.replay_frame``'s tuples.
 
+Each namespace's index comes from :func:`new_index`: a dict (pure path) or a
+``KeyMap`` (csrc/keymap.c, the C path: the same mapping API and order).
+
 The write path's hot loops (``Writer.set``, ``write_group``,
 ``write_keys``) keep inlined copies of :meth:`Keydir.put`, each marked;
 ``_check`` (live bytes equal the sum of the locations' sizes) guards them.
@@ -19,8 +22,9 @@ The write path's hot loops (``Writer.set``, ``write_group``,
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from logstate import _scan
 from logstate._errors import SubStorageDeletedError
@@ -44,14 +48,36 @@ from logstate._location import (
     location_size,
     total_size,
 )
+from logstate._native import EXT
 from logstate._values import TAG_EXPIRES
 
-__all__ = ["Index", "Keydir", "SortedKeys", "is_within", "join_namespace", "key_range"]
+if TYPE_CHECKING:
+    from logstate._cnative import KeyMap
+
+__all__ = [
+    "Index",
+    "Keydir",
+    "SortedKeys",
+    "as_index",
+    "is_within",
+    "join_namespace",
+    "key_range",
+    "new_index",
+]
 
 # the replay loop writes the location shifts as literals
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
 
-Index = dict[str, Location]
+Index: TypeAlias = "dict[str, Location] | KeyMap"  # one namespace's: either, by mapping API
+_KEYMAP: Final = getattr(EXT, "KeyMap", None)  # (None: pure, or a build without keymap.c)
+new_index: Final[Callable[[], Index]] = dict if _KEYMAP is None else _KEYMAP
+"""An empty namespace index: every one the keydir creates is made by this."""
+
+
+def as_index(index: dict[str, Location]) -> Index:
+    """``index`` (a marshal snapshot's dict) as :func:`new_index` holds it."""
+    converted: Index = index if _KEYMAP is None else _KEYMAP(index)
+    return converted
 
 
 def join_namespace(parent: str, name: str) -> str:
@@ -130,8 +156,9 @@ class Keydir:
     """The index of one storage directory (``path`` names it in errors).
 
     ``namespaces`` maps each namespace ("" is the root) to its keys'
-    locations; the dict objects are the index itself (the hot paths use
-    them directly). ``live_bytes``: the sum of :func:`location_size` over
+    locations; those mappings (from :func:`new_index`: KeyMaps on the C path,
+    dicts on the pure one) are the index itself (the hot paths use them
+    directly, through the mapping API only). ``live_bytes``: the sum of :func:`location_size` over
     every location. ``ordered``: a :class:`SortedKeys` view of each
     namespace that had an ordered read; every change of a namespace's key
     set calls :meth:`note_key` (the hot paths too, behind a test of
@@ -173,7 +200,7 @@ class Keydir:
         live_bytes: int = 0,
     ) -> None:
         self.path = path
-        self.namespaces: dict[str, Index] = {"": {}} if namespaces is None else namespaces
+        self.namespaces: dict[str, Index] = {"": new_index()} if namespaces is None else namespaces
         self.checkpoint = checkpoint
         self.live_bytes = live_bytes
         self.ordered: dict[str, SortedKeys] = {}
@@ -301,7 +328,7 @@ class Keydir:
         if index is None:
             parts = ns.split(NS_SEPARATOR)
             for i in range(1, len(parts) + 1):
-                index = self.namespaces.setdefault(NS_SEPARATOR.join(parts[:i]), {})
+                index = self.namespaces.setdefault(NS_SEPARATOR.join(parts[:i]), new_index())
         assert index is not None
         return index
 
@@ -451,6 +478,9 @@ class Keydir:
                 assert parent in self.namespaces, f"namespace {ns!r} without parent"
         live = sum(total_size(index) for index in self.namespaces.values())
         assert self.live_bytes == live, f"live bytes {self.live_bytes}, index says {live}"
+        for index in self.namespaces.values():
+            if not isinstance(index, dict):
+                index._check()  # a KeyMap's own invariants
         for ns, view in self.ordered.items():
             assert ns in self.namespaces, f"ordered view of missing namespace {ns!r}"
             index = self.namespaces[ns]

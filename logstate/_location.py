@@ -26,7 +26,7 @@ that the shares of one group add up to exactly ``record_size``
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
 KIND_RECORD: Final = 0
 KIND_GROUP_OP: Final = 1
@@ -71,7 +71,11 @@ def compressed_location(
 
 def location_size(location: Location) -> int:
     """Bytes the location's record (or group operation, or share of a
-    compressed group) takes on disk."""
+    compressed group) takes on disk.
+
+    csrc/keymap.c (``km_total_size``) copies this rule for a KeyMap's
+    ``total_size``; tests/test_keymap.py proves the two equal.
+    """
     if type(location) is int:
         return (location >> SIZE_SHIFT) & SIZE_MASK
     assert isinstance(location, tuple)
@@ -86,6 +90,14 @@ def location_segment(location: Location) -> int:
     return location[0]
 
 
-def total_size(index: dict[str, Location]) -> int:
-    """Total bytes of every location in ``index``."""
-    return sum(map(location_size, index.values()))
+class SummedIndex(Protocol):
+    """An index that sums its locations' sizes itself (the C path's KeyMap)."""
+
+    def total_size(self) -> int: ...
+
+
+def total_size(index: dict[str, Location] | SummedIndex) -> int:
+    """Total bytes of every location in ``index`` (a dict, or a KeyMap: in C)."""
+    if isinstance(index, dict):
+        return sum(map(location_size, index.values()))
+    return index.total_size()

@@ -24,7 +24,7 @@ from logstate._errors import CorruptionError
 from logstate._filenames import segment_file_name
 from logstate._format import FRAME_HEADER_SIZE, NAME_LEN, REC_SET, RECORD_OVERHEAD
 from logstate._fs import FileSystem
-from logstate._keydir import Keydir, key_range
+from logstate._keydir import Index, Keydir, key_range
 from logstate._lifecycle import Lifecycle
 from logstate._location import (
     KIND_RECORD,
@@ -403,7 +403,7 @@ class Reader:
                 "last_seq": self._appender.seq,
             }
 
-    def _namespace_for_read(self, ns: str) -> dict[str, Location]:
+    def _namespace_for_read(self, ns: str) -> Index:
         if self._life.closed:
             raise self._life.closed_error()
         if self._appender.in_flight is not None or self._switch.pending is not None:

@@ -30,7 +30,7 @@ from logstate._filenames import (
 )
 from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
-from logstate._keydir import Keydir
+from logstate._keydir import Keydir, as_index
 from logstate._options import EngineOptions
 from logstate._replay import SegmentReplay, scanner
 from logstate._report import RecoveryReport, SalvagedRange, TornTail
@@ -350,7 +350,11 @@ class _Recovery:
             self.report.snapshot_refused = str(exc)
             return {}
         keydir = self.keydir
-        keydir.namespaces = snapshot.namespaces
+        # (a marshal snapshot's dicts become KeyMaps on the C path)
+        keydir.namespaces = {
+            ns: as_index(index) if type(index) is dict else index
+            for ns, index in snapshot.namespaces.items()
+        }
         keydir.checkpoint = snapshot.checkpoint
         keydir.live_bytes = snapshot.live_bytes
         keydir.expiring = snapshot.expiring

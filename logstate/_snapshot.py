@@ -14,6 +14,24 @@ Layout (version 2)::
                or, with flag bit 0 (SNAPSHOT_FLAG_ZSTD), one zstd frame of it
     segments = [(number, covers_from, size, tail_crc), ...]   # in order
 
+Version 4 (the C path's, written when every namespace's index is a
+``KeyMap``: ``csrc/keymap.c``) stores each index as its raw arrays,
+little-endian, independent of the Python version (the header's py_major,
+py_minor and marshal_version are 0)::
+
+    body     = meta_size:u32 meta(JSON, UTF-8) keymap*
+    meta     = {"namespaces": [[name, count, arena_size, side_count], ...],
+                "checkpoint", "seq", "live_bytes", "segments", "expiring",
+                "clock_floor"}  # the fields of version 3, a tuple as a list
+    keymap   = arena(arena_size bytes) side(side_count x 6 u64)
+
+``arena`` is the KeyMap's records in insertion order (see keymap.c and
+``_snapshot_raw``); the C loader (``keymap_load``) checks every record and location against the
+segment marks in one pass and rebuilds the hash table. The pure path reads
+versions 2 and 3 only: a version 4 snapshot makes it scan, and its close
+writes version 3 again; the C path reads all three (a marshal snapshot's
+dicts become KeyMaps).
+
 Version 1 (before compressed locations carried their share of the record's
 bytes, see ``_location``) had 5-tuples and no flags; it is not read (open
 scans instead, and the next close writes version 2).
@@ -52,6 +70,7 @@ from logstate._format import (
     GROUP_HEADER_SIZE,
     GROUP_OP_SIZE,
     GROUP_RAW_SIZE,
+    MAX_NAME_SIZE,
     MAX_RECORD_SIZE,
     NS_SEPARATOR,
     RECORD_OVERHEAD,
@@ -59,10 +78,15 @@ from logstate._format import (
     SEQ_SIZE,
 )
 from logstate._location import OFFSET_MASK, OFFSET_SHIFT, SEGMENT_SHIFT, SIZE_MASK, SIZE_SHIFT
+from logstate._snapshot_raw import RAW_AVAILABLE, decode_raw_body, encode_raw_body
 
 SNAPSHOT_MAGIC: Final = b"\x89LGSNAP\n"
-SNAPSHOT_VERSION: Final = 3  # written; 3 added the expiry table and the clock floor
-READ_SNAPSHOT_VERSIONS: Final = (2, 3)  # read: a 2 is a 3 without expiring keys
+MARSHAL_SNAPSHOT_VERSION: Final = 3  # 3 added the expiry table and the clock floor
+RAW_SNAPSHOT_VERSION: Final = 4  # KeyMaps as raw arrays
+# written: by the C path when every index is a KeyMap (else a marshal one)
+SNAPSHOT_VERSION: Final = RAW_SNAPSHOT_VERSION if RAW_AVAILABLE else MARSHAL_SNAPSHOT_VERSION
+# read: a 2 is a 3 without expiring keys; a 4 only where the C path can load it
+READ_SNAPSHOT_VERSIONS: Final = (2, 3, 4) if RAW_AVAILABLE else (2, 3)
 SNAPSHOT_FLAG_ZSTD: Final = 0x0001  # the body is one zstd frame of the marshal bytes
 SNAPSHOT_ZSTD_LEVEL: Final = 1
 SNAPSHOT_HEADER: Final = struct.Struct("<8sHBBHHQI")
@@ -86,7 +110,7 @@ class SegmentMark(NamedTuple):
 
 
 class Snapshot(NamedTuple):
-    namespaces: dict[str, dict[str, Any]]
+    namespaces: dict[str, Any]  # ns -> its index: a dict, or a KeyMap (version 4)
     checkpoint: Any
     seq: int
     live_bytes: int
@@ -107,10 +131,62 @@ def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | 
             a larger body is compressed, and if that is still too large
             the result is None. None: no bound, never compressed.
     """
-    flags = 0
-    body = marshal.dumps(
+    fitted = None
+    version = RAW_SNAPSHOT_VERSION
+    if RAW_AVAILABLE and all(type(i) is not dict for i in snapshot.namespaces.values()):
+        raw = encode_raw_body(snapshot.namespaces, _raw_meta(snapshot))
+        fitted = None if raw is None else _fit(raw, max_size)
+    if fitted is None:  # (the pure path; or a raw body too large for a tiny store)
+        version = MARSHAL_SNAPSHOT_VERSION
+        fitted = _fit(_encode_marshal_body(snapshot), max_size)
+        if fitted is None:
+            return None
+    body, flags = fitted
+    pinned = version != RAW_SNAPSHOT_VERSION  # marshal's bytes depend on the Python version
+    header = SNAPSHOT_HEADER.pack(
+        SNAPSHOT_MAGIC,
+        version,
+        sys.version_info[0] if pinned else 0,
+        sys.version_info[1] if pinned else 0,
+        marshal.version if pinned else 0,
+        flags,
+        len(body),
+        crc32c(body),
+    )
+    return header + body
+
+
+def _fit(body: bytes, max_size: int | None) -> tuple[bytes, int] | None:
+    """(body, flags): ``body`` as it is, or compressed when a file of it would
+    be over ``max_size``; None when even that is over."""
+    if max_size is None or SNAPSHOT_HEADER.size + len(body) <= max_size:
+        return body, 0
+    packed = zstandard.ZstdCompressor(level=SNAPSHOT_ZSTD_LEVEL).compress(body)
+    return (packed, SNAPSHOT_FLAG_ZSTD) if SNAPSHOT_HEADER.size + len(packed) <= max_size else None
+
+
+def _raw_meta(snapshot: Snapshot) -> dict[str, Any]:
+    """The fields of a version 4 body's meta but its namespaces (JSON's types)."""
+    checkpoint = snapshot.checkpoint
+    return {
+        "checkpoint": list(checkpoint) if type(checkpoint) is tuple else checkpoint,
+        "seq": snapshot.seq,
+        "live_bytes": snapshot.live_bytes,
+        "segments": [list(mark) for mark in snapshot.segments],
+        "expiring": snapshot.expiring,
+        "clock_floor": snapshot.clock_floor,
+    }
+
+
+def _encode_marshal_body(snapshot: Snapshot) -> bytes:
+    """The body of a version 3 snapshot (every index a dict: KeyMaps are copied)."""
+    namespaces = {
+        ns: index if type(index) is dict else dict(index)
+        for ns, index in snapshot.namespaces.items()
+    }
+    return marshal.dumps(
         (
-            snapshot.namespaces,
+            namespaces,
             snapshot.checkpoint,
             snapshot.seq,
             snapshot.live_bytes,
@@ -119,22 +195,6 @@ def encode_snapshot(snapshot: Snapshot, max_size: int | None = None) -> bytes | 
             snapshot.clock_floor or None,  # must stay below its segments' size)
         )
     )
-    if max_size is not None and SNAPSHOT_HEADER.size + len(body) > max_size:
-        body = zstandard.ZstdCompressor(level=SNAPSHOT_ZSTD_LEVEL).compress(body)
-        flags = SNAPSHOT_FLAG_ZSTD
-        if SNAPSHOT_HEADER.size + len(body) > max_size:
-            return None
-    header = SNAPSHOT_HEADER.pack(
-        SNAPSHOT_MAGIC,
-        SNAPSHOT_VERSION,
-        sys.version_info[0],
-        sys.version_info[1],
-        marshal.version,
-        flags,
-        len(body),
-        crc32c(body),
-    )
-    return header + body
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
@@ -163,7 +223,9 @@ def decode_snapshot(data: bytes) -> Snapshot:
     known = magic == SNAPSHOT_MAGIC and version in READ_SNAPSHOT_VERSIONS
     if not known or flags & ~SNAPSHOT_FLAG_ZSTD:
         raise CorruptionError("", 0, "not a logstate index snapshot of a known version")
-    if (major, minor) != sys.version_info[:2] or marshal_version != marshal.version:
+    pinned = version != RAW_SNAPSHOT_VERSION  # (a version 4 has zeros there)
+    found = (major, minor, marshal_version)
+    if found != ((*sys.version_info[:2], marshal.version) if pinned else (0, 0, 0)):
         raise CorruptionError(
             "", 0, f"snapshot written by Python {major}.{minor} (marshal {marshal_version})"
         )
@@ -172,6 +234,19 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise CorruptionError("", SNAPSHOT_HEADER.size, "snapshot body checksum mismatch")
     if flags & SNAPSHOT_FLAG_ZSTD:
         body = _decompress(body)
+    if not pinned:
+        namespaces, sizes, meta = decode_raw_body(body, _RAW_LIMITS)
+        try:
+            checkpoint = meta["checkpoint"]
+            checkpoint = tuple(checkpoint) if type(checkpoint) is list else checkpoint
+            marks = [SegmentMark(*mark) for mark in meta["segments"]]
+            fields = (checkpoint, meta["seq"], meta["live_bytes"], marks)
+            times = (meta["expiring"], meta["clock_floor"])
+        except Exception as exc:  # (JSON logstate did not write)
+            raise CorruptionError(
+                "", SNAPSHOT_HEADER.size, f"snapshot body: {type(exc).__name__}: {exc}"
+            ) from None
+        return _checked_snapshot(namespaces, *fields, *times, sizes)
     try:
         fields = marshal.loads(body)
         expiring: Any = {}
@@ -191,12 +266,30 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise CorruptionError(
             "", SNAPSHOT_HEADER.size, f"snapshot body: {type(exc).__name__}: {exc}"
         ) from None
+    return _checked_snapshot(
+        namespaces, checkpoint, seq, live_bytes, marks, expiring, clock_floor, None
+    )
+
+
+def _checked_snapshot(
+    namespaces: Any,
+    checkpoint: Any,
+    seq: Any,
+    live_bytes: Any,
+    marks: list[SegmentMark],
+    expiring: Any,
+    clock_floor: Any,
+    sizes: dict[str, int] | None,
+) -> Snapshot:
+    """The checks of :func:`decode_snapshot` on decoded fields; ``sizes``: the
+    total size of each namespace's locations, already checked (KeyMaps,
+    ``keymap_load``), or None (dicts: checked here)."""
     if not (
         type(namespaces) is dict
         and "" in namespaces
         and type(seq) is int
         and type(live_bytes) is int
-        and all(type(index) is dict for index in namespaces.values())
+        and (sizes is not None or all(type(index) is dict for index in namespaces.values()))
         and all(type(f) is int and 0 <= f < MAX_MARK_FIELD for mark in marks for f in mark)
         and marks
     ):
@@ -222,8 +315,12 @@ def decode_snapshot(data: bytes) -> Snapshot:
             raise bad
         try:
             # every name a str (join raises TypeError) that UTF-8 can encode
-            "".join(index).encode("utf-8")
+            # (a KeyMap's keys were checked by keymap_load)
             ns.encode("utf-8")
+            if sizes is not None:
+                total += sizes[ns]
+                continue
+            "".join(index).encode("utf-8")
         except (TypeError, ValueError):
             raise bad from None
         try:
@@ -266,6 +363,18 @@ def _expiry_table_fits(expiring: Any, clock_floor: Any, namespaces: dict[str, An
 _MIN_SIZE: Final = (RECORD_OVERHEAD << SIZE_SHIFT, GROUP_OP_SIZE << SIZE_SHIFT)
 _SIZE_BITS: Final = SIZE_MASK << SIZE_SHIFT
 _MIN_GROUP_RECORD: Final = RECORD_OVERHEAD + GROUP_HEADER_SIZE + GROUP_RAW_SIZE.size
+# The bounds keymap_load checks a KeyMap's locations against: the same as
+# _int_locations_size's and _mixed_locations_size's (csrc/keymap.c copies
+# those two rules, marked there; tests/test_keymap_snapshot.py proves them
+# equal), and a key's UTF-8 length.
+_RAW_LIMITS: Final = (
+    SEGMENT_HEADER_SIZE,
+    RECORD_OVERHEAD,
+    GROUP_OP_SIZE,
+    _MIN_GROUP_RECORD,
+    MAX_RECORD_SIZE,
+    MAX_NAME_SIZE,
+)
 
 
 def _int_locations_size(
@@ -273,9 +382,11 @@ def _int_locations_size(
 ) -> int | None:
     """Total size of packed-int locations, or None when one is out of bounds.
 
-    The hot loop of a snapshot load (one pass over every key): no call, no
-    unpacking. ``low``/``high`` map each segment number to the range its
-    packed locations must fall in (see :func:`decode_snapshot`).
+    The hot loop of a marshal snapshot's load (one pass over every key): no
+    call, no unpacking. csrc/keymap.c (``keymap_load``) copies this rule and
+    :func:`_mixed_locations_size`'s for a version 4 snapshot. ``low``/``high``
+    map each segment number to the range its packed locations must fall in
+    (see :func:`decode_snapshot`).
 
     Raises:
         TypeError: a value is not an int (a compressed-group tuple, or

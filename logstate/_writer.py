@@ -35,7 +35,7 @@ from logstate._format import (
     SEQ_SIZE,
 )
 from logstate._fs import FileSystem
-from logstate._keydir import Keydir
+from logstate._keydir import Index, Keydir
 from logstate._lifecycle import Lifecycle
 from logstate._location import (
     KIND_GROUP_OP,
@@ -60,6 +60,7 @@ __all__ = ["Writer"]
 def _expiry(check: bool, op_type: int, body: bytes) -> Expiry | None:
     """(deadline_s, written_s) of a set op's value, when ``check`` (else None)."""
     return value_expiry(set_body_value(body)) if check and op_type == REC_SET else None
+
 
 # the hot paths write the location shifts as literals (74, 34, 2)
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)
@@ -388,7 +389,7 @@ class Writer:
                     high = segment << 74 | KIND_GROUP_OP
                     live = 0
                     current_ns: str | None = None
-                    index: dict[str, Location] = {}
+                    index: Index = {}
                     for (op_type, op_body), (ns, key) in zip(ops, names, strict=True):
                         op_size = op_header + len(op_body)
                         if op_type == REC_SET and not compressed:

@@ -48,9 +48,9 @@ from logstate._location import (
     unpack_location,
 )
 from logstate._snapshot import (
+    MARSHAL_SNAPSHOT_VERSION,
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
-    SNAPSHOT_VERSION,
     Snapshot,
     decode_snapshot,
     encode_snapshot,
@@ -331,7 +331,7 @@ def snapshot_file(body: bytes) -> bytes:
     return (
         SNAPSHOT_HEADER.pack(
             SNAPSHOT_MAGIC,
-            SNAPSHOT_VERSION,
+            MARSHAL_SNAPSHOT_VERSION,
             sys.version_info[0],
             sys.version_info[1],
             marshal.version,
@@ -481,17 +481,19 @@ def test_check_reports_a_snapshot_location_at_an_older_record_of_the_key(
     """In bounds and a record of the right key: only a full scan tells it is stale."""
     directory = tmp_path / "store"
     with LocalFileStorage(directory, **OPTIONS) as s:
-        s["k"] = "old value"
+        # (values long enough that the store's snapshot, raw or marshal, is
+        # below its segments' size: one is written)
+        s["k"] = "old value" * 8
         s["other"] = 1
         s.flush()
         old = s._engine.keydir.namespaces[""]["k"]
-        s["k"] = "new value"  # the same size
+        s["k"] = "new value" * 8  # the same size
         new = s._engine.keydir.namespaces[""]["k"]
     assert type(old) is int and type(new) is int
     assert location_size(old) == location_size(new)
     rewrite_snapshot(directory, lambda snap: with_location(snap, "k", old))
     with LocalFileStorage(directory, read_only=True) as s:
-        assert s.report.snapshot_used and s["k"] == "old value"  # what open cannot tell
+        assert s.report.snapshot_used and s["k"] == "old value" * 8  # what open cannot tell
     code, out, err = run_cli("check", str(directory))
     assert (code, err) == (1, "")
     lines = [line for line in out.splitlines() if line.startswith("DAMAGED ")]

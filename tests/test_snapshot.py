@@ -69,6 +69,7 @@ from logstate._location import (
 )
 from logstate._scan import Damage, Frame, scan_records
 from logstate._snapshot import (
+    MARSHAL_SNAPSHOT_VERSION,
     SNAPSHOT_HEADER,
     SNAPSHOT_MAGIC,
     SNAPSHOT_VERSION,
@@ -283,9 +284,10 @@ def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
 
 
 def snapshot_file(body: bytes, **header: int) -> bytes:
-    """A snapshot file around ``body`` with a correct size and CRC (``header`` overrides)."""
+    """A marshal snapshot file around ``body`` with a correct size and CRC
+    (``header`` overrides)."""
     fields = {
-        "version": SNAPSHOT_VERSION,
+        "version": MARSHAL_SNAPSHOT_VERSION,
         "py_major": sys.version_info[0],
         "py_minor": sys.version_info[1],
         "marshal_version": marshal.version,
@@ -297,8 +299,16 @@ def snapshot_file(body: bytes, **header: int) -> bytes:
     return SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, *fields.values()) + body
 
 
+def plain(namespaces: dict[Any, Any]) -> dict[Any, Any]:
+    """``namespaces`` with the C path's KeyMaps as dicts (what marshal can hold)."""
+    return {ns: dict(index) if hasattr(index, "raw") else index for ns, index in namespaces.items()}
+
+
 def body_of(snapshot: Snapshot) -> bytes:
-    return encode_snapshot(snapshot)[SNAPSHOT_HEADER.size :]
+    """A marshal snapshot's body."""
+    return encode_snapshot(snapshot._replace(namespaces=plain(snapshot.namespaces)))[
+        SNAPSHOT_HEADER.size :
+    ]
 
 
 def assert_same_index_as_a_full_scan(storage: LocalFileStorage) -> None:
@@ -723,7 +733,7 @@ def _with_mark(snap: Snapshot, i: int, mark: Any) -> Snapshot:
 
 
 def _fields(snap: Snapshot) -> tuple[Any, ...]:
-    return (snap.namespaces, snap.checkpoint, snap.seq, snap.live_bytes, snap.segments)
+    return (plain(snap.namespaces), snap.checkpoint, snap.seq, snap.live_bytes, snap.segments)
 
 
 GHOST = pack_location(999, fmt.SEGMENT_HEADER_SIZE, 40, KIND_RECORD)  # no segment 999
