@@ -5,6 +5,10 @@ group of operations, a flush of changed keys) and which of them wait for a
 sync: every one with sync="always", a flush asked to be durable unless
 sync="none". The hot ``set`` and the group loops keep marked inline copies
 of ``Appender.append`` and ``Keydir.put``.
+On the C path (``_native.EXT``) the common case of ``set`` and the loops
+of ``write_keys`` run in C (csrc/fast.c: ``WriterBase.set``, ``encode_keys``,
+``index_keys``), copies of the marked Python code here, which stays the
+reference and runs every case C does not take (``_set_python``).
 Must never: read values, wait for a sync or a compaction while holding the
 write lock, or encode a record other than through ``_format`` (the marked
 inline copy in ``set`` excepted: ``tests/test_format.py`` proves it equal).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from logstate import _format as fmt
 from logstate._append import Appender
@@ -37,6 +42,7 @@ from logstate._format import (
 from logstate._fs import FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
+from logstate._native import EXT
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
@@ -71,8 +77,19 @@ _MAX_BODY_SIZE = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
 
 _NAME_LEN_SIZE = NAME_LEN.size
 
+# The C path: WriterBase holds the fields its ``set`` reads (``_lock``,
+# ``_life``, ``_appender`` ...) and is that ``set``. FAST_PATHS False: Writers
+# made from now on take the Python path only (tests compare the two paths).
+if TYPE_CHECKING:
+    _WriterBase = object
+else:
+    _WriterBase = object if EXT is None else EXT.WriterBase
+FAST_PATHS = EXT is not None
+_encode_keys = None if EXT is None else EXT.encode_keys
+_index_keys = None if EXT is None else EXT.index_keys
 
-class Writer:
+
+class Writer(_WriterBase):
     """Writes the operations of one engine (every method takes the write lock)."""
 
     def __init__(
@@ -102,6 +119,12 @@ class Writer:
         self._scheduler = scheduler
         self._os_write = fs.raw_write_function()
         self._sync_always = options.sync == "always"
+        self._fast = FAST_PATHS
+        if EXT is not None:
+            self._scheduler_state = vars(scheduler)  # (C reads its "backlog" there)
+            self._module_state = globals()  # (C reads _MAX_BODY_SIZE there: tests patch it)
+            if not self._fast:
+                self.set = self._set_python  # type: ignore[method-assign]
 
     def check_writable(self) -> None:
         """Raise unless writes are allowed; finish an interrupted write first. Under the lock."""
@@ -156,11 +179,15 @@ class Writer:
         ap = self._appender
         ap.deliver(ap.written_pos if ap.durable_when_written else self._commit_part.synced_pos)
 
-    def set(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes) -> None:
+    def _set_python(
+        self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes
+    ) -> None:
         """Store an encoded value under ``key`` in namespace ``ns``.
 
         The hot path: one lock, one encode, one write; ``Appender.append``
         and ``Keydir.put`` inlined (marked copies, checked by ``_check``).
+        On the C path, ``WriterBase.set`` is a copy of its common case (the
+        branch that writes with ``os_write``) and calls this for the rest.
         """
         body_size = len(ns_bytes) + _NAME_LEN_SIZE + len(key_bytes) + len(value)
         ap = self._appender
@@ -244,6 +271,9 @@ class Writer:
             self.deliver()
         if self._scheduler.backlog:
             self._scheduler.hold_back()
+
+    if EXT is None:
+        set = _set_python  # (on the C path: WriterBase.set)
 
     def set_expiring(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, v: bytes) -> None:
         """:meth:`set` of a value with an expiry time (TAG_EXPIRES): the index
@@ -443,11 +473,25 @@ class Writer:
         Returns:
             The number of operations written (the checkpoint counts as one).
         """
+        compress_from = self._options.compress_min_size
+        count = len(keys) + (checkpoint is not None)
+        ops: list[bytes] | None = None
+        if (
+            _encode_keys is not None
+            and self._fast
+            and count >= 2
+            and type(keys) is list
+            and type(values) is list
+        ):
+            # the C path: the body below in one allocation (copy of the Python encode)
+            body = _encode_keys(ns_bytes, keys, values, checkpoint)
+            if compress_from is None or len(body) - fmt.GROUP_HEADER_SIZE < compress_from:
+                return self._write_keys_body(
+                    ns, ns_bytes, keys, values, checkpoint, durable, expiring, body, None
+                )
         ops = fmt.encode_key_ops(ns_bytes, keys, values)
         if checkpoint is not None:
             ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
-        count = len(ops)
-        compress_from = self._options.compress_min_size
         if count < 2 or (compress_from is not None and sum(map(len, ops)) >= compress_from):
             # one record, or a compressed group: the general path
             pairs = [(op[4], op[fmt.GROUP_OP_SIZE :]) for op in ops[: len(keys)]]
@@ -456,6 +500,25 @@ class Writer:
                 pairs, checkpoint, names=names, durable=durable, expiring=expiring
             )
         body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
+        return self._write_keys_body(
+            ns, ns_bytes, keys, values, checkpoint, durable, expiring, body, ops
+        )
+
+    def _write_keys_body(
+        self,
+        ns: str,
+        ns_bytes: bytes,
+        keys: list[str],
+        values: list[bytes | None],
+        checkpoint: bytes | None,
+        durable: bool,
+        expiring: bool,
+        body: bytes,
+        ops: list[bytes] | None,
+    ) -> int:
+        """:meth:`write_keys` of an uncompressed group: its ``body`` encoded
+        already, and its ``ops`` (None: encoded by C, and not split)."""
+        count = len(keys) + (checkpoint is not None)
         ap = self._appender
         with self._lock:
             self.check_writable()
@@ -469,6 +532,18 @@ class Writer:
                 ordered = bool(self._keydir.ordered)
                 self._keydir.watch = self._keydir.watch or expiring
                 check_expiry = expiring or bool(self._keydir.expiring)
+                if ops is None and _index_keys is not None and not ordered and not check_expiry:
+                    # the C path: copy of the loop below without views or expiry
+                    live = _index_keys(index, len(ns_bytes), keys, values, high, op_offset)
+                    if checkpoint is not None:
+                        op_size = fmt.GROUP_OP_SIZE + len(checkpoint)
+                        op_offset += len(body) - fmt.GROUP_HEADER_SIZE - op_size
+                        self._keydir.checkpoint = high | op_offset << 34 | op_size << 2
+                    ops = []  # (done: live is added below)
+                if ops is None:  # C encoded it, the index watches: each op's size
+                    ops = fmt.encode_key_ops(ns_bytes, keys, values)
+                    if checkpoint is not None:
+                        ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
                 for key, value, op in zip(keys, values, ops, strict=False):
                     op_size = len(op)
                     if value is None:
@@ -488,7 +563,7 @@ class Writer:
                             ns, key, None if value is None else value_expiry(value)
                         )
                     op_offset += op_size
-                if checkpoint is not None:
+                if checkpoint is not None and ops:
                     self._keydir.checkpoint = high | op_offset << 34 | len(ops[-1]) << 2
                 self._keydir.live_bytes += live
             except BaseException:
