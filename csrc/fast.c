@@ -238,6 +238,7 @@ typedef struct {
     PyObject *commit;          /* GroupCommit.commit */
     PyObject *scheduler_state; /* the scheduler's __dict__ (its "backlog") */
     PyObject *module_state;    /* _writer's globals (its "_MAX_BODY_SIZE", monkeypatched by tests) */
+    PyObject *fast;            /* False: always the Python path (_writer.FAST_PATHS) */
 } WriterBase;
 
 static PyMemberDef writer_members[] = {
@@ -252,6 +253,7 @@ static PyMemberDef writer_members[] = {
     OBJ("_commit", WriterBase, commit),
     OBJ("_scheduler_state", WriterBase, scheduler_state),
     OBJ("_module_state", WriterBase, module_state),
+    OBJ("_fast", WriterBase, fast),
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -262,6 +264,7 @@ typedef struct {
     PyObject *appender;
     PyObject *namespaces;
     PyObject *by_number;
+    PyObject *fast; /* False: always the Python path (_reader.FAST_PATHS) */
 } ReaderBase;
 
 static PyMemberDef reader_members[] = {
@@ -269,6 +272,7 @@ static PyMemberDef reader_members[] = {
     OBJ("_appender", ReaderBase, appender),
     OBJ("_namespaces", ReaderBase, namespaces),
     OBJ("_by_number", ReaderBase, by_number),
+    OBJ("_fast", ReaderBase, fast),
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -475,10 +479,10 @@ object_count(PyTypeObject *type)
             return 2;
         }
         if (type == &WriterBaseType) {
-            return 11;
+            return 12;
         }
         if (type == &ReaderBaseType) {
-            return 4;
+            return 5;
         }
         type = type->tp_base;
     }
@@ -688,7 +692,8 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *ns = args[0], *ns_bytes = args[1], *key = args[2], *key_bytes = args[3],
              *value = args[4];
     if (!PyUnicode_CheckExact(ns) || !PyBytes_CheckExact(ns_bytes) || !PyUnicode_CheckExact(key)
-        || !PyBytes_CheckExact(key_bytes) || !PyBytes_CheckExact(value) || self->lock == NULL
+        || !PyBytes_CheckExact(key_bytes) || !PyBytes_CheckExact(value) || self->fast != Py_True
+        || self->lock == NULL
         || Py_TYPE(self->lock) != &LockType) {
         goto python;
     }
@@ -1046,7 +1051,7 @@ reader_get(ReaderBase *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *ns = args[0], *ns_bytes = args[1], *key = args[2];
     if (!PyUnicode_CheckExact(ns) || !PyBytes_CheckExact(ns_bytes) || !PyUnicode_CheckExact(key)
-        || self->life == NULL || self->appender == NULL || self->namespaces == NULL
+        || self->fast != Py_True || self->life == NULL || self->appender == NULL || self->namespaces == NULL
         || self->by_number == NULL || !PyDict_Check(self->namespaces)
         || !PyDict_Check(self->by_number)) {
         goto python;

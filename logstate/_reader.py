@@ -125,8 +125,7 @@ class Reader(_ReaderBase):
         self._appender = appender
         self._switch = switch
         self.path = segments.path
-        if EXT is not None and not FAST_PATHS:
-            self.get = self._get_python  # type: ignore[method-assign]
+        self._fast = FAST_PATHS
 
     def _get_python(self, ns: str, ns_bytes: bytes, key: str) -> bytes | memoryview | None:
         """The encoded value of ``key`` in ``ns`` (CRC-verified), or None.

@@ -123,8 +123,6 @@ class Writer(_WriterBase):
         if EXT is not None:
             self._scheduler_state = vars(scheduler)  # (C reads its "backlog" there)
             self._module_state = globals()  # (C reads _MAX_BODY_SIZE there: tests patch it)
-            if not self._fast:
-                self.set = self._set_python  # type: ignore[method-assign]
 
     def check_writable(self) -> None:
         """Raise unless writes are allowed; finish an interrupted write first. Under the lock."""
