@@ -68,7 +68,7 @@ def _fail_once(tmp: pathlib.Path, fast: bool, make_fd: str) -> dict[str, Any]:
     with pytest.raises(StorageFailedError) as refused:
         store.set("k4", b"refused")
     with pytest.raises(StorageFailedError) as refused_again:
-        store.set("other", b"refused")
+        store.set("victor", b"refused")
     os.dup2(saved, active.fd)
     os.close(saved)
     read = [store.get(f"k{i}") for i in range(10)]
@@ -192,7 +192,7 @@ def test_the_c_get_never_returns_a_damaged_record(tmp_path: pathlib.Path, where:
     path = str(tmp_path / "s")
     store = LocalFileStorage(path, sync="none", auto_compact=False)
     store.set("victim", b"v" * 50)
-    store.set("other", b"o" * 50)
+    store.set("victor", b"o" * 50)
     store.close()
     store = LocalFileStorage(path, sync="none", auto_compact=False)  # sealed and mapped now
     engine = store._engine
@@ -201,8 +201,8 @@ def test_the_c_get_never_returns_a_damaged_record(tmp_path: pathlib.Path, where:
     segment = engine.segments.segments[number]
     assert segment.map is not None
     if where == "index":  # the index points at another key's (valid) record
-        engine.keydir.namespaces[""]["victim"] = engine.keydir.namespaces[""]["other"]
-        with pytest.raises(CorruptionError, match="index points to key 'other'"):
+        engine.keydir.namespaces[""]["victim"] = engine.keydir.namespaces[""]["victor"]
+        with pytest.raises(CorruptionError, match="index points to key 'victor'"):
             store.get("victim")
         store.close()
         return
@@ -216,5 +216,5 @@ def test_the_c_get_never_returns_a_damaged_record(tmp_path: pathlib.Path, where:
     with pytest.raises(CorruptionError) as damaged:
         store.get("victim")
     assert damaged.value.path == segment.path
-    assert store.get("other") == b"o" * 50
+    assert store.get("victor") == b"o" * 50
     store.close()
