@@ -51,17 +51,12 @@ _hw = _google_crc32c()
 crc_bytes: Callable[[bytes], int]
 """CRC-32C of a ``bytes`` object (the hot paths' entry: no type check)."""
 
-if EXT is not None:
-    CRC_IMPLEMENTATION = f"logstate._cnative ({EXT.crc_implementation()})"
-    crc_bytes = EXT.crc32c
-    crc32c = EXT.crc32c
-
-elif _hw is not None:
+if _hw is not None:
     CRC_IMPLEMENTATION = "google-crc32c"
     _extend: Callable[[int, bytes], int] = _hw.extend
     crc_bytes = _hw.value
 
-    def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:  # type: ignore[misc]
+    def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
         """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (0 to start)."""
         if type(data) is not bytes:
             data = bytes(data)
@@ -80,12 +75,18 @@ else:
     CRC_IMPLEMENTATION = "crcmod"
     _table: bytes = crcmod_crc32c.__defaults__[1]  # type: ignore[index]
 
-    def crc_bytes(data: bytes) -> int:  # type: ignore[misc]
+    def crc_bytes(data: bytes) -> int:
         return _crc32r(data, _CRC_XOR, _table) ^ _CRC_XOR  # type: ignore[no-any-return]
 
-    def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:  # type: ignore[no-redef]
+    def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
         """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (0 to start)."""
         return _crc32r(data, crc ^ _CRC_XOR, _table) ^ _CRC_XOR  # type: ignore[no-any-return]
+
+
+if EXT is not None:  # the C path: logstate's own, for any bytes-like object
+    CRC_IMPLEMENTATION = f"logstate._cnative ({EXT.crc_implementation()})"
+    crc_bytes = EXT.crc32c
+    crc32c = EXT.crc32c
 
 
 assert crc32c(b"123456789") == 0xE3069283, "crc-32c check value"

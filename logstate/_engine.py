@@ -96,7 +96,8 @@ log = logging.getLogger("logstate")
 def _write_lock() -> threading.Lock:
     """A new write lock: on the C path the C type its hot paths take directly
     (``threading.Lock``'s interface: ``with``, interruptible ``acquire``)."""
-    return threading.Lock() if EXT is None else EXT.Lock()  # type: ignore[no-any-return]
+    lock: threading.Lock = threading.Lock() if EXT is None else EXT.Lock()
+    return lock
 
 
 class Engine:

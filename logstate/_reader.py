@@ -29,7 +29,6 @@ from logstate._format import FRAME_HEADER_SIZE, NAME_LEN, REC_SET, RECORD_OVERHE
 from logstate._fs import FileSystem
 from logstate._keydir import Keydir, key_range
 from logstate._lifecycle import Lifecycle
-from logstate._native import EXT
 from logstate._location import (
     KIND_RECORD,
     OFFSET_MASK,
@@ -42,6 +41,7 @@ from logstate._location import (
     location_segment,
     unpack_location,
 )
+from logstate._native import EXT
 from logstate._segments import SegmentSet
 from logstate._switch import PendingSwitch
 

@@ -42,7 +42,6 @@ from logstate._format import (
 from logstate._fs import FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
-from logstate._native import EXT
 from logstate._location import (
     KIND_GROUP_OP,
     KIND_RECORD,
@@ -55,6 +54,7 @@ from logstate._location import (
     location_size,
     pack_location,
 )
+from logstate._native import EXT
 from logstate._options import EngineOptions
 from logstate._scan import Expiry, set_body_value, value_expiry
 from logstate._schedule import CompactionScheduler
@@ -66,6 +66,7 @@ __all__ = ["Writer"]
 def _expiry(check: bool, op_type: int, body: bytes) -> Expiry | None:
     """(deadline_s, written_s) of a set op's value, when ``check`` (else None)."""
     return value_expiry(set_body_value(body)) if check and op_type == REC_SET else None
+
 
 # the hot paths write the location shifts as literals (74, 34, 2)
 assert (SEGMENT_SHIFT, OFFSET_SHIFT, SIZE_SHIFT) == (74, 34, 2)

@@ -39,8 +39,9 @@ OPS = st.lists(
         st.tuples(st.just("set"), SUBS, KEYS, VALUES),
         st.tuples(st.just("remove"), SUBS, KEYS),
         st.tuples(st.just("memory"), SUBS, st.lists(st.tuples(KEYS, VALUES), max_size=8)),
-        st.tuples(st.just("flush"), SUBS, st.lists(st.tuples(KEYS, VALUES), max_size=8),
-                  st.integers()),
+        st.tuples(
+            st.just("flush"), SUBS, st.lists(st.tuples(KEYS, VALUES), max_size=8), st.integers()
+        ),
         st.tuples(st.just("batch"), SUBS, st.lists(st.tuples(KEYS, VALUES), max_size=6)),
         st.tuples(st.just("clear"), SUBS),
         st.tuples(st.just("drop"), SUBS),
@@ -141,9 +142,7 @@ def compare(ops: list[tuple[object, ...]]) -> None:
         assert files(fast_dir) == files(pure_dir)
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
 def test_the_c_path_writes_the_bytes_the_python_path_writes(ops: list[tuple[object, ...]]) -> None:
     native_extension()
@@ -198,8 +197,9 @@ def test_a_long_sequence_with_rolls_writes_the_same_bytes() -> None:
             if pure:
                 _writer.FAST_PATHS = _reader.FAST_PATHS = False
             try:
-                store = LocalFileStorage(path, sync="none", auto_compact=False,
-                                         segment_size=64 * 1024)
+                store = LocalFileStorage(
+                    path, sync="none", auto_compact=False, segment_size=64 * 1024
+                )
             finally:
                 _writer.FAST_PATHS, _reader.FAST_PATHS = saved
             one = store.get_or_create_sub_storage("one")

@@ -54,17 +54,28 @@ def _fail_once(tmp: pathlib.Path, fast: bool, make_fd: str) -> dict[str, Any]:
         store.set(f"k{i}", b"v" * i)
     engine = store._engine
     active = engine.segments.active
+    assert active is not None
     saved = os.dup(active.fd)
     bad = _dev_full() if make_fd == "full" else os.open(active.path, os.O_RDONLY)
     os.dup2(bad, active.fd)
     os.close(bad)
-    before = (engine.appender.seq, engine.appender.written_pos, active.size,
-              engine.keydir.live_bytes, dict(engine.keydir.namespaces[""]))
+    before = (
+        engine.appender.seq,
+        engine.appender.written_pos,
+        active.size,
+        engine.keydir.live_bytes,
+        dict(engine.keydir.namespaces[""]),
+    )
     with pytest.raises(OSError) as failed:
         store.set("k3", b"new value")
     exc = failed.value
-    after = (engine.appender.seq, engine.appender.written_pos, active.size,
-             engine.keydir.live_bytes, dict(engine.keydir.namespaces[""]))
+    after = (
+        engine.appender.seq,
+        engine.appender.written_pos,
+        active.size,
+        engine.keydir.live_bytes,
+        dict(engine.keydir.namespaces[""]),
+    )
     with pytest.raises(StorageFailedError) as refused:
         store.set("k4", b"refused")
     with pytest.raises(StorageFailedError) as refused_again:
@@ -86,8 +97,11 @@ def _fail_once(tmp: pathlib.Path, fast: bool, make_fd: str) -> dict[str, Any]:
         "context": exc.__context__,
         "failed_is_exc": engine.life.failed is exc,
         "unchanged": before == after,
-        "refused": (type(refused.value), str(refused.value).replace(path, "P"),
-                    refused.value.__cause__ is exc),
+        "refused": (
+            type(refused.value),
+            str(refused.value).replace(path, "P"),
+            refused.value.__cause__ is exc,
+        ),
         "refused_again": refused_again.value.__cause__ is exc,
         "read": read,
         "reopened": reopened,
@@ -109,7 +123,9 @@ def test_a_failed_write_fails_the_engine_as_the_python_path_does(
     assert c_path["refused"][2] is True
 
 
-def test_the_c_path_is_the_one_that_failed(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_c_path_is_the_one_that_failed(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """(The comparison above is of two paths: the C one did take the write.)"""
     native_extension()
     taken: list[str] = []
@@ -123,6 +139,7 @@ def test_the_c_path_is_the_one_that_failed(tmp_path: pathlib.Path, monkeypatch: 
     store = LocalFileStorage(str(tmp_path / "s"), sync="none", auto_compact=False)
     store.set("a", b"1")
     active = store._engine.segments.active
+    assert active is not None
     saved = os.dup(active.fd)
     full = _dev_full()
     os.dup2(full, active.fd)
@@ -164,11 +181,12 @@ def test_an_interrupt_during_c_sets_leaves_each_before_or_after(tmp_path: pathli
                 # the set cut short is there whole or not at all
                 engine = store._engine
                 assert engine.appender.in_flight is None
-                assert engine.segments.active.size == os.fstat(engine.segments.active.fd).st_size
+                active = engine.segments.active
+                assert active is not None and active.size == os.fstat(active.fd).st_size
                 key = f"k{i % 5000}"
                 if store.get(key) not in (acknowledged.get(key), value):
                     raise AssertionError(key) from None
-                acknowledged[key] = store.get(key)  # type: ignore[assignment]
+                acknowledged[key] = store.get(key)
                 if acknowledged[key] is None:
                     del acknowledged[key]
                 i += 1
@@ -197,6 +215,7 @@ def test_the_c_get_never_returns_a_damaged_record(tmp_path: pathlib.Path, where:
     store = LocalFileStorage(path, sync="none", auto_compact=False)  # sealed and mapped now
     engine = store._engine
     loc = engine.keydir.namespaces[""]["victim"]
+    assert isinstance(loc, int)
     number, offset = loc >> 74, (loc >> 34) & ((1 << 40) - 1)
     segment = engine.segments.segments[number]
     assert segment.map is not None
