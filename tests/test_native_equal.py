@@ -253,3 +253,45 @@ def test_a_pure_process_writes_the_bytes_a_c_process_writes(tmp_path: pathlib.Pa
     assert outputs[0].startswith("True ") and outputs[1].startswith("False ")
     assert outputs[0][5:] == outputs[1][6:]
     assert files(str(tmp_path / "c")) == files(str(tmp_path / "pure"))
+
+
+class _OtherMapping(dict):  # type: ignore[type-arg]
+    """An index that is not exactly a dict (as the C KeyMap will be): the C
+    paths then use the generic mapping calls."""
+
+
+def test_an_index_that_is_not_a_dict_is_written_the_same() -> None:
+    native_extension()
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = []
+        for name, fast in (("fast", True), ("pure", False)):
+            path = os.path.join(tmp, name)
+            saved = _writer.FAST_PATHS, _reader.FAST_PATHS
+            _writer.FAST_PATHS = _reader.FAST_PATHS = fast
+            try:
+                store = LocalFileStorage(path, sync="none", auto_compact=False)
+            finally:
+                _writer.FAST_PATHS, _reader.FAST_PATHS = saved
+            namespaces = store._engine.keydir.namespaces
+            namespaces[""] = _OtherMapping(namespaces[""])
+            for i in range(200):
+                store.set(f"k{i % 50}", bytes(i))
+            memory = InMemoryStorage(store)
+            for i in range(30):
+                memory.set(f"k{i}", i)
+                memory.set(f"m{i}", -i)
+            memory.flush(checkpoint="c")
+            for i in range(0, 50, 7):
+                store.remove(f"k{i}")
+            assert type(namespaces[""]) is _OtherMapping
+            seen.append(
+                (
+                    dict(namespaces[""]),
+                    store._engine.keydir.live_bytes,
+                    {k: store.get(k) for k in store.get_all_keys()},
+                )
+            )
+            namespaces[""] = dict(namespaces[""])  # (the snapshot marshals dicts)
+            store.close()
+        assert seen[0] == seen[1]
+        assert files(os.path.join(tmp, "fast")) == files(os.path.join(tmp, "pure"))
