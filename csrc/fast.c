@@ -697,7 +697,7 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         || Py_TYPE(self->lock) != &LockType) {
         goto python;
     }
-    LockObject *lock = (LockObject *)self->lock;
+    LockObject *lock = (LockObject *)self->lock; /* (a reference held below) */
     LifeBase *life = self->life ? AS(LifeBaseType, LifeBase, self->life) : NULL;
     AppendBase *ap = self->appender ? AS(AppendBaseType, AppendBase, self->appender) : NULL;
     KeydirBase *keydir = self->keydir ? AS(KeydirBaseType, KeydirBase, self->keydir) : NULL;
@@ -713,8 +713,10 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         goto python; /* taken: wait for it in Python (interruptible) */
     }
     lock->locked = 1;
+    Py_INCREF(lock); /* (the GIL is released around the write: held whatever Python does) */
     /* from here to the release no Python code runs: an interrupt lands before or after */
     PyObject *record = NULL, *loc = NULL, *old = NULL, *index = NULL;
+    SegmentBase *active = NULL;
     long long end_pos = 0;
     if (life->blocked == NULL || truth(life->blocked) != 0 || ap->in_flight != Py_None
         || ap->listener != Py_None || keydir->watch == NULL || truth(keydir->watch) != 0) {
@@ -739,7 +741,7 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     if (segments->active == NULL || !PyObject_TypeCheck(segments->active, &SegmentBaseType)) {
         goto unlock_python;
     }
-    SegmentBase *active = (SegmentBase *)segments->active;
+    active = (SegmentBase *)Py_NewRef(segments->active);
     long long size = RECORD_OVERHEAD + body_size;
     long long offset = active->size;
     if (offset + size > ap->roll_size && offset > SEGMENT_HEADER_SIZE) {
@@ -820,12 +822,14 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         goto unlock_error;
     }
     keydir->live_bytes += size - old_size;
+    Py_DECREF(active);
     Py_DECREF(index);
     Py_XDECREF(old);
     Py_DECREF(loc);
     Py_DECREF(record);
     lock->locked = 0;
     PyThread_release_lock(lock->lock);
+    Py_DECREF(lock);
     /* copy of Writer._after_write's common case: sync="always" waits for its commit */
     if (self->sync_always != NULL && truth(self->sync_always) == 1 && self->commit != NULL) {
         PyObject *pos = PyLong_FromLongLong(end_pos);
@@ -842,20 +846,24 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 
 unlock_error:
+    Py_XDECREF(active);
     Py_XDECREF(index);
     Py_XDECREF(old);
     Py_XDECREF(loc);
     Py_XDECREF(record);
     lock->locked = 0;
     PyThread_release_lock(lock->lock);
+    Py_DECREF(lock);
     return NULL;
 
 unlock_python:
     PyErr_Clear(); /* (a failed look-up: the Python path does it again, and raises) */
+    Py_XDECREF(active);
     Py_XDECREF(index);
     Py_XDECREF(old);
     lock->locked = 0;
     PyThread_release_lock(lock->lock);
+    Py_DECREF(lock);
 python:
     return call_python((PyObject *)self, str_set_python, args, nargs);
 }
@@ -909,9 +917,8 @@ encode_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (checkpoint != Py_None) {
         total += GROUP_OP_SIZE + (size_t)PyBytes_GET_SIZE(checkpoint);
     }
-    if (total > 0x7FFFFFFF) {
-        PyErr_SetString(PyExc_ValueError, "group too large");
-        return NULL;
+    if (total > (size_t)PY_SSIZE_T_MAX) {
+        return PyErr_NoMemory(); /* (encode_record refuses anything near this) */
     }
     PyObject *body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (body == NULL) {
@@ -1107,17 +1114,18 @@ reader_get(ReaderBase *self, PyObject *const *args, Py_ssize_t nargs)
     if (seg->map == NULL || seg->map == Py_None || (long long)(offset + size) > seg->mapped) {
         goto python; /* not mapped (the active segment): Python preads */
     }
-    Py_ssize_t key_size;
-    const char *raw_key = PyUnicode_AsUTF8AndSize(key, &key_size);
-    if (raw_key == NULL) {
-        goto python_clear;
-    }
     Py_buffer view;
     PyObject *map = Py_NewRef(seg->map);
     int exported = PyObject_GetBuffer(map, &view, PyBUF_SIMPLE);
     Py_DECREF(map); /* (the view holds its own reference) */
     if (exported < 0) {
         goto python_clear; /* unmapped meanwhile */
+    }
+    Py_ssize_t key_size;
+    const char *raw_key = PyUnicode_AsUTF8AndSize(key, &key_size);
+    if (raw_key == NULL) {
+        PyBuffer_Release(&view);
+        goto python_clear;
     }
     PyObject *result = NULL;
     if ((unsigned long long)view.len >= offset + size) {
