@@ -166,11 +166,12 @@ def test_an_interrupt_during_c_sets_leaves_each_before_or_after(tmp_path: pathli
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
+    value = b""
     try:
         i = 0
         while interrupts < 30:
-            signal.setitimer(signal.ITIMER_REAL, 0.0005 + (interrupts % 7) * 0.0003)
             try:
+                signal.setitimer(signal.ITIMER_REAL, 0.0005 + (interrupts % 7) * 0.0003)
                 while True:
                     key, value = f"k{i % 5000}", os.urandom(8) * (1 + i % 13)
                     store.set(key, value)

@@ -81,13 +81,14 @@ def test_a_signal_interrupts_a_blocked_acquire(ext: ModuleType) -> None:
     holding.wait()
     previous = signal.signal(signal.SIGALRM, interrupt)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
             lock.acquire()
         assert not released.is_set()  # interrupted while held, not acquired once let go
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-        with pytest.raises(KeyboardInterrupt), lock:
-            pass
+        with pytest.raises(KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with lock:
+                pass
         # interrupted while the holder still held it (not once it let go)
         assert lock.locked() and not released.is_set()
     finally:
