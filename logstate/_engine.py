@@ -93,13 +93,6 @@ __all__ = ["Engine"]
 log = logging.getLogger("logstate")
 
 
-def _write_lock() -> threading.Lock:
-    """A new write lock: on the C path the C type its hot paths take directly
-    (``threading.Lock``'s interface: ``with``, interruptible ``acquire``)."""
-    lock: threading.Lock = threading.Lock() if EXT is None else EXT.Lock()
-    return lock
-
-
 class Engine:
     """One open storage directory. Use ``_registry.acquire_reference`` to get one.
 
@@ -136,7 +129,8 @@ class Engine:
         # between two bytecodes (KeyboardInterrupt, SystemExit from a signal
         # handler) can never leave one held (threading.Condition and Event
         # are Python code that can be interrupted half-way; none is used).
-        self._lock = _write_lock()
+        # on the C path a C lock (threading.Lock's interface), which C takes directly
+        self._lock = threading.Lock() if EXT is None else EXT.Lock()
         self._close_lock = threading.Lock()
         self.refs = 0  # handles on it (changed by _registry under its lock)
         self._lock_fd: int | None = None
@@ -458,7 +452,7 @@ class Engine:
         compaction) do not survive a fork.
         """
         self.life.mark_forked(owner_pid)
-        lock = self._lock = _write_lock()
+        lock = self._lock = threading.Lock() if EXT is None else EXT.Lock()
         self._close_lock = threading.Lock()
         self._lock_fd = None
         self.syncer = None
