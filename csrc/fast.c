@@ -44,6 +44,7 @@ static PyObject *str_get_python;   /* "_get_python" */
 static PyObject *str_fail;         /* "fail" */
 static PyObject *str_settle;       /* "settle" */
 static PyObject *str_backlog;      /* "backlog" */
+static PyObject *str_compacting;   /* "compacting" */
 static PyObject *str_max_body;     /* "_MAX_BODY_SIZE" */
 static PyObject *int_64;           /* 64 */
 static PyObject *int_74;           /* 74 */
@@ -236,7 +237,7 @@ typedef struct {
     PyObject *os_write;        /* None: a test's file system (every write through it) */
     PyObject *sync_always;
     PyObject *commit;          /* GroupCommit.commit */
-    PyObject *scheduler_state; /* the scheduler's __dict__ (its "backlog") */
+    PyObject *scheduler_state; /* the scheduler's __dict__ (its "backlog", "compacting") */
     PyObject *module_state;    /* _writer's globals (its "_MAX_BODY_SIZE", monkeypatched by tests) */
     PyObject *fast;            /* False: always the Python path (_writer.FAST_PATHS) */
 } WriterBase;
@@ -724,6 +725,13 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *backlog = PyDict_GetItemWithError(self->scheduler_state, str_backlog);
     if (backlog == NULL || truth(backlog) != 0) {
+        goto unlock_python;
+    }
+    /* A background compaction runs: the Python path, whose pace the compactor
+     * keeps up with (the disk bound of a hot store, tests/test_disk_bound.py,
+     * holds only while compaction reclaims as fast as the writers append). */
+    PyObject *compacting = PyDict_GetItemWithError(self->scheduler_state, str_compacting);
+    if (compacting == NULL || truth(compacting) != 0) {
         goto unlock_python;
     }
     index = PyDict_GetItemWithError(self->namespaces, ns);
@@ -1219,7 +1227,7 @@ ls_fast_init(PyObject *module)
 {
     if (intern(&str_set_python, "_set_python") < 0 || intern(&str_get_python, "_get_python") < 0
         || intern(&str_fail, "fail") < 0 || intern(&str_settle, "settle") < 0
-        || intern(&str_backlog, "backlog") < 0 || intern(&str_max_body, "_MAX_BODY_SIZE") < 0) {
+        || intern(&str_backlog, "backlog") < 0 || intern(&str_compacting, "compacting") < 0 || intern(&str_max_body, "_MAX_BODY_SIZE") < 0) {
         return -1;
     }
     int_64 = PyLong_FromLong(64);
