@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from logstate import _format as fmt
 from logstate._clock import Clock
@@ -27,6 +28,7 @@ from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._fs import FileSystem
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
+from logstate._native import EXT
 from logstate._options import EngineOptions
 from logstate._scan import ignore_damage, scan_records
 from logstate._schedule import CompactionScheduler
@@ -39,7 +41,16 @@ __all__ = ["Appender", "CommitListener"]
 CommitListener = Callable[[int, bytes], None]
 
 
-class Appender:
+# The C path (``_native.EXT``): a C base type holds the hot fields, so that
+# the C hot paths (csrc/fast.c) read them without attribute look-ups; this
+# class still owns every rule, and reads and writes them as attributes.
+if TYPE_CHECKING:
+    _AppendBase = object
+else:
+    _AppendBase = object if EXT is None else EXT.AppendBase
+
+
+class Appender(_AppendBase):
     """Appends records to the active segment of ``segments``."""
 
     def __init__(

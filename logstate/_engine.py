@@ -77,6 +77,7 @@ from logstate._hooks import Replication
 from logstate._ingest import Ingester
 from logstate._keydir import Keydir
 from logstate._lifecycle import Lifecycle
+from logstate._native import EXT
 from logstate._options import EngineOptions
 from logstate._reader import Reader, StorageStats
 from logstate._recovery import recover, save_snapshot
@@ -128,7 +129,8 @@ class Engine:
         # between two bytecodes (KeyboardInterrupt, SystemExit from a signal
         # handler) can never leave one held (threading.Condition and Event
         # are Python code that can be interrupted half-way; none is used).
-        self._lock = threading.Lock()
+        # on the C path a C lock (threading.Lock's interface), which C takes directly
+        self._lock = threading.Lock() if EXT is None else EXT.Lock()
         self._close_lock = threading.Lock()
         self.refs = 0  # handles on it (changed by _registry under its lock)
         self._lock_fd: int | None = None
@@ -450,7 +452,7 @@ class Engine:
         compaction) do not survive a fork.
         """
         self.life.mark_forked(owner_pid)
-        lock = self._lock = threading.Lock()
+        lock = self._lock = threading.Lock() if EXT is None else EXT.Lock()
         self._close_lock = threading.Lock()
         self._lock_fd = None
         self.syncer = None

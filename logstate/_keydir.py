@@ -51,6 +51,14 @@ from logstate._location import (
 from logstate._native import EXT
 from logstate._values import TAG_EXPIRES
 
+# The C path (``_native.EXT``): a C base type holds the hot fields, so that
+# the C hot paths (csrc/fast.c) read them without attribute look-ups; this
+# class still owns every rule, and reads and writes them as attributes.
+if TYPE_CHECKING:
+    _KeydirBase = object
+else:
+    _KeydirBase = object if EXT is None else EXT.KeydirBase
+
 if TYPE_CHECKING:
     from logstate._cnative import KeyMap
 
@@ -152,7 +160,7 @@ class SortedKeys:
         return keys
 
 
-class Keydir:
+class Keydir(_KeydirBase):
     """The index of one storage directory (``path`` names it in errors).
 
     ``namespaces`` maps each namespace ("" is the root) to its keys'
@@ -181,15 +189,19 @@ class Keydir:
     otherwise.
     """
 
-    __slots__ = (
-        "checkpoint",
-        "clock_floor",
-        "expiring",
-        "live_bytes",
-        "namespaces",
-        "ordered",
-        "path",
-        "watch",
+    __slots__ = tuple(
+        name  # (those of the C base, when there is one, are its own)
+        for name in (
+            "checkpoint",
+            "clock_floor",
+            "expiring",
+            "live_bytes",
+            "namespaces",
+            "ordered",
+            "path",
+            "watch",
+        )
+        if not hasattr(_KeydirBase, name)
     )
 
     def __init__(

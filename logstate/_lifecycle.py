@@ -15,6 +15,7 @@ Set under the engine's write lock (``closing``, ``failed``) or by the close
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from logstate._errors import (
     FencedError,
@@ -24,24 +25,37 @@ from logstate._errors import (
     StorageFailedError,
     StorageForkedError,
 )
+from logstate._native import EXT
+
+# The C path (``_native.EXT``): a C base type holds the hot fields, so that
+# the C hot paths (csrc/fast.c) read them without attribute look-ups; this
+# class still owns every rule, and reads and writes them as attributes.
+if TYPE_CHECKING:
+    _LifeBase = object
+else:
+    _LifeBase = object if EXT is None else EXT.LifeBase
 
 __all__ = ["Lifecycle"]
 
 
-class Lifecycle:
+class Lifecycle(_LifeBase):
     """The lifecycle flags of the engine of directory ``path``."""
 
-    __slots__ = (
-        "blocked",
-        "closed",
-        "closing",
-        "failed",
-        "fenced",
-        "final_synced",
-        "forked_from",
-        "path",
-        "read_only",
-        "released",
+    __slots__ = tuple(
+        name  # (those of the C base, when there is one, are its own)
+        for name in (
+            "blocked",
+            "closed",
+            "closing",
+            "failed",
+            "fenced",
+            "final_synced",
+            "forked_from",
+            "path",
+            "read_only",
+            "released",
+        )
+        if not hasattr(_LifeBase, name)
     )
 
     def __init__(self, path: str, read_only: bool) -> None:

@@ -6,6 +6,9 @@ under the write lock that arbitrates any doubt (a compaction switched
 segments under an unlocked read, a mapping retired, damage to report with
 its place), bulk loads of a namespace, key listings, the checkpoint, the
 sizes ``stats()`` reports (``StorageStats``), and decompressing a group.
+On the C path (``_native.EXT``) the common case of ``get`` runs in C
+(csrc/fast.c: ``ReaderBase.get``, a copy of the marked branch of
+``_get_python``, which stays the reference and runs every other case).
 Must never: write, take the lock on the hot path, or return bytes whose CRC
 and key were not checked.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from logstate import _format as fmt
 from logstate._append import Appender
@@ -38,6 +41,7 @@ from logstate._location import (
     location_segment,
     unpack_location,
 )
+from logstate._native import EXT
 from logstate._segments import SegmentSet
 from logstate._switch import PendingSwitch
 
@@ -86,7 +90,17 @@ def decompress_group(path: str, record_offset: int, record: bytes) -> bytes | me
     return raw
 
 
-class Reader:
+# The C path: ReaderBase holds the fields its ``get`` reads (``_life``,
+# ``_appender``, ``_namespaces``, ``_by_number``) and is that ``get``.
+# FAST_PATHS False: Readers made from now on take the Python path only.
+if TYPE_CHECKING:
+    _ReaderBase = object
+else:
+    _ReaderBase = object if EXT is None else EXT.ReaderBase
+FAST_PATHS = EXT is not None
+
+
+class Reader(_ReaderBase):
     """Reads the values of one engine."""
 
     def __init__(
@@ -111,13 +125,16 @@ class Reader:
         self._appender = appender
         self._switch = switch
         self.path = segments.path
+        self._fast = FAST_PATHS
 
-    def get(self, ns: str, ns_bytes: bytes, key: str) -> bytes | memoryview | None:
+    def _get_python(self, ns: str, ns_bytes: bytes, key: str) -> bytes | memoryview | None:
         """The encoded value of ``key`` in ``ns`` (CRC-verified), or None.
 
         The hot path: one positioned read, one CRC, one prefix comparison
         that proves the record is this key's; anything unusual (a value in a
         compressed group, a mismatch to report) takes :meth:`_read_value`.
+        On the C path, ``ReaderBase.get`` is a copy of its common case (a
+        record in a mapping) and calls this for the rest.
         """
         if self._life.closed:
             raise self._life.closed_error()
@@ -161,6 +178,9 @@ class Reader:
                     if value is not None:
                         return value
         return self._read_settled(ns, key)
+
+    if EXT is None:
+        get = _get_python  # (on the C path: ReaderBase.get)
 
     def _read_settled(self, ns: str, key: str) -> bytes | memoryview | None:
         """Read ``key`` under the write lock: the slow path, and the arbiter.

@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from logstate._errors import CorruptionError, StorageFailedError
 from logstate._filenames import TMP_SUFFIX, segment_file_name
 from logstate._format import MAX_SEGMENT_NUMBER, SEGMENT_HEADER_SIZE, encode_segment_header
 from logstate._fs import FileSystem
+from logstate._native import EXT
 
 __all__ = ["MAX_MAPPED_SEGMENTS", "SEALED_FDS_KEPT", "Segment", "SegmentSet"]
 
@@ -35,12 +36,27 @@ MIN_MAPPED_SEGMENTS: Final = 4
 SEALED_FDS_KEPT: Final = 8  # sealed segments' own descriptors left open while a sync runs
 
 
-class Segment:
+# The C path (``_native.EXT``): C base types hold the hot fields, so that
+# the C hot paths (csrc/fast.c) read them without attribute look-ups; these
+# classes still own every rule, and read and write them as attributes.
+if TYPE_CHECKING:
+    _SegmentBase = object
+    _SegmentSetBase = object
+else:
+    _SegmentBase = object if EXT is None else EXT.SegmentBase
+    _SegmentSetBase = object if EXT is None else EXT.SegmentSetBase
+
+
+class Segment(_SegmentBase):
     """An open segment file. ``covers_from``: the lowest segment number whose
     records it holds (itself, or for a compaction output its first input).
     ``fd`` is -1 for a sealed segment whose descriptor was let go."""
 
-    __slots__ = ("covers_from", "fd", "map", "mapped", "number", "path", "size")
+    __slots__ = tuple(
+        name  # (those of the C base, when there is one, are its own)
+        for name in ("covers_from", "fd", "map", "mapped", "number", "path", "size")
+        if not hasattr(_SegmentBase, name)
+    )
 
     def __init__(self, number: int, path: str, fd: int, size: int, covers_from: int = 0) -> None:
         self.number = number
@@ -52,7 +68,7 @@ class Segment:
         self.mapped = 0
 
 
-class SegmentSet:
+class SegmentSet(_SegmentSetBase):
     """The segments of directory ``path``, oldest first, and the active one.
 
     ``sync_turn``: the group commit's turn (held while a commit syncs the

@@ -5,6 +5,10 @@ group of operations, a flush of changed keys) and which of them wait for a
 sync: every one with sync="always", a flush asked to be durable unless
 sync="none". The hot ``set`` and the group loops keep marked inline copies
 of ``Appender.append`` and ``Keydir.put``.
+On the C path (``_native.EXT``) the common case of ``set`` and the loops
+of ``write_keys`` run in C (csrc/fast.c: ``WriterBase.set``, ``encode_keys``,
+``index_keys``), copies of the marked Python code here, which stays the
+reference and runs every case C does not take (``_set_python``).
 Must never: read values, wait for a sync or a compaction while holding the
 write lock, or encode a record other than through ``_format`` (the marked
 inline copy in ``set`` excepted: ``tests/test_format.py`` proves it equal).
@@ -14,12 +18,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from logstate import _format as fmt
 from logstate._append import Appender
 from logstate._clock import Clock
 from logstate._commit import GroupCommit
 from logstate._crc import crc_bytes
+from logstate._flush import KeysWriter
 from logstate._format import (
     NAME_LEN,
     NS_SEPARATOR,
@@ -49,6 +55,7 @@ from logstate._location import (
     location_size,
     pack_location,
 )
+from logstate._native import EXT
 from logstate._options import EngineOptions
 from logstate._scan import Expiry, set_body_value, value_expiry
 from logstate._schedule import CompactionScheduler
@@ -72,8 +79,17 @@ _MAX_BODY_SIZE = fmt.MAX_RECORD_SIZE - fmt.SEQ_SIZE
 
 _NAME_LEN_SIZE = NAME_LEN.size
 
+# The C path: WriterBase holds the fields its ``set`` reads (``_lock``,
+# ``_life``, ``_appender`` ...) and is that ``set``. FAST_PATHS False: Writers
+# made from now on take the Python path only (tests compare the two paths).
+if TYPE_CHECKING:
+    _WriterBase = object
+else:
+    _WriterBase = object if EXT is None else EXT.WriterBase
+FAST_PATHS = EXT is not None
 
-class Writer:
+
+class Writer(KeysWriter, _WriterBase):
     """Writes the operations of one engine (every method takes the write lock)."""
 
     def __init__(
@@ -103,6 +119,10 @@ class Writer:
         self._scheduler = scheduler
         self._os_write = fs.raw_write_function()
         self._sync_always = options.sync == "always"
+        self._fast = FAST_PATHS
+        if EXT is not None:
+            self._scheduler_state = vars(scheduler)  # (C reads its "backlog" there)
+            self._module_state = globals()  # (C reads _MAX_BODY_SIZE there: tests patch it)
 
     def check_writable(self) -> None:
         """Raise unless writes are allowed; finish an interrupted write first. Under the lock."""
@@ -157,11 +177,15 @@ class Writer:
         ap = self._appender
         ap.deliver(ap.written_pos if ap.durable_when_written else self._commit_part.synced_pos)
 
-    def set(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes) -> None:
+    def _set_python(
+        self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes
+    ) -> None:
         """Store an encoded value under ``key`` in namespace ``ns``.
 
         The hot path: one lock, one encode, one write; ``Appender.append``
         and ``Keydir.put`` inlined (marked copies, checked by ``_check``).
+        On the C path, ``WriterBase.set`` is a copy of its common case (the
+        branch that writes with ``os_write``) and calls this for the rest.
         """
         body_size = len(ns_bytes) + _NAME_LEN_SIZE + len(key_bytes) + len(value)
         ap = self._appender
@@ -245,6 +269,9 @@ class Writer:
             self.deliver()
         if self._scheduler.backlog:
             self._scheduler.hold_back()
+
+    if EXT is None:
+        set = _set_python  # (on the C path: WriterBase.set)
 
     def set_expiring(self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, v: bytes) -> None:
         """:meth:`set` of a value with an expiry time (TAG_EXPIRES): the index
@@ -424,77 +451,3 @@ class Writer:
             ap.in_flight = None
         self._after_write(end_pos, durable)
         return len(ops)
-
-    def write_keys(
-        self,
-        ns: str,
-        ns_bytes: bytes,
-        keys: list[str],
-        values: list[bytes | None],
-        checkpoint: bytes | None = None,
-        durable: bool = False,
-        expiring: bool = False,
-    ) -> int:
-        """Set (or, where the value is None, delete) ``keys`` of ``ns`` as ONE group.
-
-        The same record :meth:`write_group` writes for these operations, by a
-        path with no per-operation tuples (InMemoryStorage.flush). Keys must
-        be valid (checked with ``encode_key``) and distinct.
-
-        Returns:
-            The number of operations written (the checkpoint counts as one).
-        """
-        ops = fmt.encode_key_ops(ns_bytes, keys, values)
-        if checkpoint is not None:
-            ops.append(fmt.encode_op(REC_CHECKPOINT, checkpoint))
-        count = len(ops)
-        compress_from = self._options.compress_min_size
-        if count < 2 or (compress_from is not None and sum(map(len, ops)) >= compress_from):
-            # one record, or a compressed group: the general path
-            pairs = [(op[4], op[fmt.GROUP_OP_SIZE :]) for op in ops[: len(keys)]]
-            names = [(ns, key) for key in keys]
-            return self.write_group(
-                pairs, checkpoint, names=names, durable=durable, expiring=expiring
-            )
-        body = fmt.GROUP_HEADER.pack(0, count) + b"".join(ops)
-        ap = self._appender
-        with self._lock:
-            self.check_writable()
-            index = self._keydir.require(ns)
-            try:
-                segment, offset, _size, end_pos = ap.write(REC_GROUP, body)
-                op_offset = offset + RECORD_OVERHEAD + fmt.GROUP_HEADER_SIZE
-                high = segment << 74 | KIND_GROUP_OP
-                live = 0
-                get = index.get
-                ordered = bool(self._keydir.ordered)
-                self._keydir.watch = self._keydir.watch or expiring
-                check_expiry = expiring or bool(self._keydir.expiring)
-                for key, value, op in zip(keys, values, ops, strict=False):
-                    op_size = len(op)
-                    if value is None:
-                        if ordered:  # noted first: Keydir.put
-                            self._keydir.note_key(ns, key)
-                        old = index.pop(key, None)
-                        if old is not None:
-                            live -= location_size(old)
-                    else:
-                        old = get(key)
-                        if old is None and ordered:
-                            self._keydir.note_key(ns, key)
-                        index[key] = high | op_offset << 34 | op_size << 2
-                        live += op_size if old is None else op_size - location_size(old)
-                    if check_expiry:
-                        self._keydir.note_expiry(
-                            ns, key, None if value is None else value_expiry(value)
-                        )
-                    op_offset += op_size
-                if checkpoint is not None:
-                    self._keydir.checkpoint = high | op_offset << 34 | len(ops[-1]) << 2
-                self._keydir.live_bytes += live
-            except BaseException:
-                ap.interrupted()
-                raise
-            ap.in_flight = None
-        self._after_write(end_pos, durable)
-        return count

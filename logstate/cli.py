@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from logstate import __version__
+from logstate import __version__, _native
 from logstate._cli_replication import (
     add_commands,
     place_dir,
@@ -224,6 +224,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     stats_out: dict[str, Any] = dict(stats)
     stats_out["garbage_ratio"] = round(stats["dead_bytes"] / total, 4) if total else 0.0
     stats_out["sub_storage_names"] = names
+    stats_out["native"] = _native.ACTIVE  # which path this process runs (logstate.native)
+    stats_out["native_reason"] = _native.REASON
     replication = replication_stats(args.dir, stats["last_seq"], args.live, args.timeout)
     if replication is not None:
         stats_out["replication"] = replication
@@ -239,9 +241,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"  live:          {_mib(stats['live_bytes'])}")
     print(f"  dead:          {_mib(stats['dead_bytes'])}")
     print(f"  garbage ratio: {stats_out['garbage_ratio']:.2%}")
+    print(f"  native:        {_native_path()}")
     if replication is not None:
         print_replication(replication)
     return EXIT_OK
+
+
+def _native_path() -> str:
+    """Which path this process runs: "C extension", or "pure Python (why)"."""
+    return "C extension" if _native.ACTIVE else f"pure Python ({_native.REASON})"
 
 
 def cmd_dump(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from logstate import CorruptionError, LocalFileStorage
+import logstate
+from logstate import CorruptionError, LocalFileStorage, _native
 from logstate import _format as fmt
 from logstate._scan import Damage, Frame, scan_records
 from logstate.cli import Progress, main
@@ -702,6 +703,8 @@ def test_stats_prints_what_storage_stats_says(
         f"  live:          {stats['live_bytes']:,} bytes ({stats['live_bytes'] / 2**20:.2f} MiB)",
         f"  dead:          {stats['dead_bytes']:,} bytes ({stats['dead_bytes'] / 2**20:.2f} MiB)",
         f"  garbage ratio: {ratio:.2%}",
+        "  native:        "
+        + ("C extension" if logstate.native else f"pure Python ({_native.REASON})"),
     ]
 
 
@@ -718,7 +721,8 @@ def test_stats_json_equals_storage_stats_and_the_garbage_ratio_is_dead_over_tota
     with LocalFileStorage(directory) as s:
         stats = s.stats()
     assert {name: printed[name] for name in stats} == stats
-    assert set(printed) == {*stats, "garbage_ratio", "sub_storage_names"}
+    assert set(printed) == {*stats, "garbage_ratio", "sub_storage_names", "native", "native_reason"}
+    assert printed["native"] is logstate.native
     assert printed["sub_storage_names"] == ["sub", "sub/deep"]
     assert printed["sub_storages"] == 2 and printed["keys"] == 11
     # the sizes are the files' sizes, and the ratio is dead / total

@@ -15,7 +15,7 @@ import zstandard
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from logstate import CorruptionError, UnsupportedFormatError, _crc, _scan
+from logstate import CorruptionError, UnsupportedFormatError, _crc, _native, _scan
 from logstate import _format as fmt
 from logstate._crc import crc32c
 from logstate._format import (
@@ -147,8 +147,12 @@ def test_crc32c_matches_the_castagnoli_check_value_and_continues() -> None:
 
 def test_the_hardware_crc_is_the_one_in_use() -> None:
     # google-crc32c is a dependency: if its extension stops importing, every
-    # read and write silently gets 4-60x slower; say so here instead.
-    assert _crc.CRC_IMPLEMENTATION == "google-crc32c"
+    # read and write silently gets 4-60x slower; say so here instead. (The C
+    # path, when active, uses its own: tests/test_native_crc.py.)
+    if _native.EXT is not None:
+        assert _crc.CRC_IMPLEMENTATION.startswith("logstate._cnative")
+    else:
+        assert _crc.CRC_IMPLEMENTATION == "google-crc32c"
 
 
 @given(st.binary(max_size=3000), st.binary(max_size=300))
@@ -184,6 +188,7 @@ print(sorted(seen.items()))
 def test_a_store_written_with_one_crc_implementation_reads_with_the_other(
     tmp_path: pathlib.Path,
 ) -> None:
+    import os
     import subprocess
     import sys
 
@@ -192,6 +197,7 @@ def test_a_store_written_with_one_crc_implementation_reads_with_the_other(
     def run(implementation: str) -> str:
         done = subprocess.run(
             [sys.executable, "-c", _FALLBACK_ROUND_TRIP, implementation, path],
+            env={**os.environ, "LOGSTATE_PURE": "1"},  # (the C path's own CRC: test_native_crc)
             capture_output=True,
             text=True,
             check=False,

@@ -46,6 +46,11 @@ Benchmarks (name: what is measured):
   JetStream, its cost on flushes, and restore (``tools/bench_replication.py``
   describes the rows).
 
+When logstate's C path is active (``logstate.native``), the set, get and
+batch rows also show ``logstate (pure)`` (and ``... flush only (pure)``):
+the same workload in a child process with ``LOGSTATE_PURE=1``, interleaved
+with the others; ``logstate`` and the targets are the C path's.
+
 Every row reports the ratio logstate/peer (for times and sizes: peer/logstate,
 so above 1.0 means logstate is better in every column).
 """
@@ -705,6 +710,7 @@ def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
         fn: Callable[[Kind, Config], Row],
         which: list[Kind],
         extra: Callable[[Config], Row] | None = None,
+        pure: list[tuple[str, str]] = [],  # noqa: B006 (never changed)
     ) -> None:
         """Like ``each``, but one repetition of every store per round, ``cfg.repeat``
         rounds: a slow spell of the machine (this VM varies by +-20%) then hits
@@ -721,6 +727,8 @@ def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
             ]
             if extra is not None:
                 jobs.append((FLUSH_ONLY, lambda: extra(once)))
+            for store, child_bench in pure if logstate.native else []:
+                jobs.append((store, functools.partial(bench_pure, child_bench, store, once, base)))
             for store, job in jobs:
                 if store in failed:
                     continue
@@ -733,7 +741,8 @@ def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
                 template[store] = row
                 if row.value is not None:
                     values.setdefault(store, []).append(row.value)
-        for store in [*(k.name for k in which), *([FLUSH_ONLY] if extra else [])]:
+        pure_stores = [store for store, _bench in pure] if logstate.native else []
+        for store in [*(k.name for k in which), *([FLUSH_ONLY] if extra else []), *pure_stores]:
             if store in failed:
                 rows.append(failed[store])
                 continue
@@ -741,8 +750,8 @@ def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
             got = values.get(store)
             rows.append(dataclasses.replace(row, value=statistics.median(got) if got else None))
 
-    interleaved("set", lambda k, c: bench_set(k, c, base), kinds)
-    interleaved("get", lambda k, c: bench_get(k, c, base), kinds)
+    interleaved("set", lambda k, c: bench_set(k, c, base), kinds, pure=[(PURE, "set")])
+    interleaved("get", lambda k, c: bench_get(k, c, base), kinds, pure=[(PURE, "get")])
     interleaved("durable-set", lambda k, c: bench_durable_set(k, c, base, 1), kinds)
     interleaved("durable-set-4t", lambda k, c: bench_durable_set(k, c, base, 4), kinds)
     interleaved(
@@ -750,6 +759,7 @@ def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
         lambda k, c: bench_batch(k, c, base),
         [OURS_MEMORY, *kinds],
         extra=lambda c: bench_flush_only(c, base),
+        pure=[(FLUSH_ONLY_PURE, "flush-only")],
     )
     # the million-operation workloads: logstate and the fast peers only (the
     # SQLite-based stores and shelve take minutes each there, and no target
@@ -800,6 +810,42 @@ def machine() -> str:
 
 
 FLUSH_ONLY = "logstate InMemoryStorage.flush only"
+PURE = "logstate (pure)"
+FLUSH_ONLY_PURE = FLUSH_ONLY + " (pure)"
+
+
+def bench_pure(bench: str, store: str, cfg: Config, base: str) -> Row:
+    """One run of ``bench`` ("set", "get", "flush-only") by logstate's pure
+    Python path: this script in a child process with LOGSTATE_PURE=1."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--pure-child",
+            f"{bench},{cfg.n},{cfg.durable_n},{cfg.batches},{base}",
+        ],
+        env={**os.environ, "LOGSTATE_PURE": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    name, value, unit = out.strip().split("\t")
+    return Row(name, store, float(value), unit)
+
+
+def _pure_child(spec: str) -> int:
+    """The child of :func:`bench_pure`: one run, printed as ``bench\tvalue\tunit``."""
+    bench, n, durable_n, batches, base = spec.split(",", 4)
+    assert not logstate.native, "the child must run the pure Python path"
+    cfg = Config(int(n), int(n), int(durable_n), int(batches), 0, 1, [])
+    if bench == "set":
+        row = bench_set(OURS, cfg, base)
+    elif bench == "get":
+        row = bench_get(OURS, cfg, base)
+    else:
+        row = bench_flush_only(cfg, base)
+    print(f"{row.bench}\t{row.value}\t{row.unit}")
+    return 0
 
 
 def _value(rows: list[Row], bench: str, store: str) -> float | None:
@@ -873,6 +919,9 @@ def report(rows: list[Row], cfg: Config, command: str, missing: list[str]) -> st
         f"Machine: {machine()}",
         "",
         f"Command: `{command}`",
+        "",
+        f"logstate: {'the C path (logstate._cnative)' if logstate.native else 'pure Python'}"
+        + (f"; `{PURE}` rows: the pure Python path (LOGSTATE_PURE=1)" if logstate.native else ""),
         "",
         f"Sizes: N = {cfg.n:,} keys (large: {cfg.n_large:,}), durable sets = {cfg.durable_n:,}, "
         f"batches = {cfg.batches} x 1,000 keys, overwrite = {cfg.overwrite_n:,} sets over "
@@ -1096,12 +1145,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the Quix Streams section (logstate vs RocksDBStore)",
     )
+    parser.add_argument("--pure-child", help=argparse.SUPPRESS)
     parser.add_argument(
         "--replication",
         action="store_true",
         help="only the replication section (tools/bench_replication.py)",
     )
     args = parser.parse_args(argv)
+    if args.pure_child:
+        return _pure_child(args.pure_child)
     if args.replication:
         return _main_replication(args, argv)
     if args.quix:
