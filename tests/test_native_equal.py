@@ -252,7 +252,13 @@ def test_a_pure_process_writes_the_bytes_a_c_process_writes(tmp_path: pathlib.Pa
         outputs.append(done.stdout)
     assert outputs[0].startswith("True ") and outputs[1].startswith("False ")
     assert outputs[0][5:] == outputs[1][6:]
-    assert files(str(tmp_path / "c")) == files(str(tmp_path / "pure"))
+    c_files, pure_files = files(str(tmp_path / "c")), files(str(tmp_path / "pure"))
+    # the index snapshots may differ by design (the C path writes version 4,
+    # its KeyMaps' raw arrays, where that is smaller; pure Python version 3):
+    # each path opens the other's, tests/test_keymap_snapshot.py; the segments
+    # must be equal here
+    del c_files["index.snapshot"], pure_files["index.snapshot"]
+    assert c_files == pure_files
 
 
 class _OtherMapping(dict):  # type: ignore[type-arg]
