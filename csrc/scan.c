@@ -77,6 +77,7 @@ typedef struct {
     uint64_t offset; /* in the segment file */
     uint64_t size;
     int kind;
+    uint64_t hash; /* of the key, when its index is a KeyMap */
 } ParsedOp;
 
 /* What one call walks: the window, the indexes, the location of the window. */
@@ -93,6 +94,7 @@ typedef struct {
     size_t ns_size;
     int ns_cached;
     PyObject *index; /* borrowed from namespaces (not changed during a call); NULL: absent */
+    int index_is_keymap; /* index is a KeyMap (exact type): the raw C API, no objects */
     long long live_delta;
 } ScanState;
 
@@ -153,8 +155,68 @@ lookup_namespace(ScanState *st, const ParsedOp *op, PyObject **index)
     st->ns_size = op->ns_size;
     st->ns_cached = 1;
     st->index = found;
+    st->index_is_keymap = found != NULL && ls_keymap_check_exact(found);
     *index = found;
     return 0;
+}
+
+/* 1 when the n bytes at p are what bytes.decode("utf-8") accepts (strict:
+   no overlong forms, no surrogates, nothing past U+10FFFF), else 0. */
+static int
+utf8_valid(const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            if ((w & 0x8080808080808080ull) == 0) {
+                i += 8;
+                continue;
+            }
+        }
+        unsigned char c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t more;
+        unsigned char lo = 0x80, hi = 0xBF; /* the range of the second byte */
+        if (c >= 0xC2 && c <= 0xDF) {
+            more = 1;
+        }
+        else if (c >= 0xE0 && c <= 0xEF) {
+            more = 2;
+            if (c == 0xE0) {
+                lo = 0xA0; /* overlong below */
+            }
+            else if (c == 0xED) {
+                hi = 0x9F; /* surrogates above */
+            }
+        }
+        else if (c >= 0xF0 && c <= 0xF4) {
+            more = 3;
+            if (c == 0xF0) {
+                lo = 0x90;
+            }
+            else if (c == 0xF4) {
+                hi = 0x8F; /* past U+10FFFF above */
+            }
+        }
+        else {
+            return 0; /* a continuation byte, C0, C1, F5..FF */
+        }
+        if (n - i <= more || p[i + 1] < lo || p[i + 1] > hi) {
+            return 0;
+        }
+        for (size_t k = 2; k <= more; k++) {
+            if ((p[i + k] & 0xC0) != 0x80) {
+                return 0;
+            }
+        }
+        i += more + 1;
+    }
+    return 1;
 }
 
 /* copy of _location.location_size: the bytes a location takes on disk. */
@@ -223,20 +285,53 @@ make_location(ScanState *st, uint64_t offset, uint64_t size, int kind)
 
 /* Apply one parsed op whose namespace index is `index` (NULL: absent).
    copy of Keydir.apply_frame's REC_SET branch (watch False) and of
-   Keydir.delete (nothing ordered, nothing expiring). 0, or -1 on error. */
+   Keydir.delete (nothing ordered, nothing expiring). key NULL: index is a
+   KeyMap, reached by op's raw key bytes. 1: applied; 0: not, the old value
+   is a KeyMap's side object (a compressed group's tuple): hand back; -1 on
+   error. */
 static int
 apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
 {
     long long old_size = 0;
+    if (key == NULL) { /* index is a KeyMap: by raw bytes (checked UTF-8), no objects */
+        uint64_t old[2];
+        int found;
+        if (op->op_type == REC_DELETE) {
+            found = index == NULL
+                        ? LS_KM_ABSENT
+                        : ls_keymap_delete(index, op->key, op->key_size, op->hash, old);
+            if (found == LS_KM_INT) {
+                old_size = -(long long)((old[0] >> SIZE_SHIFT) & 0xFFFFFFFFull);
+            }
+        }
+        else {
+            /* copy of Keydir.apply_frame's packing, as make_location's */
+            uint64_t lo = op->offset << OFFSET_SHIFT | op->size << SIZE_SHIFT | (uint64_t)op->kind;
+            uint64_t hi = st->segment << (SEGMENT_SHIFT - 64) | op->offset >> (64 - OFFSET_SHIFT);
+            found = ls_keymap_set(index, op->key, op->key_size, op->hash, lo, hi, old);
+            old_size = (long long)op->size;
+            if (found == LS_KM_INT) {
+                old_size -= (long long)((old[0] >> SIZE_SHIFT) & 0xFFFFFFFFull);
+            }
+        }
+        if (found < 0) {
+            return -1;
+        }
+        if (found == LS_KM_SIDE) {
+            return 0; /* unchanged: the Python path takes the record */
+        }
+        st->live_delta += old_size;
+        return 1;
+    }
     if (op->op_type == REC_DELETE) {
         if (index == NULL) {
-            return 0;
+            return 1;
         }
         PyObject *old;
         if (PyDict_CheckExact(index)) {
             old = PyDict_GetItemWithError(index, key);
             if (old == NULL) {
-                return PyErr_Occurred() ? -1 : 0;
+                return PyErr_Occurred() ? -1 : 1;
             }
             if (location_size(old, &old_size) < 0 || PyDict_DelItem(index, key) < 0) {
                 return -1;
@@ -247,7 +342,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
             if (old == NULL) {
                 if (PyErr_ExceptionMatches(PyExc_KeyError)) {
                     PyErr_Clear();
-                    return 0;
+                    return 1;
                 }
                 return -1;
             }
@@ -258,7 +353,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
             }
         }
         st->live_delta -= old_size;
-        return 0;
+        return 1;
     }
     PyObject *loc = make_location(st, op->offset, op->size, op->kind);
     if (loc == NULL) {
@@ -287,7 +382,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
         return -1;
     }
     st->live_delta += (long long)op->size - old_size;
-    return 0;
+    return 1;
 }
 
 /* Parse and check every op of the record at buf[pos:pos+size] into ops (at
@@ -363,6 +458,24 @@ apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObje
             result = 0; /* the Python path creates the namespace (Keydir.ensure) */
             break;
         }
+        indexes[decoded] = index;
+        if (index != NULL && st->index_is_keymap) {
+            ParsedOp *op = &ops[decoded];
+            if (!utf8_valid(op->key, op->key_size)) {
+                result = 0; /* (what Python does with it: its path) */
+                break;
+            }
+            op->hash = ls_keymap_hash(op->key, op->key_size);
+            keys[decoded] = NULL;
+            uint64_t old[2];
+            if (count > 1 && ls_keymap_find(index, op->key, op->key_size, op->hash, old)
+                                 == LS_KM_SIDE) {
+                result = 0; /* a side object: apply_op would stop part way */
+                decoded++;
+                break;
+            }
+            continue;
+        }
         keys[decoded] = PyUnicode_DecodeUTF8(
             (const char *)ops[decoded].key, (Py_ssize_t)ops[decoded].key_size, NULL);
         if (keys[decoded] == NULL) {
@@ -375,18 +488,28 @@ apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObje
             }
             break;
         }
-        indexes[decoded] = index;
     }
     if (result == 1) {
         for (size_t i = 0; i < count; i++) {
-            if (apply_op(st, &ops[i], keys[i], indexes[i]) < 0) {
+            int applied = apply_op(st, &ops[i], keys[i], indexes[i]);
+            if (applied < 0) {
+                result = -1;
+                break;
+            }
+            if (applied == 0) {
+                if (i == 0) {
+                    result = 0; /* nothing of the record applied yet */
+                    break;
+                }
+                /* (the check above rules it out in a record of several ops) */
+                PyErr_SetString(PyExc_SystemError, "replay_records: a side object part way");
                 result = -1;
                 break;
             }
         }
     }
     for (size_t i = 0; i < decoded; i++) {
-        Py_DECREF(keys[i]);
+        Py_XDECREF(keys[i]);
     }
     return result;
 }
