@@ -648,8 +648,24 @@ PyDoc_STRVAR(replay_records_doc,
 "offset is its window offset minus shift. Returns where it stopped, how many\n"
 "records it applied, their highest seq (0: none) and the live bytes added.");
 
+/* utf8_valid(data) -> bool: the check of a key into a KeyMap (for the test
+   that compares it with bytes.decode) */
+static PyObject *
+utf8_valid_py(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    int valid = utf8_valid(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(valid);
+}
+
 static PyMethodDef scan_methods[] = {
     {"replay_records", replay_records, METH_VARARGS, replay_records_doc},
+    {"utf8_valid", utf8_valid_py, METH_O,
+     "utf8_valid(data) -> bool: data is what bytes.decode('utf-8') accepts"},
     {NULL, NULL, 0, NULL},
 };
 
