@@ -7,7 +7,10 @@
  * uncompressed groups to the namespace indexes, with the location ints,
  * live bytes and highest sequence number that the Python replay
  * (logstate/_keydir.py Keydir.apply_frame over logstate/_scan.py
- * replay_frame) gives.
+ * replay_frame) gives. A namespace index that is a KeyMap (exact type) is
+ * set and deleted through keymap.c's C API by the key's raw bytes, their
+ * UTF-8 checked here (utf8_valid: what bytes.decode accepts), so no str or
+ * int is made per record; a dict or other mapping takes the object path.
  *
  * Must never: do I/O, decide anything about damage, or apply part of a
  * record. At the first record it does not handle it stops and returns its
@@ -17,7 +20,9 @@
  * the window, a body that does not parse, compressed groups, namespace
  * create/drop/clear, checkpoints, compaction markers, set values with an
  * expiry time (TAG_EXPIRES), a set into a namespace that does not exist
- * yet, a namespaces mapping that is not a dict.
+ * yet, a namespaces mapping that is not a dict, a key of a KeyMap index that
+ * is not valid UTF-8, a set or delete of a KeyMap key whose location is a
+ * side object (a compressed group's tuple).
  *
  * Rules copied from Python (each marked "copy of" where it is; the Python
  * places say "copied in csrc/scan.c"; tests/test_native_scan.py proves the
