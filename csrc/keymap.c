@@ -34,6 +34,7 @@
 #define KM_MAX_KEY 0x7FFFFFFFu
 #define KM_MAX_ARENA ((size_t)0xFFFFFFF0u * 4u) /* offsets / 4 stay below KM_TOMB */
 #define KM_MIN_TABLE 8
+#define KM_NO_SLOT ((size_t)-1) /* km_put: find the free slot itself */
 #define KM_MAX_SET_KEY 0xFFFFFFu /* the longest key a set stores, in UTF-8 bytes */
 
 typedef struct {
@@ -183,7 +184,10 @@ km_find(KeyMapObject *km, const unsigned char *key, size_t len, uint64_t h, size
         }
         else {
             const unsigned char *rec = km->arena + (size_t)s * 4;
-            if (ld32(rec) == len && memcmp(rec + KM_REC_HEAD, key, len) == 0) {
+            /* (keys of one length often share a prefix: their last 8 bytes first) */
+            if (ld32(rec) == len
+                && (len < 8 || ld64(rec + KM_REC_HEAD + len - 8) == ld64(key + len - 8))
+                && memcmp(rec + KM_REC_HEAD, key, len) == 0) {
                 return (Py_ssize_t)i;
             }
         }
@@ -712,7 +716,7 @@ km_lookup(KeyMapObject *km, PyObject *key, Py_ssize_t *slot)
 
 /* ------------------------------------------------------------------ mutation */
 static int km_put(KeyMapObject *km, const unsigned char *p, size_t n, uint64_t h, Py_ssize_t i,
-                  uint64_t lo, uint64_t hi);
+                  size_t insert, uint64_t lo, uint64_t hi);
 
 static int
 km_set(KeyMapObject *km, PyObject *key, PyObject *value)
@@ -738,19 +742,20 @@ km_set(KeyMapObject *km, PyObject *key, PyObject *value)
     }
     uint64_t h;
     Py_ssize_t i;
+    size_t insert = KM_NO_SLOT;
     if (key == km->last_key && km->mutations == km->last_mutations) {
         h = km->last_hash; /* (found by the get before this set) */
         i = km->last_slot;
     }
     else {
         h = ks_hash(p, n);
-        i = km->count ? km_find(km, p, n, h, NULL) : -1;
+        i = km->count ? km_find(km, p, n, h, &insert) : -1;
     }
     uint64_t lo, hi;
     if (loc_pack(km, value, &lo, &hi) < 0) {
         return -1;
     }
-    if (km_put(km, p, n, h, i, lo, hi) < 0) {
+    if (km_put(km, p, n, h, i, insert, lo, hi) < 0) {
         if ((lo & 3) == 3) {
             Py_DECREF(side_take(km, lo));
         }
@@ -760,11 +765,12 @@ km_set(KeyMapObject *km, PyObject *key, PyObject *value)
 }
 
 /* Store (lo, hi) for the n bytes of a key at p (hash h), found in table
- * slot i (-1: absent): the one place a record is written or overwritten
- * (km_set and ls_keymap_set). -1 (nothing changed) on error. */
+ * slot i (-1: absent; then insert is the free slot km_find gave, or
+ * KM_NO_SLOT): the one place a record is written or overwritten (km_set
+ * and ls_keymap_set). -1 (nothing changed) on error. */
 static int
-km_put(KeyMapObject *km, const unsigned char *p, size_t n, uint64_t h, Py_ssize_t i, uint64_t lo,
-       uint64_t hi)
+km_put(KeyMapObject *km, const unsigned char *p, size_t n, uint64_t h, Py_ssize_t i,
+       size_t insert, uint64_t lo, uint64_t hi)
 {
     if (i >= 0) { /* overwrite in place: the position stays */
         unsigned char *rec = km->arena + (size_t)km->table[i] * 4;
@@ -781,12 +787,15 @@ km_put(KeyMapObject *km, const unsigned char *p, size_t n, uint64_t h, Py_ssize_
         if (km_rebuild(km, (size_t)km->count + 1 + (size_t)km->count / 2, NULL) < 0) {
             return -1;
         }
+        insert = KM_NO_SLOT; /* (a new table) */
     }
     if (km_reserve_arena(km, size) < 0) {
         return -1;
     }
-    size_t slot;
-    km_find(km, p, n, h, &slot);
+    size_t slot = insert;
+    if (slot == KM_NO_SLOT) {
+        km_find(km, p, n, h, &slot);
+    }
     unsigned char *rec = km->arena + km->arena_used;
     st32(rec, (uint32_t)n);
     st64(rec + 4, lo);
@@ -864,15 +873,17 @@ ls_keymap_hash(const unsigned char *key, size_t len)
     return ks_hash(key, len);
 }
 
-/* The table slot of the key (-1: absent); *rec its record. */
+/* The table slot of the key (-1: absent, *insert where it would go, or
+ * KM_NO_SLOT); *rec its record. */
 static Py_ssize_t
 km_raw_slot(KeyMapObject *km, const unsigned char *key, size_t len, uint64_t h,
-            const unsigned char **rec)
+            const unsigned char **rec, size_t *insert)
 {
+    *insert = KM_NO_SLOT;
     if (km->count == 0) {
         return -1;
     }
-    Py_ssize_t i = km_find(km, key, len, h, NULL);
+    Py_ssize_t i = km_find(km, key, len, h, insert);
     if (i >= 0) {
         *rec = km->arena + (size_t)km->table[i] * 4;
     }
@@ -883,7 +894,8 @@ int
 ls_keymap_find(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t loc[2])
 {
     const unsigned char *rec = NULL;
-    if (km_raw_slot((KeyMapObject *)map, key, len, h, &rec) < 0) {
+    size_t insert;
+    if (km_raw_slot((KeyMapObject *)map, key, len, h, &rec, &insert) < 0) {
         return LS_KM_ABSENT;
     }
     loc[0] = ld64(rec + 4);
@@ -904,7 +916,8 @@ ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t h, u
         return -1;
     }
     const unsigned char *rec = NULL;
-    Py_ssize_t i = km_raw_slot(km, key, len, h, &rec);
+    size_t insert;
+    Py_ssize_t i = km_raw_slot(km, key, len, h, &rec, &insert);
     if (i >= 0) {
         old[0] = ld64(rec + 4);
         old[1] = ld64(rec + 12);
@@ -912,7 +925,7 @@ ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t h, u
             return LS_KM_SIDE; /* unchanged: the caller takes the Python path */
         }
     }
-    if (km_put(km, key, len, h, i, lo, hi) < 0) {
+    if (km_put(km, key, len, h, i, insert, lo, hi) < 0) {
         return -1;
     }
     return i >= 0 ? LS_KM_INT : LS_KM_ABSENT;
@@ -923,7 +936,8 @@ ls_keymap_delete(PyObject *map, const unsigned char *key, size_t len, uint64_t h
 {
     KeyMapObject *km = (KeyMapObject *)map;
     const unsigned char *rec = NULL;
-    Py_ssize_t i = km_raw_slot(km, key, len, h, &rec);
+    size_t insert;
+    Py_ssize_t i = km_raw_slot(km, key, len, h, &rec, &insert);
     if (i < 0) {
         return LS_KM_ABSENT;
     }
