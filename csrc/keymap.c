@@ -890,6 +890,40 @@ km_raw_slot(KeyMapObject *km, const unsigned char *key, size_t len, uint64_t h,
     return i;
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define KM_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define KM_PREFETCH(p) ((void)(p))
+#endif
+
+void
+ls_keymap_prefetch_slot(PyObject *map, uint64_t h)
+{
+    KeyMapObject *km = (KeyMapObject *)map;
+    if (km->table != NULL) {
+        KM_PREFETCH(&km->table[(size_t)h & (km->table_cap - 1)]);
+    }
+}
+
+void
+ls_keymap_prefetch_keys(PyObject *map, uint64_t h)
+{
+    KeyMapObject *km = (KeyMapObject *)map;
+    if (km->table == NULL) {
+        return;
+    }
+    size_t mask = km->table_cap - 1;
+    for (size_t k = 0; k < 4; k++) {
+        uint32_t s = km->table[((size_t)h + k) & mask];
+        if (s == KM_EMPTY) {
+            return;
+        }
+        if (s != KM_TOMB) {
+            KM_PREFETCH(km->arena + (size_t)s * 4);
+        }
+    }
+}
+
 int
 ls_keymap_find(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t loc[2])
 {

@@ -35,6 +35,10 @@ int ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t 
                   uint64_t hi, uint64_t old[2]);
 int ls_keymap_delete(PyObject *map, const unsigned char *key, size_t len, uint64_t h,
                      uint64_t old[2]);
+/* a hint only (no effect on the contents): bring the table slot of hash h,
+ * then (once that is in cache) the first records it probes, into cache */
+void ls_keymap_prefetch_slot(PyObject *map, uint64_t h);
+void ls_keymap_prefetch_keys(PyObject *map, uint64_t h);
 /* end of keymap.c's block */
 
 /* fast.c: the hot paths of set, get and flush */

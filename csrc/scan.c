@@ -100,6 +100,10 @@ typedef struct {
     int ns_cached;
     PyObject *index; /* borrowed from namespaces (not changed during a call); NULL: absent */
     int index_is_keymap; /* index is a KeyMap (exact type): the raw C API, no objects */
+    /* the hash of the record being applied, found by the look-ahead (its
+       KeyMap; NULL: none) */
+    PyObject *pre_map;
+    uint64_t pre_hash;
     long long live_delta;
 } ScanState;
 
@@ -470,7 +474,8 @@ apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObje
                 result = 0; /* (what Python does with it: its path) */
                 break;
             }
-            op->hash = ls_keymap_hash(op->key, op->key_size);
+            op->hash = count == 1 && st->pre_map == index ? st->pre_hash
+                                                          : ls_keymap_hash(op->key, op->key_size);
             keys[decoded] = NULL;
             uint64_t old[2];
             if (count > 1 && ls_keymap_find(index, op->key, op->key_size, op->hash, old)
@@ -517,6 +522,49 @@ apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObje
         Py_XDECREF(keys[i]);
     }
     return result;
+}
+
+/* The look-ahead of the KeyMap path: a record after the one being applied
+   whose key is hashed early, to bring its table slot (two records ahead)
+   and then the first records its search probes (one ahead) into cache. A
+   hint only: each record is checked in full when its turn comes. */
+typedef struct {
+    Py_ssize_t pos;  /* the record's offset in the window */
+    Py_ssize_t size; /* its size; 0: not a whole record (look no further) */
+    PyObject *map;   /* its KeyMap (borrowed); NULL: not a plain record into the cached index */
+    uint64_t hash;
+} Ahead;
+
+#define AHEAD 3
+
+static void
+peek(const ScanState *st, Py_ssize_t pos, Ahead *a)
+{
+    a->pos = pos;
+    a->size = 0;
+    a->map = NULL;
+    if (pos + RECORD_OVERHEAD > st->n) {
+        return;
+    }
+    const unsigned char *p = st->buf + pos;
+    uint32_t length = rd_u32(p + 4);
+    if (length < MIN_PAYLOAD_SIZE || length > MAX_RECORD_SIZE
+        || pos + FRAME_HEADER_SIZE + (Py_ssize_t)length > st->n) {
+        return;
+    }
+    a->size = FRAME_HEADER_SIZE + (Py_ssize_t)length;
+    int record_type = p[8];
+    ParsedOp op;
+    if ((record_type != REC_SET && record_type != REC_DELETE) || !st->ns_cached
+        || st->index == NULL || !st->index_is_keymap
+        || !parse_keyed(st->buf, (size_t)pos + RECORD_OVERHEAD, (size_t)(pos + a->size), record_type,
+                        &op)
+        || op.ns_size != st->ns_size || (op.ns_size > 0 && memcmp(op.ns, st->ns, op.ns_size) != 0)) {
+        return;
+    }
+    a->map = st->index;
+    a->hash = ls_keymap_hash(op.key, op.key_size);
+    ls_keymap_prefetch_slot(a->map, a->hash);
 }
 
 #define SMALL_GROUP 64
@@ -574,8 +622,28 @@ replay_records(PyObject *self, PyObject *args)
     }
     const unsigned char *buf = st.buf;
     Py_ssize_t n = st.n;
+    Ahead ahead[AHEAD];
+    int nahead = 0;
+    Py_ssize_t peek_at = pos;
     /* copy of _scan.WindowedScan.frames' fast path: a whole, valid record in the window */
     while (pos + RECORD_OVERHEAD <= n) {
+        if (nahead == 0 || ahead[0].pos != pos) {
+            nahead = 0;
+            peek_at = pos;
+        }
+        while (nahead < AHEAD && peek_at < n) {
+            peek(&st, peek_at, &ahead[nahead]);
+            if (ahead[nahead].size == 0) {
+                peek_at = n;
+                break;
+            }
+            peek_at += ahead[nahead++].size;
+        }
+        if (nahead > 1 && ahead[1].map != NULL) {
+            ls_keymap_prefetch_keys(ahead[1].map, ahead[1].hash);
+        }
+        st.pre_map = nahead > 0 && ahead[0].pos == pos ? ahead[0].map : NULL;
+        st.pre_hash = st.pre_map != NULL ? ahead[0].hash : 0;
         const unsigned char *p = buf + pos;
         uint32_t length = rd_u32(p + 4);
         int record_type = p[8];
@@ -630,6 +698,10 @@ replay_records(PyObject *self, PyObject *args)
         }
         records++;
         pos += (Py_ssize_t)size;
+        if (nahead > 0) {
+            memmove(ahead, ahead + 1, (size_t)(nahead - 1) * sizeof(Ahead));
+            nahead--;
+        }
     }
 finish:
     result = Py_BuildValue("nnKL", pos, records, (unsigned long long)max_seq, st.live_delta);
