@@ -309,7 +309,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
             found = index == NULL
                         ? LS_KM_ABSENT
                         : ls_keymap_delete(index, op->key, op->key_size, op->hash, old);
-            if (found == LS_KM_INT) {
+            if (found == LS_KM_INT) { /* (copy of location_size, as above) */
                 old_size = -(long long)((old[0] >> SIZE_SHIFT) & 0xFFFFFFFFull);
             }
         }
