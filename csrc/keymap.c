@@ -34,6 +34,8 @@
 #define KM_MAX_KEY 0x7FFFFFFFu
 #define KM_MAX_ARENA ((size_t)0xFFFFFFF0u * 4u) /* offsets / 4 stay below KM_TOMB */
 #define KM_MIN_TABLE 8
+#define KM_NO_SLOT ((size_t)-1) /* km_put: find the free slot itself */
+#define KM_MAX_SET_KEY 0xFFFFFFu /* the longest key a set stores, in UTF-8 bytes */
 
 typedef struct {
     PyObject_HEAD
@@ -182,7 +184,10 @@ km_find(KeyMapObject *km, const unsigned char *key, size_t len, uint64_t h, size
         }
         else {
             const unsigned char *rec = km->arena + (size_t)s * 4;
-            if (ld32(rec) == len && memcmp(rec + KM_REC_HEAD, key, len) == 0) {
+            /* (keys of one length often share a prefix: their last 8 bytes first) */
+            if (ld32(rec) == len
+                && (len < 8 || ld64(rec + KM_REC_HEAD + len - 8) == ld64(key + len - 8))
+                && memcmp(rec + KM_REC_HEAD, key, len) == 0) {
                 return (Py_ssize_t)i;
             }
         }
@@ -710,6 +715,9 @@ km_lookup(KeyMapObject *km, PyObject *key, Py_ssize_t *slot)
 }
 
 /* ------------------------------------------------------------------ mutation */
+static int km_put(KeyMapObject *km, const unsigned char *p, size_t n, uint64_t h, Py_ssize_t i,
+                  size_t insert, uint64_t lo, uint64_t hi);
+
 static int
 km_set(KeyMapObject *km, PyObject *key, PyObject *value)
 {
@@ -728,24 +736,42 @@ km_set(KeyMapObject *km, PyObject *key, PyObject *value)
         PyErr_SetString(PyExc_ValueError, "KeyMap keys must be encodable as UTF-8");
         return -1;
     }
-    if (n > 0xFFFFFF) {
+    if (n > KM_MAX_SET_KEY) {
         PyErr_SetString(PyExc_ValueError, "KeyMap key too long");
         return -1;
     }
     uint64_t h;
     Py_ssize_t i;
+    size_t insert = KM_NO_SLOT;
     if (key == km->last_key && km->mutations == km->last_mutations) {
         h = km->last_hash; /* (found by the get before this set) */
         i = km->last_slot;
     }
     else {
         h = ks_hash(p, n);
-        i = km->count ? km_find(km, p, n, h, NULL) : -1;
+        i = km->count ? km_find(km, p, n, h, &insert) : -1;
     }
     uint64_t lo, hi;
     if (loc_pack(km, value, &lo, &hi) < 0) {
         return -1;
     }
+    if (km_put(km, p, n, h, i, insert, lo, hi) < 0) {
+        if ((lo & 3) == 3) {
+            Py_DECREF(side_take(km, lo));
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* Store (lo, hi) for the n bytes of a key at p (hash h), found in table
+ * slot i (-1: absent; then insert is the free slot km_find gave, or
+ * KM_NO_SLOT): the one place a record is written or overwritten (km_set
+ * and ls_keymap_set). -1 (nothing changed) on error. */
+static int
+km_put(KeyMapObject *km, const unsigned char *p, size_t n, uint64_t h, Py_ssize_t i,
+       size_t insert, uint64_t lo, uint64_t hi)
+{
     if (i >= 0) { /* overwrite in place: the position stays */
         unsigned char *rec = km->arena + (size_t)km->table[i] * 4;
         uint64_t old = ld64(rec + 4);
@@ -759,14 +785,17 @@ km_set(KeyMapObject *km, PyObject *key, PyObject *value)
     size_t size = rec_size(n);
     if ((km->table_fill + 1) * 4 > km->table_cap * 3) {
         if (km_rebuild(km, (size_t)km->count + 1 + (size_t)km->count / 2, NULL) < 0) {
-            goto fail;
+            return -1;
         }
+        insert = KM_NO_SLOT; /* (a new table) */
     }
     if (km_reserve_arena(km, size) < 0) {
-        goto fail;
+        return -1;
     }
-    size_t slot;
-    km_find(km, p, n, h, &slot);
+    size_t slot = insert;
+    if (slot == KM_NO_SLOT) {
+        km_find(km, p, n, h, &slot);
+    }
     unsigned char *rec = km->arena + km->arena_used;
     st32(rec, (uint32_t)n);
     st64(rec + 4, lo);
@@ -781,11 +810,6 @@ km_set(KeyMapObject *km, PyObject *key, PyObject *value)
     km->count++;
     km->mutations++;
     return 0;
-fail:
-    if ((lo & 3) == 3) {
-        Py_DECREF(side_take(km, lo));
-    }
-    return -1;
 }
 
 /* Delete the record in table slot ``slot``; its value is returned (owned)
@@ -828,6 +852,138 @@ km_del_slot(KeyMapObject *km, Py_ssize_t slot, PyObject **want)
         *want = value;
     }
     return rc;
+}
+
+/* ------------------------------------------------------------------ C API
+ * For the other C parts (declared in native.h, keymap block): find, set and
+ * delete by a key's raw UTF-8 bytes (the caller has checked they are valid
+ * UTF-8) and a location as (lo, hi), making no Python object. The rules are
+ * km_find's, km_put's and km_del_slot's, shared with the mapping methods. */
+static int km_init_empty(KeyMapObject *km);
+
+int
+ls_keymap_check_exact(PyObject *obj)
+{
+    return Py_IS_TYPE(obj, &KeyMapType);
+}
+
+uint64_t
+ls_keymap_hash(const unsigned char *key, size_t len)
+{
+    return ks_hash(key, len);
+}
+
+/* The table slot of the key (-1: absent, *insert where it would go, or
+ * KM_NO_SLOT); *rec its record. */
+static Py_ssize_t
+km_raw_slot(KeyMapObject *km, const unsigned char *key, size_t len, uint64_t h,
+            const unsigned char **rec, size_t *insert)
+{
+    *insert = KM_NO_SLOT;
+    if (km->count == 0) {
+        return -1;
+    }
+    Py_ssize_t i = km_find(km, key, len, h, insert);
+    if (i >= 0) {
+        *rec = km->arena + (size_t)km->table[i] * 4;
+    }
+    return i;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define KM_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define KM_PREFETCH(p) ((void)(p))
+#endif
+
+void
+ls_keymap_prefetch_slot(PyObject *map, uint64_t h)
+{
+    KeyMapObject *km = (KeyMapObject *)map;
+    if (km->table != NULL) {
+        KM_PREFETCH(&km->table[(size_t)h & (km->table_cap - 1)]);
+    }
+}
+
+void
+ls_keymap_prefetch_keys(PyObject *map, uint64_t h)
+{
+    KeyMapObject *km = (KeyMapObject *)map;
+    if (km->table == NULL) {
+        return;
+    }
+    size_t mask = km->table_cap - 1;
+    for (size_t k = 0; k < 4; k++) {
+        uint32_t s = km->table[((size_t)h + k) & mask];
+        if (s == KM_EMPTY) {
+            return;
+        }
+        if (s != KM_TOMB) {
+            KM_PREFETCH(km->arena + (size_t)s * 4);
+        }
+    }
+}
+
+int
+ls_keymap_find(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t loc[2])
+{
+    const unsigned char *rec = NULL;
+    size_t insert;
+    if (km_raw_slot((KeyMapObject *)map, key, len, h, &rec, &insert) < 0) {
+        return LS_KM_ABSENT;
+    }
+    loc[0] = ld64(rec + 4);
+    loc[1] = ld64(rec + 12);
+    return (loc[0] & 3) == 3 ? LS_KM_SIDE : LS_KM_INT;
+}
+
+int
+ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t lo,
+              uint64_t hi, uint64_t old[2])
+{
+    KeyMapObject *km = (KeyMapObject *)map;
+    if ((lo & 3) == 3 || len > KM_MAX_SET_KEY) {
+        PyErr_SetString(PyExc_ValueError, "ls_keymap_set: a kind-3 location or a key too long");
+        return -1;
+    }
+    if (km->table == NULL && km_init_empty(km) < 0) {
+        return -1;
+    }
+    const unsigned char *rec = NULL;
+    size_t insert;
+    Py_ssize_t i = km_raw_slot(km, key, len, h, &rec, &insert);
+    if (i >= 0) {
+        old[0] = ld64(rec + 4);
+        old[1] = ld64(rec + 12);
+        if ((old[0] & 3) == 3) {
+            return LS_KM_SIDE; /* unchanged: the caller takes the Python path */
+        }
+    }
+    if (km_put(km, key, len, h, i, insert, lo, hi) < 0) {
+        return -1;
+    }
+    return i >= 0 ? LS_KM_INT : LS_KM_ABSENT;
+}
+
+int
+ls_keymap_delete(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t old[2])
+{
+    KeyMapObject *km = (KeyMapObject *)map;
+    const unsigned char *rec = NULL;
+    size_t insert;
+    Py_ssize_t i = km_raw_slot(km, key, len, h, &rec, &insert);
+    if (i < 0) {
+        return LS_KM_ABSENT;
+    }
+    old[0] = ld64(rec + 4);
+    old[1] = ld64(rec + 12);
+    if ((old[0] & 3) == 3) {
+        return LS_KM_SIDE; /* unchanged: the caller takes the Python path */
+    }
+    if (km_del_slot(km, i, NULL) < 0) {
+        return -1;
+    }
+    return LS_KM_INT;
 }
 
 static void

@@ -18,6 +18,28 @@ int ls_crc_init(PyObject *module);
 
 /* keymap.c: the compact index (KeyMap) */
 int ls_keymap_init(PyObject *module);
+/* keymap.c, C API for other parts: a KeyMap by a key's UTF-8 bytes (valid
+ * UTF-8: the caller checks) and a location as two u64 (lo: bits 0..63,
+ * hi: bits 64..127), no Python object made. h is ls_keymap_hash(key, len).
+ * Results: LS_KM_ABSENT (no such key), LS_KM_INT (old location in old[]
+ * / loc[]), LS_KM_SIDE (the old value is a side object, e.g. a compressed
+ * group's tuple: set and delete then change nothing), -1 with an error set. */
+#define LS_KM_ABSENT 0
+#define LS_KM_INT 1
+#define LS_KM_SIDE 2
+int ls_keymap_check_exact(PyObject *obj); /* a KeyMap (not a subclass) */
+uint64_t ls_keymap_hash(const unsigned char *key, size_t len);
+int ls_keymap_find(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t loc[2]);
+/* lo's kind (bits 0..1) must not be 3; len at most 0xFFFFFF */
+int ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t lo,
+                  uint64_t hi, uint64_t old[2]);
+int ls_keymap_delete(PyObject *map, const unsigned char *key, size_t len, uint64_t h,
+                     uint64_t old[2]);
+/* a hint only (no effect on the contents): bring the table slot of hash h,
+ * then (once that is in cache) the first records it probes, into cache */
+void ls_keymap_prefetch_slot(PyObject *map, uint64_t h);
+void ls_keymap_prefetch_keys(PyObject *map, uint64_t h);
+/* end of keymap.c's block */
 
 /* fast.c: the hot paths of set, get and flush */
 int ls_fast_init(PyObject *module);

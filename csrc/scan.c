@@ -7,7 +7,10 @@
  * uncompressed groups to the namespace indexes, with the location ints,
  * live bytes and highest sequence number that the Python replay
  * (logstate/_keydir.py Keydir.apply_frame over logstate/_scan.py
- * replay_frame) gives.
+ * replay_frame) gives. A namespace index that is a KeyMap (exact type) is
+ * set and deleted through keymap.c's C API by the key's raw bytes, their
+ * UTF-8 checked here (utf8_valid: what bytes.decode accepts), so no str or
+ * int is made per record; a dict or other mapping takes the object path.
  *
  * Must never: do I/O, decide anything about damage, or apply part of a
  * record. At the first record it does not handle it stops and returns its
@@ -17,7 +20,9 @@
  * the window, a body that does not parse, compressed groups, namespace
  * create/drop/clear, checkpoints, compaction markers, set values with an
  * expiry time (TAG_EXPIRES), a set into a namespace that does not exist
- * yet, a namespaces mapping that is not a dict.
+ * yet, a namespaces mapping that is not a dict, a key of a KeyMap index that
+ * is not valid UTF-8, a set or delete of a KeyMap key whose location is a
+ * side object (a compressed group's tuple).
  *
  * Rules copied from Python (each marked "copy of" where it is; the Python
  * places say "copied in csrc/scan.c"; tests/test_native_scan.py proves the
@@ -77,6 +82,7 @@ typedef struct {
     uint64_t offset; /* in the segment file */
     uint64_t size;
     int kind;
+    uint64_t hash; /* of the key, when its index is a KeyMap */
 } ParsedOp;
 
 /* What one call walks: the window, the indexes, the location of the window. */
@@ -93,6 +99,11 @@ typedef struct {
     size_t ns_size;
     int ns_cached;
     PyObject *index; /* borrowed from namespaces (not changed during a call); NULL: absent */
+    int index_is_keymap; /* index is a KeyMap (exact type): the raw C API, no objects */
+    /* the hash of the record being applied, found by the look-ahead (its
+       KeyMap; NULL: none) */
+    PyObject *pre_map;
+    uint64_t pre_hash;
     long long live_delta;
 } ScanState;
 
@@ -153,8 +164,68 @@ lookup_namespace(ScanState *st, const ParsedOp *op, PyObject **index)
     st->ns_size = op->ns_size;
     st->ns_cached = 1;
     st->index = found;
+    st->index_is_keymap = found != NULL && ls_keymap_check_exact(found);
     *index = found;
     return 0;
+}
+
+/* 1 when the n bytes at p are what bytes.decode("utf-8") accepts (strict:
+   no overlong forms, no surrogates, nothing past U+10FFFF), else 0. */
+static int
+utf8_valid(const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            if ((w & 0x8080808080808080ull) == 0) {
+                i += 8;
+                continue;
+            }
+        }
+        unsigned char c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t more;
+        unsigned char lo = 0x80, hi = 0xBF; /* the range of the second byte */
+        if (c >= 0xC2 && c <= 0xDF) {
+            more = 1;
+        }
+        else if (c >= 0xE0 && c <= 0xEF) {
+            more = 2;
+            if (c == 0xE0) {
+                lo = 0xA0; /* overlong below */
+            }
+            else if (c == 0xED) {
+                hi = 0x9F; /* surrogates above */
+            }
+        }
+        else if (c >= 0xF0 && c <= 0xF4) {
+            more = 3;
+            if (c == 0xF0) {
+                lo = 0x90;
+            }
+            else if (c == 0xF4) {
+                hi = 0x8F; /* past U+10FFFF above */
+            }
+        }
+        else {
+            return 0; /* a continuation byte, C0, C1, F5..FF */
+        }
+        if (n - i <= more || p[i + 1] < lo || p[i + 1] > hi) {
+            return 0;
+        }
+        for (size_t k = 2; k <= more; k++) {
+            if ((p[i + k] & 0xC0) != 0x80) {
+                return 0;
+            }
+        }
+        i += more + 1;
+    }
+    return 1;
 }
 
 /* copy of _location.location_size: the bytes a location takes on disk. */
@@ -223,20 +294,53 @@ make_location(ScanState *st, uint64_t offset, uint64_t size, int kind)
 
 /* Apply one parsed op whose namespace index is `index` (NULL: absent).
    copy of Keydir.apply_frame's REC_SET branch (watch False) and of
-   Keydir.delete (nothing ordered, nothing expiring). 0, or -1 on error. */
+   Keydir.delete (nothing ordered, nothing expiring). key NULL: index is a
+   KeyMap, reached by op's raw key bytes. 1: applied; 0: not, the old value
+   is a KeyMap's side object (a compressed group's tuple): hand back; -1 on
+   error. */
 static int
 apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
 {
     long long old_size = 0;
+    if (key == NULL) { /* index is a KeyMap: by raw bytes (checked UTF-8), no objects */
+        uint64_t old[2];
+        int found;
+        if (op->op_type == REC_DELETE) {
+            found = index == NULL
+                        ? LS_KM_ABSENT
+                        : ls_keymap_delete(index, op->key, op->key_size, op->hash, old);
+            if (found == LS_KM_INT) { /* (copy of location_size, as above) */
+                old_size = -(long long)((old[0] >> SIZE_SHIFT) & 0xFFFFFFFFull);
+            }
+        }
+        else {
+            /* copy of Keydir.apply_frame's packing, as make_location's */
+            uint64_t lo = op->offset << OFFSET_SHIFT | op->size << SIZE_SHIFT | (uint64_t)op->kind;
+            uint64_t hi = st->segment << (SEGMENT_SHIFT - 64) | op->offset >> (64 - OFFSET_SHIFT);
+            found = ls_keymap_set(index, op->key, op->key_size, op->hash, lo, hi, old);
+            old_size = (long long)op->size;
+            if (found == LS_KM_INT) {
+                old_size -= (long long)((old[0] >> SIZE_SHIFT) & 0xFFFFFFFFull);
+            }
+        }
+        if (found < 0) {
+            return -1;
+        }
+        if (found == LS_KM_SIDE) {
+            return 0; /* unchanged: the Python path takes the record */
+        }
+        st->live_delta += old_size;
+        return 1;
+    }
     if (op->op_type == REC_DELETE) {
         if (index == NULL) {
-            return 0;
+            return 1;
         }
         PyObject *old;
         if (PyDict_CheckExact(index)) {
             old = PyDict_GetItemWithError(index, key);
             if (old == NULL) {
-                return PyErr_Occurred() ? -1 : 0;
+                return PyErr_Occurred() ? -1 : 1;
             }
             if (location_size(old, &old_size) < 0 || PyDict_DelItem(index, key) < 0) {
                 return -1;
@@ -247,7 +351,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
             if (old == NULL) {
                 if (PyErr_ExceptionMatches(PyExc_KeyError)) {
                     PyErr_Clear();
-                    return 0;
+                    return 1;
                 }
                 return -1;
             }
@@ -258,7 +362,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
             }
         }
         st->live_delta -= old_size;
-        return 0;
+        return 1;
     }
     PyObject *loc = make_location(st, op->offset, op->size, op->kind);
     if (loc == NULL) {
@@ -287,7 +391,7 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
         return -1;
     }
     st->live_delta += (long long)op->size - old_size;
-    return 0;
+    return 1;
 }
 
 /* Parse and check every op of the record at buf[pos:pos+size] into ops (at
@@ -363,6 +467,25 @@ apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObje
             result = 0; /* the Python path creates the namespace (Keydir.ensure) */
             break;
         }
+        indexes[decoded] = index;
+        if (index != NULL && st->index_is_keymap) {
+            ParsedOp *op = &ops[decoded];
+            if (!utf8_valid(op->key, op->key_size)) {
+                result = 0; /* (what Python does with it: its path) */
+                break;
+            }
+            op->hash = count == 1 && st->pre_map == index ? st->pre_hash
+                                                          : ls_keymap_hash(op->key, op->key_size);
+            keys[decoded] = NULL;
+            uint64_t old[2];
+            if (count > 1 && ls_keymap_find(index, op->key, op->key_size, op->hash, old)
+                                 == LS_KM_SIDE) {
+                result = 0; /* a side object: apply_op would stop part way */
+                decoded++;
+                break;
+            }
+            continue;
+        }
         keys[decoded] = PyUnicode_DecodeUTF8(
             (const char *)ops[decoded].key, (Py_ssize_t)ops[decoded].key_size, NULL);
         if (keys[decoded] == NULL) {
@@ -375,20 +498,73 @@ apply_record(ScanState *st, ParsedOp *ops, size_t count, PyObject **keys, PyObje
             }
             break;
         }
-        indexes[decoded] = index;
     }
     if (result == 1) {
         for (size_t i = 0; i < count; i++) {
-            if (apply_op(st, &ops[i], keys[i], indexes[i]) < 0) {
+            int applied = apply_op(st, &ops[i], keys[i], indexes[i]);
+            if (applied < 0) {
+                result = -1;
+                break;
+            }
+            if (applied == 0) {
+                if (i == 0) {
+                    result = 0; /* nothing of the record applied yet */
+                    break;
+                }
+                /* (the check above rules it out in a record of several ops) */
+                PyErr_SetString(PyExc_SystemError, "replay_records: a side object part way");
                 result = -1;
                 break;
             }
         }
     }
     for (size_t i = 0; i < decoded; i++) {
-        Py_DECREF(keys[i]);
+        Py_XDECREF(keys[i]);
     }
     return result;
+}
+
+/* The look-ahead of the KeyMap path: a record after the one being applied
+   whose key is hashed early, to bring its table slot (two records ahead)
+   and then the first records its search probes (one ahead) into cache. A
+   hint only: each record is checked in full when its turn comes. */
+typedef struct {
+    Py_ssize_t pos;  /* the record's offset in the window */
+    Py_ssize_t size; /* its size; 0: not a whole record (look no further) */
+    PyObject *map;   /* its KeyMap (borrowed); NULL: not a plain record into the cached index */
+    uint64_t hash;
+} Ahead;
+
+#define AHEAD 3
+
+static void
+peek(const ScanState *st, Py_ssize_t pos, Ahead *a)
+{
+    a->pos = pos;
+    a->size = 0;
+    a->map = NULL;
+    if (pos + RECORD_OVERHEAD > st->n) {
+        return;
+    }
+    const unsigned char *p = st->buf + pos;
+    uint32_t length = rd_u32(p + 4);
+    if (length < MIN_PAYLOAD_SIZE || length > MAX_RECORD_SIZE
+        || pos + FRAME_HEADER_SIZE + (Py_ssize_t)length > st->n) {
+        return;
+    }
+    a->size = FRAME_HEADER_SIZE + (Py_ssize_t)length;
+    int record_type = p[8];
+    ParsedOp op;
+    if ((record_type != REC_SET && record_type != REC_DELETE) || !st->ns_cached
+        || st->index == NULL || !st->index_is_keymap
+        || !parse_keyed(st->buf, (size_t)pos + RECORD_OVERHEAD, (size_t)(pos + a->size), record_type,
+                        &op)
+        || op.ns_size != st->ns_size || (op.ns_size > 0 && memcmp(op.ns, st->ns, op.ns_size) != 0)) {
+        return;
+    }
+    a->map = st->index;
+    a->hash = ls_keymap_hash(op.key, op.key_size);
+    ls_keymap_prefetch_slot(a->map, a->hash);
 }
 
 #define SMALL_GROUP 64
@@ -446,8 +622,28 @@ replay_records(PyObject *self, PyObject *args)
     }
     const unsigned char *buf = st.buf;
     Py_ssize_t n = st.n;
+    Ahead ahead[AHEAD];
+    int nahead = 0;
+    Py_ssize_t peek_at = pos;
     /* copy of _scan.WindowedScan.frames' fast path: a whole, valid record in the window */
     while (pos + RECORD_OVERHEAD <= n) {
+        if (nahead == 0 || ahead[0].pos != pos) {
+            nahead = 0;
+            peek_at = pos;
+        }
+        while (nahead < AHEAD && peek_at < n) {
+            peek(&st, peek_at, &ahead[nahead]);
+            if (ahead[nahead].size == 0) {
+                peek_at = n;
+                break;
+            }
+            peek_at += ahead[nahead++].size;
+        }
+        if (nahead > 1 && ahead[1].map != NULL) {
+            ls_keymap_prefetch_keys(ahead[1].map, ahead[1].hash);
+        }
+        st.pre_map = nahead > 0 && ahead[0].pos == pos ? ahead[0].map : NULL;
+        st.pre_hash = st.pre_map != NULL ? ahead[0].hash : 0;
         const unsigned char *p = buf + pos;
         uint32_t length = rd_u32(p + 4);
         int record_type = p[8];
@@ -502,6 +698,10 @@ replay_records(PyObject *self, PyObject *args)
         }
         records++;
         pos += (Py_ssize_t)size;
+        if (nahead > 0) {
+            memmove(ahead, ahead + 1, (size_t)(nahead - 1) * sizeof(Ahead));
+            nahead--;
+        }
     }
 finish:
     result = Py_BuildValue("nnKL", pos, records, (unsigned long long)max_seq, st.live_delta);
@@ -525,8 +725,24 @@ PyDoc_STRVAR(replay_records_doc,
 "offset is its window offset minus shift. Returns where it stopped, how many\n"
 "records it applied, their highest seq (0: none) and the live bytes added.");
 
+/* utf8_valid(data) -> bool: the check of a key into a KeyMap (for the test
+   that compares it with bytes.decode) */
+static PyObject *
+utf8_valid_py(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    int valid = utf8_valid(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(valid);
+}
+
 static PyMethodDef scan_methods[] = {
     {"replay_records", replay_records, METH_VARARGS, replay_records_doc},
+    {"utf8_valid", utf8_valid_py, METH_O,
+     "utf8_valid(data) -> bool: data is what bytes.decode('utf-8') accepts"},
     {NULL, NULL, 0, NULL},
 };
 

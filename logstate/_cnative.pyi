@@ -64,6 +64,8 @@ SCAN_LAYOUT: dict[str, int]
 def replay_records(
     window: bytes, offset: int, namespaces: dict[str, Any], segment: int, shift: int, /
 ) -> tuple[int, int, int, int]: ...
+def utf8_valid(data: bytes, /) -> bool:
+    """``data`` is what ``bytes.decode("utf-8")`` accepts (the C check of a KeyMap key)."""
 
 # --- end of scan
 

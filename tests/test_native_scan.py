@@ -9,7 +9,8 @@ other record, and all damage, back to the Python replay. Checked here:
   location ints, live bytes, seq), and stops, having applied nothing of it, at
   each kind of record it does not handle;
 - differential (hypothesis): random segments (valid records, groups, namespace
-  records, checkpoints, expiring values, compressed groups, damage, torn
+  records, checkpoints, expiring values, compressed groups and overwrites of
+  their keys, non-ASCII keys and keys that are not UTF-8, damage, torn
   tails) opened in every recovery mode through the C path and through the pure
   path give equal indexes, seq, live bytes, reports, files and errors;
 - a changed limit (a test's monkeypatch) and an index that watches expiry keep
@@ -302,7 +303,11 @@ def test_an_open_without_snapshot_is_applied_by_the_c_scan(
 
 # ============================================================================ differential
 NAMESPACES = ["", "a", "a/b"]
-KEYS = st.sampled_from(["k", "k2", "é", "✓key", "x" * 40])
+KEYS = st.sampled_from(["k", "k2", "é", "✓key", "x" * 40, "\U0001f600", "\x00z"])
+# keys that are not valid UTF-8 (overlong, surrogate, past U+10FFFF, truncated)
+BAD_KEYS = st.sampled_from(
+    [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"k\xe2\x9c"]
+)
 VALUES = st.binary(min_size=0, max_size=30).map(lambda raw: b"\x07" + raw)
 
 
@@ -343,7 +348,10 @@ def records(draw: st.DrawFn, seq: int) -> bytes:
     if kind == "expiring":
         value = expiring_value(encode_value(1), draw(st.floats(0, 1e9)), 1.0)
         return fmt.encode_record(fmt.REC_SET, seq, set_body(ns, draw(KEYS), value))
-    return fmt.encode_record(fmt.REC_SET, seq, name(ns) + b"\x01\x00\xff\x07")  # bad utf-8
+    bad = draw(BAD_KEYS)  # bad utf-8
+    return fmt.encode_record(
+        fmt.REC_SET, seq, name(ns) + len(bad).to_bytes(2, "little") + bad + b"\x07"
+    )
 
 
 @st.composite
