@@ -68,7 +68,7 @@ def _run(path: str, behind: bool, ops: list[tuple[object, ...]]) -> tuple[object
     inner = namespaces[""]
     assert type(inner) is ext.KeyMap
     if behind:
-        namespaces[""] = _Behind(inner)  # type: ignore[assignment]
+        namespaces[""] = _Behind(inner)  # type: ignore[assignment,arg-type]
     seen: list[object] = []
     for op in ops:
         if op[0] == "set":
