@@ -576,6 +576,11 @@ location_size(PyObject *loc)
     return (long long)((low >> 2) & SIZE_MASK);
 }
 
+/* An exact KeyMap index is reached by its C API (native.h, keymap block):
+ * the key's UTF-8 bytes and a location as (lo, hi), no Python object made.
+ * copy of location_size for a KeyMap's plain location (lo: bits 0..63) */
+#define KM_LOC_SIZE(lo) ((long long)(((lo) >> 2) & SIZE_MASK))
+
 /* ======================================================================= Writer.set */
 /* the raised exception, taken out (3.12 changed the API; the old one is deprecated there) */
 static PyObject *
@@ -755,18 +760,32 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     if (offset + size > ap->roll_size && offset > SEGMENT_HEADER_SIZE) {
         goto unlock_python; /* a roll is due */
     }
-    old = index_get(index, key);
     long long old_size = 0;
-    if (old == NULL) {
-        if (PyErr_Occurred()) {
-            PyErr_Clear();
-            goto unlock_python;
+    const unsigned char *raw_key = (const unsigned char *)PyBytes_AS_STRING(key_bytes);
+    int direct = ls_keymap_check_exact(index); /* a KeyMap: by key_bytes (key's UTF-8) */
+    uint64_t hash = 0;
+    if (direct) {
+        uint64_t was[2];
+        hash = ls_keymap_hash(raw_key, (size_t)key_size);
+        int found = ls_keymap_find(index, raw_key, (size_t)key_size, hash, was);
+        if (found == LS_KM_SIDE) {
+            goto unlock_python; /* a compressed group's tuple: before any change */
         }
+        old_size = found == LS_KM_INT ? KM_LOC_SIZE(was[0]) : 0;
     }
     else {
-        old_size = location_size(old);
-        if (old_size < 0) {
-            goto unlock_python; /* a compressed group's tuple */
+        old = index_get(index, key);
+        if (old == NULL) {
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                goto unlock_python;
+            }
+        }
+        else {
+            old_size = location_size(old);
+            if (old_size < 0) {
+                goto unlock_python; /* a compressed group's tuple */
+            }
         }
     }
     /* copy of fmt.encode_record(REC_SET, seq, ns key value) */
@@ -787,10 +806,15 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     q += 2 + key_size;
     memcpy(q, PyBytes_AS_STRING(value), (size_t)value_size);
     put_u32(p, ls_crc32c(0, p + 4, (size_t)(size - 4)));
-    /* the location, before the write: nothing can fail after it but the store */
-    loc = segment_location(active, (uint64_t)offset << 34 | (uint64_t)size << 2 | KIND_RECORD);
-    if (loc == NULL) {
-        goto unlock_error;
+    /* the location, before the write: nothing can fail after it but the store
+     * (a KeyMap's as (lo, hi): copy of segment_location's number << 74 | low) */
+    uint64_t loc_lo = (uint64_t)offset << 34 | (uint64_t)size << 2 | KIND_RECORD;
+    uint64_t loc_hi = (uint64_t)active->number << 10 | (uint64_t)offset >> 30;
+    if (!direct) {
+        loc = segment_location(active, loc_lo);
+        if (loc == NULL) {
+            goto unlock_error;
+        }
     }
     int error = write_all(active->fd, (const char *)p, (size_t)size);
     if (error) {
@@ -811,7 +835,21 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     active->size = offset + size;
     ap->seq = seq;
     ap->written_pos = end_pos = pos_before + size;
-    if (index_set(index, key, loc) < 0) {
+    int stored;
+    if (direct) {
+        uint64_t was[2];
+        stored = ls_keymap_set(index, raw_key, (size_t)key_size, hash, loc_lo, loc_hi, was);
+        if (stored == LS_KM_SIDE) {
+            /* (a side object appeared meanwhile, which the lock excludes:
+             * unchanged, so stored as the generic path does) */
+            loc = segment_location(active, loc_lo);
+            stored = loc == NULL ? -1 : index_set(index, key, loc);
+        }
+    }
+    else {
+        stored = index_set(index, key, loc);
+    }
+    if (stored < 0) {
         /* copy of the Python path's "except BaseException": settle from the file */
         PyObject *exc = take_exception();
         PyObject *pending = Py_BuildValue("(OLLLO)", (PyObject *)active, offset, size, pos_before,
@@ -833,7 +871,7 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(active);
     Py_DECREF(index);
     Py_XDECREF(old);
-    Py_DECREF(loc);
+    Py_XDECREF(loc);
     Py_DECREF(record);
     lock->locked = 0;
     PyThread_release_lock(lock->lock);
@@ -992,10 +1030,24 @@ index_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     long long live = 0;
+    /* an exact KeyMap: by its C API, high split as (lo, hi) once */
+    int direct = ls_keymap_check_exact(index);
+    uint64_t high_lo = 0, high_hi = 0;
+    if (direct) {
+        PyObject *top = PyNumber_Rshift(high, int_64);
+        high_hi = top ? PyLong_AsUnsignedLongLong(top) : 0;
+        Py_XDECREF(top);
+        high_lo = PyErr_Occurred() ? 0 : PyLong_AsUnsignedLongLongMask(high);
+        if (PyErr_Occurred()) {
+            PyErr_Clear(); /* (not a location's high part: the generic code raises) */
+            direct = 0;
+        }
+    }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i), *value = PyList_GET_ITEM(values, i);
         Py_ssize_t key_size;
-        if (!PyUnicode_CheckExact(key) || PyUnicode_AsUTF8AndSize(key, &key_size) == NULL) {
+        const char *raw;
+        if (!PyUnicode_CheckExact(key) || (raw = PyUnicode_AsUTF8AndSize(key, &key_size)) == NULL) {
             if (!PyErr_Occurred()) {
                 PyErr_SetString(PyExc_TypeError, "keys must be str");
             }
@@ -1003,6 +1055,29 @@ index_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         long long op_size = GROUP_OP_SIZE + ns_size + 2 + key_size
                             + (value == Py_None ? 0 : PyBytes_GET_SIZE(value));
+        if (direct) {
+            const unsigned char *p = (const unsigned char *)raw;
+            uint64_t h = ls_keymap_hash(p, (size_t)key_size), was[2];
+            int found;
+            if (value == Py_None) {
+                found = ls_keymap_delete(index, p, (size_t)key_size, h, was);
+            }
+            else { /* copy of the generic high | op_offset << 34 | op_size << 2 */
+                uint64_t lo = high_lo | (uint64_t)op_offset << 34 | (uint64_t)op_size << 2;
+                uint64_t hi = high_hi | (uint64_t)op_offset >> 30;
+                found = ls_keymap_set(index, p, (size_t)key_size, h, lo, hi, was);
+            }
+            if (found < 0) {
+                goto error;
+            }
+            if (found != LS_KM_SIDE) {
+                live += value == Py_None ? 0 : op_size;
+                live -= found == LS_KM_INT ? KM_LOC_SIZE(was[0]) : 0;
+                op_offset += op_size;
+                continue;
+            }
+            /* a compressed group's tuple, unchanged: this key by the generic code */
+        }
         PyObject *old = NULL;
         if (value == Py_None) {
             int found = index_pop(index, key, &old);
@@ -1081,29 +1156,51 @@ reader_get(ReaderBase *self, PyObject *const *args, Py_ssize_t nargs)
     if (index == NULL) {
         goto python_clear;
     }
-    Py_INCREF(index);
-    PyObject *loc = index_get(index, key);
-    Py_DECREF(index);
-    if (loc == NULL) {
+    Py_ssize_t key_size;
+    const char *raw_key = PyUnicode_AsUTF8AndSize(key, &key_size);
+    if (raw_key == NULL) {
+        goto python_clear; /* (not UTF-8: the Python path finds it absent or raises) */
+    }
+    unsigned long long low, high;
+    if (ls_keymap_check_exact(index)) { /* by the C API: as KeyMap's __getitem__ finds it */
+        const unsigned char *p = (const unsigned char *)raw_key;
+        uint64_t found_loc[2];
+        int found = ls_keymap_find(index, p, (size_t)key_size, ls_keymap_hash(p, (size_t)key_size),
+                                   found_loc);
+        if (found == LS_KM_ABSENT) {
+            Py_RETURN_NONE;
+        }
+        if (found != LS_KM_INT) {
+            goto python; /* a compressed group's tuple */
+        }
+        low = found_loc[0];
+        high = found_loc[1];
+    }
+    else {
+        Py_INCREF(index);
+        PyObject *loc = index_get(index, key);
+        Py_DECREF(index);
+        if (loc == NULL) {
+            if (PyErr_Occurred()) {
+                goto python_clear;
+            }
+            Py_RETURN_NONE;
+        }
+        if (!PyLong_CheckExact(loc)) {
+            Py_DECREF(loc);
+            goto python;
+        }
+        low = PyLong_AsUnsignedLongLongMask(loc);
+        PyObject *high_obj = PyNumber_Rshift(loc, int_64);
+        Py_DECREF(loc);
+        if (high_obj == NULL) {
+            goto python_clear;
+        }
+        high = PyLong_AsUnsignedLongLong(high_obj);
+        Py_DECREF(high_obj);
         if (PyErr_Occurred()) {
             goto python_clear;
         }
-        Py_RETURN_NONE;
-    }
-    if (!PyLong_CheckExact(loc)) {
-        Py_DECREF(loc);
-        goto python;
-    }
-    unsigned long long low = PyLong_AsUnsignedLongLongMask(loc);
-    PyObject *high_obj = PyNumber_Rshift(loc, int_64);
-    Py_DECREF(loc);
-    if (high_obj == NULL) {
-        goto python_clear;
-    }
-    unsigned long long high = PyLong_AsUnsignedLongLong(high_obj);
-    Py_DECREF(high_obj);
-    if (PyErr_Occurred()) {
-        goto python_clear;
     }
     unsigned long long number = high >> 10;
     unsigned long long offset = (high & 0x3FF) << 30 | low >> 34;
@@ -1128,12 +1225,6 @@ reader_get(ReaderBase *self, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(map); /* (the view holds its own reference) */
     if (exported < 0) {
         goto python_clear; /* unmapped meanwhile */
-    }
-    Py_ssize_t key_size;
-    const char *raw_key = PyUnicode_AsUTF8AndSize(key, &key_size);
-    if (raw_key == NULL) {
-        PyBuffer_Release(&view);
-        goto python_clear;
     }
     PyObject *result = NULL;
     if ((unsigned long long)view.len >= offset + size) {
