@@ -21,7 +21,6 @@ The write path's hot loops (``Writer.set``, ``write_group``,
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import TYPE_CHECKING, Final, TypeAlias
@@ -49,6 +48,7 @@ from logstate._location import (
     total_size,
 )
 from logstate._native import EXT
+from logstate._sortedkeys import SortedKeys, key_range
 from logstate._values import TAG_EXPIRES
 
 # The C path (``_native.EXT``): a C base type holds the hot fields, so that
@@ -96,68 +96,6 @@ def join_namespace(parent: str, name: str) -> str:
 def is_within(ns: str, ancestor: str) -> bool:
     """True when ``ns`` is ``ancestor`` or below it."""
     return not ancestor or ns == ancestor or ns.startswith(ancestor + NS_SEPARATOR)
-
-
-def key_range(
-    keys: list[str], start: str | None, stop: str | None, prefix: str | None
-) -> tuple[int, int]:
-    """The slice ``[low, high)`` of the sorted ``keys`` that are ``>= start``,
-    ``< stop`` and begin with ``prefix`` (None: no bound)."""
-    low = 0 if start is None else bisect_left(keys, start)
-    high = len(keys) if stop is None else bisect_left(keys, stop, low)
-    if prefix:
-        low = max(low, bisect_left(keys, prefix))
-        # the first str after every str that begins with prefix
-        last = ord(prefix[-1])
-        if last < 0x10FFFF:
-            high = min(high, bisect_left(keys, prefix[:-1] + chr(last + 1), low))
-        else:  # no successor of the last code point: walk to the end of the run
-            end = low
-            while end < high and keys[end].startswith(prefix):
-                end += 1
-            high = end
-    return low, max(low, high)
-
-
-class SortedKeys:
-    """The keys of one namespace in order, kept up to date by the changes noted.
-
-    ``keys`` is sorted when ``changed`` is empty. Every key whose presence
-    may have changed since (a new key, a delete) is appended to
-    ``changed``; :meth:`resolve` merges those into ``keys`` (or sorts again
-    when there are many), so an ordered read after a few changes costs a
-    few bisections, not a sort. ``limit``: past that many unresolved
-    changes the keydir drops the view (no ordered read came for a long
-    time; the memory is not kept growing).
-    """
-
-    __slots__ = ("changed", "keys", "limit")
-
-    def __init__(self, index: Index) -> None:
-        self.keys = sorted(index)
-        self.changed: list[str] = []
-        self.limit = max(4096, len(self.keys))
-
-    def resolve(self, index: Index) -> list[str]:
-        """``keys``, made equal to ``sorted(index)`` again."""
-        changed = self.changed
-        if not changed:
-            return self.keys
-        self.changed = []
-        keys = self.keys
-        if len(changed) > 64 and len(changed) * 16 > len(keys):
-            self.keys = keys = sorted(index)
-        else:
-            for key in set(changed):
-                i = bisect_left(keys, key)
-                present = i < len(keys) and keys[i] == key
-                if key in index:
-                    if not present:
-                        keys.insert(i, key)
-                elif present:
-                    del keys[i]
-        self.limit = max(4096, len(keys))
-        return keys
 
 
 class Keydir(_KeydirBase):

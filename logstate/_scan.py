@@ -195,12 +195,9 @@ class WindowedScan:
         self._buf = b""
         self._buf_start = start
         self._skip = skip
-        # A replay's fast path (the C scanner, see _replay.SegmentReplay.scan),
-        # set before frames() is called: called with (window, index, window's
-        # data offset) before each record of frames' fast path; it applies
-        # the records it handles from there and returns the index of the first
-        # one it does not (the same index: none). None (the default): every
-        # record is yielded.
+        # A replay's fast path (the C scanner, _replay.SegmentReplay.scan), called
+        # as (window, index, window's offset) before each record of the fast path:
+        # applies the records it handles, returns the index of the first it does not.
         self.fast: Callable[[bytes, int, int], int] | None = None
         # resync: where each type byte next occurs in the window (see _next_type_byte)
         self._found_in: tuple[bytes, int] | None = None
@@ -368,11 +365,9 @@ class WindowedScan:
 # each other), so the per-op CRCs inside a group are checked here too: the
 # record's CRC covering them does not make a wrong op CRC acceptable (reads
 # check it, and would refuse an operation that recovery had applied).
-# Copied in csrc/scan.c (the C path's replay_records), with Keydir.apply_frame's
-# locations and live bytes: the checks of _replay_op and replay_frame for plain
-# sets and deletes and uncompressed groups of them (anything else is handed
-# back); tests/test_native_scan.py and fuzz/test_native_scan_fuzz.py prove the
-# two equal.
+# Copied in csrc/scan.c's replay_records (with Keydir.apply_frame's locations and
+# live bytes) for plain sets/deletes and uncompressed groups of them; proved equal
+# by tests/test_native_scan.py and fuzz/test_native_scan_fuzz.py.
 FRAME_PLAIN: Final = 0  # the op is the whole record
 FRAME_GROUP: Final = 1  # op offsets are positions in the scanned data
 FRAME_COMPRESSED_GROUP: Final = 2  # op offsets are positions in the decompressed op list
