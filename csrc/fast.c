@@ -353,10 +353,10 @@ lock_acquire_timed(LockObject *self, double timeout_s)
             if (left <= 0) {
                 return 0;
             }
-            wait_us = (PY_TIMEOUT_T)(left * 1e6);
-            if (wait_us > PY_TIMEOUT_MAX) {
-                wait_us = PY_TIMEOUT_MAX;
-            }
+            /* (clamped before the conversion, which overflows past the max;
+             * lock_acquire refuses a timeout above it, as threading does) */
+            double us = left * 1e6;
+            wait_us = us >= (double)PY_TIMEOUT_MAX ? PY_TIMEOUT_MAX : (PY_TIMEOUT_T)us;
         }
         PyLockStatus status;
         Py_BEGIN_ALLOW_THREADS
@@ -389,8 +389,12 @@ lock_acquire(LockObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
         return NULL;
     }
-    if (timeout < 0 && timeout != -1) {
+    if (timeout != timeout || (timeout < 0 && timeout != -1)) { /* (NaN, a negative) */
         PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
+    if (timeout > (double)PY_TIMEOUT_MAX / 1e6) {
+        PyErr_SetString(PyExc_OverflowError, "timeout value is too large");
         return NULL;
     }
     int got = lock_acquire_timed(self, blocking ? timeout : 0);
@@ -816,8 +820,20 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
             goto unlock_error;
         }
     }
+    /* After the write nothing may fail: a KeyMap's store gets its room now
+     * (ls_keymap_reserve); any other index gets the settling record of a
+     * store that fails, made now (Appender.settle finishes it from the file) */
+    long long pos_before = ap->written_pos;
+    PyObject *pending = NULL;
+    if (direct ? ls_keymap_reserve(index, (size_t)key_size) < 0
+               : (pending = Py_BuildValue("(OLLLO)", (PyObject *)active, offset, size, pos_before,
+                                          Py_False))
+                     == NULL) {
+        goto unlock_error;
+    }
     int error = write_all(active->fd, (const char *)p, (size_t)size);
     if (error) {
+        Py_XDECREF(pending);
         /* copy of the Python path's "except OSError: self._life.fail(exc); raise" */
         errno = error;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -831,7 +847,6 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         raise_exception(exc);
         goto unlock_error;
     }
-    long long pos_before = ap->written_pos;
     active->size = offset + size;
     ap->seq = seq;
     ap->written_pos = end_pos = pos_before + size;
@@ -852,8 +867,10 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     if (stored < 0) {
         /* copy of the Python path's "except BaseException": settle from the file */
         PyObject *exc = take_exception();
-        PyObject *pending = Py_BuildValue("(OLLLO)", (PyObject *)active, offset, size, pos_before,
-                                          Py_False);
+        if (pending == NULL) { /* (a KeyMap's store that failed after all) */
+            pending = Py_BuildValue("(OLLLO)", (PyObject *)active, offset, size, pos_before,
+                                    Py_False);
+        }
         if (pending != NULL) {
             Py_XSETREF(ap->in_flight, pending);
             PyObject *settled = PyObject_CallMethodNoArgs(self->appender, str_settle);
@@ -867,6 +884,7 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         }
         goto unlock_error;
     }
+    Py_XDECREF(pending);
     keydir->live_bytes += size - old_size;
     Py_DECREF(active);
     Py_DECREF(index);
@@ -1051,6 +1069,11 @@ index_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (!PyErr_Occurred()) {
                 PyErr_SetString(PyExc_TypeError, "keys must be str");
             }
+            goto error;
+        }
+        if (value != Py_None && !PyBytes_CheckExact(value)) { /* (encode_keys checked the
+                                                                 same lists: cheap to be sure) */
+            PyErr_SetString(PyExc_TypeError, "values must be bytes or None");
             goto error;
         }
         long long op_size = GROUP_OP_SIZE + ns_size + 2 + key_size

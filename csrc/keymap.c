@@ -683,7 +683,7 @@ remember(KeyMapObject *km, PyObject *key, uint64_t h, Py_ssize_t slot)
     km->last_hash = h;
     km->last_slot = slot;
     km->last_mutations = km->mutations;
-    Py_XDECREF(old); /* (a str: its release runs no code) */
+    Py_XDECREF(old); /* (an exact str, as km_lookup remembers: its release runs no code) */
 }
 
 /* The record of ``key``, or NULL (and no error when absent). */
@@ -703,7 +703,12 @@ km_lookup(KeyMapObject *km, PyObject *key, Py_ssize_t *slot)
         }
         uint64_t h = ks_hash(p, n);
         i = km_find(km, p, n, h, NULL);
-        remember(km, key, h, i);
+        if (PyUnicode_CheckExact(key)) {
+            /* only an exact str: releasing the one remembered before runs no
+             * code (a subclass's release could run __del__ and change the
+             * map under the slot just found) */
+            remember(km, key, h, i);
+        }
     }
     if (i < 0) {
         return NULL;
@@ -963,6 +968,26 @@ ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t h, u
         return -1;
     }
     return i >= 0 ? LS_KM_INT : LS_KM_ABSENT;
+}
+
+int
+ls_keymap_reserve(PyObject *map, size_t len)
+{
+    /* what km_put may allocate for one new key, allocated now: its table
+     * rebuild (the same rule) and its arena room */
+    KeyMapObject *km = (KeyMapObject *)map;
+    if (len > KM_MAX_SET_KEY) {
+        PyErr_SetString(PyExc_ValueError, "ls_keymap_reserve: a key too long");
+        return -1;
+    }
+    if (km->table == NULL && km_init_empty(km) < 0) {
+        return -1;
+    }
+    if ((km->table_fill + 1) * 4 > km->table_cap * 3
+        && km_rebuild(km, (size_t)km->count + 1 + (size_t)km->count / 2, NULL) < 0) {
+        return -1;
+    }
+    return km_reserve_arena(km, rec_size(len));
 }
 
 int
@@ -1396,7 +1421,13 @@ km_total_size(KeyMapObject *km, PyObject *unused)
 {
     uint64_t total = 0;
     PyObject *extra = NULL; /* sizes of side objects, summed in Python ints */
+    const uint64_t mutations = km->mutations; /* the sums below may run code */
     for (size_t off = 0; off < km->arena_used;) {
+        if (km->mutations != mutations) {
+            PyErr_SetString(PyExc_RuntimeError, "KeyMap changed during total_size");
+            Py_XDECREF(extra);
+            return NULL;
+        }
         const unsigned char *rec = km->arena + off;
         uint32_t hdr = ld32(rec);
         off += rec_size(hdr & KM_MAX_KEY);
@@ -1450,6 +1481,11 @@ km_total_size(KeyMapObject *km, PyObject *unused)
                 return NULL;
             }
         }
+    }
+    if (km->mutations != mutations) {
+        PyErr_SetString(PyExc_RuntimeError, "KeyMap changed during total_size");
+        Py_XDECREF(extra);
+        return NULL;
     }
     PyObject *result = PyLong_FromUnsignedLongLong(total);
     if (result == NULL || extra == NULL) {

@@ -33,6 +33,9 @@ int ls_keymap_find(PyObject *map, const unsigned char *key, size_t len, uint64_t
 /* lo's kind (bits 0..1) must not be 3; len at most 0xFFFFFF */
 int ls_keymap_set(PyObject *map, const unsigned char *key, size_t len, uint64_t h, uint64_t lo,
                   uint64_t hi, uint64_t old[2]);
+/* make room for one new key of len bytes, so that a following ls_keymap_set of
+ * it (with no other change between) cannot fail: 0, or -1 with an exception */
+int ls_keymap_reserve(PyObject *map, size_t len);
 int ls_keymap_delete(PyObject *map, const unsigned char *key, size_t len, uint64_t h,
                      uint64_t old[2]);
 /* a hint only (no effect on the contents): bring the table slot of hash h,

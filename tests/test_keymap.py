@@ -317,3 +317,50 @@ def test_repeated_operations_and_loads_leave_no_memory_behind(KeyMap: Any) -> No
         tracemalloc.stop()
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert grown < 16_384  # (20 rounds of ~1,500 objects each: a leak is far more)
+
+
+def test_a_str_subclass_key_whose_release_changes_the_map_never_misdirects_a_lookup(
+    KeyMap: Any,
+) -> None:
+    """The map remembers its last looked-up key; releasing a str subclass can
+    run ``__del__``, which here deletes most keys (the table shrinks): a
+    lookup after it must still find the right record."""
+    m = KeyMap()
+    n = 20_000
+    for i in range(n):
+        m[f"key{i:06d}"] = pack_location(1, i, 8, 0)
+
+    class Key(str):
+        def __del__(self) -> None:
+            for i in range(n - 10):
+                del m[f"key{i:06d}"]
+
+    key = Key("key000001")
+    assert m.get(key) == pack_location(1, 1, 8, 0)
+    del key  # (the map must not be the one holding it)
+    last = f"key{n - 1:06d}"
+    assert m.get(last) == pack_location(1, n - 1, 8, 0)
+    del m[last]
+    assert last not in m
+    m._check()
+
+
+def test_total_size_refuses_a_map_changed_by_a_size_it_adds(KeyMap: Any) -> None:
+    """``total_size`` adds the sizes of tuple locations with Python arithmetic:
+    a size object whose addition changes the map makes it raise, never return
+    a total of no state of the map."""
+    m = KeyMap()
+    for i in range(100):
+        m[f"k{i}"] = pack_location(1, i, 8, 0)
+
+    class Size(int):
+        def __add__(self, other: object) -> int:
+            m.pop("k0", None)
+            return int(self) + int(other)  # type: ignore[call-overload]
+
+        __radd__ = __add__
+
+    for j in range(3):
+        m[f"t{j}"] = (1, 0, 10, 0, 10, Size(10))
+    with pytest.raises(RuntimeError, match="changed"):
+        m.total_size()

@@ -127,3 +127,16 @@ def test_the_engine_runs_on_it_and_a_forked_child_gets_a_new_one(
         held.release()
     assert store.get("a") == b"1"
     store.close()
+
+
+def test_a_timeout_too_large_or_not_a_number_is_refused_as_threading_refuses_it(
+    ext: ModuleType,
+) -> None:
+    ours, theirs = ext.Lock(), threading.Lock()
+    for lock in (ours, theirs):
+        with pytest.raises(OverflowError):
+            lock.acquire(timeout=1e300)
+        assert not lock.locked()
+    with pytest.raises(ValueError):
+        ours.acquire(timeout=float("nan"))
+    assert not ours.locked()
