@@ -354,9 +354,9 @@ def test_total_size_refuses_a_map_changed_by_a_size_it_adds(KeyMap: Any) -> None
         m[f"k{i}"] = pack_location(1, i, 8, 0)
 
     class Size(int):
-        def __add__(self, other: object) -> int:
+        def __add__(self, other: int) -> int:
             m.pop("k0", None)
-            return int(self) + int(other)  # type: ignore[call-overload]
+            return int(self) + int(other)
 
         __radd__ = __add__
 

@@ -308,6 +308,21 @@ class StreamCalls(Connection):
         ).encode()
 
         async def work() -> list[Message]:
+            # "no responders" before any message: the stream's direct-get
+            # responders are not up yet (a new R3 stream electing its leader);
+            # ask again until the deadline, as a publish does
+            loop = asyncio.get_running_loop()
+            deadline, delay_s = loop.time() + timeout_s, NO_RESPONDERS_FIRST_WAIT_S
+            while True:
+                try:
+                    return await attempt()
+                except nats.errors.NoRespondersError:
+                    if loop.time() + delay_s >= deadline:
+                        raise
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, NO_RESPONDERS_MAX_WAIT_S)
+
+        async def attempt() -> list[Message]:
             out: list[Message] = []
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -320,8 +335,10 @@ class StreamCalls(Connection):
                     out.append(direct_message(headers, msg.data))
                 elif status in ("204", "404"):  # end of batch; nothing (more) there
                     done.set_result(None)
-                elif status == "503":
+                elif status == "503" and not out:
                     done.set_exception(nats.errors.NoRespondersError())
+                elif status == "503":  # (a batch cut short: what came is returned)
+                    done.set_result(None)
                 else:
                     description = headers.get("Description", "")
                     done.set_exception(ApiError(stream, "direct get", 0, int(status), description))
