@@ -93,6 +93,25 @@ def free_port() -> int:
         return port
 
 
+def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (state T in /proc), at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return  # (gone, or no /proc: nothing to wait for)
+        states = []
+        for tid in tids:
+            with contextlib.suppress(OSError, IndexError):  # (a thread that just ended)
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                states.append(stat.rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s} s of SIGSTOP")
+
+
 def _log_tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -297,6 +316,9 @@ class NatsServer:
         """SIGSTOP: connections stay open but nothing answers (a hung host or partition)."""
         if self.proc is not None:
             self.proc.send_signal(signal.SIGSTOP)
+            # the signal is delivered asynchronously: return once every thread
+            # of the server is stopped, so that nothing it answers is "after"
+            _wait_stopped(self.proc.pid)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
