@@ -34,6 +34,9 @@
 #define REC_DELETE 2
 #define REC_CHECKPOINT 7
 #define MAX_NAME_SIZE 0xFFFF
+/* _format.MAX_KEY_SIZE, _values.TAG_BYTES (copies, asserted at import by _handle) */
+#define MAX_KEY_SIZE 4096
+#define TAG_BYTES 7
 /* _location: segment << 74 | offset << 34 | size << 2 | kind */
 #define KIND_RECORD 0
 #define KIND_GROUP_OP 1
@@ -41,6 +44,7 @@
 
 static PyObject *str_set_python;   /* "_set_python" */
 static PyObject *str_get_python;   /* "_get_python" */
+static PyObject *str_handle_set_python; /* "_set_python" of a handle (the same name) */
 static PyObject *str_fail;         /* "fail" */
 static PyObject *str_settle;       /* "settle" */
 static PyObject *str_backlog;      /* "backlog" */
@@ -258,6 +262,27 @@ static PyMemberDef writer_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* ----------------------------------------------------------------------- HandleBase */
+typedef struct {
+    PyObject_HEAD
+    PyObject *writer;   /* the engine's Writer, or None: the Python path (_handle.FAST_PATHS) */
+    PyObject *ns;
+    PyObject *ns_bytes;
+    PyObject *closed;
+    PyObject *engine;       /* (read by the Python methods: a slot is their fastest attribute) */
+    PyObject *allow_pickle;
+} HandleBase;
+
+static PyMemberDef handle_members[] = {
+    OBJ("_writer", HandleBase, writer),
+    OBJ("_ns", HandleBase, ns),
+    OBJ("_ns_bytes", HandleBase, ns_bytes),
+    OBJ("_closed", HandleBase, closed),
+    OBJ("_engine", HandleBase, engine),
+    OBJ("_allow_pickle", HandleBase, allow_pickle),
+    {NULL, 0, 0, 0, NULL},
+};
+
 /* ----------------------------------------------------------------------- ReaderBase */
 typedef struct {
     PyObject_HEAD
@@ -462,7 +487,7 @@ static PyTypeObject LockType = {
 
 /* ======================================================================= the types */
 static PyTypeObject LifeBaseType, SegmentBaseType, SegmentSetBaseType, KeydirBaseType,
-    AppendBaseType, WriterBaseType, ReaderBaseType;
+    AppendBaseType, WriterBaseType, ReaderBaseType, HandleBaseType;
 
 static Py_ssize_t
 object_count(PyTypeObject *type)
@@ -485,6 +510,9 @@ object_count(PyTypeObject *type)
         }
         if (type == &WriterBaseType) {
             return 12;
+        }
+        if (type == &HandleBaseType) {
+            return 6;
         }
         if (type == &ReaderBaseType) {
             return 5;
@@ -690,6 +718,71 @@ write_all(int fd, const char *buf, size_t size)
     return error;
 }
 
+/* A set's key and value: objects (Writer.set's arguments), or the raw bytes
+ * a handle's set has (HandleBase.set: an ASCII key's characters, a bytes
+ * value with its tag in front), made objects only when the Python path needs
+ * them (set_args_objects). Borrowed: the caller's arguments keep them alive. */
+typedef struct {
+    PyObject *key_bytes;   /* NULL: key_ptr, key_size */
+    const char *key_ptr;
+    Py_ssize_t key_size;
+    PyObject *value;       /* the encoded value; NULL: tag, then raw */
+    int tag;
+    const char *raw;
+    Py_ssize_t raw_size;
+} SetArgs;
+
+static Py_ssize_t
+set_args_value_size(const SetArgs *a)
+{
+    return a->value != NULL ? PyBytes_GET_SIZE(a->value) : 1 + a->raw_size;
+}
+
+/* key_bytes and the encoded value as objects (new references), for the Python path */
+static int
+set_args_objects(const SetArgs *a, PyObject **key_bytes, PyObject **value)
+{
+    *key_bytes = a->key_bytes != NULL ? Py_NewRef(a->key_bytes)
+                                      : PyBytes_FromStringAndSize(a->key_ptr, a->key_size);
+    if (*key_bytes == NULL) {
+        *value = NULL;
+        return -1;
+    }
+    if (a->value != NULL) {
+        *value = Py_NewRef(a->value);
+        return 0;
+    }
+    /* copy of _values.encode_value's bytes case: BYTES_PREFIX + value */
+    *value = PyBytes_FromStringAndSize(NULL, 1 + a->raw_size);
+    if (*value == NULL) {
+        Py_CLEAR(*key_bytes);
+        return -1;
+    }
+    char *v = PyBytes_AS_STRING(*value);
+    v[0] = (char)a->tag;
+    memcpy(v + 1, a->raw, (size_t)a->raw_size);
+    return 0;
+}
+
+/* Writer._set_python(ns, ns_bytes, key, key_bytes, value) */
+static PyObject *
+writer_set_python(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *key,
+                  const SetArgs *a)
+{
+    PyObject *key_bytes, *value;
+    if (set_args_objects(a, &key_bytes, &value) < 0) {
+        return NULL;
+    }
+    PyObject *args[5] = {ns, ns_bytes, key, key_bytes, value};
+    PyObject *done = call_python((PyObject *)self, str_set_python, args, 5);
+    Py_DECREF(key_bytes);
+    Py_DECREF(value);
+    return done;
+}
+
+static PyObject *writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes,
+                                 PyObject *key, const SetArgs *a);
+
 /* Writer.set(ns, ns_bytes, key, key_bytes, value) -- copy of Writer._set_python's
  * common case (docs/design.md "The C path"). */
 static PyObject *
@@ -699,10 +792,19 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "set() takes 5 arguments");
         return NULL;
     }
-    PyObject *ns = args[0], *ns_bytes = args[1], *key = args[2], *key_bytes = args[3],
-             *value = args[4];
+    if (!PyBytes_CheckExact(args[3]) || !PyBytes_CheckExact(args[4])) {
+        return call_python((PyObject *)self, str_set_python, args, nargs);
+    }
+    SetArgs a = {args[3], PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]), args[4], 0, NULL, 0};
+    return writer_set_impl(self, args[0], args[1], args[2], &a);
+}
+
+static PyObject *
+writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *key,
+                const SetArgs *a)
+{
     if (!PyUnicode_CheckExact(ns) || !PyBytes_CheckExact(ns_bytes) || !PyUnicode_CheckExact(key)
-        || !PyBytes_CheckExact(key_bytes) || !PyBytes_CheckExact(value) || self->fast != Py_True
+        || self->fast != Py_True
         || self->lock == NULL
         || Py_TYPE(self->lock) != &LockType) {
         goto python;
@@ -748,8 +850,8 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         goto unlock_python; /* deleted: Python raises */
     }
     Py_INCREF(index);
-    Py_ssize_t ns_size = PyBytes_GET_SIZE(ns_bytes), key_size = PyBytes_GET_SIZE(key_bytes),
-               value_size = PyBytes_GET_SIZE(value);
+    Py_ssize_t ns_size = PyBytes_GET_SIZE(ns_bytes), key_size = a->key_size,
+               value_size = set_args_value_size(a);
     long long body_size = (long long)ns_size + 2 + key_size + value_size;
     long long limit = max_body_size(self);
     if (limit < 0 || body_size > limit || key_size > MAX_NAME_SIZE) {
@@ -765,7 +867,7 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
         goto unlock_python; /* a roll is due */
     }
     long long old_size = 0;
-    const unsigned char *raw_key = (const unsigned char *)PyBytes_AS_STRING(key_bytes);
+    const unsigned char *raw_key = (const unsigned char *)a->key_ptr;
     int direct = ls_keymap_check_exact(index); /* a KeyMap: by key_bytes (key's UTF-8) */
     uint64_t hash = 0;
     if (direct) {
@@ -806,9 +908,15 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(q, PyBytes_AS_STRING(ns_bytes), (size_t)ns_size);
     q += ns_size;
     put_u16(q, (uint32_t)key_size);
-    memcpy(q + 2, PyBytes_AS_STRING(key_bytes), (size_t)key_size);
+    memcpy(q + 2, a->key_ptr, (size_t)key_size);
     q += 2 + key_size;
-    memcpy(q, PyBytes_AS_STRING(value), (size_t)value_size);
+    if (a->value != NULL) {
+        memcpy(q, PyBytes_AS_STRING(a->value), (size_t)value_size);
+    }
+    else {
+        q[0] = (unsigned char)a->tag;
+        memcpy(q + 1, a->raw, (size_t)a->raw_size);
+    }
     put_u32(p, ls_crc32c(0, p + 4, (size_t)(size - 4)));
     /* the location, before the write: nothing can fail after it but the store
      * (a KeyMap's as (lo, hi): copy of segment_location's number << 74 | low) */
@@ -929,7 +1037,7 @@ unlock_python:
     PyThread_release_lock(lock->lock);
     Py_DECREF(lock);
 python:
-    return call_python((PyObject *)self, str_set_python, args, nargs);
+    return writer_set_python(self, ns, ns_bytes, key, a);
 }
 
 /* ======================================================================= write_keys */
@@ -1285,6 +1393,79 @@ python:
 }
 
 /* ======================================================================= the method tables */
+/* ======================================================================= HandleBase.set */
+/* copy of LocalFileStorage._set_python's docstring (tests/test_native_handle.py compares them) */
+#define HANDLE_SET_DOC \
+    "Store ``value`` under ``key`` (replacing any previous value).\n" \
+    "\n" \
+    "Args:\n" \
+    "    ttl: seconds after which the key expires (the storage's clock,\n" \
+    "        wall-clock time by default): from then on it reads as\n" \
+    "        missing for ``get``, ``in``, ``len`` and every listing, and\n" \
+    "        compaction drops it. None: it never expires (a set without\n" \
+    "        ``ttl`` also clears an earlier one's).\n" \
+    "\n" \
+    "Raises:\n" \
+    "    TypeError: key not a str; value not storable (e.g. not picklable);\n" \
+    "        ttl not a number.\n" \
+    "    ValueError: key empty or too long; ttl not positive or not finite.\n" \
+    "    PickleNotAllowedError: value needs pickle and allow_pickle is False.\n" \
+    "    StorageClosedError / StorageFailedError / SubStorageDeletedError.\n" \
+    "    OSError: the write (or, with sync=\"always\", the sync) failed; the\n" \
+    "        storage then refuses writes until reopened."
+
+
+/* LocalFileStorage.set(key, value, ttl=None) -- copy of LocalFileStorage._set_python's
+ * common case: an open handle, an exact str key of 1 to MAX_KEY_SIZE ASCII
+ * characters (its UTF-8 is its characters), an exact bytes value (its
+ * encoding is TAG_BYTES then the bytes), no ttl; then Writer.set's common
+ * case with those raw bytes (writer_set_impl: no key bytes, no encoded value
+ * made). Anything else runs LocalFileStorage._set_python, which checks,
+ * raises and encodes every other case. */
+static PyObject *
+handle_set(HandleBase *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || !(nargs == 2 || (nargs == 3 && args[2] == Py_None))
+        || self->closed != Py_False || self->writer == NULL
+        || !PyObject_TypeCheck(self->writer, &WriterBaseType) || self->ns == NULL
+        || self->ns_bytes == NULL) {
+        goto python;
+    }
+    PyObject *key = args[0], *value = args[1];
+    if (!PyUnicode_CheckExact(key) || !PyBytes_CheckExact(value)) {
+        goto python;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(key) < 0) {
+        return NULL;
+    }
+#endif
+    Py_ssize_t key_size = PyUnicode_GET_LENGTH(key);
+    if (!PyUnicode_IS_ASCII(key) || key_size == 0 || key_size > MAX_KEY_SIZE) {
+        goto python;
+    }
+    SetArgs a = {NULL, (const char *)PyUnicode_DATA(key), key_size,
+                 NULL, TAG_BYTES, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)};
+    return writer_set_impl((WriterBase *)self->writer, self->ns, self->ns_bytes, key, &a);
+
+python:;
+    PyObject *method = PyObject_GetAttr((PyObject *)self, str_handle_set_python);
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *done = PyObject_Vectorcall(method, args, nargs, kwnames);
+    Py_DECREF(method);
+    return done;
+}
+
+static PyMethodDef handle_methods[] = {
+    {"set", (PyCFunction)(void (*)(void))handle_set, METH_FASTCALL | METH_KEYWORDS,
+     "set($self, key, value, ttl=None)\n--\n\n"
+     HANDLE_SET_DOC},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef writer_methods[] = {
     {"set", (PyCFunction)(void (*)(void))writer_set, METH_FASTCALL,
      "set(ns, ns_bytes, key, key_bytes, value): Writer.set's common case in C; "
@@ -1318,6 +1499,8 @@ BASE_TYPE_M(WriterBaseType, "WriterBase", WriterBase, writer_members, writer_met
             "Hot fields of _writer.Writer, and its C set.");
 BASE_TYPE_M(ReaderBaseType, "ReaderBase", ReaderBase, reader_members, reader_methods,
             "Hot fields of _reader.Reader, and its C get.");
+BASE_TYPE_M(HandleBaseType, "HandleBase", HandleBase, handle_members, handle_methods,
+            "Hot fields of _handle.Handle, and LocalFileStorage's C set.");
 
 static PyMethodDef fast_functions[] = {
     {"encode_keys", (PyCFunction)(void (*)(void))encode_keys, METH_FASTCALL,
@@ -1339,7 +1522,8 @@ intern(PyObject **slot, const char *text)
 int
 ls_fast_init(PyObject *module)
 {
-    if (intern(&str_set_python, "_set_python") < 0 || intern(&str_get_python, "_get_python") < 0
+    if (intern(&str_set_python, "_set_python") < 0
+        || intern(&str_handle_set_python, "_set_python") < 0 || intern(&str_get_python, "_get_python") < 0
         || intern(&str_fail, "fail") < 0 || intern(&str_settle, "settle") < 0
         || intern(&str_backlog, "backlog") < 0 || intern(&str_compacting, "compacting") < 0 || intern(&str_max_body, "_MAX_BODY_SIZE") < 0) {
         return -1;
@@ -1361,6 +1545,7 @@ ls_fast_init(PyObject *module)
         {&AppendBaseType, "AppendBase"},
         {&WriterBaseType, "WriterBase"},
         {&ReaderBaseType, "ReaderBase"},
+        {&HandleBaseType, "HandleBase"},
     };
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         if (PyType_Ready(types[i].type) < 0) {
@@ -1371,6 +1556,10 @@ ls_fast_init(PyObject *module)
             Py_DECREF(types[i].type);
             return -1;
         }
+    }
+    if (PyModule_AddIntConstant(module, "FAST_MAX_KEY_SIZE", MAX_KEY_SIZE) < 0
+        || PyModule_AddIntConstant(module, "FAST_TAG_BYTES", TAG_BYTES) < 0) {
+        return -1;
     }
     if (PyModule_AddIntConstant(module, "FAST_RECORD_OVERHEAD", RECORD_OVERHEAD) < 0) {
         return -1;

@@ -121,6 +121,15 @@ class WriterBase:
 class ReaderBase:
     def get(self, ns: str, ns_bytes: bytes, key: str, /) -> bytes | memoryview | None: ...
 
+class HandleBase:
+    _writer: Any
+    _ns: str
+    _ns_bytes: bytes
+    _closed: bool
+    _engine: Any
+    _allow_pickle: bool
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None: ...
+
 def encode_keys(
     ns_bytes: bytes, keys: list[str], values: list[bytes | None], checkpoint: bytes | None, /
 ) -> bytes: ...
@@ -135,5 +144,7 @@ def index_keys(
 ) -> int: ...
 
 FAST_RECORD_OVERHEAD: int
+FAST_MAX_KEY_SIZE: int
+FAST_TAG_BYTES: int
 
 # ---- end fast.c ----

@@ -17,21 +17,35 @@ from __future__ import annotations
 import contextlib
 import weakref
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from logstate._checks import check_ttl
 from logstate._engine import Engine
 from logstate._errors import LogstateError, StorageClosedError, StorageFailedError
-from logstate._format import encode_name
+from logstate._format import MAX_KEY_SIZE, encode_name
+from logstate._native import EXT
 from logstate._registry import Reference, add_reference
-from logstate._values import expiring_value
+from logstate._values import TAG_BYTES, expiring_value
+from logstate._writer import Writer
 
 __all__ = ["Handle"]
 
 _H = TypeVar("_H", bound="Handle")
 
+# The C path: HandleBase holds the fields LocalFileStorage's C ``set`` reads
+# (``_writer``, ``_ns``, ``_ns_bytes``, ``_closed``) and is that ``set``, a
+# copy of the common case of ``LocalFileStorage._set_python``. FAST_PATHS
+# False: handles made from now on take the Python path only (tests compare).
+if TYPE_CHECKING:
+    _HandleBase = object
+else:
+    _HandleBase = object if EXT is None else EXT.HandleBase
+FAST_PATHS = EXT is not None
+if EXT is not None:  # the C set's copies of these
+    assert (EXT.FAST_MAX_KEY_SIZE, EXT.FAST_TAG_BYTES) == (MAX_KEY_SIZE, TAG_BYTES)
 
-class Handle:
+
+class Handle(_HandleBase):
     """One reference on an engine, for one sub-storage of its directory.
 
     Closing releases the reference (the last one closes the engine); a handle
@@ -51,6 +65,7 @@ class Handle:
     _ns_bytes: bytes
     _allow_pickle: bool
     _closed: bool
+    _writer: Writer | None  # the engine's writer (C set); None: the Python path
     _reference: Reference
     _finalizer: weakref.finalize[[], Handle]
 
@@ -61,6 +76,7 @@ class Handle:
         self._ns_bytes = encode_name(ns)
         self._allow_pickle = allow_pickle
         self._closed = False
+        self._writer = reference.engine.writer if FAST_PATHS else None
         # the reference is released by close(), or when the handle is
         # collected (or at exit: legacy code never closes its storages)
         self._finalizer = weakref.finalize(self, reference.release_collected)

@@ -36,6 +36,7 @@ from logstate._format import MAX_KEY_SIZE, MAX_NAME_SIZE
 from logstate._fs import OS_FS
 from logstate._hooks import Changelog
 from logstate._keydir import join_namespace
+from logstate._native import EXT
 from logstate._reader import StorageStats
 from logstate._registry import acquire_reference
 from logstate._replicated import ReplicationMethods
@@ -223,7 +224,7 @@ class LocalFileStorage(OrderedViews, ReplicationMethods, MutableMapping[str, Any
         return None if raw is None else decode_value(raw, self._allow_pickle)
 
     # ------------------------------------------------------------------ key/value
-    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+    def _set_python(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (replacing any previous value).
 
         Args:
@@ -262,6 +263,9 @@ class LocalFileStorage(OrderedViews, ReplicationMethods, MutableMapping[str, Any
         else:
             encoded = self._expiring(encoded, ttl)
             self._engine.set_expiring(self._ns, self._ns_bytes, key, raw_key, encoded)
+
+    if EXT is None:
+        set = _set_python  # (on the C path: HandleBase.set, a copy of its common case)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none.

@@ -3,7 +3,7 @@
 The same random sequence of operations (sets, deletes, sub-storages, unicode
 keys, flushes with checkpoints, batches, clears) runs through a store whose
 engine takes the C hot paths and one whose engine takes the Python path
-(``_writer.FAST_PATHS`` / ``_reader.FAST_PATHS`` False when it opens); every
+(``_writer`` / ``_reader`` / ``_handle.FAST_PATHS`` False when it opens); every
 file of the two directories is compared byte for byte after the close, the
 index and the values before it. One subprocess check runs the whole of
 logstate with ``LOGSTATE_PURE=1`` against the C path.
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logstate import InMemoryStorage, LocalFileStorage, _reader, _writer
+from logstate import InMemoryStorage, LocalFileStorage, _handle, _reader, _writer
 from tests.native_required import native_extension
 
 KEYS = st.sampled_from(["a", "b", "key-1", "ключ", "鍵", "émoji-🙂", "x" * 300, "a/b"])
@@ -54,12 +54,12 @@ OPS = st.lists(
 @contextmanager
 def python_path() -> Iterator[None]:
     """Engines opened inside take the pure Python hot paths."""
-    saved = _writer.FAST_PATHS, _reader.FAST_PATHS
-    _writer.FAST_PATHS = _reader.FAST_PATHS = False
+    saved = _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS
+    _writer.FAST_PATHS = _reader.FAST_PATHS = _handle.FAST_PATHS = False
     try:
         yield
     finally:
-        _writer.FAST_PATHS, _reader.FAST_PATHS = saved
+        _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS = saved
 
 
 def run(path: str, ops: list[tuple[object, ...]]) -> tuple[list[object], dict[str, object]]:
@@ -193,15 +193,15 @@ def test_a_long_sequence_with_rolls_writes_the_same_bytes() -> None:
         dirs = os.path.join(tmp, "fast"), os.path.join(tmp, "pure")
         results = []
         for path, pure in zip(dirs, (False, True), strict=True):
-            saved = _writer.FAST_PATHS, _reader.FAST_PATHS
+            saved = _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS
             if pure:
-                _writer.FAST_PATHS = _reader.FAST_PATHS = False
+                _writer.FAST_PATHS = _reader.FAST_PATHS = _handle.FAST_PATHS = False
             try:
                 store = LocalFileStorage(
                     path, sync="none", auto_compact=False, segment_size=64 * 1024
                 )
             finally:
-                _writer.FAST_PATHS, _reader.FAST_PATHS = saved
+                _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS = saved
             one = store.get_or_create_sub_storage("one")
             for op in ops:
                 if op[0] == "set":
@@ -272,12 +272,12 @@ def test_an_index_that_is_not_a_dict_is_written_the_same() -> None:
         seen = []
         for name, fast in (("fast", True), ("pure", False)):
             path = os.path.join(tmp, name)
-            saved = _writer.FAST_PATHS, _reader.FAST_PATHS
-            _writer.FAST_PATHS = _reader.FAST_PATHS = fast
+            saved = _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS
+            _writer.FAST_PATHS = _reader.FAST_PATHS = _handle.FAST_PATHS = fast
             try:
                 store = LocalFileStorage(path, sync="none", auto_compact=False)
             finally:
-                _writer.FAST_PATHS, _reader.FAST_PATHS = saved
+                _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS = saved
             namespaces = store._engine.keydir.namespaces
             namespaces[""] = _OtherMapping(namespaces[""])
             for i in range(200):

@@ -23,18 +23,18 @@ from typing import Any
 
 import pytest
 
-from logstate import LocalFileStorage, StorageFailedError, _reader, _writer
+from logstate import LocalFileStorage, StorageFailedError, _handle, _reader, _writer
 from tests.native_required import native_extension
 
 
 @contextmanager
 def path_of(fast: bool) -> Iterator[None]:
-    saved = _writer.FAST_PATHS, _reader.FAST_PATHS
-    _writer.FAST_PATHS = _reader.FAST_PATHS = fast
+    saved = _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS
+    _writer.FAST_PATHS = _reader.FAST_PATHS = _handle.FAST_PATHS = fast
     try:
         yield
     finally:
-        _writer.FAST_PATHS, _reader.FAST_PATHS = saved
+        _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS = saved
 
 
 def _dev_full() -> int:
