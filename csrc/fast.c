@@ -44,7 +44,6 @@
 
 static PyObject *str_set_python;   /* "_set_python" */
 static PyObject *str_get_python;   /* "_get_python" */
-static PyObject *str_handle_set_python; /* "_set_python" of a handle (the same name) */
 static PyObject *str_fail;         /* "fail" */
 static PyObject *str_settle;       /* "settle" */
 static PyObject *str_backlog;      /* "backlog" */
@@ -883,8 +882,7 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         old = index_get(index, key);
         if (old == NULL) {
             if (PyErr_Occurred()) {
-                PyErr_Clear();
-                goto unlock_python;
+                goto unlock_error; /* (nothing changed yet: raised as the look-up raised it) */
             }
         }
         else {
@@ -1447,16 +1445,24 @@ handle_set(HandleBase *self, PyObject *const *args, size_t nargsf, PyObject *kwn
     }
     SetArgs a = {NULL, (const char *)PyUnicode_DATA(key), key_size,
                  NULL, TAG_BYTES, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)};
-    return writer_set_impl((WriterBase *)self->writer, self->ns, self->ns_bytes, key, &a);
+    /* owned for the call: Python code that the set may run (a mapping index
+     * that is not a dict, the Python path) may rebind the handle's fields */
+    PyObject *writer = Py_NewRef(self->writer), *ns = Py_NewRef(self->ns),
+             *ns_bytes = Py_NewRef(self->ns_bytes);
+    PyObject *done = writer_set_impl((WriterBase *)writer, ns, ns_bytes, key, &a);
+    Py_DECREF(writer);
+    Py_DECREF(ns);
+    Py_DECREF(ns_bytes);
+    return done;
 
 python:;
-    PyObject *method = PyObject_GetAttr((PyObject *)self, str_handle_set_python);
+    PyObject *method = PyObject_GetAttr((PyObject *)self, str_set_python);
     if (method == NULL) {
         return NULL;
     }
-    PyObject *done = PyObject_Vectorcall(method, args, nargs, kwnames);
+    PyObject *result = PyObject_Vectorcall(method, args, nargs, kwnames);
     Py_DECREF(method);
-    return done;
+    return result;
 }
 
 static PyMethodDef handle_methods[] = {
@@ -1522,8 +1528,7 @@ intern(PyObject **slot, const char *text)
 int
 ls_fast_init(PyObject *module)
 {
-    if (intern(&str_set_python, "_set_python") < 0
-        || intern(&str_handle_set_python, "_set_python") < 0 || intern(&str_get_python, "_get_python") < 0
+    if (intern(&str_set_python, "_set_python") < 0 || intern(&str_get_python, "_get_python") < 0
         || intern(&str_fail, "fail") < 0 || intern(&str_settle, "settle") < 0
         || intern(&str_backlog, "backlog") < 0 || intern(&str_compacting, "compacting") < 0 || intern(&str_max_body, "_MAX_BODY_SIZE") < 0) {
         return -1;

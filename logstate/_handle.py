@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from logstate._checks import check_ttl
 from logstate._engine import Engine
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 else:
     _HandleBase = object if EXT is None else EXT.HandleBase
 FAST_PATHS = EXT is not None
-if EXT is not None:  # the C set's copies of these
-    assert (EXT.FAST_MAX_KEY_SIZE, EXT.FAST_TAG_BYTES) == (MAX_KEY_SIZE, TAG_BYTES)
+if EXT is not None and (EXT.FAST_MAX_KEY_SIZE, EXT.FAST_TAG_BYTES) != (MAX_KEY_SIZE, TAG_BYTES):
+    raise ImportError("logstate._cnative was built for another MAX_KEY_SIZE or TAG_BYTES")
 
 
 class Handle(_HandleBase):
@@ -88,6 +88,18 @@ class Handle(_HandleBase):
         handle = cls.__new__(cls)
         handle._attach(reference, ns, allow_pickle)
         return handle
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError(
+            f"a {type(self).__name__} handle cannot be copied or pickled: "
+            "open the directory again for another handle"
+        )
+
+    def __deepcopy__(self, memo: object) -> NoReturn:
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        self.__copy__()
 
     def _closed_error(self) -> LogstateError:
         life = self._engine.life

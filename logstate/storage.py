@@ -264,6 +264,8 @@ class LocalFileStorage(OrderedViews, ReplicationMethods, MutableMapping[str, Any
             encoded = self._expiring(encoded, ttl)
             self._engine.set_expiring(self._ns, self._ns_bytes, key, raw_key, encoded)
 
+    # its errors (a missing argument, say) name it as the users call it
+    _set_python.__name__, _set_python.__qualname__ = "set", "LocalFileStorage.set"
     if EXT is None:
         set = _set_python  # (on the C path: HandleBase.set, a copy of its common case)
 

@@ -18,6 +18,7 @@ import enum
 import inspect
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 from logstate import LocalFileStorage, StorageClosedError
 from logstate._format import MAX_KEY_SIZE
+from logstate._keydir import as_index
 from tests.native_required import native_extension
 
 
@@ -225,3 +227,73 @@ def test_sets_through_the_c_copy_survive_a_reopen_with_the_reference_bytes(
     with LocalFileStorage(tmp_path / "c", read_only=True) as store:
         assert len(store) == len(many_keys)
         assert store.get(many_keys[-1]) == bytes([1999 % 256]) * (1999 % 300)
+
+
+class Rebinding(dict[str, object]):
+    """A namespace index that is not a dict (the C set then looks up by the
+    mapping calls, which run this): on one key it rebinds the handle's
+    ``_ns_bytes`` to an equal new object, so the old one is freed unless the
+    set holds it (counted: ``refs``)."""
+
+    def __init__(self, items: dict[str, object], handle: LocalFileStorage) -> None:
+        super().__init__(items)
+        self.handle = handle
+
+    def __getitem__(self, key: str) -> object:
+        if key == "rebind":
+            # held by the handle's slot, the argument here, and the set itself
+            self.refs = sys.getrefcount(self.handle._ns_bytes)
+            size = len(self.handle._ns_bytes)
+            self.handle._ns_bytes = bytes(bytearray(self.handle._ns_bytes))
+            self.junk = [b"A" * size for _ in range(1000)]  # takes the freed memory
+        return dict.__getitem__(self, key)
+
+
+def test_a_handle_whose_fields_are_rebound_during_its_set_writes_the_set_it_was_given(
+    tmp_path: pathlib.Path,
+) -> None:
+    native_extension()
+    with LocalFileStorage(tmp_path, sync="none", auto_compact=False) as store:
+        sub = store
+        for _ in range(3):  # a namespace of 752 bytes: freed to (and reused from) malloc
+            sub = sub.get_or_create_sub_storage("q" * 250)
+        sub._ns_bytes = bytes(bytearray(sub._ns_bytes))  # only the handle holds it
+        namespaces = store._engine.keydir.namespaces
+        index = namespaces[sub._ns]
+        namespaces[sub._ns] = Rebinding(dict(index.items()), sub)  # type: ignore[assignment]
+        sub.set("rebind", b"value")
+        assert namespaces[sub._ns].refs == 3  # type: ignore[union-attr]
+        namespaces[sub._ns] = as_index(dict(namespaces[sub._ns].items()))
+    with LocalFileStorage(tmp_path, read_only=True) as store:
+        sub = store
+        for _ in range(3):
+            sub = sub.get_or_create_sub_storage("q" * 250)
+        assert dict(sub.items()) == {"rebind": b"value"}
+
+
+class Stop(BaseException):
+    pass
+
+
+class Raising(dict[str, object]):
+    """A namespace index whose look-up raises (an interrupt landing in it)."""
+
+    def __getitem__(self, key: str) -> object:
+        raise Stop
+
+
+def test_an_exception_from_the_index_look_up_is_raised_not_swallowed(
+    tmp_path: pathlib.Path,
+) -> None:
+    native_extension()
+    for name, via_c in (("c", True), ("python", False)):
+        with LocalFileStorage(tmp_path / name, sync="none", auto_compact=False) as store:
+            store.set("kept", b"v")
+            namespaces = store._engine.keydir.namespaces
+            index = namespaces[""]
+            namespaces[""] = Raising(index)  # type: ignore[assignment]
+            with pytest.raises(Stop):
+                (store.set if via_c else store._set_python)("k", b"v")
+            namespaces[""] = index
+            assert store._engine.appender.seq == 1 and list(store) == ["kept"]
+    assert files(tmp_path / "c") == files(tmp_path / "python")

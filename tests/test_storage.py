@@ -897,3 +897,22 @@ def test_a_set_over_the_record_size_limit_is_refused_and_changes_nothing(
     assert store._engine.stats()["total_bytes"] > segment_bytes
     store.set("after", 1)  # still writable
     store._check()
+
+
+def test_a_handle_cannot_be_copied_or_pickled_and_stays_usable(tmp_path: Path) -> None:
+    import copy
+    import pickle
+
+    with LocalFileStorage(tmp_path) as store:
+        store.set("k", 1)
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be copied or pickled"):
+                attempt(store)
+        assert store.get("k") == 1
+
+
+def test_a_set_with_a_missing_argument_names_the_method_as_called(tmp_path: Path) -> None:
+    store = LocalFileStorage(tmp_path)
+    with pytest.raises(TypeError, match=r"^LocalFileStorage\.set\(\) missing 1 required"):
+        store.set("k")  # type: ignore[call-arg]
+    store.close()
