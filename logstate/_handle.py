@@ -6,7 +6,10 @@ a handle holds on the shared engine of its directory (released by
 (namespace) and ``allow_pickle``, its closed state and the error a closed
 handle raises; and the seam through which :class:`~logstate._batch.Batch`
 and ``InMemoryStorage`` write (:meth:`Handle._write_ops`,
-:meth:`Handle._write_changes`, :meth:`Handle._load_encoded`).
+:meth:`Handle._write_changes`, :meth:`Handle._load_encoded`). On the C
+path those fields are slots of ``_cnative.HandleBase``, whose ``set`` is the
+common case of ``LocalFileStorage.set`` (docs/design.md, "The C path"). A
+handle is never copied or pickled (a copy would share its one reference).
 Must never: check arguments (``_checks`` does, before a handle is asked),
 touch files or bytes, or decide when a write is durable (the engine does,
 from its ``sync`` mode and what the caller asks).
