@@ -12,6 +12,10 @@
  * UTF-8 checked here (utf8_valid: what bytes.decode accepts), so no str or
  * int is made per record; a dict or other mapping takes the object path.
  *
+ * Also check_frames(), the same frame checks (and, when asked, the body
+ * checks) without an index: the restore's check of a snapshot's segments
+ * and of each record it appends (logstate/replication/_build.py).
+ *
  * Must never: do I/O, decide anything about damage, or apply part of a
  * record. At the first record it does not handle it stops and returns its
  * offset, having applied nothing of it; the Python path then takes that
@@ -70,6 +74,29 @@ static inline size_t
 rd_u16(const unsigned char *p)
 {
     return (size_t)p[0] | (size_t)p[1] << 8;
+}
+
+/* copy of _scan.WindowedScan.frames' fast path: the size of the whole, valid
+   record (type, length, CRC) at buf[pos:], 0 when there is none (damage, or
+   a record that does not fit the window: the Python path decides). */
+static inline size_t
+whole_frame(const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos)
+{
+    if (pos + RECORD_OVERHEAD > n) {
+        return 0;
+    }
+    const unsigned char *p = buf + pos;
+    uint32_t length = rd_u32(p + 4);
+    int record_type = p[8];
+    if (record_type < 1 || record_type > MAX_RECORD_TYPE || length < MIN_PAYLOAD_SIZE
+        || length > MAX_RECORD_SIZE || pos + FRAME_HEADER_SIZE + (Py_ssize_t)length > n) {
+        return 0;
+    }
+    size_t size = FRAME_HEADER_SIZE + (size_t)length;
+    if (rd_u32(p) != ls_crc32c(0, p + 4, size - 4)) {
+        return 0;
+    }
+    return size;
 }
 
 /* One parsed set/delete: where its names are, and where its location points. */
@@ -395,8 +422,10 @@ apply_op(ScanState *st, const ParsedOp *op, PyObject *key, PyObject *index)
 }
 
 /* Parse and check every op of the record at buf[pos:pos+size] into ops (at
-   most *count of them); copy of _scan.replay_frame. 1 when the whole record
-   is handled, 0 when it is not (hand back). */
+   most capacity of them); copy of _scan.replay_frame. 1 when the whole record
+   is handled, 0 when it is not (hand back). ops NULL: check only (any number
+   of ops), each op's namespace and key also checked as UTF-8, as decoding
+   them does (the replay checks them as it looks them up). */
 static int
 parse_record(const ScanState *st, size_t pos, size_t size, int record_type, ParsedOp *ops,
              size_t capacity, size_t *count)
@@ -404,13 +433,17 @@ parse_record(const ScanState *st, size_t pos, size_t size, int record_type, Pars
     const unsigned char *buf = st->buf;
     size_t end = pos + size;
     size_t start = pos + RECORD_OVERHEAD;
+    ParsedOp checked;
     if (record_type == REC_SET || record_type == REC_DELETE) {
-        if (!parse_keyed(buf, start, end, record_type, &ops[0])) {
+        ParsedOp *op = ops != NULL ? &ops[0] : &checked;
+        if (!parse_keyed(buf, start, end, record_type, op)
+            || (ops == NULL && !(utf8_valid(op->ns, op->ns_size)
+                                 && utf8_valid(op->key, op->key_size)))) {
             return 0;
         }
-        ops[0].offset = (uint64_t)((long long)pos - st->shift);
-        ops[0].size = size;
-        ops[0].kind = KIND_RECORD;
+        op->offset = (uint64_t)((long long)pos - st->shift);
+        op->size = size;
+        op->kind = KIND_RECORD;
         *count = 1;
         return 1;
     }
@@ -419,7 +452,7 @@ parse_record(const ScanState *st, size_t pos, size_t size, int record_type, Pars
     }
     uint64_t claimed = rd_u32(buf + start + 1);
     size_t p = start + GROUP_HEADER_SIZE;
-    if (claimed * GROUP_OP_SIZE > end - p || claimed > capacity) {
+    if (claimed * GROUP_OP_SIZE > end - p || (ops != NULL && claimed > capacity)) {
         return 0;
     }
     for (size_t i = 0; i < claimed; i++) {
@@ -432,13 +465,16 @@ parse_record(const ScanState *st, size_t pos, size_t size, int record_type, Pars
         if (op_end > end || rd_u32(buf + p) != ls_crc32c(0, buf + p + 4, op_end - (p + 4))) {
             return 0;
         }
+        ParsedOp *op = ops != NULL ? &ops[i] : &checked;
         if ((op_type != REC_SET && op_type != REC_DELETE)
-            || !parse_keyed(buf, body, op_end, op_type, &ops[i])) {
+            || !parse_keyed(buf, body, op_end, op_type, op)
+            || (ops == NULL && !(utf8_valid(op->ns, op->ns_size)
+                                 && utf8_valid(op->key, op->key_size)))) {
             return 0; /* other op types (valid or not) and bodies that do not parse */
         }
-        ops[i].offset = (uint64_t)((long long)p - st->shift);
-        ops[i].size = op_end - p;
-        ops[i].kind = KIND_GROUP_OP;
+        op->offset = (uint64_t)((long long)p - st->shift);
+        op->size = op_end - p;
+        op->kind = KIND_GROUP_OP;
         p = op_end;
     }
     if (p != end) {
@@ -645,17 +681,12 @@ replay_records(PyObject *self, PyObject *args)
         st.pre_map = nahead > 0 && ahead[0].pos == pos ? ahead[0].map : NULL;
         st.pre_hash = st.pre_map != NULL ? ahead[0].hash : 0;
         const unsigned char *p = buf + pos;
-        uint32_t length = rd_u32(p + 4);
         int record_type = p[8];
-        if (record_type < 1 || record_type > MAX_RECORD_TYPE || length < MIN_PAYLOAD_SIZE
-            || length > MAX_RECORD_SIZE || pos + FRAME_HEADER_SIZE + (Py_ssize_t)length > n) {
-            break;
-        }
-        size_t size = FRAME_HEADER_SIZE + (size_t)length;
         if (record_type != REC_SET && record_type != REC_DELETE && record_type != REC_GROUP) {
             break; /* checked by the Python path, which applies it */
         }
-        if (rd_u32(p) != ls_crc32c(0, p + 4, size - 4)) {
+        size_t size = whole_frame(buf, n, pos);
+        if (size == 0) {
             break;
         }
         size_t count = 0;
@@ -725,6 +756,69 @@ PyDoc_STRVAR(replay_records_doc,
 "offset is its window offset minus shift. Returns where it stopped, how many\n"
 "records it applied, their highest seq (0: none) and the live bytes added.");
 
+/* check_frames(data, offset, first_seq, bodies) -> (stop, count, seq) */
+static PyObject *
+check_frames(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t offset;
+    PyObject *first;
+    int bodies;
+    if (!PyArg_ParseTuple(args, "y*nO!p:check_frames", &view, &offset, &PyLong_Type, &first,
+                          &bodies)) {
+        return NULL;
+    }
+    /* (OverflowError past the format's 64 bits, or below 0) */
+    unsigned long long first_seq = PyLong_AsUnsignedLongLong(first);
+    if (first_seq == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (offset < 0 || offset > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "check_frames: offset out of range");
+        return NULL;
+    }
+    ScanState st = {0};
+    st.buf = view.buf;
+    st.n = view.len;
+    Py_ssize_t pos = offset;
+    unsigned long long count = 0;
+    uint64_t max_seq = 0;
+    for (;;) {
+        size_t size = whole_frame(st.buf, st.n, pos);
+        if (size == 0) {
+            break;
+        }
+        uint64_t seq = rd_u64(st.buf + pos + FRAME_HEADER_SIZE);
+        if (first_seq != 0 && (seq != first_seq + count || first_seq + count < first_seq)) {
+            break;
+        }
+        size_t ops;
+        if (bodies && !parse_record(&st, (size_t)pos, size, st.buf[pos + 8], NULL, 0, &ops)) {
+            break;
+        }
+        if (seq > max_seq) {
+            max_seq = seq;
+        }
+        count++;
+        pos += (Py_ssize_t)size;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("nKK", pos, count, (unsigned long long)max_seq);
+}
+
+PyDoc_STRVAR(check_frames_doc,
+"check_frames(data, offset, first_seq, bodies) -> (stop, count, seq)\n\n"
+"Walk the whole, valid records of data[offset:] (type, length and CRC, as\n"
+"logstate._scan.WindowedScan.frames checks them) and stop at the first that\n"
+"is not one, or (first_seq > 0) whose seq is not first_seq + its index, or\n"
+"(bodies) that is not a plain set/delete or an uncompressed group of them\n"
+"whose body parses as logstate._scan.replay_frame parses it, names valid\n"
+"UTF-8, no value tagged with an expiry time. The Python path decides about\n"
+"the record it stopped at. Returns where it stopped, how many records\n"
+"passed, their highest seq (0: none).");
+
 /* utf8_valid(data) -> bool: the check of a key into a KeyMap (for the test
    that compares it with bytes.decode) */
 static PyObject *
@@ -741,6 +835,7 @@ utf8_valid_py(PyObject *self, PyObject *arg)
 
 static PyMethodDef scan_methods[] = {
     {"replay_records", replay_records, METH_VARARGS, replay_records_doc},
+    {"check_frames", check_frames, METH_VARARGS, check_frames_doc},
     {"utf8_valid", utf8_valid_py, METH_O,
      "utf8_valid(data) -> bool: data is what bytes.decode('utf-8') accepts"},
     {NULL, NULL, 0, NULL},

@@ -9,6 +9,9 @@ bytes from the start offset to where it stopped, with no damage among them,
 and none of them has an expiry time. What it does not handle (damage, other
 record types, bodies that do not parse) it leaves to the Python path.
 
+The C frame check (``check_frames``, the restore's) is given the same bytes
+and must stop where ``tests/test_native_check.py``'s ``python_check`` stops.
+
 Inputs: those of fuzz/test_decoder_fuzz.py: arbitrary bytes; records and
 groups with correct checksums around arbitrary bodies; the real segments of
 fuzz/corpus/ mutated, optionally with checksums recomputed.
@@ -43,6 +46,7 @@ from logstate._format import SEGMENT_HEADER_SIZE
 from logstate._keydir import Keydir
 from logstate._native import EXT, PURE_REQUESTED
 from logstate._scan import Damage, scan_records
+from tests.test_native_check import python_check
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +77,9 @@ def check_native_replay(data: bytes, start: int, shift: int) -> None:
     applied = 0
     high = 0
     at = start
+    first = 1  # the first frame's seq (a first_seq for check_frames)
     for frame in scan_records(data, start, damage.append):
+        first = frame.seq if at == start else first
         if frame.offset >= stop:
             break
         assert not damage, f"the C scan applied records past damage at {damage[0]}"
@@ -86,6 +92,11 @@ def check_native_replay(data: bytes, start: int, shift: int) -> None:
     assert (records, seq, live) == (applied, high, theirs.live_bytes)
     assert namespaces == theirs.namespaces
     assert not theirs.expiring, "the C scan applied a value with an expiry time"
+    # the frame check (check_frames) over the same bytes passes what Python passes
+    for first_seq in sorted({0, 1, first}):
+        for bodies in (False, True):
+            got = EXT.check_frames(data, start, first_seq, bodies)
+            assert got == python_check(data, start, first_seq, bodies)
 
 
 @FUZZ

@@ -64,6 +64,11 @@ SCAN_LAYOUT: dict[str, int]
 def replay_records(
     window: bytes, offset: int, namespaces: dict[str, Any], segment: int, shift: int, /
 ) -> tuple[int, int, int, int]: ...
+def check_frames(
+    data: bytes | memoryview, offset: int, first_seq: int, bodies: bool, /
+) -> tuple[int, int, int]:
+    """(stop, count, highest seq) of the whole valid records of ``data[offset:]``."""
+
 def utf8_valid(data: bytes, /) -> bool:
     """``data`` is what ``bytes.decode("utf-8")`` accepts (the C check of a KeyMap key)."""
 

@@ -41,7 +41,14 @@ from logstate._report import RecoveryReport, SalvagedRange, TornTail
 from logstate._scan import Damage, WindowedScan
 from logstate._segments import Segment
 
-__all__ = ["NATIVE_REPLAY", "SegmentReplay", "native_replay", "scanner"]
+__all__ = [
+    "NATIVE_CHECK",
+    "NATIVE_REPLAY",
+    "SegmentReplay",
+    "native_check",
+    "native_replay",
+    "scanner",
+]
 
 # replay_records(window, offset, namespaces, segment, shift) -> (stop, records, seq, live)
 ReplayRecords = Callable[[bytes, int, dict[str, Index], int, int], tuple[int, int, int, int]]
@@ -49,16 +56,30 @@ NATIVE_REPLAY: Final[ReplayRecords | None] = None if EXT is None else EXT.replay
 """The C scanner's replay_records (csrc/scan.c), None on the pure path."""
 
 
+# check_frames(data, offset, first_seq, bodies) -> (stop, count, seq)
+CheckFrames = Callable[[bytes, int, int, bool], tuple[int, int, int]]
+NATIVE_CHECK: Final[CheckFrames | None] = None if EXT is None else EXT.check_frames
+"""The C scanner's check_frames (csrc/scan.c: frame and body checks, no index),
+None on the pure path; the restore's checks use it (replication/_build.py)."""
+
+
+def _c_limits() -> bool:
+    """The limits the C scanner has copies of are the Python scanner's: a test
+    may change one, and the Python path then follows the changed value."""
+    # (the limit the Python scanner reads: its module's name, which tests patch)
+    return EXT is not None and vars(_scan)["MAX_RECORD_SIZE"] == EXT.SCAN_LAYOUT["MAX_RECORD_SIZE"]
+
+
 def native_replay() -> ReplayRecords | None:
     """The C scanner to use for the next segment: None on the pure path, or
-    when a test has changed a limit the C code has a copy of (the Python path
-    then follows the changed value)."""
-    if NATIVE_REPLAY is None or EXT is None:
-        return None
-    # (the limit the Python scanner reads: its module's name, which tests patch)
-    if vars(_scan)["MAX_RECORD_SIZE"] != EXT.SCAN_LAYOUT["MAX_RECORD_SIZE"]:
-        return None
-    return NATIVE_REPLAY
+    when a test has changed a limit the C code has a copy of."""
+    return NATIVE_REPLAY if NATIVE_REPLAY is not None and _c_limits() else None
+
+
+def native_check() -> CheckFrames | None:
+    """The C frame check to use now: None on the pure path, or when a test has
+    changed a limit the C code has a copy of."""
+    return NATIVE_CHECK if NATIVE_CHECK is not None and _c_limits() else None
 
 
 def scanner(
