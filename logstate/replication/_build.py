@@ -37,7 +37,12 @@ from logstate._fs import OS_FS, FileSystem
 from logstate._options import DEFAULT_OPTIONS
 from logstate._replay import native_check
 from logstate._scan import Damage, WindowedScan, replay_frame, scan_records
-from logstate.replication._container import COPY_CHUNK_SIZE, extract_container, read_container
+from logstate.replication._container import (
+    COPY_CHUNK_SIZE,
+    ContainerStream,
+    extract_container,
+    read_container,
+)
 
 __all__ = ["BuildResult", "build_store", "segments_last_seq"]
 
@@ -56,7 +61,7 @@ class BuildResult(NamedTuple):
 
 def build_store(
     target: str,
-    container: str | None,
+    container: str | ContainerStream | None,
     records: Iterable[bytes],
     state: Mapping[str, object] | Callable[[int], Mapping[str, object]] | None,
     *,
@@ -80,8 +85,9 @@ def build_store(
     Args:
         target: the store directory to make (symbolic links in it resolved);
             missing parents are created.
-        container: a snapshot container file (``_snapshot``), or None: the
-            records then start at seq 1.
+        container: a snapshot container file (``_snapshot``), or the
+            container as it arrives (a :class:`ContainerStream`: read once,
+            never copied whole), or None: the records then start at seq 1.
         records: each one exact framed logstate record (as the commit
             listener gets them: ``Engine.add_commit_listener``), seqs
             continuing the snapshot's by exactly 1 each; consumed once, as
@@ -99,7 +105,8 @@ def build_store(
         StorageExistsError: ``target`` is a file, or a directory holding
             anything (checked first, and again by the rename).
         CorruptionError / UnsupportedFormatError: the container is damaged or
-            not one (``path`` the container, ``offset`` in it); its segments'
+            not one (``path`` the container's file or the stream's name,
+            ``offset`` in it); its segments'
             last seq is not its header's or ``snapshot_seq``; a record whose
             frame, CRC or body is invalid, or a compacted record (``path``
             "", ``offset`` the record's in the bytes of ``records``, ``reason``
@@ -119,7 +126,7 @@ def build_store(
     state_bytes = None if state is None or callable(state) else _state_bytes(state)
     target = fs.canonical_path(target)
     _check_target(fs, target)
-    if container is not None and snapshot_seq is not None:
+    if isinstance(container, str) and snapshot_seq is not None:
         _check_snapshot_seq(container, read_container(container, fs).seq, snapshot_seq)
     parent = os.path.dirname(target)
     if not fs.is_dir(parent):
@@ -132,16 +139,17 @@ def build_store(
         total_bytes = 0
         next_number = 1
         if container is not None:
+            name = container if isinstance(container, str) else container.name
             header = extract_container(container, building, fs)
             last = segments_last_seq(building, fs)
             if last != header.seq:
                 raise CorruptionError(
-                    container,
+                    name,
                     0,
                     f"its header says seq {header.seq}, its segments' records end at seq {last}",
                 )
             if snapshot_seq is not None:
-                _check_snapshot_seq(container, header.seq, snapshot_seq)
+                _check_snapshot_seq(name, header.seq, snapshot_seq)
             base_seq = header.seq
             total_bytes = header.end_offset - header.data_offset
             if header.files:

@@ -3,9 +3,9 @@
 Owns: :class:`Client`, the one object the rest of the package uses: a
 shared, reference-counted connection (:mod:`._connection`) with the stream
 calls (:mod:`._streams`) and, here, the object store calls (bucket create,
-put streamed from a file, get verified into a file, list, delete). Every
-call is bounded by its ``timeout_s``; a long transfer (a range of messages,
-an object) by ``timeout_s`` per step (one batch, one chunk).
+put streamed from a file, get verified into a file or as chunks, list,
+delete). Every call is bounded by its ``timeout_s``; a long transfer (a range
+of messages, an object) by ``timeout_s`` per step (one batch, one chunk).
 Must never: touch a file but through :mod:`logstate._fs`; rename an
 ``OSError`` of the file system into a replication error; leave a partial
 file where :meth:`Client.get_object` was asked to write.
@@ -35,6 +35,7 @@ The API, every method blocking::
     client.ensure_bucket(bucket, replicas, timeout_s) -> None
     client.put_object(bucket, name, file_path, description, timeout_s) -> None
     client.get_object(bucket, name, dest_path, timeout_s) -> None
+    client.object_chunks(bucket, name, timeout_s) -> Iterator[bytes]
     client.object_info(bucket, name, timeout_s) -> dict
     client.list_objects(bucket, timeout_s) -> list[ObjectInfo]
     client.delete_object(bucket, name, timeout_s) -> bool
@@ -47,6 +48,7 @@ import base64
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import nats.js.errors
@@ -199,47 +201,71 @@ class Client(StreamCalls):
     ) -> None:
         """Write object ``name`` to ``dest_path`` (created, must not exist), digest verified.
 
-        Read in batches of chunks, each bounded by ``timeout_s``; the file is
+        Its chunks as :meth:`object_chunks` gives them; the file is
         fdatasync'd before it is closed. On any failure the partial file is
         removed.
 
         Raises:
             ObjectNotFound: no such object.
-            ReplicationError: a batch timed out, or the size, chunk count or
-                SHA-256 digest does not match the metadata.
+            ReplicationError: as :meth:`object_chunks`.
             OSError: creating or writing ``dest_path`` failed.
         """
-        info = self.object_info(bucket, name, timeout_s)
-        stream = _obj_stream(bucket)
-        if (info.get("options") or {}).get("link"):
-            raise ReplicationError(stream, "", f"object {name!r} is a link (not supported)")
+        chunks = self.object_chunks(bucket, name, timeout_s)
         fd = fs.create_file(dest_path)
         try:
-            digest = hashlib.sha256()
-            size = chunks = 0
-            if info.get("size"):
-                subject = f"$O.{bucket}.C.{info['nuid']}"
-                for msg in self.messages(stream, subject, 1, timeout_s):
-                    fs.append(fd, msg.data)
-                    digest.update(msg.data)
-                    size += len(msg.data)
-                    chunks += 1
-            expected = str(info.get("digest") or "")
-            got = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
-            if size != int(info.get("size") or 0) or (expected and got != expected):
-                raise ReplicationError(
-                    stream,
-                    "",
-                    f"object {name!r}: got {size} bytes in {chunks} chunks, "
-                    f"digest {got}; its metadata says {info.get('size')} bytes in "
-                    f"{info.get('chunks')} chunks, digest {expected}",
-                )
+            for chunk in chunks:
+                fs.append(fd, chunk)
             fs.fdatasync(fd)
         except BaseException:
             fs.close(fd)
             fs.unlink(dest_path)
             raise
         fs.close(fd)
+
+    def object_chunks(self, bucket: str, name: str, timeout_s: float) -> Iterator[bytes]:
+        """The bytes of object ``name``, chunk by chunk, as they arrive.
+
+        Its metadata is read at the call; the chunks are read in batches, each
+        bounded by ``timeout_s``, as the iterator is consumed. The size and
+        the SHA-256 digest are checked after the last chunk, before the
+        iterator ends: a consumer that reads it to its end has had exactly the
+        object's bytes, or an error (what it did with the chunks before is
+        its own to undo).
+
+        Raises:
+            ObjectNotFound: no such object (at the call).
+            ReplicationError: the object is a link (at the call); a batch
+                timed out, or the size, chunk count or digest does not match
+                the metadata (while iterating).
+        """
+        info = self.object_info(bucket, name, timeout_s)
+        stream = _obj_stream(bucket)
+        if (info.get("options") or {}).get("link"):
+            raise ReplicationError(stream, "", f"object {name!r} is a link (not supported)")
+        return self._object_chunks(stream, bucket, name, info, timeout_s)
+
+    def _object_chunks(
+        self, stream: str, bucket: str, name: str, info: dict[str, Any], timeout_s: float
+    ) -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        size = chunks = 0
+        if info.get("size"):
+            subject = f"$O.{bucket}.C.{info['nuid']}"
+            for msg in self.messages(stream, subject, 1, timeout_s):
+                digest.update(msg.data)
+                size += len(msg.data)
+                chunks += 1
+                yield msg.data
+        expected = str(info.get("digest") or "")
+        got = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
+        if size != int(info.get("size") or 0) or (expected and got != expected):
+            raise ReplicationError(
+                stream,
+                "",
+                f"object {name!r}: got {size} bytes in {chunks} chunks, "
+                f"digest {got}; its metadata says {info.get('size')} bytes in "
+                f"{info.get('chunks')} chunks, digest {expected}",
+            )
 
     def list_objects(self, bucket: str, timeout_s: float) -> list[ObjectInfo]:
         """Every object of the bucket not deleted, in the order they were last put."""

@@ -6,12 +6,14 @@ pure encoding and decoding (:func:`encode_container_header`,
 :func:`decode_container_prefix`, :func:`decode_container_header`: bytes in, a
 value or ``CorruptionError`` out, never another exception, so they can be
 fuzzed), reading a container file's header (:func:`read_container`) and
-writing its files back as segment files (:func:`extract_container`), each
+writing its files back as segment files (:func:`extract_container`, from a
+container file or from a :class:`ContainerStream` as it arrives), each
 checked against its size and CRC; and :func:`copy_chunks`, the bounded
 chunked read both directions use.
 Must never: hold a whole file in memory (files are copied in
-``COPY_CHUNK_SIZE`` chunks), create a file whose name is not a segment file
-name (a container's names are checked before anything is written), or make
+``COPY_CHUNK_SIZE`` chunks, a stream's in the pieces it comes in), create a
+file whose name is not a segment file name (a container's names are checked
+before anything is written), or make
 a system call other than through ``_fs``. Writing a container from a
 capture is ``_snapshot``'s.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Final, NamedTuple
 
 from logstate._crc import crc32c
@@ -39,6 +41,7 @@ __all__ = [
     "ContainerFile",
     "ContainerHeader",
     "ContainerInfo",
+    "ContainerStream",
     "copy_chunks",
     "decode_container_header",
     "decode_container_prefix",
@@ -286,12 +289,93 @@ def read_container(path: str, fs: FileSystem = OS_FS) -> ContainerHeader:
         fs.close(fd)
 
 
-def extract_container(path: str, into_dir: str, fs: FileSystem = OS_FS) -> ContainerHeader:
-    """Write the files of container ``path`` into the directory ``into_dir``, each checked.
+class ContainerStream(NamedTuple):
+    """A container read as it arrives, not from a file (a snapshot object's chunks)."""
 
-    Each file is created (it must not exist), copied in chunks, fsynced;
-    then the directory is fsynced. Each file's bytes must match its size and
-    crc32c, and start with the segment header of the number its name has.
+    name: str  # what errors name as its ``path`` (e.g. the object and its bucket)
+    chunks: Iterable[bytes]  # its bytes in order, in pieces of any size; consumed once
+
+
+class _Pieces:
+    """The bytes of a :class:`ContainerStream`, taken in order and counted."""
+
+    def __init__(self, source: ContainerStream) -> None:
+        self._name = source.name
+        self._chunks = iter(source.chunks)
+        self._held = b""  # taken from the stream, not given out yet
+        self.offset = 0  # of the next byte given out
+
+    def _next(self) -> bool:
+        """Hold the stream's next non-empty chunk; False at its end."""
+        for chunk in self._chunks:
+            if chunk:
+                self._held = chunk if type(chunk) is bytes else bytes(chunk)
+                return True
+        return False
+
+    def _piece(self, limit: int) -> bytes:
+        """At most the next ``limit`` bytes; b"" at the stream's end."""
+        if not self._held and not self._next():
+            return b""
+        piece = self._held[:limit]
+        self._held = self._held[len(piece) :]
+        self.offset += len(piece)
+        return piece
+
+    def take(self, size: int, what: str) -> Iterator[bytes]:
+        """The next ``size`` bytes, in pieces.
+
+        Raises:
+            CorruptionError: the stream ends before them (the offset where it
+                ends; ``reason`` names ``what``).
+        """
+        end = self.offset + size
+        while self.offset < end:
+            piece = self._piece(end - self.offset)
+            if not piece:
+                raise CorruptionError(
+                    self._name,
+                    self.offset,
+                    f"{what}: container truncated, {end - self.offset} bytes short of "
+                    "the size its header gives",
+                )
+            yield piece
+
+    def read(self, size: int) -> bytes:
+        """The next ``size`` bytes, or fewer when the stream ends first."""
+        pieces: list[bytes] = []
+        end = self.offset + size
+        while self.offset < end and (piece := self._piece(end - self.offset)):
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def rest(self) -> int:
+        """Read the stream to its end; how many bytes were left."""
+        left = len(self._held)
+        while self._next():
+            left += len(self._held)
+        self._held = b""
+        return left
+
+    def close(self) -> None:
+        """Close the stream's iterator where it has a ``close`` (a generator's
+        cleanup runs now, not when it is collected)."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def extract_container(
+    source: str | ContainerStream, into_dir: str, fs: FileSystem = OS_FS
+) -> ContainerHeader:
+    """Write the files of a container into the directory ``into_dir``, each checked.
+
+    ``source`` is the container's file, or a :class:`ContainerStream` (read
+    once, as it comes: no copy of the container is kept). Each file is
+    created (it must not exist), copied in chunks, fsynced; then the
+    directory is fsynced. Each file's bytes must match its size and crc32c,
+    and start with the segment header of the number its name has; a stream
+    must end where the last file does (it is read to its end).
     On an error, files already written stay (the caller removes the
     directory: a restore builds in a temporary one).
 
@@ -299,17 +383,22 @@ def extract_container(path: str, into_dir: str, fs: FileSystem = OS_FS) -> Conta
         The container's header.
 
     Raises:
-        CorruptionError / UnsupportedFormatError: ``path`` and the offset in it
-            (of the header field, or of the first byte of the file at fault;
-            ``reason`` names the file).
+        CorruptionError / UnsupportedFormatError: the file's path (a stream's
+            name) and the offset in it (of the header field, or of the first
+            byte of the file at fault; ``reason`` names the file).
         OSError: from the file system (FileExistsError: a file exists already).
+        Any exception of a stream's ``chunks`` as it is read.
     """
-    fd = fs.open_read_only(path)
+    if not isinstance(source, str):
+        return _extract_stream(source, into_dir, fs)
+    fd = fs.open_read_only(source)
     try:
-        header = _read_header(fs, fd, path)
+        header = _read_header(fs, fd, source)
         offset = header.data_offset
         for entry in header.files:
-            _extract_file(fs, fd, path, offset, entry, into_dir + "/" + entry.name)
+            what = f"container, in {entry.name}"
+            pieces = copy_chunks(fs, fd, entry.size, source, what, offset)
+            _extract_file(fs, pieces, source, offset, entry, into_dir + "/" + entry.name)
             offset += entry.size
     finally:
         fs.close(fd)
@@ -317,16 +406,47 @@ def extract_container(path: str, into_dir: str, fs: FileSystem = OS_FS) -> Conta
     return header
 
 
+def _extract_stream(source: ContainerStream, into_dir: str, fs: FileSystem) -> ContainerHeader:
+    """:func:`extract_container` of a stream."""
+    pieces = _Pieces(source)
+    try:
+        prefix = pieces.read(CONTAINER_PREFIX_SIZE)
+        try:
+            block_size = decode_container_prefix(prefix)
+            header = decode_container_header(prefix + pieces.read(block_size - len(prefix)))
+        except CorruptionError as exc:
+            raise _in_file(source.name, exc) from None
+        offset = header.data_offset
+        for entry in header.files:
+            what = f"container, in {entry.name}"
+            out_path = into_dir + "/" + entry.name
+            _extract_file(fs, pieces.take(entry.size, what), source.name, offset, entry, out_path)
+            offset += entry.size
+        left = pieces.rest()
+    finally:
+        pieces.close()
+    if left:
+        raise CorruptionError(source.name, offset, f"{left} bytes after the container's last file")
+    fs.fsync_dir(into_dir)
+    return header
+
+
 def _extract_file(
-    fs: FileSystem, fd: int, path: str, offset: int, entry: ContainerFile, out_path: str
+    fs: FileSystem,
+    pieces: Iterable[bytes],
+    path: str,
+    offset: int,
+    entry: ContainerFile,
+    out_path: str,
 ) -> None:
-    """Copy one file (``entry``, at ``offset`` in container ``fd``) to ``out_path``; check it."""
+    """Write one file (``entry``: its bytes ``pieces``, at ``offset`` in container
+    ``path``) to ``out_path``; check it."""
     out = fs.create_file(out_path)
     try:
         crc = 0
         head = b""
         end = offset + entry.size
-        for chunk in copy_chunks(fs, fd, entry.size, path, f"container, in {entry.name}", offset):
+        for chunk in pieces:
             if len(head) < SEGMENT_HEADER_SIZE:
                 head += chunk[: SEGMENT_HEADER_SIZE - len(head)]
             fs.append(out, chunk)

@@ -13,7 +13,6 @@ stream, the message and the reason.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -23,12 +22,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from logstate._errors import ReplicationError
-from logstate._filenames import TMP_SUFFIX, parse_segment_file_name
+from logstate._filenames import parse_segment_file_name
 from logstate._fs import OS_FS
 from logstate.replication import _wire as wire
 from logstate.replication._build import build_store
 from logstate.replication._client import Client, Message
 from logstate.replication._config import ChangelogConfig, bucket_name
+from logstate.replication._container import ContainerStream
 from logstate.replication._state import ReplicationState, load_state, new_writer_id, save_state
 from logstate.replication._stream import StreamReader
 from logstate.replication._wire import MessageError
@@ -194,8 +194,12 @@ def restore(
 
     Raises:
         ReplicationError: the broker unreachable, the point asked for not
-            restorable, or a bad message (naming the stream seq and reason);
-            ``path`` is then untouched.
+            restorable, or a bad message (naming the stream seq and reason),
+            or a snapshot object whose bytes are not those its metadata
+            describes; ``path`` is then untouched.
+        CorruptionError / UnsupportedFormatError: the snapshot object is
+            damaged or not a snapshot container (``path`` names the object
+            and its bucket, ``offset`` is in the object); ``path`` untouched.
         FileExistsError: ``path`` holds something already.
     """
     if until_seq is not None and until_time is not None:
@@ -231,15 +235,15 @@ def _restore(
                 until_seq,
             )
         snap = usable[-1] if usable else None
-        download = None
         reader = StreamReader(client, cl)
+        container = None
         if snap is not None:
-            download = f"{path}.snapshot-{secrets.token_hex(4)}{TMP_SUFFIX}"
+            bucket = bucket_name(cl.stream)
+            chunks = client.object_chunks(bucket, snap["name"], cl.timeout_s)
             if progress is not None:
-                progress("snapshot", 0, int(snap.get("size", 0)))
-            client.get_object(bucket_name(cl.stream), snap["name"], download, cl.timeout_s)
-            if progress is not None:
-                progress("snapshot", int(snap.get("size", 0)), int(snap.get("size", 0)))
+                chunks = _counted(chunks, int(snap.get("size", 0)), progress)
+            name = f"snapshot object {snap['name']} of bucket {bucket}"
+            container = ContainerStream(name, chunks)
         base_seq = 0 if snap is None else int(snap["seq"])
         start = 1 if snap is None else int(snap.get("stream_seq", 0)) or 1
         counted = [0]
@@ -267,15 +271,20 @@ def _restore(
                 acked_time_s=reader.last_time,
             ).__dict__
 
-        try:
-            built = build_store(path, download, records(), state)
-        finally:
-            if download is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    OS_FS.unlink(download)
+        built = build_store(path, container, records(), state, snapshot_seq=base_seq or None)
         return RestoreResult(path, built.last_seq, base_seq, counted[0], reader.last_stream_seq)
     finally:
         client.release()
+
+
+def _counted(chunks: Iterator[bytes], size: int, progress: Progress) -> Iterator[bytes]:
+    """``chunks``, with the snapshot's progress reported as they pass."""
+    done = 0
+    progress("snapshot", 0, size)
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        progress("snapshot", done, size)
 
 
 def _holds_store(path: str) -> bool:

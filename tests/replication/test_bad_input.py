@@ -11,7 +11,9 @@ Each time ``restore`` raises ReplicationError naming the stream, the
 message's stream seq and the reason, and the target is as it was (missing,
 or an empty directory). A chunked record cut short at the end of the stream
 is left out (it was never whole in the stream), and a bad message after a
-snapshot leaves neither the download nor a half-built store.
+snapshot leaves no half-built store. A snapshot object damaged in a file's
+bytes, or cut short, is refused as it streams in: CorruptionError naming the
+object, its bucket and the offset, nothing left behind.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from logstate import LocalFileStorage
+from logstate import CorruptionError, LocalFileStorage
 from logstate.replication import ReplicationError, restorable, restore
 from logstate.replication import _wire as wire
 from logstate.replication._client import Client
+from logstate.replication._config import bucket_name
+from logstate.replication._container import decode_container_header
 from tests.replication.servers import NatsServer
 from tests.replication.stores import Clock, Records, open_store, store_state
 from tests.replication.test_replication import changelog, open_replicated
@@ -216,7 +220,7 @@ def test_whole_chunks_restore_and_a_chunked_record_cut_at_the_end_is_left_out(
     copy.close()
 
 
-def test_a_bad_message_after_a_snapshot_leaves_no_download_and_no_half_built_store(
+def test_a_bad_message_after_a_snapshot_leaves_no_half_built_store(
     nats_server: NatsServer, client: Client, tmp_path: Path
 ) -> None:
     clock = Clock()
@@ -239,6 +243,44 @@ def test_a_bad_message_after_a_snapshot_leaves_no_download_and_no_half_built_sto
     assert not target.exists() and leftovers(tmp_path) == []
     # up to the last good seq it restores
     restore(nats_server.url, STREAM, "orders.0", target, until_seq=last, timeout=5.0)
+    copy = LocalFileStorage(target, clock=clock)
+    assert store_state(copy) == expected
+    copy.close()
+
+
+def test_a_damaged_or_short_snapshot_object_is_refused_naming_it_and_leaves_nothing(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    clock = Clock()
+    source = open_replicated(tmp_path / "src", changelog(nats_server, ack="sync"), clock)
+    for i in range(300):
+        source[f"k{i}"] = f"value {i} " * 20
+    source.replication_snapshot()
+    source["after"] = "snapshot"
+    expected = store_state(source)
+    source.close()
+    bucket = bucket_name(STREAM)
+    [snap] = client.list_objects(bucket, 5.0)
+    client.get_object(bucket, snap.name, str(tmp_path / "snap"), 5.0)
+    good = (tmp_path / "snap").read_bytes()
+    header = decode_container_header(good)
+    middle = header.data_offset + header.files[0].size // 2
+    flipped = good[:middle] + bytes([good[middle] ^ 0x10]) + good[middle + 1 :]
+    target = tmp_path / "copy"
+    for data, offset, reason in [
+        (flipped, header.data_offset, f"{header.files[0].name}"),
+        (good[:-100], len(good) - 100, "container truncated"),
+    ]:
+        (tmp_path / "snap").write_bytes(data)  # the same name and description, other bytes
+        client.put_object(bucket, snap.name, str(tmp_path / "snap"), snap.description, 5.0)
+        with pytest.raises(CorruptionError) as failure:
+            restore(nats_server.url, STREAM, "orders.0", target, timeout=5.0)
+        assert failure.value.path == f"snapshot object {snap.name} of bucket {bucket}"
+        assert failure.value.offset == offset and reason in failure.value.reason
+        assert not target.exists() and leftovers(tmp_path) == []
+    (tmp_path / "snap").write_bytes(good)
+    client.put_object(bucket, snap.name, str(tmp_path / "snap"), snap.description, 5.0)
+    restore(nats_server.url, STREAM, "orders.0", target, timeout=5.0)
     copy = LocalFileStorage(target, clock=clock)
     assert store_state(copy) == expected
     copy.close()

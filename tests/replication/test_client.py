@@ -12,7 +12,9 @@ What each test pins down, on nats-server 2.15.1 and nats-py 2.16.0:
   1000+ messages of interleaved subjects; purge counts and keeps the
   message at its bound;
 - the object store: a 5 MB file put, got back byte for byte (digest
-  verified), listed, replaced, deleted;
+  verified), listed, replaced, deleted; read as chunks, a chunk replaced by
+  other bytes of its size (same size, another digest) or one chunk more is
+  refused after the last chunk, and ``get_object`` leaves no file;
 - bounds: a refused port fails within the timeout; a paused server times a
   call out; a payload that the server would refuse is refused before it is
   sent;
@@ -311,6 +313,42 @@ def test_an_empty_object_round_trips(client: Client, tmp_path: Path) -> None:
     client.get_object("empties", "e", str(tmp_path / "back"), T_S)
     assert (tmp_path / "back").read_bytes() == b""
     assert [(o.name, o.size) for o in client.list_objects("empties", T_S)] == [("e", 0)]
+
+
+def test_an_objects_chunks_come_as_stored_and_a_changed_chunk_is_refused_at_the_end(
+    client: Client, tmp_path: Path
+) -> None:
+    content = os.urandom(3 * 128 * 1024 + 77)  # 4 chunks
+    (tmp_path / "src").write_bytes(content)
+    client.ensure_bucket("tamper", 1, T_S)
+    client.put_object("tamper", "t", str(tmp_path / "src"), "", T_S)
+    assert b"".join(client.object_chunks("tamper", "t", T_S)) == content
+    info = client.object_info("tamper", "t", T_S)
+    subject = f"$O.tamper.C.{info['nuid']}"
+    stored = list(client.messages("OBJ_tamper", subject, 1, T_S))
+    assert [len(m.data) for m in stored] == [128 * 1024] * 3 + [77]
+
+    # the first chunk replaced by other bytes of its size, at the end: the same
+    # size and chunk count, another digest
+    assert client.purge("OBJ_tamper", subject, stored[1].stream_seq, T_S) == 1
+    client.publish(subject, bytes(128 * 1024), {}, T_S)
+    got: list[bytes] = []
+    with pytest.raises(ReplicationError) as failure:
+        for chunk in client.object_chunks("tamper", "t", T_S):
+            got.append(chunk)
+    assert b"".join(got) == content[128 * 1024 :] + bytes(128 * 1024)  # all of it, then
+    assert f"got {len(content)} bytes in 4 chunks, digest SHA-256=" in failure.value.reason
+    assert f"its metadata says {len(content)} bytes in 4 chunks" in failure.value.reason
+    with pytest.raises(ReplicationError, match="digest"):
+        client.get_object("tamper", "t", str(tmp_path / "back"), T_S)
+    assert not (tmp_path / "back").exists()
+
+    # one chunk more: the size does not match
+    client.publish(subject, b"x", {}, T_S)
+    with pytest.raises(ReplicationError, match=f"got {len(content) + 1} bytes in 5 chunks"):
+        list(client.object_chunks("tamper", "t", T_S))
+    with pytest.raises(ObjectNotFound):
+        client.object_chunks("tamper", "none", T_S)  # at the call, not when iterated
 
 
 # ---------------------------------------------------------------- bounds

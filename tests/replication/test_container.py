@@ -11,7 +11,10 @@ The promises checked:
   header CRC, any file's bytes), a truncated container or one with bytes
   after its last file is refused by ``extract_container`` and so by
   ``build_store``: CorruptionError naming the container and the offset of the
-  field or of the file at fault, the target untouched;
+  field or of the file at fault, the target untouched; the same, with the
+  same offsets, when the container comes as a stream (a ``ContainerStream``
+  in pieces of any size, as a restore reads a snapshot object), whose own
+  errors pass through, its iterator closed;
 - a capture is a moment: files compacted away or appended to afterwards still
   give the bytes captured.
 
@@ -21,8 +24,10 @@ The promises checked:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,7 @@ from logstate.replication._build import build_store
 from logstate.replication._container import (
     CONTAINER_MAGIC,
     ContainerFile,
+    ContainerStream,
     decode_container_header,
     encode_container_header,
     extract_container,
@@ -171,11 +177,38 @@ def container(tmp_path: Path) -> tuple[Path, dict[str, object], Clock]:
     return tmp_path / "snap", expected, clock
 
 
+STREAM = "snapshot object p/42 of bucket B"  # the name a stream's errors carry
+
+
+def pieces(data: bytes) -> Iterator[bytes]:
+    """``data`` in pieces of 1, 100 and 4,093 bytes in turn (boundaries anywhere)."""
+    at = 0
+    for size in itertools.cycle((1, 100, 4093)):
+        if at >= len(data):
+            return
+        yield data[at : at + size]
+        at += size
+
+
+def source_of(kind: str, path: Path) -> str | ContainerStream:
+    """The container at ``path`` as ``build_store`` is given it: its file, or a stream."""
+    return str(path) if kind == "file" else ContainerStream(STREAM, pieces(path.read_bytes()))
+
+
+def name_of(kind: str, path: Path) -> str:
+    """What a ``CorruptionError`` about that source names as its ``path``."""
+    return str(path) if kind == "file" else STREAM
+
+
+SOURCES = pytest.mark.parametrize("kind", ["file", "stream"])
+
+
+@SOURCES
 def test_a_capture_keeps_the_bytes_of_files_compacted_or_appended_since(
-    tmp_path: Path, container: tuple[Path, dict[str, object], Clock]
+    tmp_path: Path, container: tuple[Path, dict[str, object], Clock], kind: str
 ) -> None:
     path, expected, clock = container
-    build_store(str(tmp_path / "dst"), str(path), [], None)
+    build_store(str(tmp_path / "dst"), source_of(kind, path), [], None)
     with open_store(tmp_path / "dst", clock) as built:
         assert store_state(built) == expected
 
@@ -210,8 +243,9 @@ def damaged_offsets(path: Path) -> list[tuple[int, int]]:
     return cases
 
 
+@SOURCES
 def test_a_flipped_byte_anywhere_in_a_container_is_refused_with_its_place(
-    tmp_path: Path, container: tuple[Path, dict[str, object], Clock]
+    tmp_path: Path, container: tuple[Path, dict[str, object], Clock], kind: str
 ) -> None:
     path, _expected, _clock = container
     good = path.read_bytes()
@@ -224,18 +258,19 @@ def test_a_flipped_byte_anywhere_in_a_container_is_refused_with_its_place(
         path.write_bytes(damaged)
         for target in (tmp_path / "dst", tmp_path / "empty"):
             with pytest.raises(CorruptionError) as failure:
-                build_store(str(target), str(path), [], None)
-            assert failure.value.path == str(path), at
+                build_store(str(target), source_of(kind, path), [], None)
+            assert failure.value.path == name_of(kind, path), at
             if expected_offset >= 0:
                 assert failure.value.offset == expected_offset, (at, failure.value)
         assert not (tmp_path / "dst").exists() and os.listdir(tmp_path / "empty") == []
         assert not [n for n in os.listdir(tmp_path) if ".restoring-" in n]
     path.write_bytes(good)
-    build_store(str(tmp_path / "dst"), str(path), [], None)  # (the container itself was good)
+    build_store(str(tmp_path / "dst"), source_of(kind, path), [], None)  # (it was good)
 
 
+@SOURCES
 def test_a_truncated_or_extended_container_is_refused(
-    tmp_path: Path, container: tuple[Path, dict[str, object], Clock]
+    tmp_path: Path, container: tuple[Path, dict[str, object], Clock], kind: str
 ) -> None:
     path, _expected, _clock = container
     good = path.read_bytes()
@@ -244,14 +279,55 @@ def test_a_truncated_or_extended_container_is_refused(
         (good[:-1], len(good) - 1, "container truncated"),
         (good[: header.data_offset], header.data_offset, "container truncated"),
         (good[:20], 20, "truncated"),
+        (good[:10], 0, "truncated"),
+        (b"", 0, "truncated"),
         (good + b"\0", len(good), "1 bytes after the container's last file"),
+        (good + bytes(5000), len(good), "5000 bytes after the container's last file"),
     ]:
         path.write_bytes(data)
         with pytest.raises(CorruptionError) as failure:
-            build_store(str(tmp_path / "dst"), str(path), [], None)
-        assert (failure.value.path, failure.value.offset) == (str(path), offset)
+            build_store(str(tmp_path / "dst"), source_of(kind, path), [], None)
+        assert (failure.value.path, failure.value.offset) == (name_of(kind, path), offset)
         assert reason in failure.value.reason
         assert not (tmp_path / "dst").exists()
+        assert not [n for n in os.listdir(tmp_path) if ".restoring-" in n]
+
+
+def test_a_streams_own_error_passes_through_and_its_iterator_is_closed(
+    tmp_path: Path, container: tuple[Path, dict[str, object], Clock]
+) -> None:
+    path, _expected, _clock = container
+    good = path.read_bytes()
+    header = read_container(str(path))
+    closed: list[int] = []
+
+    class Lost(Exception):
+        pass
+
+    def failing(after: int) -> Iterator[bytes]:
+        try:
+            yield from pieces(good[:after])
+            raise Lost(after)
+        finally:
+            closed.append(after)
+
+    def damaged_then_more() -> Iterator[bytes]:
+        try:
+            yield good[: header.data_offset] + bytes(header.files[0].size)  # its CRC is wrong
+            yield good[header.data_offset + header.files[0].size :]
+        finally:
+            closed.append(-1)
+
+    for after in (0, 10, header.data_offset + 3, len(good)):  # len: after the last byte
+        with pytest.raises(Lost):
+            build_store(str(tmp_path / "dst"), ContainerStream(STREAM, failing(after)), [], None)
+        assert closed[-1] == after and not (tmp_path / "dst").exists()
+    with pytest.raises(CorruptionError) as failure:
+        build_store(str(tmp_path / "dst"), ContainerStream(STREAM, damaged_then_more()), [], None)
+    assert (failure.value.path, failure.value.offset) == (STREAM, header.data_offset)
+    assert closed[-1] == -1  # closed at the error, not left to the collector
+    assert not (tmp_path / "dst").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".restoring-" in n]
 
 
 def test_a_header_whose_seq_is_not_the_segments_is_refused(
