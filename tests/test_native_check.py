@@ -35,7 +35,14 @@ from hypothesis import strategies as st
 from logstate import CorruptionError, _replay, _scan
 from logstate import _format as fmt
 from logstate._filenames import segment_file_name
-from logstate._scan import FRAME_COMPRESSED_GROUP, Damage, Frame, replay_frame, scan_records
+from logstate._scan import (
+    FRAME_COMPRESSED_GROUP,
+    SCAN_WINDOW,
+    Damage,
+    Frame,
+    replay_frame,
+    scan_records,
+)
 from logstate._values import TAG_EXPIRES
 from logstate.replication import _build
 from logstate.replication._build import build_store, segments_last_seq
@@ -162,12 +169,12 @@ def test_a_changed_record_size_limit_keeps_the_python_checks(
 
 
 # ============================================================================ the restore's uses
-def last_seq_of(files: dict[str, bytes], directory: Path) -> tuple[Any, ...]:
+def last_seq_of(files: dict[str, bytes], directory: Path, window: int) -> tuple[Any, ...]:
     directory.mkdir()
     for file_name, data in files.items():
         (directory / file_name).write_bytes(data)
     try:
-        return ("seq", segments_last_seq(str(directory)))
+        return ("seq", segments_last_seq(str(directory), window=window))
     except CorruptionError as exc:
         return ("error", type(exc), os.path.basename(exc.path), exc.offset, exc.reason)
 
@@ -177,20 +184,49 @@ def last_seq_of(files: dict[str, bytes], directory: Path) -> tuple[Any, ...]:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(segments=st.tuples(segment_bytes(1), segment_bytes(2)))
+@given(
+    segments=st.tuples(segment_bytes(1), segment_bytes(2)),
+    window=st.sampled_from([61, 200, 1000, SCAN_WINDOW]),  # (records across windows)
+)
 def test_segments_last_seq_is_the_same_with_the_c_check_and_without(
     cnative: Any,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path_factory: pytest.TempPathFactory,
     segments: tuple[bytes, ...],
+    window: int,
 ) -> None:
     files = {segment_file_name(i + 1): data for i, data in enumerate(segments)}
     base = tmp_path_factory.mktemp("last")
-    ours = last_seq_of(files, base / "c")
+    ours = last_seq_of(files, base / "c", window)
     with monkeypatch.context() as patch:
         patch.setattr(_build, "native_check", lambda: None)
-        pure = last_seq_of(files, base / "pure")
+        pure = last_seq_of(files, base / "pure", window)
     assert ours == pure
+
+
+class _Appended:
+    """A segment writer that only keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    def add(self, record: bytes) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_record_after_seq_two_to_the_64_minus_1_is_named_by_either_path(
+    cnative: Any, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    if not native:
+        monkeypatch.setattr(_build, "native_check", lambda: None)
+    record = fmt.encode_record(fmt.REC_SET, 0, set_body("", "k", b"\x07v"))
+    appended = _Appended()
+    with pytest.raises(ValueError, match=f"has seq 0, expected {U64 + 1} "):
+        _build._append_records(appended, [record], U64)  # type: ignore[arg-type]
+    assert appended.records == []
+    last = fmt.encode_record(fmt.REC_SET, U64, set_body("", "k", b"\x07v"))
+    assert _build._append_records(appended, [last], U64 - 1) == (1, U64)  # type: ignore[arg-type]
 
 
 @st.composite

@@ -36,7 +36,7 @@ from logstate._format import encode_segment_header as _encode_segment_header
 from logstate._fs import OS_FS, FileSystem
 from logstate._options import DEFAULT_OPTIONS
 from logstate._replay import native_check
-from logstate._scan import Damage, WindowedScan, replay_frame, scan_records
+from logstate._scan import SCAN_WINDOW, Damage, WindowedScan, replay_frame, scan_records
 from logstate.replication._container import (
     COPY_CHUNK_SIZE,
     ContainerStream,
@@ -45,6 +45,8 @@ from logstate.replication._container import (
 )
 
 __all__ = ["BuildResult", "build_store", "segments_last_seq"]
+
+MAX_SEQ: Final = (1 << 64) - 1  # a record's seq is 64 bits (the C check takes no more)
 
 log = logging.getLogger("logstate")
 
@@ -295,7 +297,11 @@ def _append_records(
         record = given if type(given) is bytes else bytes(given)
         # the C checks pass the common records whole; any other record, and
         # every doubt, is _verify_record's to accept or to name
-        if check is None or check(record, 0, expected, True)[:2] != (len(record), 1):
+        if (
+            check is None
+            or expected > MAX_SEQ  # (past 64 bits: Python names the error)
+            or check(record, 0, expected, True)[:2] != (len(record), 1)
+        ):
             _verify_record(record, index, offset, expected, base_seq)
         writer.add(record)
         offset += len(record)
@@ -332,7 +338,7 @@ def _verify_record(record: bytes, index: int, offset: int, expected: int, base_s
         raise corrupt(exc.reason, exc.offset) from None
 
 
-def segments_last_seq(directory: str, fs: FileSystem = OS_FS) -> int:
+def segments_last_seq(directory: str, fs: FileSystem = OS_FS, window: int = SCAN_WINDOW) -> int:
     """The largest seq of any record in the segment files of ``directory`` (0: none).
 
     Every segment file's header (its number the name's) and every record
@@ -362,7 +368,7 @@ def segments_last_seq(directory: str, fs: FileSystem = OS_FS) -> int:
             def read(at: int, size: int, fd: int = fd) -> bytes:
                 return fs.pread(fd, size, at)
 
-            scan = WindowedScan(read, SEGMENT_HEADER_SIZE, fs.file_size(fd), damage.append)
+            scan = WindowedScan(read, SEGMENT_HEADER_SIZE, fs.file_size(fd), damage.append, window)
             if check is not None:
 
                 def fast(

@@ -302,23 +302,25 @@ class _Pieces:
     def __init__(self, source: ContainerStream) -> None:
         self._name = source.name
         self._chunks = iter(source.chunks)
-        self._held = b""  # taken from the stream, not given out yet
-        self.offset = 0  # of the next byte given out
+        self._held = memoryview(b"")  # the chunk taken from the stream last
+        self._at = 0  # in it, of the next byte not given out
+        self.offset = 0  # in the stream, of the next byte given out
 
     def _next(self) -> bool:
         """Hold the stream's next non-empty chunk; False at its end."""
         for chunk in self._chunks:
             if chunk:
-                self._held = chunk if type(chunk) is bytes else bytes(chunk)
+                self._held, self._at = memoryview(chunk).cast("B"), 0
                 return True
         return False
 
     def _piece(self, limit: int) -> bytes:
         """At most the next ``limit`` bytes; b"" at the stream's end."""
-        if not self._held and not self._next():
+        if self._at >= len(self._held) and not self._next():
             return b""
-        piece = self._held[:limit]
-        self._held = self._held[len(piece) :]
+        at = self._at
+        piece = bytes(self._held[at : at + limit])  # (a copy of the piece only)
+        self._at = at + len(piece)
         self.offset += len(piece)
         return piece
 
@@ -351,10 +353,10 @@ class _Pieces:
 
     def rest(self) -> int:
         """Read the stream to its end; how many bytes were left."""
-        left = len(self._held)
+        left = len(self._held) - self._at
         while self._next():
             left += len(self._held)
-        self._held = b""
+        self._held, self._at = memoryview(b""), 0
         return left
 
     def close(self) -> None:

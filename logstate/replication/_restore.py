@@ -271,7 +271,9 @@ def _restore(
                 acked_time_s=reader.last_time,
             ).__dict__
 
-        built = build_store(path, container, records(), state, snapshot_seq=base_seq or None)
+        built = build_store(
+            path, container, records(), state, snapshot_seq=None if snap is None else base_seq
+        )
         return RestoreResult(path, built.last_seq, base_seq, counted[0], reader.last_stream_seq)
     finally:
         client.release()
@@ -284,7 +286,7 @@ def _counted(chunks: Iterator[bytes], size: int, progress: Progress) -> Iterator
     for chunk in chunks:
         yield chunk
         done += len(chunk)
-        progress("snapshot", done, size)
+        progress("snapshot", min(done, size), size)  # (more: refused at its end)
 
 
 def _holds_store(path: str) -> bool:

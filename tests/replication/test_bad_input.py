@@ -13,7 +13,8 @@ or an empty directory). A chunked record cut short at the end of the stream
 is left out (it was never whole in the stream), and a bad message after a
 snapshot leaves no half-built store. A snapshot object damaged in a file's
 bytes, or cut short, is refused as it streams in: CorruptionError naming the
-object, its bucket and the offset, nothing left behind.
+object, its bucket and the offset; one with a chunk more than its metadata
+says, by its size and digest (ReplicationError); nothing left behind.
 """
 
 from __future__ import annotations
@@ -278,7 +279,15 @@ def test_a_damaged_or_short_snapshot_object_is_refused_naming_it_and_leaves_noth
         assert failure.value.path == f"snapshot object {snap.name} of bucket {bucket}"
         assert failure.value.offset == offset and reason in failure.value.reason
         assert not target.exists() and leftovers(tmp_path) == []
+    # whole and valid, then one chunk more than its metadata says: its size and
+    # digest, checked after its last chunk, refuse it before the store is renamed
     (tmp_path / "snap").write_bytes(good)
+    client.put_object(bucket, snap.name, str(tmp_path / "snap"), snap.description, 5.0)
+    nuid = client.object_info(bucket, snap.name, 5.0)["nuid"]
+    client.publish(f"$O.{bucket}.C.{nuid}", b"more", {}, 5.0)
+    with pytest.raises(ReplicationError, match=f"got {len(good) + 4} bytes in .* digest"):
+        restore(nats_server.url, STREAM, "orders.0", target, timeout=5.0)
+    assert not target.exists() and leftovers(tmp_path) == []
     client.put_object(bucket, snap.name, str(tmp_path / "snap"), snap.description, 5.0)
     restore(nats_server.url, STREAM, "orders.0", target, timeout=5.0)
     copy = LocalFileStorage(target, clock=clock)

@@ -14,7 +14,9 @@ The promises checked:
   field or of the file at fault, the target untouched; the same, with the
   same offsets, when the container comes as a stream (a ``ContainerStream``
   in pieces of any size, as a restore reads a snapshot object), whose own
-  errors pass through, its iterator closed;
+  errors pass through, its iterator closed (a stream is checked as it comes:
+  with two faults, it names the first it meets, where a file's size is
+  checked first);
 - a capture is a moment: files compacted away or appended to afterwards still
   give the bytes captured.
 
@@ -191,8 +193,12 @@ def pieces(data: bytes) -> Iterator[bytes]:
 
 
 def source_of(kind: str, path: Path) -> str | ContainerStream:
-    """The container at ``path`` as ``build_store`` is given it: its file, or a stream."""
-    return str(path) if kind == "file" else ContainerStream(STREAM, pieces(path.read_bytes()))
+    """The container at ``path`` as ``build_store`` is given it: its file, or a
+    stream (in pieces, or in one piece)."""
+    if kind == "file":
+        return str(path)
+    data = path.read_bytes()
+    return ContainerStream(STREAM, pieces(data) if kind == "stream" else [data])
 
 
 def name_of(kind: str, path: Path) -> str:
@@ -200,7 +206,7 @@ def name_of(kind: str, path: Path) -> str:
     return str(path) if kind == "file" else STREAM
 
 
-SOURCES = pytest.mark.parametrize("kind", ["file", "stream"])
+SOURCES = pytest.mark.parametrize("kind", ["file", "stream", "one-piece stream"])
 
 
 @SOURCES
