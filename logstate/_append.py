@@ -98,6 +98,10 @@ class Appender(_AppendBase):
         self._undelivered: deque[tuple[int, int, bytes]] = deque()  # seq, end pos, record
         self._delivered_seq = 0  # the last seq the listener returned from
         self._delivering = threading.Lock()
+        # the early listener (see add_listener): records written, not offered yet
+        self.early: CommitListener | None = None
+        self._unoffered: deque[tuple[int, int, bytes]] = deque()  # seq, end pos, record
+        self._offering = threading.Lock()
 
     # ------------------------------------------------------------------ append
     def append(self, record: bytes, ingested: bool = False) -> tuple[int, int]:
@@ -260,7 +264,7 @@ class Appender(_AppendBase):
             self.settle()
 
     # ------------------------------------------------------------------ listeners
-    def add_listener(self, listener: CommitListener) -> None:
+    def add_listener(self, listener: CommitListener, early: CommitListener | None = None) -> None:
         """Call ``listener(seq, record)`` for each record committed from now on.
 
         In seq order, exactly once each, once the record is durable by the
@@ -273,14 +277,24 @@ class Appender(_AppendBase):
         between its return and the record being marked delivered: a
         consumer that must never see a record twice keeps the last seq it
         took (the seq is in every record).
+
+        ``early(seq, record)``, when given, is offered each record once it is
+        written whole and a commit's fdatasync is about to make it durable
+        (:meth:`offer`), in seq order, before ``listener`` gets it: a
+        changelog sends it while the disk syncs. It must not block or raise,
+        may see a record again (an interrupt) or never (a record made
+        durable by a roll, a close or sync="none" goes to ``listener`` only).
         """
         if self.listener is not None:
             raise ValueError("a commit listener is already set")
         self.listener = listener
+        self.early = early
 
     def queue(self, seq: int, end_pos: int, record: bytes) -> None:
         """Hold a committed record for the listener until it is durable."""
         self._undelivered.append((seq, end_pos, record))
+        if self.early is not None:
+            self._unoffered.append((seq, end_pos, record))
 
     def _queued(self, seq: int) -> bool:
         """Was the record ``seq`` (the newest written) queued or delivered already?"""
@@ -303,10 +317,39 @@ class Appender(_AppendBase):
                     listener(seq, record)
                     self._delivered_seq = seq
                 undelivered.popleft()
+        if self._unoffered:  # (delivered without an offer: a roll's or close's sync)
+            self._forget_offers(self._delivered_seq)
+
+    def offer(self, written_pos: int) -> None:
+        """Give the early listener every written record that ends at or before
+        ``written_pos`` (``GroupCommit.before_sync``: just before the fdatasync
+        that makes them durable).
+
+        Outside the write lock, inside the sync turn; never waits for
+        :meth:`deliver` (its listener may wait for a broker).
+        """
+        early = self.early
+        if early is None:
+            return
+        unoffered = self._unoffered
+        with self._offering:
+            while unoffered and unoffered[0][1] <= written_pos:
+                seq, _end, record = unoffered[0]
+                if seq > self._delivered_seq:
+                    early(seq, record)
+                unoffered.popleft()
+
+    def _forget_offers(self, delivered_seq: int) -> None:
+        """Drop the offers of records delivered already."""
+        unoffered = self._unoffered
+        with self._offering:
+            while unoffered and unoffered[0][0] <= delivered_seq:
+                unoffered.popleft()
 
     def after_fork(self) -> None:
-        """In a forked child: a new delivery lock (a parent thread may have held it)."""
+        """In a forked child: new delivery locks (a parent thread may have held them)."""
         self._delivering = threading.Lock()
+        self._offering = threading.Lock()
 
     def _check(self) -> None:
         assert self.in_flight is None, "an interrupted append left unsettled"

@@ -46,6 +46,11 @@ class GroupCommit:
     ``SyncTarget``). ``listener``: called after each fdatasync that moved
     ``synced_pos`` forward (and at close), with the new position, in the
     sync turn and outside the write lock (``Appender.deliver``).
+    ``before_sync``: called by a commit's leader, in the sync turn and outside
+    the write lock, with the position its fdatasync is about to cover, just
+    before that fdatasync (``Appender.offer``: a changelog with ``ack="sync"``
+    sends what was written while the disk makes it durable). It must not
+    block and must not raise (an exception from it is logged; the sync runs).
     ``clock``: seconds, to time each fdatasync (the bound of the next wait).
     """
 
@@ -64,6 +69,7 @@ class GroupCommit:
         self._gate = threading.Lock()  # held by the leader during its sync
         self.synced_pos = 0  # bytes appended since open known durable
         self.listener: Callable[[int], None] | None = None
+        self.before_sync: Callable[[int], None] | None = None
         # the cohort wait (see _await_cohort)
         self.max_wait_s = MAX_WAIT_S
         self.rounds = 0  # fdatasyncs led by commits
@@ -128,6 +134,8 @@ class GroupCommit:
                     if cohort:
                         self._await_cohort()
                     target, fd = self._target()
+                    if self.before_sync is not None and target > self.synced_pos:
+                        self._offer(target)
                     started = self._clock() if cohort else 0.0
                     try:
                         self._fs.fdatasync(fd)
@@ -142,6 +150,16 @@ class GroupCommit:
                         if self.listener is not None:
                             self.listener(target)
             return
+
+    def _offer(self, target: int) -> None:
+        """``before_sync(target)``; an exception from it is logged, never raised
+        (the fdatasync and the listener, which gets every record again, still run)."""
+        before_sync = self.before_sync
+        assert before_sync is not None
+        try:
+            before_sync(target)
+        except Exception as exc:
+            log.error("%s: the before-sync hook raised %r", self._life.path, exc)
 
     def _await_cohort(self) -> None:
         """In the sync turn, before reading the target: wait for the cohort.

@@ -44,8 +44,8 @@ Locks, in the order they may be taken (never the other way):
    ``backlog``, ``life.closing``, ``life.failed``). Lock-free readers read
    the index and the mappings without it and verify what they read; a doubt
    is settled by reading again under it.
-6. ``appender`` delivery lock: the commit listener's calls (inside the sync
-   turn, never inside ``_lock``). The one exception to the order: a
+6. ``appender``'s delivery lock, then its offer lock: the commit and early
+   listeners' calls (in the sync turn, never in ``_lock``). The one exception: a
    listener may call ``fence``, which takes ``_lock`` (no thread waits for
    this lock while holding ``_lock``, so no cycle); a replication never
    calls into the engine with ``_lock`` held.
@@ -233,11 +233,7 @@ class Engine:
         # Thread.start() interrupted half-way can leave the new thread stuck.
         if options.sync == "interval":
             self.syncer = IntervalSyncer(
-                commit,
-                life,
-                self._written_pos,
-                options.sync_interval,
-                f"logstate-sync:{path}",
+                commit, life, self._written_pos, options.sync_interval, f"logstate-sync:{path}"
             )
             self.syncer.start()
         scheduler.start()
@@ -265,13 +261,17 @@ class Engine:
         self._release_resources()
 
     # ------------------------------------------------------------------ operations
-    def add_commit_listener(self, listener: CommitListener) -> None:
+    def add_commit_listener(
+        self, listener: CommitListener, early: CommitListener | None = None
+    ) -> None:
         """Call ``listener(seq, record)`` with each record committed from now on
-        (see ``Appender.add_listener``: in seq order, once durable)."""
+        (see ``Appender.add_listener``: in seq order, once durable; ``early``
+        offered each one just before the fdatasync that makes it durable)."""
         with self._lock:
             self.writer.check_writable()
             self.commit.listener = self.appender.deliver  # (first: does nothing without one)
-            self.appender.add_listener(listener)
+            self.commit.before_sync = None if early is None else self.appender.offer
+            self.appender.add_listener(listener, early)
 
     @property
     def replication(self) -> Replication | None:

@@ -51,7 +51,8 @@ class ChangelogConfig:
             letters, digits, ``_``, ``-``, joined by ``.``).
         ack: ``"async"`` (a commit returns after the local fsync; a
             background shipper publishes) or ``"sync"`` (a commit that made
-            a record durable returns once the broker acknowledged it).
+            a record durable returns once the broker acknowledged it; the
+            publish is sent while the local fdatasync runs).
         timeout: seconds any one broker operation may take; a sync commit
             waits at most this long, then raises ``ReplicationError``.
         max_lag_bytes: the bound on records committed but not acknowledged;

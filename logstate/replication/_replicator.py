@@ -189,7 +189,8 @@ class Replicator:
         state.acked_seq, state.acked_stream_seq = shipper.acked_seq, shipper.head_stream_seq
         save_state(self.path, state)
         engine.compactor.hold = self.hold_compaction
-        engine.add_commit_listener(shipper.on_commit)
+        # ack="sync": each record is published while its fdatasync runs (offer)
+        engine.add_commit_listener(shipper.on_commit, shipper.offer if cl.ack == "sync" else None)
         shipper.start(f"logstate-ship:{self.path}")
 
     def _own_messages_after(self, state: ReplicationState, local: int) -> None:
@@ -265,7 +266,7 @@ class Replicator:
         """Upload a snapshot at ``local``, then a marker: the stream continues from there."""
         shipper = self.shipper
         assert shipper is not None
-        shipper.acked_seq = shipper.queued_seq = local
+        shipper.acked_seq = shipper.queued_seq = shipper.told_seq = local
         self._upload_snapshot(stream_seq=0)
         who = shipper.who
         headers = wire.message_headers(

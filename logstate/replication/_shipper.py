@@ -10,6 +10,11 @@ Must never: publish a seq twice or out of order, skip one, drop a record it
 was given before the broker acknowledged it, or hold the engine's write
 lock (it is called outside it, from the thread that made a record durable).
 
+With ``ack="sync"`` the engine also offers each record just before the
+fdatasync that makes it durable (:meth:`Shipper.offer`, the early listener):
+it is queued and published while the disk syncs, and ``on_commit`` then only
+waits for it. A record is queued once whichever comes first.
+
 Waits use one plain lock per waiter, released by the shipper: an interrupt
 (KeyboardInterrupt) in a waiter leaves nothing held.
 
@@ -104,6 +109,7 @@ class Shipper:
         self._pending: deque[Pending] = deque()
         self.pending_bytes = 0
         self.queued_seq = acked_seq  # the last seq handed to the queue
+        self.told_seq = acked_seq  # the last seq on_commit was called for
         self._waiters: list[_Waiter] = []
         self._wake = threading.Lock()  # released to wake the shipper thread
         self._wake.acquire()
@@ -129,29 +135,25 @@ class Shipper:
                     raise ValueError(f"backlog seq {seq} where {self.queued_seq + 1} was due")
                 self._pending.append(Pending(seq, record, time_s))
                 self.pending_bytes += len(record)
-                self.queued_seq = seq
+                self.queued_seq = self.told_seq = seq
 
     def on_commit(self, seq: int, record: bytes) -> None:
-        """The engine's commit listener: queue a durable record, then wait if due."""
+        """The engine's commit listener: queue a durable record (unless offered
+        already), then wait if due."""
         fenced = self.fenced
         if fenced is not None:
             raise self._refused(fenced)
         with self._lock:
-            if seq <= self.queued_seq:
+            if seq <= self.told_seq:
                 # delivered again after this call raised (a sync timeout, a full
                 # backlog) for the commit that made it: queued already, and that
                 # commit was told. Waiting here again would keep the engine from
                 # handing over the records committed after it, which would then
                 # count in no lag and be shipped by no one until a later commit.
                 return
-            pending = self._pending
-            # queued already when an interrupt fell between the append and
-            # the count (then maybe shipped): count it, never queue it twice
-            if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
-                if seq != self.queued_seq + 1:
-                    raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
-                pending.append(Pending(seq, record, time.time()))
-            self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
+            if seq > self.queued_seq:  # (else offered before its fdatasync)
+                self._queue(seq, record)
+            self.told_seq = seq
             over = self.pending_bytes > self.max_lag_bytes
             idle = self._idle
         if idle or self._sync:
@@ -160,6 +162,29 @@ class Shipper:
             self._wait_for(seq, "the broker did not acknowledge it")
         elif over:
             self._wait_room()
+
+    def offer(self, seq: int, record: bytes) -> None:
+        """The engine's early listener with ``ack="sync"``: queue a record written
+        whole, just before the fdatasync that makes it durable, so that its
+        publish and that sync overlap; :meth:`on_commit` then only waits. A
+        record not next in line is left to ``on_commit``. Never blocks or raises.
+        """
+        with self._lock:
+            if self.fenced is not None or seq != self.queued_seq + 1:
+                return
+            self._queue(seq, record)
+        self._poke()
+
+    def _queue(self, seq: int, record: bytes) -> None:
+        """Under ``_lock``: append the record ``queued_seq + 1`` and count it."""
+        pending = self._pending
+        # queued already when an interrupt fell between the append and
+        # the count (then maybe shipped): count it, never queue it twice
+        if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
+            if seq != self.queued_seq + 1:
+                raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
+            pending.append(Pending(seq, record, time.time()))
+        self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
 
     def _refused(self, fenced: FencedError) -> FencedError:
         return FencedError(

@@ -1,7 +1,8 @@
 """An interrupt (KeyboardInterrupt) inside the commit listener, on a real nats-server.
 
-The engine delivers a record again when its listener raised; the shipper's
-queue must come out of that holding each seq once.
+The engine delivers a record again when its listener raised (and offers it
+again when its early listener, ack="sync", was cut); the shipper's queue
+must come out of that holding each seq once.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from tests.replication.test_replication import (
 
 
 def _interrupt_after_queue_append() -> Any:
-    """A trace function raising KeyboardInterrupt once, right after on_commit's append."""
-    code = Shipper.on_commit.__code__
-    lines, start = inspect.getsourcelines(Shipper.on_commit)
+    """A trace function raising KeyboardInterrupt once, right after the shipper
+    queue's append (of on_commit, or of offer with ack="sync")."""
+    code = Shipper._queue.__code__
+    lines, start = inspect.getsourcelines(Shipper._queue)
     append_line = next(start + i for i, text in enumerate(lines) if "pending.append(" in text)
     fired = [False]
 
@@ -48,11 +50,14 @@ def _interrupt_after_queue_append() -> Any:
     return tracer, fired
 
 
+@pytest.mark.parametrize("ack", ["async", "sync"])
 def test_an_interrupt_in_the_listener_after_queueing_ships_each_seq_once(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, ack: str
 ) -> None:
     clock = Clock()
-    source = open_replicated(tmp_path / "src", changelog(nats_server), clock)
+    # (ack="sync", sync="always": the record is queued by its offer, before its fdatasync)
+    sync = "always" if ack == "sync" else "none"
+    source = open_replicated(tmp_path / "src", changelog(nats_server, ack=ack), clock, sync=sync)
     source["k0"] = 0
     assert source.wait_replicated(10.0)
     tracer, fired = _interrupt_after_queue_append()
