@@ -270,8 +270,8 @@ class Engine:
         with self._lock:
             self.writer.check_writable()
             self.commit.listener = self.appender.deliver  # (first: does nothing without one)
+            self.appender.add_listener(listener, early)  # (refuses a second one)
             self.commit.before_sync = None if early is None else self.appender.offer
-            self.appender.add_listener(listener, early)
 
     @property
     def replication(self) -> Replication | None:

@@ -72,7 +72,8 @@ class Shipper:
     ``head_stream_seq``: the stream seq of the subject's last message when
     the shipper starts (what the first publish expects); ``acked_seq``: the
     last logstate seq the stream holds. ``on_ack(last_seq, stream_seq)`` is
-    called from the shipper's thread after each acknowledged message;
+    called from the shipper's thread after each acknowledged message (never
+    with a seq ``on_commit`` has not had: see ``_report_ack``);
     ``on_fenced(error)`` once, when another writer has taken over (it
     returns the error kept, its ``kept_aside`` counted under the engine's lock).
     """
@@ -110,6 +111,8 @@ class Shipper:
         self.pending_bytes = 0
         self.queued_seq = acked_seq  # the last seq handed to the queue
         self.told_seq = acked_seq  # the last seq on_commit was called for
+        # acknowledged (last seq, stream seq) not yet reported to on_ack (see _report_ack)
+        self._acks_ahead: deque[tuple[int, int]] = deque()
         self._waiters: list[_Waiter] = []
         self._wake = threading.Lock()  # released to wake the shipper thread
         self._wake.acquire()
@@ -283,6 +286,7 @@ class Shipper:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread() and not on_loop:
             thread.join(self.timeout_s + 1.0)
+        self._report_ack()  # (the engine's final delivery came before: all of it is told)
 
     def forget(self) -> None:
         """In a forked child: the thread is not there; never publish from here."""
@@ -354,7 +358,26 @@ class Shipper:
         self.acked_messages.append((stored_last, start_stream_seq))
         for waiter in waiters:
             waiter.wake()
-        self._on_ack(stored_last, stream_seq)
+        self._report_ack(stored_last, stream_seq)
+
+    def _report_ack(self, last_seq: int | None = None, stream_seq: int = 0) -> None:
+        """``on_ack`` with the newest acknowledged point whose records
+        :meth:`on_commit` has had (durable locally).
+
+        With ``ack="sync"`` the broker may acknowledge a record before its
+        local fdatasync returned (:meth:`offer`); the point ``on_ack`` saves
+        must never pass the local log, or a power loss would make the next
+        open take this copy for a diverged one. Such an acknowledgement is
+        reported at the next one, or at :meth:`stop`.
+        """
+        with self._lock:
+            if last_seq is not None:
+                self._acks_ahead.append((last_seq, stream_seq))
+            point = None
+            while self._acks_ahead and self._acks_ahead[0][0] <= self.told_seq:
+                point = self._acks_ahead.popleft()
+        if point is not None:
+            self._on_ack(*point)
 
     def _publish(
         self,

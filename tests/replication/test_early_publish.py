@@ -8,6 +8,12 @@
   of the local log with its own writer id and takes the record back from
   the stream (``Engine.ingest``), so its seq is never given to other data,
   and a restore elsewhere equals the reopened store;
+- the state file never holds an acknowledged point past the local log,
+  even when the broker acknowledged a record before its fdatasync returned:
+  after such a power loss and a takeover by another copy, the old copy is
+  "behind" (it catches up with ``restore="if-behind"``), not diverged;
+- a commit whose fdatasync fails after its publish: the storage refuses
+  writes, and reopened it holds the commit (the OS kept the written bytes);
 - with ``ack="async"`` nothing is published before it is durable locally.
 
     python -m pytest tests/replication/test_early_publish.py -q
@@ -15,15 +21,19 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from logstate import LocalFileStorage
+import pytest
+
+from logstate import LocalFileStorage, StorageFailedError
 from logstate._fs import FileSystem
-from logstate.replication import restore
+from logstate.replication import ReplicationError, restore
 from tests.faultfs import open_storage
 from tests.replication.servers import NatsServer
 from tests.replication.stores import Clock, store_state
@@ -142,3 +152,76 @@ def test_a_power_loss_between_the_publish_and_the_local_fdatasync_loses_nothing(
     restored = LocalFileStorage(tmp_path / "restored", clock=clock)
     assert store_state(restored) == expected
     restored.close()
+
+
+def test_after_a_power_loss_in_the_window_and_a_takeover_the_old_copy_is_behind_not_diverged(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    fs = SyncWatch()
+    store = open_storage(
+        fs,
+        tmp_path / "a",
+        changelog=changelog(nats_server, ack="sync"),
+        sync="always",
+        clock=clock,
+        auto_compact=False,
+    )
+    for i in range(10):
+        store[f"k{i}"] = i
+    replicator = store._engine.replication
+    assert replicator is not None
+    replicator._saved_at = -1e9  # type: ignore[attr-defined]  # (the next ack saves the file)
+
+    def power_loss(fd: int) -> None:
+        assert stream_holds(nats_server, 11)
+        time.sleep(0.2)  # (time for the shipper to have reported the ack, were it to)
+        segment = os.readlink(f"/proc/self/fd/{fd}")
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        os.truncate(tmp_path / "b" / os.path.basename(segment), fs.synced[segment])
+
+    fs.before = power_loss
+    store["lost locally"] = "in the stream"
+    store._engine.abandon()
+    saved = json.loads((tmp_path / "b" / "replication.json").read_text())
+    assert saved["acked_seq"] <= 10  # never past what the copy's log holds
+
+    # another copy takes the partition over from the stream (record 11 included)
+    other = open_replicated(tmp_path / "c", changelog(nats_server), clock, restore="if-missing")
+    assert other["lost locally"] == "in the stream"
+    other["by the new writer"] = 1
+    assert other.wait_replicated(10.0)
+    other.close()
+
+    with pytest.raises(ReplicationError, match="is behind the stream"):
+        open_replicated(tmp_path / "b", changelog(nats_server), clock)
+    again = open_replicated(tmp_path / "b", changelog(nats_server), clock, restore="if-behind")
+    assert again["lost locally"] == "in the stream" and again["by the new writer"] == 1
+    again.close()
+
+
+def test_a_commit_whose_fdatasync_fails_after_its_publish_is_there_when_reopened(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    fs = SyncWatch()
+    store = open_storage(
+        fs, tmp_path / "a", changelog=changelog(nats_server, ack="sync"), sync="always", clock=clock
+    )
+    store["k"] = 1
+
+    def failing(_fd: int) -> None:
+        assert stream_holds(nats_server, 2)
+        raise OSError(errno.EIO, "fdatasync failed (injected)")
+
+    fs.before = failing
+    with pytest.raises(OSError, match="injected"):
+        store["published"] = "then its fdatasync failed"
+    with pytest.raises(StorageFailedError):
+        store["refused"] = "the storage refuses writes after a failed fdatasync"
+    store.close()
+    again = open_replicated(tmp_path / "a", changelog(nats_server, ack="sync"), clock)
+    assert again["published"] == "then its fdatasync failed" and "refused" not in again
+    again["after"] = 1
+    assert [last for _first, last in subject_seqs(nats_server)][-1] == 3
+    again.close()
