@@ -189,7 +189,6 @@ class Replicator:
         state.acked_seq, state.acked_stream_seq = shipper.acked_seq, shipper.head_stream_seq
         save_state(self.path, state)
         engine.compactor.hold = self.hold_compaction
-        # ack="sync": each record is published while its fdatasync runs (offer)
         engine.add_commit_listener(shipper.on_commit, shipper.offer if cl.ack == "sync" else None)
         shipper.start(f"logstate-ship:{self.path}")
 
@@ -320,7 +319,8 @@ class Replicator:
 
     # ------------------------------------------------------------------ snapshots
     def _start_snapshot_thread(self) -> None:
-        if self._snapshot_thread is not None and self._snapshot_thread.is_alive():
+        thread = self._snapshot_thread
+        if self.closed or (thread is not None and thread.is_alive()):  # (none at close)
             return
 
         def run() -> None:
