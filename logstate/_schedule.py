@@ -101,10 +101,17 @@ class CompactionScheduler:
         self._wake.release()  # C call: the request is made, or it was not
 
     def hold_back(self) -> None:
-        """Hold a writer back while compaction is a whole segment behind (outside the lock)."""
-        if self.backlog and not self._life.closing:
+        """Hold a writer back while compaction is a whole segment behind (outside the lock).
+
+        Until the compaction ends: it holds the gate while it runs, and one
+        requested but not started yet (its thread not scheduled) does not
+        hold it yet, so the writer looks again after a short sleep.
+        """
+        while self.backlog and not self._life.closing:
             with self.gate:  # held by the compactor while it runs
                 pass
+            if self.backlog:
+                time.sleep(0.0005)  # (requested, not started; or ended, flags not cleared yet)
 
     def wait_idle(self) -> None:
         """Return once no background compaction is requested or running."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,24 @@ def test_a_hot_store_stays_within_twice_its_live_data_plus_the_compaction_trigge
         assert engine.stats()["live_bytes"] == live
         assert peak <= bound, f"disk use reached {peak} bytes; bound {bound} (live {live})"
         assert len(store) == keys
+
+
+def test_a_writer_is_held_back_while_the_compaction_is_requested_but_not_started(
+    tmp_path: Path,
+) -> None:
+    # the compactor thread not scheduled yet: it does not hold the gate, and a
+    # writer held back by the backlog must wait for it all the same
+    with LocalFileStorage(tmp_path, sync="none", compact_min_size=4096) as store:
+        scheduler = store._engine.scheduler
+        lock = store._engine._lock
+        with lock:
+            scheduler.compacting = scheduler.backlog = True  # (as on_roll leaves them)
+        assert not scheduler.gate.locked()
+        held = threading.Thread(target=scheduler.hold_back)
+        held.start()
+        held.join(0.2)
+        assert held.is_alive(), "the writer was let through before the compaction ran"
+        with lock:
+            scheduler.compacting = scheduler.backlog = False  # (as the compactor's end does)
+        held.join(5.0)
+        assert not held.is_alive()
