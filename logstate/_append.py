@@ -119,11 +119,13 @@ class Appender(_AppendBase):
         assert active is not None
         size = len(record)
         if active.size + size > self.roll_size and active.size > SEGMENT_HEADER_SIZE:
+            total, live = self._segments.total_size(), self._keydir.live_bytes
             if active.size + size > self.segment_size or self._scheduler.due(
-                self._segments.total_size(), self._keydir.live_bytes, early=True
+                total, live, early=True
             ):
                 active = self.roll()
-            else:  # look again after another step
+            else:  # look again after another step (and hold writers back if far behind)
+                self._scheduler.on_step(total, live, self.roll_step)
                 self.roll_size = min(self.segment_size, active.size + size + self.roll_step)
         offset = active.size
         self.in_flight = (active, offset, size, self.written_pos, ingested)

@@ -91,14 +91,28 @@ class CompactionScheduler:
         """
         if not self.due(total_size, live_size):
             return
-        options = self._options
         if self.compacting:
-            trigger_size = max(options.compact_min_size, live_size / (1 - options.compact_ratio))
-            if total_size >= trigger_size + segment_size:
-                self.backlog = True
+            self._hold_if_behind(total_size, live_size, segment_size)
             return
         self.compacting = True
         self._wake.release()  # C call: the request is made, or it was not
+
+    def on_step(self, total_size: int, live_size: int, step: int) -> None:
+        """The active segment grew another ``step`` bytes without a roll (a
+        compaction is running, so it is not sealed early). Under the write lock.
+
+        Once the store is a whole step past the trigger size, writers are held
+        back (``backlog``) until the compaction ends, as at a roll: a slow
+        compaction does not let the active segment grow to its full size.
+        """
+        if self.compacting and self.due(total_size, live_size):
+            self._hold_if_behind(total_size, live_size, step)
+
+    def _hold_if_behind(self, total_size: int, live_size: int, margin: int) -> None:
+        options = self._options
+        trigger_size = max(options.compact_min_size, live_size / (1 - options.compact_ratio))
+        if total_size >= trigger_size + margin:
+            self.backlog = True
 
     def hold_back(self) -> None:
         """Hold a writer back while compaction is a whole segment behind (outside the lock).

@@ -80,3 +80,23 @@ def test_a_writer_is_held_back_while_the_compaction_is_requested_but_not_started
             scheduler.compacting = scheduler.backlog = False  # (as the compactor's end does)
         held.join(5.0)
         assert not held.is_alive()
+
+
+def test_a_running_compaction_too_far_behind_holds_writers_back_between_rolls(
+    tmp_path: Path,
+) -> None:
+    # with a compaction running, the active segment is not sealed early; every
+    # step it grows past the trigger size by a whole step holds writers back
+    with LocalFileStorage(tmp_path, sync="none", compact_min_size=1 << 20) as store:
+        scheduler = store._engine.scheduler
+        step = store._engine.appender.roll_step
+        trigger = 1 << 20  # (live bytes are few: the minimum size is the trigger)
+        with store._engine._lock:
+            scheduler.on_step(trigger + step, 0, step)
+            assert not scheduler.backlog  # no compaction running: nothing to wait for
+            scheduler.compacting = True
+            scheduler.on_step(trigger + step - 1, 0, step)
+            assert not scheduler.backlog  # not a whole step behind yet
+            scheduler.on_step(trigger + step, 0, step)
+            assert scheduler.backlog
+            scheduler.compacting = scheduler.backlog = False
