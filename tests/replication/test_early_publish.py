@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +56,21 @@ class SyncWatch(FileSystem):
         super().fdatasync(fd)
         self.synced[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
 
+    def power_loss_copy(self, fd: int, store: Path, copy: Path) -> int:
+        """Copy ``store`` to ``copy`` as a power loss now would leave it: the
+        segment open as ``fd`` cut back to its last fdatasync. The bytes cut."""
+        segment = os.readlink(f"/proc/self/fd/{fd}")
+        shutil.copytree(store, copy)
+        os.truncate(copy / os.path.basename(segment), self.synced[segment])
+        return os.path.getsize(segment) - self.synced[segment]
+
+
+def watched_store(
+    fs: SyncWatch, path: Path, server: NatsServer, ack: str, **options: Any
+) -> LocalFileStorage:
+    """A store with a changelog and sync="always", its I/O through ``fs``."""
+    return open_storage(fs, path, changelog=changelog(server, ack=ack), sync="always", **options)
+
 
 def stream_holds(server: NatsServer, seq: int, within_s: float = 3.0) -> bool:
     """Does the partition's subject hold ``seq``, now or within ``within_s``?"""
@@ -72,9 +88,7 @@ def test_with_ack_sync_the_broker_holds_a_record_before_its_local_fdatasync_retu
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     fs = SyncWatch()
-    store = open_storage(
-        fs, tmp_path / "a", changelog=changelog(nats_server, ack="sync"), sync="always"
-    )
+    store = watched_store(fs, tmp_path / "a", nats_server, "sync")
     seen: list[tuple[int, bool]] = []
     for i in range(3):
 
@@ -93,9 +107,7 @@ def test_with_ack_async_nothing_is_published_before_its_local_fdatasync(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     fs = SyncWatch()
-    store = open_storage(
-        fs, tmp_path / "a", changelog=changelog(nats_server, ack="async"), sync="always"
-    )
+    store = watched_store(fs, tmp_path / "a", nats_server, "async")
     seen: list[bool] = []
 
     def before(_fd: int) -> None:
@@ -113,14 +125,7 @@ def test_a_power_loss_between_the_publish_and_the_local_fdatasync_loses_nothing(
 ) -> None:
     clock = Clock()
     fs = SyncWatch()
-    store = open_storage(
-        fs,
-        tmp_path / "a",
-        changelog=changelog(nats_server, ack="sync"),
-        sync="always",
-        clock=clock,
-        auto_compact=False,
-    )
+    store = watched_store(fs, tmp_path / "a", nats_server, "sync", clock=clock, auto_compact=False)
     for i in range(10):
         store[f"k{i}"] = f"value {i}"
     cut: list[int] = []
@@ -129,11 +134,7 @@ def test_a_power_loss_between_the_publish_and_the_local_fdatasync_loses_nothing(
         # the record is in the stream, and only in the OS's cache locally:
         # the copy keeps of its segment what the last fdatasync made durable
         assert stream_holds(nats_server, 11)
-        segment = os.readlink(f"/proc/self/fd/{fd}")
-        shutil.copytree(tmp_path / "a", tmp_path / "b")
-        copy = tmp_path / "b" / os.path.basename(segment)
-        os.truncate(copy, fs.synced[segment])
-        cut.append(os.path.getsize(segment) - fs.synced[segment])
+        cut.append(fs.power_loss_copy(fd, tmp_path / "a", tmp_path / "b"))
 
     fs.before = power_loss
     store["lost locally"] = "but in the stream"
@@ -159,14 +160,7 @@ def test_after_a_power_loss_in_the_window_and_a_takeover_the_old_copy_is_behind_
 ) -> None:
     clock = Clock()
     fs = SyncWatch()
-    store = open_storage(
-        fs,
-        tmp_path / "a",
-        changelog=changelog(nats_server, ack="sync"),
-        sync="always",
-        clock=clock,
-        auto_compact=False,
-    )
+    store = watched_store(fs, tmp_path / "a", nats_server, "sync", clock=clock, auto_compact=False)
     for i in range(10):
         store[f"k{i}"] = i
     replicator = store._engine.replication
@@ -176,9 +170,7 @@ def test_after_a_power_loss_in_the_window_and_a_takeover_the_old_copy_is_behind_
     def power_loss(fd: int) -> None:
         assert stream_holds(nats_server, 11)
         time.sleep(0.2)  # (time for the shipper to have reported the ack, were it to)
-        segment = os.readlink(f"/proc/self/fd/{fd}")
-        shutil.copytree(tmp_path / "a", tmp_path / "b")
-        os.truncate(tmp_path / "b" / os.path.basename(segment), fs.synced[segment])
+        assert fs.power_loss_copy(fd, tmp_path / "a", tmp_path / "b") > 0
 
     fs.before = power_loss
     store["lost locally"] = "in the stream"
@@ -205,9 +197,7 @@ def test_a_commit_whose_fdatasync_fails_after_its_publish_is_there_when_reopened
 ) -> None:
     clock = Clock()
     fs = SyncWatch()
-    store = open_storage(
-        fs, tmp_path / "a", changelog=changelog(nats_server, ack="sync"), sync="always", clock=clock
-    )
+    store = watched_store(fs, tmp_path / "a", nats_server, "sync", clock=clock)
     store["k"] = 1
 
     def failing(_fd: int) -> None:
