@@ -10,8 +10,8 @@
  * Writer.write_keys (encode_keys, index_keys).
  * Must never: read a Python attribute by name on a hot path, run Python code
  * while it holds the write lock, re-implement an unusual case (a roll, a
- * failed or closed engine, a record in flight, listeners, an index that
- * watches sets, a test's file system, a backlog): those call the Python
+ * failed or closed engine, a record in flight, an index that watches sets,
+ * a test's file system, a backlog): those call the Python
  * path (Writer._set_python, Reader._get_python), which is the reference.
  * Every rule copied from Python is marked "copy of" here and there, and
  * tests/test_native_equal.py proves both write the same bytes.
@@ -49,6 +49,9 @@ static PyObject *str_settle;       /* "settle" */
 static PyObject *str_backlog;      /* "backlog" */
 static PyObject *str_compacting;   /* "compacting" */
 static PyObject *str_max_body;     /* "_MAX_BODY_SIZE" */
+static PyObject *str_append;       /* "append" */
+static PyObject *str_deliver;      /* "deliver" */
+static PyTypeObject *deque_type;   /* collections.deque */
 static PyObject *int_64;           /* 64 */
 static PyObject *int_74;           /* 74 */
 
@@ -212,8 +215,11 @@ static PyMemberDef keydir_members[] = {
 /* ----------------------------------------------------------------------- AppendBase */
 typedef struct {
     PyObject_HEAD
-    PyObject *in_flight; /* None, or the record whose bookkeeping is unfinished */
-    PyObject *listener;  /* None, or the commit listener */
+    PyObject *in_flight;   /* None, or the record whose bookkeeping is unfinished */
+    PyObject *listener;    /* None, or the commit listener */
+    PyObject *early;       /* None, or the early listener */
+    PyObject *undelivered; /* deque of (seq, end pos, record) for the listener */
+    PyObject *unoffered;   /* deque of (seq, end pos, record) for the early listener */
     long long seq;
     long long written_pos;
     long long roll_size;
@@ -222,6 +228,9 @@ typedef struct {
 static PyMemberDef append_members[] = {
     OBJ("in_flight", AppendBase, in_flight),
     OBJ("listener", AppendBase, listener),
+    OBJ("early", AppendBase, early),
+    OBJ("_undelivered", AppendBase, undelivered),
+    OBJ("_unoffered", AppendBase, unoffered),
     LL("seq", AppendBase, seq),
     LL("written_pos", AppendBase, written_pos),
     LL("roll_size", AppendBase, roll_size),
@@ -505,7 +514,7 @@ object_count(PyTypeObject *type)
             return 1;
         }
         if (type == &AppendBaseType) {
-            return 2;
+            return 5;
         }
         if (type == &WriterBaseType) {
             return 12;
@@ -544,7 +553,8 @@ BASE_TYPE(SegmentSetBaseType, "SegmentSetBase", SegmentSetBase, segment_set_memb
 BASE_TYPE(KeydirBaseType, "KeydirBase", KeydirBase, keydir_members,
           "Hot fields of _keydir.Keydir (watch, live_bytes).");
 BASE_TYPE(AppendBaseType, "AppendBase", AppendBase, append_members,
-          "Hot fields of _append.Appender (seq, written_pos, in_flight, roll_size, listener).");
+          "Hot fields of _append.Appender (seq, written_pos, in_flight, roll_size, the "
+          "listeners and their queues).");
 
 /* ======================================================================= helpers */
 /* the field, if obj is an instance of type (else NULL) */
@@ -798,6 +808,36 @@ writer_set(WriterBase *self, PyObject *const *args, Py_ssize_t nargs)
     return writer_set_impl(self, args[0], args[1], args[2], &a);
 }
 
+/* The listener's queues are plain deques (else the Python path queues). */
+static int
+listener_queues_plain(const AppendBase *ap)
+{
+    return ap->undelivered != NULL && Py_IS_TYPE(ap->undelivered, deque_type)
+           && ap->early != NULL
+           && (ap->early == Py_None
+               || (ap->unoffered != NULL && Py_IS_TYPE(ap->unoffered, deque_type)));
+}
+
+/* Appender.queue(seq, end_pos, record) with its tuple made: 0, or -1 with an
+ * error (memory) and the record maybe in the first deque (settle looks). */
+static int
+queue_record(AppendBase *ap, PyObject *queued)
+{
+    PyObject *done = PyObject_CallMethodOneArg(ap->undelivered, str_append, queued);
+    if (done == NULL) {
+        return -1;
+    }
+    Py_DECREF(done);
+    if (ap->early != Py_None) {
+        done = PyObject_CallMethodOneArg(ap->unoffered, str_append, queued);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    return 0;
+}
+
 static PyObject *
 writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *key,
                 const SetArgs *a)
@@ -826,11 +866,14 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
     lock->locked = 1;
     Py_INCREF(lock); /* (the GIL is released around the write: held whatever Python does) */
     /* from here to the release no Python code runs: an interrupt lands before or after */
-    PyObject *record = NULL, *loc = NULL, *old = NULL, *index = NULL;
+    PyObject *record = NULL, *loc = NULL, *old = NULL, *index = NULL, *queued = NULL;
     SegmentBase *active = NULL;
     long long end_pos = 0;
+    /* a commit listener: the record is queued for it as Appender.queue does */
+    int listening = ap->listener != NULL && ap->listener != Py_None;
     if (life->blocked == NULL || truth(life->blocked) != 0 || ap->in_flight != Py_None
-        || ap->listener != Py_None || keydir->watch == NULL || truth(keydir->watch) != 0) {
+        || (listening && !listener_queues_plain(ap)) || keydir->watch == NULL
+        || truth(keydir->watch) != 0) {
         goto unlock_python;
     }
     PyObject *backlog = PyDict_GetItemWithError(self->scheduler_state, str_backlog);
@@ -937,9 +980,16 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
                      == NULL) {
         goto unlock_error;
     }
+    /* the listener's queue entry too (copy of Appender.queue's tuple) */
+    if (listening
+        && (queued = Py_BuildValue("(LLO)", seq, pos_before + size, record)) == NULL) {
+        Py_XDECREF(pending);
+        goto unlock_error;
+    }
     int error = write_all(active->fd, (const char *)p, (size_t)size);
     if (error) {
         Py_XDECREF(pending);
+        Py_CLEAR(queued);
         /* copy of the Python path's "except OSError: self._life.fail(exc); raise" */
         errno = error;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -970,8 +1020,13 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
     else {
         stored = index_set(index, key, loc);
     }
+    /* copy of Appender.queue (the deques' append: no Python code runs) */
+    if (stored >= 0 && queued != NULL) {
+        stored = queue_record(ap, queued);
+    }
     if (stored < 0) {
-        /* copy of the Python path's "except BaseException": settle from the file */
+        /* copy of the Python path's "except BaseException": settle from the file
+         * (which queues the record for the listener if it is not queued yet) */
         PyObject *exc = take_exception();
         if (pending == NULL) { /* (a KeyMap's store that failed after all) */
             pending = Py_BuildValue("(OLLLO)", (PyObject *)active, offset, size, pos_before,
@@ -991,6 +1046,7 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         goto unlock_error;
     }
     Py_XDECREF(pending);
+    Py_XDECREF(queued);
     keydir->live_bytes += size - old_size;
     Py_DECREF(active);
     Py_DECREF(index);
@@ -1013,9 +1069,18 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         }
         Py_DECREF(done);
     }
+    /* copy of Writer._after_write's next step: give the listener what is durable */
+    if (listening) {
+        PyObject *done = PyObject_CallMethodNoArgs((PyObject *)self, str_deliver);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
     Py_RETURN_NONE;
 
 unlock_error:
+    Py_XDECREF(queued);
     Py_XDECREF(active);
     Py_XDECREF(index);
     Py_XDECREF(old);
@@ -1530,7 +1595,22 @@ ls_fast_init(PyObject *module)
 {
     if (intern(&str_set_python, "_set_python") < 0 || intern(&str_get_python, "_get_python") < 0
         || intern(&str_fail, "fail") < 0 || intern(&str_settle, "settle") < 0
-        || intern(&str_backlog, "backlog") < 0 || intern(&str_compacting, "compacting") < 0 || intern(&str_max_body, "_MAX_BODY_SIZE") < 0) {
+        || intern(&str_backlog, "backlog") < 0 || intern(&str_compacting, "compacting") < 0
+        || intern(&str_max_body, "_MAX_BODY_SIZE") < 0 || intern(&str_append, "append") < 0
+        || intern(&str_deliver, "deliver") < 0) {
+        return -1;
+    }
+    PyObject *collections = PyImport_ImportModule("collections");
+    if (collections == NULL) {
+        return -1;
+    }
+    deque_type = (PyTypeObject *)PyObject_GetAttrString(collections, "deque");
+    Py_DECREF(collections);
+    if (deque_type == NULL) {
+        return -1;
+    }
+    if (!PyType_Check(deque_type)) {
+        PyErr_SetString(PyExc_TypeError, "collections.deque is not a type");
         return -1;
     }
     int_64 = PyLong_FromLong(64);

@@ -293,7 +293,10 @@ class Appender(_AppendBase):
         self.early = early
 
     def queue(self, seq: int, end_pos: int, record: bytes) -> None:
-        """Hold a committed record for the listener until it is durable."""
+        """Hold a committed record for the listener until it is durable.
+
+        Copied in C by ``WriterBase.set`` (csrc/fast.c ``queue_record``: the
+        same tuple on both deques; tests/test_native_listener.py)."""
         self._undelivered.append((seq, end_pos, record))
         if self.early is not None:
             self._unoffered.append((seq, end_pos, record))

@@ -16,7 +16,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -62,9 +62,19 @@ def python_path() -> Iterator[None]:
         _writer.FAST_PATHS, _reader.FAST_PATHS, _handle.FAST_PATHS = saved
 
 
-def run(path: str, ops: list[tuple[object, ...]]) -> tuple[list[object], dict[str, object]]:
-    """Run ``ops`` on a new store at ``path``; what the reads saw, and the index."""
-    store = LocalFileStorage(path, sync="none", auto_compact=False)
+def run(
+    path: str,
+    ops: list[tuple[object, ...]],
+    attach: Callable[[LocalFileStorage], None] | None = None,
+    sync: str = "none",
+) -> tuple[list[object], dict[str, object]]:
+    """Run ``ops`` on a new store at ``path``; what the reads saw, and the index.
+
+    ``attach``: called with the store before the ops (to add a listener).
+    """
+    store = LocalFileStorage(path, sync=sync, auto_compact=False)
+    if attach is not None:
+        attach(store)
     seen: list[object] = []
 
     def sub(name: object) -> LocalFileStorage:
