@@ -282,19 +282,9 @@ class Connection:
     ) -> T:
         """Run ``work`` on the loop bounded by ``total_s`` (default ``timeout_s``)."""
         bound = timeout_s if total_s is None else total_s
-
-        async def bounded() -> T:
-            if sys.version_info >= (3, 11):
-                # a deadline on this task: no task of its own around ``work``, so
-                # fewer loop steps, each one more hand-over of the GIL between
-                # threads (a publish is the call made for every message)
-                async with asyncio.timeout(bound):
-                    return await work
-            return await asyncio.wait_for(work, bound)
-
         try:
             try:
-                return _loop.run(bounded(), bound)
+                return _loop.run(_bounded(work, bound), bound)
             finally:
                 if inspect.getcoroutinestate(work) == inspect.CORO_CREATED:
                     work.close()  # the loop refused it: no "never awaited" warning
@@ -320,6 +310,22 @@ class Connection:
         except nats.errors.Error as exc:
             raise ReplicationError(stream, "", f"{what}: {type(exc).__name__}: {exc}") from exc
 
+    def _start(
+        self, work: Coroutine[Any, Any, T], timeout_s: float
+    ) -> concurrent.futures.Future[T] | None:
+        """Start ``work`` on the loop bounded by ``timeout_s`` and return at once:
+        its future, whose exception is nats-py's or the loop's as raised
+        (not turned into logstate's); None (``work`` closed) when not
+        connected now, in a forked child or from the loop thread."""
+        nc = self._nc
+        if self._pid != os.getpid() or self._released or nc is None or not nc.is_connected:
+            work.close()
+            return None
+        future = _loop.submit(_bounded(work, timeout_s))
+        if future is None:
+            work.close()  # (never started: no "never awaited" warning)
+        return future
+
     @property
     def connected(self) -> bool:
         nc = self._nc
@@ -334,6 +340,17 @@ class Connection:
         if "error" in answer:
             raise api_error(stream, subject, answer["error"])
         return answer
+
+
+async def _bounded(work: Coroutine[Any, Any, T], bound: float) -> T:
+    """``work`` with a deadline of ``bound`` seconds."""
+    if sys.version_info >= (3, 11):
+        # a deadline on this task: no task of its own around ``work``, so
+        # fewer loop steps, each one more hand-over of the GIL between
+        # threads (a publish is the call made for every message)
+        async with asyncio.timeout(bound):
+            return await work
+    return await asyncio.wait_for(work, bound)
 
 
 os.register_at_fork(after_in_child=Connection._forget_in_child)

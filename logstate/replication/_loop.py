@@ -3,8 +3,9 @@
 Owns: the process's private event loop on which every NATS connection of
 logstate lives, started lazily in a daemon thread, and :func:`run`, which
 hands a coroutine to it from any other thread and waits for the result with
-a bound. After ``os.fork`` the child forgets the parent's loop (it has no
-thread in the child) and starts its own on first use.
+a bound (:func:`submit`: starts it and returns its future). After
+``os.fork`` the child forgets the parent's loop (it has no thread in the
+child) and starts its own on first use.
 Must never: run a coroutine in the caller's thread (no ``asyncio.run``, no
 ``run_until_complete``: the caller may be running a loop of its own, as
 Faust's threads do); wait without a timeout; be called from its own loop
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread", "keep_in_child", "loop_thread", "on_loop_thread", "run"]
+__all__ = ["LoopThread", "keep_in_child", "loop_thread", "on_loop_thread", "run", "submit"]
 
 T = TypeVar("T")
 
@@ -75,6 +76,15 @@ class LoopThread:
                 f"the replication event loop gave no result within {timeout_s:g} s"
             ) from None
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T] | None:
+        """Start ``coro`` on the loop and return at once: its future (done on
+        the loop thread), or None, ``coro`` closed, from the loop thread
+        itself or in a forked child. ``coro`` must bound itself."""
+        if threading.current_thread() is self.thread or os.getpid() != self.pid:
+            coro.close()
+            return None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
 
 _lock = threading.Lock()
 _current: LoopThread | None = None
@@ -95,6 +105,11 @@ def loop_thread() -> LoopThread:
 def run(coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
     """:meth:`LoopThread.run` on this process's loop."""
     return loop_thread().run(coro, timeout_s)
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T] | None:
+    """:meth:`LoopThread.submit` on this process's loop."""
+    return loop_thread().submit(coro)
 
 
 def on_loop_thread() -> bool:

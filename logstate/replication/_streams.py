@@ -15,11 +15,13 @@ closing the connection (payload + headers over ``max_payload``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from logstate._errors import ReplicationError
@@ -156,6 +158,28 @@ class StreamCalls(Connection):
     ) -> PubAck:
         """:meth:`publish`, returning the whole ack (stream, seq, duplicate)."""
         nc = self._connection(timeout_s)
+        self._check_size(subject, payload, headers)
+        work = _publish(nc, subject, payload, headers, timeout_s)
+        return self._call("", f"publish to {subject}", work, timeout_s)
+
+    def start_publish(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float
+    ) -> concurrent.futures.Future[PubAck] | None:
+        """Start :meth:`publish_ack` on the loop and return at once: its future.
+
+        Its result is the ack; its exception is the raw one (nats-py's, the
+        loop's timeout, :class:`ApiError` and :class:`WrongLastSequence`),
+        not turned into logstate's: a caller that gets one publishes again
+        with :meth:`publish_ack` to learn what it means. None (nothing sent)
+        when the connection is not connected now, in a forked child, from the
+        loop thread, or when the message is over ``max_payload``.
+        """
+        nc = self._nc
+        if nc is None or len(payload) + headers_size(headers) > self.max_payload:
+            return None
+        return self._start(_publish(nc, subject, payload, headers, timeout_s), timeout_s)
+
+    def _check_size(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
         size = len(payload) + headers_size(headers)
         if size > self.max_payload:
             # the server would close the connection ("Maximum Payload Violation")
@@ -166,35 +190,6 @@ class StreamCalls(Connection):
                 f"{size - len(payload)} of headers exceed the server's max_payload "
                 f"{self.max_payload}",
             )
-
-        async def work() -> PubAck:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout_s
-            delay_s = NO_RESPONDERS_FIRST_WAIT_S
-            while True:
-                try:
-                    msg = await nc.request(
-                        subject,
-                        payload,
-                        timeout=max(0.001, deadline - loop.time()),
-                        headers=headers or None,
-                    )
-                    break
-                except nats.errors.NoRespondersError:
-                    # nothing was stored: the stream is new, electing a leader,
-                    # or absent; ask again until the deadline
-                    if loop.time() + delay_s >= deadline:
-                        raise
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, NO_RESPONDERS_MAX_WAIT_S)
-            answer = json.loads(msg.data)
-            if "error" in answer:
-                raise api_error(str(answer.get("stream") or ""), subject, answer["error"])
-            return PubAck(
-                str(answer["stream"]), int(answer["seq"]), bool(answer.get("duplicate", False))
-            )
-
-        return self._call("", f"publish to {subject}", work(), timeout_s)
 
     def last_message(self, stream: str, subject: str, timeout_s: float) -> Message | None:
         """The subject's last message (asked of the stream leader); None if it has none.
@@ -377,3 +372,32 @@ class StreamCalls(Connection):
             timeout_s,
         )
         return int(answer.get("purged", 0))
+
+
+async def _publish(
+    nc: NATS, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float
+) -> PubAck:
+    """One JetStream publish and its ack (no responders: asked again until the deadline)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay_s = NO_RESPONDERS_FIRST_WAIT_S
+    while True:
+        try:
+            msg = await nc.request(
+                subject,
+                payload,
+                timeout=max(0.001, deadline - loop.time()),
+                headers=headers or None,
+            )
+            break
+        except nats.errors.NoRespondersError:
+            # nothing was stored: the stream is new, electing a leader,
+            # or absent; ask again until the deadline
+            if loop.time() + delay_s >= deadline:
+                raise
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, NO_RESPONDERS_MAX_WAIT_S)
+    answer = json.loads(msg.data)
+    if "error" in answer:
+        raise api_error(str(answer.get("stream") or ""), subject, answer["error"])
+    return PubAck(str(answer["stream"]), int(answer["seq"]), bool(answer.get("duplicate", False)))

@@ -1,0 +1,186 @@
+"""The first try (``ack="sync"``): the committing thread starts the publish, on a real server.
+
+- a sync commit that is the only record queued is published by the thread
+  that commits it (from the offer before its fdatasync, or from the commit
+  listener with sync="none"), never by the shipper's thread, one message each;
+- a first try whose answer is lost (the broker stored it) is published again
+  by the shipper's thread under the same message id, and stored once;
+- a first try answered "duplicate", or not at all, is left to the shipper's
+  thread (taken over at its deadline): stored once, nothing hangs;
+- writers in four threads: every seq once, in order.
+
+    python -m pytest tests/replication/test_first_try.py -q
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from logstate import LocalFileStorage
+from logstate.replication import ReplicationError
+from logstate.replication._client import Client
+from logstate.replication._replicator import Replicator
+from logstate.replication._shipper import Shipper
+from logstate.replication._streams import PubAck
+from tests.replication.servers import NatsServer
+from tests.replication.stores import Clock
+from tests.replication.test_replication import (
+    assert_exactly_once,
+    changelog,
+    open_replicated,
+    subject_seqs,
+)
+
+Answer = concurrent.futures.Future[PubAck]
+
+
+def sync_store(server: NatsServer, path: Path, sync: str, **options: Any) -> LocalFileStorage:
+    store = open_replicated(path, changelog(server, ack="sync", **options), Clock(), sync=sync)
+    assert store.wait_replicated(10.0)
+    return store
+
+
+def client_of(store: LocalFileStorage) -> Client:
+    """The replication client of ``store`` (one shared connection)."""
+    replicator = store._engine.replication
+    assert isinstance(replicator, Replicator)
+    return replicator.client
+
+
+def count_thread_publishes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The messages the shipper's thread publishes (``Shipper._ship_next`` calls)."""
+    calls: list[int] = []
+    ship_next = Shipper._ship_next
+
+    def counted(self: Shipper) -> None:
+        calls.append(1)
+        ship_next(self)
+
+    monkeypatch.setattr(Shipper, "_ship_next", counted)
+    return calls
+
+
+def first_tries(
+    monkeypatch: pytest.MonkeyPatch,
+    store: LocalFileStorage,
+    answer: Callable[[Answer], Answer] | None = None,
+) -> list[str]:
+    """Note the thread of each first try; ``answer(real_future) -> future``, when
+    given, replaces the answer the committing thread gets."""
+    client = client_of(store)
+    real = client.start_publish
+    threads: list[str] = []
+
+    def start(subject: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> Any:
+        threads.append(threading.current_thread().name)
+        future = real(subject, payload, headers, timeout_s)
+        assert future is not None  # (connected: it was sent)
+        return future if answer is None else answer(future)
+
+    monkeypatch.setattr(client, "start_publish", start)
+    return threads
+
+
+@pytest.mark.parametrize("sync", ["always", "none"])
+def test_a_sync_commit_is_published_by_the_thread_that_commits_it(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+) -> None:
+    store = sync_store(nats_server, tmp_path / "a", sync)
+    by_thread = count_thread_publishes(monkeypatch)
+    tries = first_tries(monkeypatch, store)
+    for i in range(5):
+        store[f"k{i}"] = i  # returns once acknowledged
+        assert store.replication_lag() == (0, 0)
+    assert tries == [threading.current_thread().name] * 5
+    assert by_thread == []
+    assert subject_seqs(nats_server) == [(i, i) for i in range(1, 6)]
+    store.close()
+
+
+def test_a_first_try_whose_answer_is_lost_is_stored_once(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sync_store(nats_server, tmp_path / "a", "always")
+    by_thread = count_thread_publishes(monkeypatch)
+
+    def lost(real: Answer) -> Answer:
+        out: Answer = concurrent.futures.Future()
+        real.add_done_callback(lambda _: out.set_exception(TimeoutError("answer lost (test)")))
+        return out
+
+    tries = first_tries(monkeypatch, store, lost)
+    for i in range(3):
+        store[f"k{i}"] = i
+    assert len(tries) == 3
+    assert len(by_thread) == 3  # each published again: the broker's 10071, then its own id
+    assert subject_seqs(nats_server) == [(1, 1), (2, 2), (3, 3)]
+    store.close()
+
+
+def test_a_first_try_answered_duplicate_is_published_by_the_shipper(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sync_store(nats_server, tmp_path / "a", "always")
+    by_thread = count_thread_publishes(monkeypatch)
+
+    def duplicate(*_args: object) -> Answer:
+        out: Answer = concurrent.futures.Future()
+        out.set_result(PubAck("STATE", 999, True))  # (and nothing was sent)
+        return out
+
+    monkeypatch.setattr(client_of(store), "start_publish", duplicate)
+    store["k"] = 1
+    assert len(by_thread) == 1
+    assert subject_seqs(nats_server) == [(1, 1)]
+    store.close()
+
+
+def test_a_first_try_with_no_answer_is_taken_over_and_nothing_hangs(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sync_store(nats_server, tmp_path / "a", "always", timeout=0.5)
+    never: list[Answer] = []
+
+    def silent(*_args: object) -> Answer:
+        never.append(concurrent.futures.Future())  # (nothing sent, never answered)
+        return never[-1]
+
+    monkeypatch.setattr(client_of(store), "start_publish", silent)
+    with pytest.raises(ReplicationError, match="kept and will be shipped"):
+        store["k"] = 1
+    # the shipper's thread takes it over at its deadline (timeout + 2 s) and publishes it
+    assert store.wait_replicated(10.0)
+    assert never[0].cancelled()
+    assert subject_seqs(nats_server) == [(1, 1)]
+    assert store["k"] == 1
+    store.close()
+
+
+def test_writers_in_four_threads_ship_every_seq_once_in_order(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    store = sync_store(nats_server, tmp_path / "a", "always")
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(40):
+                store[f"t{n}-{i}"] = i
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.replication_lag() == (0, 0)
+    assert_exactly_once(subject_seqs(nats_server), 160)
+    store.close()
