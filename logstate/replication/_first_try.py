@@ -1,11 +1,13 @@
-"""The first try of a publish, started by the committing thread (``ack="sync"``).
+"""The first try of a publish, started by the committing thread.
 
 Owns: at most one publish that the thread committing a record started on the
-event loop itself, just before the fdatasync that makes the record durable
-(its future, the record and a deadline), and what its answer means. The
-shipper's thread would add two hand-overs between threads (from the
-committing thread to it, and from it back to the waiter) to the round trip
-every ``ack="sync"`` commit waits for.
+event loop itself (with ``ack="sync"`` just before the fdatasync that makes
+the record durable; with ``ack="async"`` for a record of
+``FIRST_TRY_MIN_BYTES`` or more, once durable): its future, the record and a
+deadline, and what its answer means. The shipper's thread would add two
+hand-overs between threads (from the committing thread to it, and from it
+back to the waiter) to the round trip every ``ack="sync"`` commit waits for;
+with ``ack="async"`` its work would land in the commits that come next.
 Must never: wait (it runs in the committing thread's sync turn, and its
 answer on the loop thread); decide anything but "stored, acknowledged" or
 "not known": anything else (an error, a timeout, a duplicate, a loop that

@@ -17,7 +17,8 @@ listener): it is queued and published while the disk syncs, and
 comes first. When it is the only record queued and nothing is being
 published, the committing thread starts its publish itself (the first
 try); the loop thread marks it acknowledged, or leaves it to the shipper's
-thread.
+thread. With ``ack="async"`` so does the thread that commits a record of
+``FIRST_TRY_MIN_BYTES`` or more (nothing would join it in its message).
 
 Waits use one plain lock per waiter, released by the shipper: an interrupt
 (KeyboardInterrupt) in a waiter leaves nothing held.
@@ -40,7 +41,11 @@ from logstate.replication._first_try import FirstTry
 from logstate.replication._streams import PubAck
 from logstate.replication._wire import Identity, Pending
 
-__all__ = ["ShipQueue"]
+__all__ = ["FIRST_TRY_MIN_BYTES", "ShipQueue"]
+
+# ack="async": a record this large is published by the thread that committed
+# it, at once (a first try): it fills a message of its own well enough
+FIRST_TRY_MIN_BYTES = 64 * 1024
 
 
 class _Waiter:
@@ -182,8 +187,10 @@ class ShipQueue:
     def _start_first(self) -> concurrent.futures.Future[PubAck] | None:
         """Under ``_lock``: the first try of the one queued record, if nothing
         else is queued or being published."""
-        if not self._sync or len(self._pending) != 1 or self._stopping or self.resume_chunk:
+        if len(self._pending) != 1 or self._stopping or self.resume_chunk:
             return None
+        if not self._sync and len(self._pending[0].record) < FIRST_TRY_MIN_BYTES:
+            return None  # (ack="async": small records wait for others to share a message)
         return self._first.start(self._pending[0], self.head_stream_seq)
 
     def _first_done(self, first: concurrent.futures.Future[PubAck]) -> None:
@@ -198,7 +205,11 @@ class ShipQueue:
             if ack is not None:
                 self.head_stream_seq = ack.stream_seq
                 waiters = self._stored(head.seq, ack.stream_seq, ack.stream_seq)
-            more = ack is None or bool(self._pending)
+            # an ack to report (by the shipper's thread; a sync commit whose
+            # record it is not told yet wakes it after its wait)
+            ahead = self._acks_ahead
+            told = bool(ahead) and ahead[0][0] <= self.told_seq
+            more = ack is None or bool(self._pending) or told
         for waiter in waiters:
             waiter.wake()
         if more:

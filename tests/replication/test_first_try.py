@@ -1,4 +1,4 @@
-"""The first try (``ack="sync"``): the committing thread starts the publish, on a real server.
+"""The first try: the committing thread starts the publish, on a real server.
 
 - a sync commit that is the only record queued is published by the thread
   that commits it (from the offer before its fdatasync, or from the commit
@@ -7,7 +7,10 @@
   by the shipper's thread under the same message id, and stored once;
 - a first try answered "duplicate", or not at all, is left to the shipper's
   thread (taken over at its deadline): stored once, nothing hangs;
-- writers in four threads: every seq once, in order.
+- writers in four threads: every seq once, in order;
+- with ``ack="async"`` a record of ``FIRST_TRY_MIN_BYTES`` or more is
+  published at once by the thread that committed it; a smaller one is left
+  to the shipper's thread (which lets others join it).
 
     python -m pytest tests/replication/test_first_try.py -q
 """
@@ -22,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from logstate import LocalFileStorage
+from logstate import InMemoryStorage, LocalFileStorage
 from logstate.replication import ReplicationError
 from logstate.replication._client import Client
+from logstate.replication._queue import FIRST_TRY_MIN_BYTES
 from logstate.replication._replicator import Replicator
 from logstate.replication._shipper import Shipper
 from logstate.replication._streams import PubAck
@@ -183,4 +187,23 @@ def test_writers_in_four_threads_ship_every_seq_once_in_order(
     assert errors == []
     assert store.replication_lag() == (0, 0)
     assert_exactly_once(subject_seqs(nats_server), 160)
+    store.close()
+
+
+def test_an_async_commit_of_a_large_record_is_published_at_once_by_its_thread(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_replicated(tmp_path / "a", changelog(nats_server), Clock(), sync="none")
+    assert store.wait_replicated(10.0)
+    by_thread = count_thread_publishes(monkeypatch)
+    tries = first_tries(monkeypatch, store)
+    memory = InMemoryStorage(store)
+    for i in range(FIRST_TRY_MIN_BYTES // 100 + 1):
+        memory[f"k{i}"] = b"v" * 100  # one group over FIRST_TRY_MIN_BYTES
+    memory.flush()
+    store["small"] = 1  # under it: left to the shipper's thread, which lingers
+    assert store.wait_replicated(10.0)
+    assert tries == [threading.current_thread().name]
+    assert len(by_thread) == 1
+    assert subject_seqs(nats_server) == [(1, 1), (2, 2)]
     store.close()
