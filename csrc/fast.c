@@ -8,8 +8,10 @@
  * attributes and stay the owners of every rule; the write lock type (Lock);
  * and the common case of Writer.set, Reader.get and the group of
  * Writer.write_keys (encode_keys, index_keys).
- * Must never: read a Python attribute by name on a hot path, run Python code
- * while it holds the write lock, re-implement an unusual case (a roll, a
+ * Must never: read a Python attribute by name on a hot path (but for the
+ * calls made by interned name with a listener: the deques' append, then
+ * Writer.deliver; and Writer._hold_back with a backlog), run Python code
+ * (or allocate an object the garbage collector tracks) while it holds the write lock, re-implement an unusual case (a roll, a
  * failed or closed engine, a record in flight, an index that watches sets,
  * a test's file system, a backlog): those call the Python
  * path (Writer._set_python, Reader._get_python), which is the reference.
@@ -51,6 +53,7 @@ static PyObject *str_compacting;   /* "compacting" */
 static PyObject *str_max_body;     /* "_MAX_BODY_SIZE" */
 static PyObject *str_append;       /* "append" */
 static PyObject *str_deliver;      /* "deliver" */
+static PyObject *str_hold_back;    /* "_hold_back" */
 static PyTypeObject *deque_type;   /* collections.deque */
 static PyObject *int_64;           /* 64 */
 static PyObject *int_74;           /* 74 */
@@ -842,6 +845,7 @@ static PyObject *
 writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *key,
                 const SetArgs *a)
 {
+    PyObject *queued = NULL; /* the listener's queue entry (see below) */
     if (!PyUnicode_CheckExact(ns) || !PyBytes_CheckExact(ns_bytes) || !PyUnicode_CheckExact(key)
         || self->fast != Py_True
         || self->lock == NULL
@@ -860,19 +864,26 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         || self->scheduler_state == NULL || !PyDict_Check(self->scheduler_state)) {
         goto python;
     }
+    /* With a commit listener, the tuple of its queue entry is made before the
+     * lock: a tuple is tracked by the garbage collector, and making one may run
+     * a collection, so Python code (finalizers), which must not run under the
+     * lock. Under it only the tuple's ints are made (not tracked). */
+    if (ap->listener != NULL && ap->listener != Py_None && (queued = PyTuple_New(3)) == NULL) {
+        return NULL;
+    }
     if (PyThread_acquire_lock_timed(lock->lock, 0, 0) != PY_LOCK_ACQUIRED) {
         goto python; /* taken: wait for it in Python (interruptible) */
     }
     lock->locked = 1;
     Py_INCREF(lock); /* (the GIL is released around the write: held whatever Python does) */
     /* from here to the release no Python code runs: an interrupt lands before or after */
-    PyObject *record = NULL, *loc = NULL, *old = NULL, *index = NULL, *queued = NULL;
+    PyObject *record = NULL, *loc = NULL, *old = NULL, *index = NULL;
     SegmentBase *active = NULL;
     long long end_pos = 0;
     /* a commit listener: the record is queued for it as Appender.queue does */
     int listening = ap->listener != NULL && ap->listener != Py_None;
     if (life->blocked == NULL || truth(life->blocked) != 0 || ap->in_flight != Py_None
-        || (listening && !listener_queues_plain(ap)) || keydir->watch == NULL
+        || (listening && (queued == NULL || !listener_queues_plain(ap))) || keydir->watch == NULL
         || truth(keydir->watch) != 0) {
         goto unlock_python;
     }
@@ -981,15 +992,22 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         goto unlock_error;
     }
     /* the listener's queue entry too (copy of Appender.queue's tuple) */
-    if (listening
-        && (queued = Py_BuildValue("(LLO)", seq, pos_before + size, record)) == NULL) {
-        Py_XDECREF(pending);
-        goto unlock_error;
+    if (listening) {
+        PyObject *seq_obj = PyLong_FromLongLong(seq);
+        PyObject *end_obj = PyLong_FromLongLong(pos_before + size);
+        if (seq_obj == NULL || end_obj == NULL) {
+            Py_XDECREF(seq_obj);
+            Py_XDECREF(end_obj);
+            Py_XDECREF(pending);
+            goto unlock_error;
+        }
+        PyTuple_SET_ITEM(queued, 0, seq_obj);
+        PyTuple_SET_ITEM(queued, 1, end_obj);
+        PyTuple_SET_ITEM(queued, 2, Py_NewRef(record));
     }
     int error = write_all(active->fd, (const char *)p, (size_t)size);
     if (error) {
         Py_XDECREF(pending);
-        Py_CLEAR(queued);
         /* copy of the Python path's "except OSError: self._life.fail(exc); raise" */
         errno = error;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -1021,7 +1039,7 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         stored = index_set(index, key, loc);
     }
     /* copy of Appender.queue (the deques' append: no Python code runs) */
-    if (stored >= 0 && queued != NULL) {
+    if (stored >= 0 && listening) {
         stored = queue_record(ap, queued);
     }
     if (stored < 0) {
@@ -1077,10 +1095,23 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         }
         Py_DECREF(done);
     }
+    /* and its last: a compaction a whole segment behind holds the writer back
+     * (set meanwhile by another writer's roll) */
+    PyObject *behind = PyDict_GetItemWithError(self->scheduler_state, str_backlog);
+    int held = behind == NULL ? (PyErr_Occurred() ? -1 : 0) : truth(behind);
+    if (held < 0) {
+        return NULL;
+    }
+    if (held) {
+        PyObject *done = PyObject_CallMethodNoArgs((PyObject *)self, str_hold_back);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
     Py_RETURN_NONE;
 
 unlock_error:
-    Py_XDECREF(queued);
     Py_XDECREF(active);
     Py_XDECREF(index);
     Py_XDECREF(old);
@@ -1089,6 +1120,7 @@ unlock_error:
     lock->locked = 0;
     PyThread_release_lock(lock->lock);
     Py_DECREF(lock);
+    Py_XDECREF(queued); /* (after the lock: nothing is freed under it) */
     return NULL;
 
 unlock_python:
@@ -1100,6 +1132,7 @@ unlock_python:
     PyThread_release_lock(lock->lock);
     Py_DECREF(lock);
 python:
+    Py_XDECREF(queued);
     return writer_set_python(self, ns, ns_bytes, key, a);
 }
 
@@ -1597,7 +1630,7 @@ ls_fast_init(PyObject *module)
         || intern(&str_fail, "fail") < 0 || intern(&str_settle, "settle") < 0
         || intern(&str_backlog, "backlog") < 0 || intern(&str_compacting, "compacting") < 0
         || intern(&str_max_body, "_MAX_BODY_SIZE") < 0 || intern(&str_append, "append") < 0
-        || intern(&str_deliver, "deliver") < 0) {
+        || intern(&str_deliver, "deliver") < 0 || intern(&str_hold_back, "_hold_back") < 0) {
         return -1;
     }
     PyObject *collections = PyImport_ImportModule("collections");
@@ -1610,6 +1643,7 @@ ls_fast_init(PyObject *module)
         return -1;
     }
     if (!PyType_Check(deque_type)) {
+        Py_CLEAR(deque_type);
         PyErr_SetString(PyExc_TypeError, "collections.deque is not a type");
         return -1;
     }

@@ -117,6 +117,9 @@ class AppendBase:
     roll_size: int
     in_flight: Any
     listener: Any
+    early: Any
+    _undelivered: Any
+    _unoffered: Any
 
 class WriterBase:
     def set(

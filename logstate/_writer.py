@@ -172,6 +172,10 @@ class Writer(KeysWriter, _WriterBase):
         if self._scheduler.backlog:
             self._scheduler.hold_back()
 
+    def _hold_back(self) -> None:
+        """The C set's last step when the compaction backlog is set (see ``_after_write``)."""
+        self._scheduler.hold_back()
+
     def deliver(self) -> None:
         """Give the commit listener what is durable now (outside the lock)."""
         ap = self._appender

@@ -6,7 +6,9 @@ itself (copy of ``Appender.queue``), then calls ``Writer.deliver`` after the
 lock, as ``Writer._after_write`` does. Checked here against the pure Python
 path: the same deliveries and offers (seq and exact bytes, in order), the same
 files; the C path is taken; a queue that is not a plain deque sends the set to
-the Python path; a raising listener gets the record again at the next set.
+the Python path; a raising listener gets the record again at the next set; no
+collection (Python code) runs under the lock, no reference is left per set, a
+failed index store is settled as in Python, four writers deliver each seq once.
 
     python -m pytest tests/test_native_listener.py -q
 """
@@ -14,8 +16,11 @@ the Python path; a raising listener gets the record again at the next set.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import tempfile
+import threading
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,3 +196,148 @@ def test_the_c_set_queues_the_entries_the_python_set_queues(tmp_path: Path) -> N
     assert [seq for seq, _, _ in undelivered] == list(range(1, 21))
     ends = [end for _, end, _ in undelivered]
     assert ends == [sum(len(r) for _, _, r in undelivered[: i + 1]) for i in range(20)]
+
+
+def test_no_collection_runs_under_the_write_lock_of_a_c_set_with_a_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collection runs Python code (finalizers): never while C holds the lock."""
+    native_extension()
+    python_sets = count_python_sets(monkeypatch)
+    store = LocalFileStorage(tmp_path, sync="interval", sync_interval=3600, auto_compact=False)
+    store._engine.add_commit_listener(lambda seq, record: None)
+    lock = store._engine._lock
+    seen = {"collections": 0, "under_lock": 0}
+    me = threading.get_ident()
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        # (another thread may collect while this one holds the lock in write(2))
+        if phase == "start" and threading.get_ident() == me:
+            seen["collections"] += 1
+            seen["under_lock"] += lock.locked()
+
+    keep = [(i, i, i) for i in range(2000)]  # (empties the free list of 3-tuples)
+    threshold = gc.get_threshold()
+    gc.callbacks.append(watch)
+    gc.set_threshold(1)
+    try:
+        for i in range(2000):
+            store.set(f"k{i}", b"v")  # records wait for the sync: their tuples stay
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(watch)
+    assert python_sets == []
+    assert seen["collections"] > 0  # (the check ran)
+    assert seen["under_lock"] == 0
+    del keep
+    store.close()
+
+
+def test_c_sets_with_a_listener_leave_nothing_behind(tmp_path: Path) -> None:
+    """No reference kept per set: memory after 40,000 sets as after 20,000."""
+    native_extension()
+    store = LocalFileStorage(tmp_path, sync="none", auto_compact=False)
+    store._engine.add_commit_listener(lambda seq, record: None)
+    value = b"v" * 100
+
+    def sets(start: int) -> None:
+        for i in range(start, start + 20_000):
+            store.set(f"k{i % 1000}", value)
+
+    sets(0)  # (the index and the queues at their size)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        sets(20_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, grown  # (a tuple or record kept per set: over 2 MB)
+    store.close()
+
+
+class _RefusesOnce(dict):  # type: ignore[type-arg]
+    """An index whose next store of ``refuse`` raises (then succeeds)."""
+
+    refuse: str | None = None
+
+    def __setitem__(self, key: str, value: object) -> None:
+        if key == self.refuse:
+            self.refuse = None
+            raise RuntimeError(f"store of {key} refused (test)")
+        super().__setitem__(key, value)
+
+
+def test_a_failed_index_store_with_a_listener_is_settled_as_the_python_path_settles_it(
+    tmp_path: Path,
+) -> None:
+    native_extension()
+    results = []
+    for name, pure in (("fast", False), ("pure", True)):
+        if pure:
+            with python_path():
+                store = LocalFileStorage(tmp_path / name, sync="none", auto_compact=False)
+        else:
+            store = LocalFileStorage(tmp_path / name, sync="none", auto_compact=False)
+        calls: Calls = []
+        listen(calls, early=False)(store)
+        namespaces = store._engine.keydir.namespaces
+        index = namespaces[""] = _RefusesOnce(namespaces[""])
+        store.set("a", 1)
+        index.refuse = "b"
+        with pytest.raises(RuntimeError, match="store of b refused"):
+            store.set("b", 2)
+        assert store.get("b") == 2  # whole on disk: settled into the index
+        store.set("c", 3)
+        results.append([(kind, seq) for kind, seq, _ in calls])
+        namespaces[""] = dict(index)  # (the snapshot marshals dicts)
+        store.close()
+    assert results[0] == results[1] == [("commit", 1), ("commit", 2), ("commit", 3)]
+    assert files(str(tmp_path / "fast")) == files(str(tmp_path / "pure"))
+
+
+def test_writers_in_four_threads_with_a_listener_deliver_every_seq_once_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    native_extension()
+    store = LocalFileStorage(tmp_path, sync="none", auto_compact=False)
+    seqs: list[int] = []
+    store._engine.add_commit_listener(lambda seq, record: seqs.append(seq))
+
+    def write(n: int) -> None:
+        for i in range(2000):
+            store.set(f"t{n}-{i % 300}", i)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    assert seqs == list(range(1, 8001))
+    assert sorted(records_in_files(tmp_path)) == seqs
+
+
+def test_a_backlog_set_during_a_c_set_holds_the_writer_back_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``Writer._after_write``: the backlog is looked at after the delivery."""
+    native_extension()
+    python_sets = count_python_sets(monkeypatch)
+    held: list[int] = []
+    monkeypatch.setattr(_writer.Writer, "_hold_back", lambda self: held.append(1))
+    store = LocalFileStorage(tmp_path, sync="none", auto_compact=False)
+    scheduler = store._engine.scheduler
+
+    def listener(seq: int, record: bytes) -> None:
+        scheduler.backlog = seq == 2  # (as another writer's roll would, meanwhile)
+
+    store._engine.add_commit_listener(listener)
+    store.set("a", 1)
+    assert held == []
+    store.set("b", 2)
+    assert held == [1]
+    scheduler.backlog = False
+    store.set("c", 3)
+    assert held == [1] and python_sets == []
+    store.close()
