@@ -321,7 +321,10 @@ class Connection:
         if self._pid != os.getpid() or self._released or nc is None or not nc.is_connected:
             work.close()
             return None
-        future = _loop.submit(_bounded(work, timeout_s))
+        try:
+            future = _loop.submit(_bounded(work, timeout_s))
+        except RuntimeError:  # (no loop thread can start: the interpreter shuts down)
+            future = None
         if future is None:
             work.close()  # (never started: no "never awaited" warning)
         return future

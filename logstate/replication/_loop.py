@@ -83,7 +83,11 @@ class LoopThread:
         if threading.current_thread() is self.thread or os.getpid() != self.pid:
             coro.close()
             return None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # (the loop is closed)
+            coro.close()
+            raise
 
 
 _lock = threading.Lock()

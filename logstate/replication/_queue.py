@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from typing import Any
 
 from logstate._errors import FencedError, ReplicationError
 from logstate._hooks import ReplicationLag
+from logstate.replication import _loop
 from logstate.replication._client import Client
 from logstate.replication._first_try import FirstTry
 from logstate.replication._streams import PubAck
@@ -122,6 +124,7 @@ class ShipQueue:
         # record not yet whole in the stream (a crash cut its chunks): resumed after it
         self.resume_chunk: tuple[int, int] | None = None
         self._first = FirstTry(client, subject, who, timeout_s)  # (guarded by _lock)
+        self._shipping = False  # the shipper's thread publishes (no first try meanwhile)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -151,14 +154,14 @@ class ShipQueue:
                 # count in no lag and be shipped by no one until a later commit.
                 return
             first = None
-            if seq > self.queued_seq:  # (else offered before its fdatasync)
-                self._queue(seq, record)
+            # (not queued when offered before its fdatasync, or appended already)
+            if seq > self.queued_seq and self._queue(seq, record):
                 first = self._start_first()
             self.told_seq = seq
             over = self.pending_bytes > self.max_lag_bytes
             poke = (self._idle or self._sync) and self._first.future is None
         if first is not None:
-            first.add_done_callback(self._first_done)  # (done already: called here)
+            first.add_done_callback(self._answered)
         elif poke:
             self._poke()
         if self._sync:
@@ -177,21 +180,30 @@ class ShipQueue:
         with self._lock:
             if self.fenced is not None or seq != self.queued_seq + 1:
                 return
-            self._queue(seq, record)
-            first = self._start_first()
+            first = self._start_first() if self._queue(seq, record) else None
         if first is None:
             self._poke()
         else:
-            first.add_done_callback(self._first_done)  # (done already: called here)
+            first.add_done_callback(self._answered)
 
     def _start_first(self) -> concurrent.futures.Future[PubAck] | None:
         """Under ``_lock``: the first try of the one queued record, if nothing
         else is queued or being published."""
-        if len(self._pending) != 1 or self._stopping or self.resume_chunk:
+        if len(self._pending) != 1 or self._stopping or self.resume_chunk or self._shipping:
             return None
         if not self._sync and len(self._pending[0].record) < FIRST_TRY_MIN_BYTES:
             return None  # (ack="async": small records wait for others to share a message)
         return self._first.start(self._pending[0], self.head_stream_seq)
+
+    def _answered(self, first: concurrent.futures.Future[PubAck]) -> None:
+        """A first try's done callback: on the loop thread, :meth:`_first_done`;
+        in the committing thread (the future was done when it was added, so
+        the callback runs there, where an interrupt may land), the shipper's
+        thread claims it instead."""
+        if _loop.on_loop_thread():
+            self._first_done(first)
+        else:
+            self._poke()
 
     def _first_done(self, first: concurrent.futures.Future[PubAck]) -> None:
         """A first try answered (on the loop thread) or was taken over (by the
@@ -203,8 +215,8 @@ class ShipQueue:
                 return  # (claimed already)
             head, ack = claimed
             if ack is not None:
-                self.head_stream_seq = ack.stream_seq
                 waiters = self._stored(head.seq, ack.stream_seq, ack.stream_seq)
+                self.head_stream_seq = ack.stream_seq  # (after: never ahead of the queue)
             # an ack to report (by the shipper's thread; a sync commit whose
             # record it is not told yet wakes it after its wait)
             ahead = self._acks_ahead
@@ -215,16 +227,19 @@ class ShipQueue:
         if more:
             self._poke()
 
-    def _queue(self, seq: int, record: bytes) -> None:
-        """Under ``_lock``: append the record ``queued_seq + 1`` and count it."""
+    def _queue(self, seq: int, record: bytes) -> bool:
+        """Under ``_lock``: append the record ``queued_seq + 1`` and count it;
+        False when it was appended already (then maybe being shipped)."""
         pending = self._pending
         # queued already when an interrupt fell between the append and
         # the count (then maybe shipped): count it, never queue it twice
-        if not (pending and pending[-1].seq == seq) and self.acked_seq < seq:
+        appended = not (pending and pending[-1].seq == seq) and self.acked_seq < seq
+        if appended:
             if seq != self.queued_seq + 1:
                 raise AssertionError(f"commit seq {seq} after {self.queued_seq}")
             pending.append(Pending(seq, record, time.time()))
         self.pending_bytes, self.queued_seq = self.pending_bytes + len(record), seq
+        return appended
 
     def _refused(self, fenced: FencedError) -> FencedError:
         return FencedError(
@@ -292,10 +307,12 @@ class ShipQueue:
     def _stored(self, stored_last: int, stream_seq: int, start_stream_seq: int) -> list[_Waiter]:
         """Under ``_lock``: the stream holds every seq to ``stored_last`` (its last
         message at ``stream_seq``): drop them from the queue; the waiters to wake."""
-        size = 0
-        while self._pending and self._pending[0].seq <= stored_last:
-            size += len(self._pending.popleft().record)
-        self.pending_bytes -= size
+        pending = self._pending
+        gone = sum(1 for _ in itertools.takewhile(lambda p: p.seq <= stored_last, pending))
+        size = sum(len(pending[i].record) for i in range(gone))
+        self.pending_bytes -= size  # (counted before the records go)
+        for _ in range(gone):
+            pending.popleft()
         self.acked_seq = stored_last
         self.shipped_bytes += size
         self.acked_messages.append((stored_last, start_stream_seq))

@@ -127,6 +127,13 @@ class Shipper(ShipQueue):
             if self._first.future is not None:
                 return  # (a first try started meanwhile)
             run = list(itertools.islice(self._pending, 1 + limit // 16))
+            self._shipping = True  # (no first try until this run is answered)
+        try:
+            self._ship_run(run, limit)
+        finally:
+            self._shipping = False
+
+    def _ship_run(self, run: list[wire.Pending], limit: int) -> None:
         count = wire.plan_run(run, limit)
         run = run[:count]
         first, last = run[0].seq, run[-1].seq
@@ -149,6 +156,7 @@ class Shipper(ShipQueue):
             start_stream_seq = stream_seq
         with self._lock:
             waiters = self._stored(stored_last, stream_seq, start_stream_seq)
+            self._shipping = False  # (answered: a first try may start)
         for waiter in waiters:
             waiter.wake()
         self._report_ack()
