@@ -226,6 +226,7 @@ typedef struct {
     long long seq;
     long long written_pos;
     long long roll_size;
+    long long write_seq; /* odd while a record is in the index before its write (set_and_commit) */
 } AppendBase;
 
 static PyMemberDef append_members[] = {
@@ -237,6 +238,7 @@ static PyMemberDef append_members[] = {
     LL("seq", AppendBase, seq),
     LL("written_pos", AppendBase, written_pos),
     LL("roll_size", AppendBase, roll_size),
+    LL("_write_seq", AppendBase, write_seq),
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -255,6 +257,7 @@ typedef struct {
     PyObject *scheduler_state; /* the scheduler's __dict__ (its "backlog", "compacting") */
     PyObject *module_state;    /* _writer's globals (its "_MAX_BODY_SIZE", monkeypatched by tests) */
     PyObject *fast;            /* False: always the Python path (_writer.FAST_PATHS) */
+    long long one_release_sets; /* sets that took set_and_commit (tests read it) */
 } WriterBase;
 
 static PyMemberDef writer_members[] = {
@@ -270,6 +273,7 @@ static PyMemberDef writer_members[] = {
     OBJ("_scheduler_state", WriterBase, scheduler_state),
     OBJ("_module_state", WriterBase, module_state),
     OBJ("_fast", WriterBase, fast),
+    {"_one_release_sets", T_LONGLONG, offsetof(WriterBase, one_release_sets), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -655,6 +659,18 @@ raise_exception(PyObject *exc) /* steals exc */
 #endif
 }
 
+PyObject *
+ls_take_exception(void)
+{
+    return take_exception();
+}
+
+void
+ls_raise_exception(PyObject *exc)
+{
+    raise_exception(exc);
+}
+
 static PyObject *
 call_python(PyObject *self, PyObject *name, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -704,12 +720,10 @@ max_body_size(WriterBase *w)
     return value;
 }
 
-/* write all of buf at the end of fd, the GIL released: 0, or errno */
+/* write all of buf at the end of fd, the GIL released by the caller: 0, or errno */
 static int
-write_all(int fd, const char *buf, size_t size)
+write_all_nogil(int fd, const char *buf, size_t size)
 {
-    int error = 0;
-    Py_BEGIN_ALLOW_THREADS
     size_t done = 0;
     while (done < size) {
         ssize_t n = write(fd, buf + done, size - done);
@@ -717,15 +731,23 @@ write_all(int fd, const char *buf, size_t size)
             if (errno == EINTR) {
                 continue; /* nothing written: the signal is handled after the call */
             }
-            error = errno;
-            break;
+            return errno;
         }
         if (n == 0) {
-            error = EIO;
-            break;
+            return EIO;
         }
         done += (size_t)n;
     }
+    return 0;
+}
+
+/* write all of buf at the end of fd, the GIL released: 0, or errno */
+static int
+write_all(int fd, const char *buf, size_t size)
+{
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    error = write_all_nogil(fd, buf, size);
     Py_END_ALLOW_THREADS
     return error;
 }
@@ -839,6 +861,115 @@ queue_record(AppendBase *ap, PyObject *queued)
         Py_DECREF(done);
     }
     return 0;
+}
+
+
+static PyObject *writer_hold_back_if_behind(WriterBase *self);
+
+/* A write failed with errno error: copy of the Python path's "except OSError:
+ * self._life.fail(exc); raise". Always leaves an exception set (the OSError,
+ * or fail's own error). */
+static void
+fail_write(WriterBase *self, int error)
+{
+    errno = error;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *exc = take_exception();
+    PyObject *failed = exc ? PyObject_CallMethodOneArg(self->life, str_fail, exc) : NULL;
+    if (failed == NULL) {
+        Py_XDECREF(exc); /* (fail's own error is raised) */
+        return;
+    }
+    Py_DECREF(failed);
+    raise_exception(exc);
+}
+
+/* The end of writer_set_impl's common case with sync="always", a KeyMap index,
+ * no listener and the C commit (csrc/commit.c): the record, framed, is stored
+ * in the index and counted before the write, under the write lock (a reader
+ * without the lock finds its location beyond the mapped bytes, and settles
+ * under the lock, after the write), so that the GIL is released once, from
+ * the write to the end of the commit, instead of twice. A failed write undoes
+ * the store and the counts (neither can fail: an overwrite in place, or a
+ * delete), then fails the engine as the Python path does. Takes over the
+ * caller's references (lock, active, index, record) and the write lock. */
+static PyObject *
+set_and_commit(WriterBase *self, PyObject *commit, LockObject *lock, SegmentBase *active,
+               PyObject *index, PyObject *record, const unsigned char *raw_key,
+               Py_ssize_t key_size, uint64_t hash, uint64_t loc_lo, uint64_t loc_hi,
+               long long offset, long long size, long long old_size, long long seq,
+               long long pos_before)
+{
+    AppendBase *ap = (AppendBase *)self->appender;
+    KeydirBase *keydir = (KeydirBase *)self->keydir;
+    LsCommitCall call;
+    int began = ls_commit_begin(commit, &call);
+    uint64_t was[2];
+    /* odd from the store to the end of the write (or of its undo): the index
+     * alone (Reader.contains, Reader.count) is then read under the lock */
+    ap->write_seq++;
+    int stored = began < 0 ? -1
+                           : ls_keymap_set(index, raw_key, (size_t)key_size, hash, loc_lo, loc_hi, was);
+    if (stored < 0 || stored == LS_KM_SIDE) {
+        /* nothing changed: -1 (room was reserved: not expected) raises, and so
+         * does a side object (a compressed group's, which the lock excludes) */
+        if (began == 0) {
+            ls_commit_end(&call);
+        }
+        if (stored == LS_KM_SIDE) {
+            PyErr_SetString(PyExc_RuntimeError, "a side object in the index under the write lock");
+        }
+        ap->write_seq++;
+        goto unlock;
+    }
+    long long end_pos = pos_before + size;
+    active->size = offset + size;
+    ap->seq = seq;
+    ap->written_pos = end_pos;
+    keydir->live_bytes += size - old_size;
+    PyThreadState *ts = PyEval_SaveThread();
+    int error = write_all_nogil(active->fd, PyBytes_AS_STRING(record), (size_t)size);
+    if (error) {
+        PyEval_RestoreThread(ts);
+        /* undo, under the lock: the index as it was, the counts */
+        uint64_t undone[2];
+        if (stored == LS_KM_INT) {
+            ls_keymap_set(index, raw_key, (size_t)key_size, hash, was[0], was[1], undone);
+        }
+        else {
+            ls_keymap_delete(index, raw_key, (size_t)key_size, hash, undone);
+        }
+        PyErr_Clear(); /* (neither fails: an overwrite in place, a delete) */
+        keydir->live_bytes -= size - old_size;
+        ap->written_pos = pos_before;
+        ap->seq = seq - 1;
+        active->size = offset;
+        ap->write_seq++; /* (after the undo) */
+        ls_commit_end(&call);
+        fail_write(self, error);
+        goto unlock;
+    }
+    ap->write_seq++; /* (plain stores: the write lock is held) */
+    self->one_release_sets++;
+    lock->locked = 0;
+    PyThread_release_lock(lock->lock);
+    int failed = ls_commit_run(&call, end_pos, &ts);
+    PyEval_RestoreThread(ts);
+    ls_commit_end(&call);
+    Py_DECREF(lock);
+    Py_DECREF(active);
+    Py_DECREF(index);
+    Py_DECREF(record);
+    return failed ? NULL : writer_hold_back_if_behind(self);
+
+unlock: /* (an error raised, the write lock held) */
+    lock->locked = 0;
+    PyThread_release_lock(lock->lock);
+    Py_DECREF(lock);
+    Py_DECREF(active);
+    Py_DECREF(index);
+    Py_DECREF(record);
+    return NULL;
 }
 
 static PyObject *
@@ -1005,20 +1136,18 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         PyTuple_SET_ITEM(queued, 1, end_obj);
         PyTuple_SET_ITEM(queued, 2, Py_NewRef(record));
     }
+    /* sync="always" with the C commit: the GIL released once, for the write and the commit */
+    if (direct && !listening && self->sync_always == Py_True) {
+        PyObject *commit = ls_commit_of(self->commit);
+        if (commit != NULL) {
+            return set_and_commit(self, commit, lock, active, index, record, raw_key, key_size,
+                                  hash, loc_lo, loc_hi, offset, size, old_size, seq, pos_before);
+        }
+    }
     int error = write_all(active->fd, (const char *)p, (size_t)size);
     if (error) {
         Py_XDECREF(pending);
-        /* copy of the Python path's "except OSError: self._life.fail(exc); raise" */
-        errno = error;
-        PyErr_SetFromErrno(PyExc_OSError);
-        PyObject *exc = take_exception();
-        PyObject *failed = exc ? PyObject_CallMethodOneArg(self->life, str_fail, exc) : NULL;
-        if (failed == NULL) {
-            Py_XDECREF(exc); /* (fail's own error is raised) */
-            goto unlock_error;
-        }
-        Py_DECREF(failed);
-        raise_exception(exc);
+        fail_write(self, error);
         goto unlock_error;
     }
     active->size = offset + size;
@@ -1095,21 +1224,7 @@ writer_set_impl(WriterBase *self, PyObject *ns, PyObject *ns_bytes, PyObject *ke
         }
         Py_DECREF(done);
     }
-    /* and its last: a compaction a whole segment behind holds the writer back
-     * (set meanwhile by another writer's roll) */
-    PyObject *behind = PyDict_GetItemWithError(self->scheduler_state, str_backlog);
-    int held = behind == NULL ? (PyErr_Occurred() ? -1 : 0) : truth(behind);
-    if (held < 0) {
-        return NULL;
-    }
-    if (held) {
-        PyObject *done = PyObject_CallMethodNoArgs((PyObject *)self, str_hold_back);
-        if (done == NULL) {
-            return NULL;
-        }
-        Py_DECREF(done);
-    }
-    Py_RETURN_NONE;
+    return writer_hold_back_if_behind(self);
 
 unlock_error:
     Py_XDECREF(active);
@@ -1134,6 +1249,26 @@ unlock_python:
 python:
     Py_XDECREF(queued);
     return writer_set_python(self, ns, ns_bytes, key, a);
+}
+
+/* copy of Writer._after_write's last step: a compaction a whole segment behind
+ * holds the writer back (set meanwhile by another writer's roll): None, or NULL */
+static PyObject *
+writer_hold_back_if_behind(WriterBase *self)
+{
+    PyObject *behind = PyDict_GetItemWithError(self->scheduler_state, str_backlog);
+    int held = behind == NULL ? (PyErr_Occurred() ? -1 : 0) : truth(behind);
+    if (held < 0) {
+        return NULL;
+    }
+    if (held) {
+        PyObject *done = PyObject_CallMethodNoArgs((PyObject *)self, str_hold_back);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    Py_RETURN_NONE;
 }
 
 /* ======================================================================= write_keys */
@@ -1605,6 +1740,67 @@ BASE_TYPE_M(ReaderBaseType, "ReaderBase", ReaderBase, reader_members, reader_met
             "Hot fields of _reader.Reader, and its C get.");
 BASE_TYPE_M(HandleBaseType, "HandleBase", HandleBase, handle_members, handle_methods,
             "Hot fields of _handle.Handle, and LocalFileStorage's C set.");
+
+/* ======================================================================= for commit.c */
+int
+ls_lock_check(PyObject *obj)
+{
+    return Py_IS_TYPE(obj, &LockType);
+}
+
+int
+ls_lock_acquire_nogil(PyObject *obj, long long timeout_us)
+{
+    LockObject *lock = (LockObject *)obj;
+    if (PyThread_acquire_lock_timed(lock->lock, (PY_TIMEOUT_T)timeout_us, 0) != PY_LOCK_ACQUIRED) {
+        return 0;
+    }
+    lock->locked = 1;
+    return 1;
+}
+
+void
+ls_lock_release_nogil(PyObject *obj)
+{
+    LockObject *lock = (LockObject *)obj;
+    lock->locked = 0;
+    PyThread_release_lock(lock->lock);
+}
+
+int
+ls_writer_check(PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, &WriterBaseType)) {
+        return 0;
+    }
+    WriterBase *w = (WriterBase *)obj;
+    return w->lock != NULL && Py_IS_TYPE(w->lock, &LockType) && w->life != NULL
+           && PyObject_TypeCheck(w->life, &LifeBaseType) && w->appender != NULL
+           && PyObject_TypeCheck(w->appender, &AppendBaseType) && w->segments != NULL
+           && PyObject_TypeCheck(w->segments, &SegmentSetBaseType);
+}
+
+/* copy of Appender.sync_target's common case, read under the write lock:
+ * the engine neither failed nor closes (life.blocked is False) */
+int
+ls_writer_sync_target(PyObject *obj, long long timeout_us, long long *pos, int *fd)
+{
+    WriterBase *w = (WriterBase *)obj;
+    PyObject *lock = w->lock;
+    if (!ls_lock_acquire_nogil(lock, timeout_us)) {
+        return -1;
+    }
+    LifeBase *life = (LifeBase *)w->life;
+    PyObject *active = ((SegmentSetBase *)w->segments)->active;
+    int done = 0;
+    if (life->blocked == Py_False && active != NULL && PyObject_TypeCheck(active, &SegmentBaseType)) {
+        *pos = ((AppendBase *)w->appender)->written_pos;
+        *fd = ((SegmentBase *)active)->fd;
+        done = 1;
+    }
+    ls_lock_release_nogil(lock);
+    return done;
+}
 
 static PyMethodDef fast_functions[] = {
     {"encode_keys", (PyCFunction)(void (*)(void))encode_keys, METH_FASTCALL,

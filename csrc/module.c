@@ -16,7 +16,7 @@ PyInit__cnative(void)
         return NULL;
     }
     if (ls_crc_init(module) < 0 || ls_keymap_init(module) < 0 || ls_fast_init(module) < 0
-        || ls_scan_init(module) < 0) {
+        || ls_scan_init(module) < 0 || ls_commit_init(module) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -47,6 +47,44 @@ void ls_keymap_prefetch_keys(PyObject *map, uint64_t h);
 /* fast.c: the hot paths of set, get and flush */
 int ls_fast_init(PyObject *module);
 
+/* fast.c: the raised exception taken out (a new reference, or NULL), and
+ * raised again (stolen); the API of each Python version (3.12 changed it) */
+PyObject *ls_take_exception(void);
+void ls_raise_exception(PyObject *exc);
+
+/* fast.c, for commit.c: the write lock and the sync target. The _nogil
+ * calls may run without the GIL; the checks need it. */
+int ls_lock_check(PyObject *obj); /* a _cnative.Lock */
+/* 1: acquired within timeout_us (-1: no limit), 0: not */
+int ls_lock_acquire_nogil(PyObject *lock, long long timeout_us);
+void ls_lock_release_nogil(PyObject *lock);
+/* a WriterBase whose lock, life, appender and segments have their C types */
+int ls_writer_check(PyObject *writer);
+/* under the writer's lock (taken within timeout_us, else -1): 1 with the
+ * sync target (written_pos, the active segment's fd), or 0 when the engine
+ * is blocked (failed, closing, closed, read-only): its Python target decides */
+int ls_writer_sync_target(PyObject *writer, long long timeout_us, long long *pos, int *fd);
+
+/* commit.c: group commit (CommitBase) */
+int ls_commit_init(PyObject *module);
+/* For fast.c: a set's commit with the GIL released once, for its write and
+ * its commit. ls_commit_of (GIL): the CommitBase whose bound method commit
+ * is (borrowed), or NULL (another callable: call it). ls_commit_begin
+ * (GIL): 0, or -1 with an exception; ls_commit_run (no GIL, *ts the
+ * caller's saved thread state, which it may restore and save again to run
+ * a Python piece or a signal's handler): 0, or -1 with an exception;
+ * ls_commit_end (GIL): after a begin that returned 0, always. */
+typedef struct {
+    PyObject *commit;
+    PyObject *turn;
+    PyObject *writer; /* NULL: the Python target and sync */
+    unsigned long me;
+} LsCommitCall;
+PyObject *ls_commit_of(PyObject *bound);
+int ls_commit_begin(PyObject *commit, LsCommitCall *call);
+int ls_commit_run(LsCommitCall *call, long long end_pos, PyThreadState **ts);
+void ls_commit_end(LsCommitCall *call);
+
 /* scan.c: the segment scanner of an open without a snapshot */
 int ls_scan_init(PyObject *module);
 

@@ -74,6 +74,11 @@ class Appender(_AppendBase):
         self._scheduler = scheduler
         self.seq = seq
         self.written_pos = 0  # bytes appended since open (all segments)
+        # odd while a C set's record is in the index before its write
+        # (csrc/fast.c set_and_commit; the Python path never changes it): a
+        # read of the index alone (Reader.contains, Reader.count) then
+        # settles under the write lock
+        self._write_seq = 0
         # (segment, offset, size, written_pos before, ingested) of the record
         # (or run of ingested records) being appended while its bookkeeping is
         # not finished: see settle

@@ -5,6 +5,7 @@ Python code reaches the module through ``logstate._native.EXT``.
 """
 
 from collections.abc import (
+    Callable,
     ItemsView,
     Iterator,
     KeysView,
@@ -92,6 +93,29 @@ class Lock:
     def __enter__(self) -> bool: ...
     def __exit__(self, *args: object) -> None: ...
 
+COMMIT_COHORT_ROUNDS: int
+
+class CommitBase:
+    turn: Any  # a Lock (GroupCommit's is a threading.Lock: the same interface)
+    writer: Any
+    listener: Callable[[int], None] | None
+    before_sync: Callable[[int], None] | None
+    _native_sync: bool
+    _native_clock: bool
+    synced_pos: int
+    rounds: int
+    waits: int
+    waits_timed_out: int
+    max_wait_s: float
+    _last_sync_s: float
+    def commit(self, end_pos: int, /) -> None: ...
+    def advance(self, durable_pos: int, /) -> None: ...
+    def _reset_after_fork(self) -> None: ...
+    def _state(self) -> tuple[bool, bool, int, int]: ...
+    def _pending_of(self, ident: int, /) -> int | None: ...
+    def _hold_mutex(self) -> None: ...
+    def _release_mutex(self) -> None: ...
+
 class LifeBase:
     blocked: bool
     closed: bool
@@ -115,6 +139,7 @@ class AppendBase:
     seq: int
     written_pos: int
     roll_size: int
+    _write_seq: int
     in_flight: Any
     listener: Any
     early: Any
@@ -122,6 +147,7 @@ class AppendBase:
     _unoffered: Any
 
 class WriterBase:
+    _one_release_sets: int
     def set(
         self, ns: str, ns_bytes: bytes, key: str, key_bytes: bytes, value: bytes, /
     ) -> None: ...

@@ -3,6 +3,8 @@
 Owns: the sync turn and its per-round gates, ``synced_pos`` (how many of the
 bytes appended since open are known durable), the cohort estimate and the
 leader's bounded wait for it, and the interval syncer's thread and timer.
+``GroupCommit`` is the reference; on the C path the engine uses
+``NativeCommit``, the same protocol in C (csrc/commit.c).
 Must never: write bytes; sync after a failure (fsyncgate: a failed fdatasync
 may have dropped the dirty pages, so a later one that succeeds proves
 nothing) or after close; move ``synced_pos`` before an fdatasync returned;
@@ -17,13 +19,22 @@ import threading
 import time
 from _thread import get_ident
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from logstate._fs import FileSystem
 from logstate._lifecycle import Lifecycle
+from logstate._native import EXT
 from logstate._worker import Worker
 
-__all__ = ["COHORT_ROUNDS", "MAX_WAIT_S", "WAIT_FRACTION", "GroupCommit", "IntervalSyncer"]
+__all__ = [
+    "COHORT_ROUNDS",
+    "MAX_WAIT_S",
+    "WAIT_FRACTION",
+    "GroupCommit",
+    "IntervalSyncer",
+    "NativeCommit",
+    "new_group_commit",
+]
 
 log = logging.getLogger("logstate")
 
@@ -254,11 +265,110 @@ class GroupCommit:
         self._seen = {}
         self._pending = {}
 
+    def idle(self) -> bool:
+        """Whether no round runs now (its gate open, no leader waiting for its cohort)."""
+        return not self._gate.locked() and self._wake is None
+
+    def waiting(self) -> bool:
+        """Whether a leader waits for its cohort now."""
+        return self._wake is not None
+
+    def _pending_of(self, ident: int) -> int | None:
+        """The end of thread ``ident``'s last commit (None: none known)."""
+        return self._pending.get(ident)
+
+    def _tracked(self) -> int:
+        """How many threads the cohort count knows."""
+        return len(self._seen)
+
     def _check(self, written_pos: int) -> None:
         assert 0 <= self.synced_pos <= written_pos, (
             f"synced position {self.synced_pos} beyond the {written_pos} bytes written"
         )
         assert self._wake is None or self.turn.locked(), "a wake-up left by no waiting leader"
+
+
+class _NoBase:
+    """NativeCommit's base without the C extension (it is then never made)."""
+
+
+if TYPE_CHECKING:
+    from logstate._cnative import CommitBase as _CommitBase
+else:
+    _CommitBase = _NoBase if EXT is None else EXT.CommitBase
+    if EXT is not None:
+        assert EXT.COMMIT_COHORT_ROUNDS == COHORT_ROUNDS, "csrc/commit.c copies COHORT_ROUNDS"
+
+
+class NativeCommit(_CommitBase, GroupCommit):
+    """GroupCommit with its protocol in C (csrc/commit.c, the C path).
+
+    ``commit`` and ``advance`` are the C base's: GroupCommit's rules (the
+    reference, which the C code copies), with the GIL released from a
+    commit's arrival to the end of its round, so that followers wait and a
+    leader waits for its cohort, reads the target and syncs without taking
+    it. ``final_sync`` and ``_offer`` are GroupCommit's. ``writer`` (set by
+    the engine once it made the writer): the C commit then reads the sync
+    target from the writer's C fields under the write lock, unless the
+    engine failed, closes or is closed (then ``target`` decides, and
+    raises); it calls fdatasync(2) itself when ``fs`` syncs with it, and
+    times with the monotonic clock when ``clock`` is ``time.perf_counter``.
+    Otherwise (a test's file system or clock) it calls them, with the GIL.
+    """
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        life: Lifecycle,
+        target: SyncTarget,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        assert EXT is not None
+        self._fs = fs
+        self._life = life
+        self._target = target
+        self._clock = clock
+        self.turn = EXT.Lock()
+        self.max_wait_s = MAX_WAIT_S
+        self._native_sync = isinstance(fs, FileSystem) and fs.syncs_natively()
+        self._native_clock = clock is time.perf_counter
+
+    def after_fork(self) -> None:
+        """In a forked child: a new turn and mutex, no round, no cohort."""
+        assert EXT is not None
+        self.turn = EXT.Lock()
+        self._reset_after_fork()
+
+    def idle(self) -> bool:
+        """Whether no round runs now (no leader, none waiting for its cohort)."""
+        leading, waiting, _tracked, _arrived = self._state()
+        return not leading and not waiting
+
+    def waiting(self) -> bool:
+        """Whether a leader waits for its cohort now."""
+        return self._state()[1]
+
+    def _arrived(self) -> int:
+        """How many threads' commits wait for a sync (not covered yet)."""
+        return self._state()[3]
+
+    def _tracked(self) -> int:
+        """How many threads the cohort count knows."""
+        return self._state()[2]
+
+    def _check(self, written_pos: int) -> None:
+        # (a round's leader waits for its cohort before it takes the turn:
+        # no check ties the round to the turn while commits may run)
+        assert 0 <= self.synced_pos <= written_pos, (
+            f"synced position {self.synced_pos} beyond the {written_pos} bytes written"
+        )
+
+
+def new_group_commit(fs: FileSystem, life: Lifecycle, target: SyncTarget) -> GroupCommit:
+    """The engine's group commit: the C one on the C path, else the reference."""
+    if EXT is None:
+        return GroupCommit(fs, life, target)
+    return NativeCommit(fs, life, target)
 
 
 class IntervalSyncer:

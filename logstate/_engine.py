@@ -68,7 +68,7 @@ from collections.abc import Callable
 
 from logstate._append import Appender, CommitListener
 from logstate._clock import Clock
-from logstate._commit import GroupCommit, IntervalSyncer
+from logstate._commit import GroupCommit, IntervalSyncer, new_group_commit
 from logstate._compact import CompactionResult, Compactor
 from logstate._filenames import LOCK_FILE_NAME
 from logstate._format import FORMAT_VERSION
@@ -175,7 +175,7 @@ class Engine:
         self.appender = appender = Appender(
             fs, options, life, segments, keydir, switch, scheduler, recovered.seq, clock
         )
-        self.commit = commit = GroupCommit(fs, life, self._sync_target)
+        self.commit = commit = new_group_commit(fs, life, self._sync_target)
         segments.sync_turn = commit.turn
         appender.durable_pos = commit.advance
         self.writer = writer = Writer(

@@ -331,6 +331,16 @@ class FileSystem:
         """
         return os.write if type(self).append is FileSystem.append else None
 
+    def syncs_natively(self) -> bool:
+        """Whether :meth:`fdatasync` is ``fdatasync(2)`` itself, which C may call directly.
+
+        False when a subclass overrides it (tests inject faults there, and
+        must see every sync) or where it is another call (``F_FULLFSYNC``).
+        """
+        return type(self).fdatasync is FileSystem.fdatasync and _fdatasync is getattr(
+            os, "fdatasync", None
+        )
+
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
         return os.pread(fd, size, offset)

@@ -284,7 +284,15 @@ class Reader(_ReaderBase):
         index = self._namespace_for_read(ns)
         if self._keydir.expiring and self._keydir.is_expired(ns, key, self.now()):
             return False
-        return key in index
+        appender = self._appender
+        before = appender._write_seq
+        present = key in index
+        if before & 1 or appender._write_seq != before:
+            # a C set stored a record before its write meanwhile (whose failed
+            # write takes it out again): ask again once it is settled
+            with self._lock:
+                return key in index
+        return present
 
     def load_namespace(self, ns: str) -> dict[str, bytes | memoryview]:
         """Every key of ``ns`` with its encoded value, CRC-checked, in one pass.
@@ -371,7 +379,13 @@ class Reader(_ReaderBase):
         if self._keydir.expiring.get(ns):
             with self._lock:
                 return len(index) - len(self._keydir.expired_keys(ns, self.now()))
-        return len(index)
+        appender = self._appender
+        before = appender._write_seq
+        count = len(index)
+        if before & 1 or appender._write_seq != before:  # (as in contains)
+            with self._lock:
+                return len(index)
+        return count
 
     def ordered_keys(
         self, ns: str, start: str | None, stop: str | None, prefix: str | None, reverse: bool

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from logstate import _format as fmt
 from logstate._append import Appender
 from logstate._clock import Clock
-from logstate._commit import GroupCommit
+from logstate._commit import GroupCommit, NativeCommit
 from logstate._crc import crc_bytes
 from logstate._flush import KeysWriter
 from logstate._format import (
@@ -123,6 +123,8 @@ class Writer(KeysWriter, _WriterBase):
         if EXT is not None:
             self._scheduler_state = vars(scheduler)  # (C reads its "backlog" there)
             self._module_state = globals()  # (C reads _MAX_BODY_SIZE there: tests patch it)
+            if isinstance(commit, NativeCommit):
+                commit.writer = self  # (C reads the sync target from this writer's fields)
 
     def check_writable(self) -> None:
         """Raise unless writes are allowed; finish an interrupted write first. Under the lock."""

@@ -6,6 +6,10 @@ without an engine. ``FakeFS`` counts fdatasyncs, can hold one until the test
 lets it return, or fail it; ``durable`` is what the fake disk holds: the
 target read before the fdatasync, once that fdatasync returned.
 
+Every test runs against both protocols: ``GroupCommit`` (pure Python, the
+reference) and, on the C path, ``NativeCommit`` (csrc/commit.c), which then
+calls the fake file system and the target from C.
+
     python -m pytest tests/test_commit.py -q
 """
 
@@ -14,19 +18,34 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Final
 
 import pytest
 
 from logstate._append import Appender
-from logstate._commit import GroupCommit
+from logstate._commit import GroupCommit, NativeCommit
 from logstate._errors import StorageClosedError, StorageFailedError
 from logstate._lifecycle import Lifecycle
+from logstate._native import EXT
 
 FD: Final = 7
 WAIT_S: Final = 10.0
+
+# the protocols under test; commit_class (autouse) picks one per test run
+COMMIT_CLASSES: Final[list[type[GroupCommit]]] = [GroupCommit] + (
+    [] if EXT is None else [NativeCommit]
+)
+_in_use: list[type[GroupCommit]] = [GroupCommit]
+
+
+@pytest.fixture(params=COMMIT_CLASSES, ids=lambda cls: cls.__name__, autouse=True)
+def commit_class(request: pytest.FixtureRequest) -> Iterator[type[GroupCommit]]:
+    """Each test, once per protocol: make() builds that class."""
+    _in_use[0] = request.param
+    yield request.param
+    _in_use[0] = GroupCommit
 
 
 class Log:
@@ -81,11 +100,16 @@ class FakeFS:
             self.durable = max(self.durable, covers)
 
 
+def current_class() -> type[GroupCommit]:
+    """The protocol the running test is for (commit_class)."""
+    return _in_use[0]
+
+
 def make(delay: float = 0.0) -> tuple[GroupCommit, FakeFS, Log, Lifecycle]:
     life = Lifecycle("/fake", read_only=False)
     log = Log(life)
     fs = FakeFS(log, delay)
-    return GroupCommit(fs, life, log.target), fs, log, life  # type: ignore[arg-type]
+    return _in_use[0](fs, life, log.target), fs, log, life  # type: ignore[arg-type]
 
 
 def run(threads: list[threading.Thread]) -> None:

@@ -29,7 +29,9 @@ from logstate._commit import COHORT_ROUNDS, GroupCommit
 from logstate._errors import StorageFailedError
 from logstate._lifecycle import Lifecycle
 from tests.interrupts import Injector
-from tests.test_commit import FakeFS, Log
+from tests.test_commit import FakeFS, Log, commit_class, current_class
+
+__all__ = ["commit_class"]  # (the autouse fixture: each test once per protocol)
 
 WAIT_S: Final = 10.0  # a commit that takes longer hangs
 LONG_S: Final = 60.0  # a bound no wait of these tests may reach
@@ -49,7 +51,7 @@ def make(max_wait_s: float, delay: float = 0.0) -> tuple[GroupCommit, FakeFS, Lo
     life = Lifecycle("/fake", read_only=False)
     log = Log(life)
     fs = FakeFS(log, delay)
-    commit = GroupCommit(fs, life, log.target, clock=fake_clock())  # type: ignore[arg-type]
+    commit = current_class()(fs, life, log.target, clock=fake_clock())  # type: ignore[arg-type]
     commit.max_wait_s = max_wait_s
     return commit, fs, log, life
 
@@ -126,7 +128,7 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def leader_waits(commit: GroupCommit) -> bool:
-    return commit._wake is not None
+    return commit.waiting()
 
 
 def test_one_thread_never_waits() -> None:
@@ -176,7 +178,7 @@ def prime(commit: GroupCommit, writers: list[Committer]) -> tuple[int, int]:
     return commit.waits, commit.waits_timed_out
 
 
-def test_the_last_arrival_wakes_the_waiting_leader(
+def test_the_last_arrival_ends_the_leaders_wait_and_one_sync_covers_all(
     committers: Callable[[GroupCommit, Log], Committer],
 ) -> None:
     commit, fs, log, _life = make(max_wait_s=LONG_S)
@@ -226,11 +228,17 @@ def test_a_failed_sync_after_the_wait_fails_every_waiter(
     for writer in writers[1:]:
         writer.start()
     outcomes = [writer.result() for writer in writers]
-    assert type(outcomes[0]) is OSError and outcomes[0].errno == errno.EIO
-    assert [type(o) for o in outcomes[1:]] == [StorageFailedError] * 2
+    # the thread that synced gets the OSError: the waiting leader (GroupCommit),
+    # or the last arrival, which leads the round itself (NativeCommit: either
+    # of the two started after the leader waits)
+    synced_by = [i for i, outcome in enumerate(outcomes) if type(outcome) is OSError]
+    assert synced_by == [0] if type(commit) is GroupCommit else synced_by in ([1], [2])
+    failure = outcomes.pop(synced_by[0])
+    assert isinstance(failure, OSError) and failure.errno == errno.EIO
+    assert [type(o) for o in outcomes] == [StorageFailedError] * 2
     assert (commit.waits, commit.waits_timed_out) == (waits + 1, timed_out)
     assert fs.calls == calls + 1 and commit.synced_pos == synced
-    assert life.failed is outcomes[0]
+    assert life.failed is failure
 
 
 @pytest.fixture
@@ -273,7 +281,7 @@ def test_an_interrupt_in_the_leaders_wait_lets_the_others_sync(
     def the_second_has_arrived() -> bool:
         if not arrived and leader_waits(commit):
             arrived.append(others[0].start())  # 2 of 3: the leader keeps waiting
-        if not arrived or commit._pending.get(others[0].thread.ident or 0) != arrived[0]:
+        if not arrived or commit._pending_of(others[0].thread.ident or 0) != arrived[0]:
             return False
         commit.max_wait_s = 0.05  # the next leader's bound (the third never comes)
         return True
@@ -285,7 +293,7 @@ def test_an_interrupt_in_the_leaders_wait_lets_the_others_sync(
     timed_out = commit.waits_timed_out
     assert others[0].result() is None  # it led the next sync itself
     commit._check(log.written_pos)
-    assert not commit.turn.locked() and not commit._gate.locked() and not leader_waits(commit)
+    assert not commit.turn.locked() and commit.idle() and not leader_waits(commit)
     assert fs.calls == calls + 1 and commit.synced_pos == fs.durable == log.written_pos
     assert commit.waits_timed_out <= timed_out + 1  # waited for the third, bounded
     commit.commit(log.write(10))  # and the interrupted thread commits again
@@ -304,14 +312,14 @@ def test_an_interrupted_arrival_does_not_hang_the_leader(
     wait_until(lambda: leader_waits(commit), "the leader waits for its cohort")
     main = threading.get_ident()
     end = log.write(10)
-    kill = interrupt_main_when(lambda: commit._pending.get(main) == end, "the main thread arrived")
+    kill = interrupt_main_when(lambda: commit._pending_of(main) == end, "the main thread arrived")
     with pytest.raises(Interrupt):  # waiting for the leader's round, or arriving
         commit.commit(end)
         time.sleep(WAIT_S)  # (covered before the signal came: wait for it here)
     kill.join(WAIT_S)
     assert leader.result() is None
     commit._check(log.written_pos)
-    assert not commit.turn.locked() and not commit._gate.locked()
+    assert not commit.turn.locked() and commit.idle()
     # its commit, abandoned, is covered and no longer counts as an arrival
     assert commit.synced_pos == fs.durable == log.written_pos and commit._arrived() == 0
 
@@ -320,7 +328,7 @@ def test_after_fork_the_cohort_is_empty() -> None:
     commit, _fs, log, _life = make(max_wait_s=LONG_S)
     commit.commit(log.write(10))
     commit.after_fork()
-    assert (commit._seen, commit._pending, commit._wake) == ({}, {}, None)
+    assert (commit._tracked(), commit.waiting(), commit.idle()) == (0, False, True)
 
 
 def test_an_interrupt_at_any_point_of_a_waiting_leader_leaves_the_commit_whole(
@@ -337,7 +345,7 @@ def test_an_interrupt_at_any_point_of_a_waiting_leader_leaves_the_commit_whole(
         interrupted = injector.run(lambda: commit.commit(end))  # noqa: B023 (run at once)
         where = injector.fired_at
         commit._check(log.written_pos)
-        assert not commit.turn.locked() and not commit._gate.locked(), where
+        assert not commit.turn.locked() and commit.idle(), where
         assert commit.synced_pos <= fs.durable, f"claimed unsynced bytes, interrupted at {where}"
         commit.commit(end)  # the same thread commits again: covered, nothing left waiting
         assert commit.synced_pos == fs.durable == log.written_pos, where
@@ -366,7 +374,7 @@ def test_an_interrupt_at_any_point_of_an_arrival_never_hangs_the_waiting_leader(
         where = injector.fired_at
         assert leader.result() is None, where
         commit._check(log.written_pos)
-        assert not commit.turn.locked() and not commit._gate.locked(), where
+        assert not commit.turn.locked() and commit.idle(), where
         commit.commit(end)
         assert commit.synced_pos == fs.durable == log.written_pos, where
         if not interrupted:

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from logstate import LocalFileStorage, StorageFailedError, StorageLockedError, _registry
-from logstate._commit import GroupCommit
+from logstate._commit import GroupCommit, NativeCommit
 from logstate._fs import FileSystem
 from logstate._location import unpack_location
+from logstate._native import EXT
 
 # ============================================================================ threads
 
@@ -411,7 +412,9 @@ def test_a_writer_racing_a_close_whose_sync_fails_is_not_acknowledged(
     # acknowledged (fsyncgate), or synced a descriptor close() had released.
     fs = FailNextSyncFS()
     in_commit, go = threading.Event(), threading.Event()
-    commit = GroupCommit.commit
+    # the engine's class: the C protocol (NativeCommit) on the C path
+    commit_class = GroupCommit if EXT is None else NativeCommit
+    commit = commit_class.commit
 
     def held_commit(self: GroupCommit, end_pos: int) -> None:
         if threading.current_thread().name == "writer":
@@ -420,7 +423,7 @@ def test_a_writer_racing_a_close_whose_sync_fails_is_not_acknowledged(
         commit(self, end_pos)
 
     # (patched before the open: the writer binds the commit method at open)
-    monkeypatch.setattr(GroupCommit, "commit", held_commit)
+    monkeypatch.setattr(commit_class, "commit", held_commit)
     engine = _registry.acquire_engine(str(tmp_path), {"sync": "always"}, create=True, fs=fs)
     storage = LocalFileStorage(tmp_path)
     _registry.release_engine(engine)

@@ -435,7 +435,7 @@ def test_a_forked_child_exiting_writes_and_syncs_nothing_in_the_parent_store(
 
 HELD_LOCKS_SCRIPT = textwrap.dedent(
     """
-    import json, os, sys, threading, time
+    import contextlib, json, os, sys, threading, time
     from logstate import (InMemoryStorage, LocalFileStorage, StorageForkedError,
                           StorageLockedError, _registry)
 
@@ -448,8 +448,21 @@ HELD_LOCKS_SCRIPT = textwrap.dedent(
     engine = storage._engine
     held, release = threading.Event(), threading.Event()
 
+    @contextlib.contextmanager
+    def commit_inner_lock():  # GroupCommit's round gate, or the C commit's mutex
+        commit = engine.commit
+        if not hasattr(commit, "_hold_mutex"):
+            with commit._gate:
+                yield
+            return
+        commit._hold_mutex()
+        try:
+            yield
+        finally:
+            commit._release_mutex()
+
     def hold():  # what a parent thread may hold at the fork: every lock at once
-        with (engine._lock, engine.compactor.lock, engine.commit.turn, engine.commit._gate,
+        with (engine._lock, engine.compactor.lock, engine.commit.turn, commit_inner_lock(),
               engine._close_lock, engine.scheduler.gate, engine.appender._delivering,
               _registry._registry_lock, memory._lock):
             held.set()
