@@ -10,7 +10,8 @@ Smoke run (CI: small sizes, one repetition, asserts nothing about speed)::
 
 Workload (fixed seed): keys ``key-%08d``, 100-byte random values, each store in
 a fresh directory, the median of ``--repeat`` runs (3 by default). The
-throughput rows (set, get, durable-set, durable-set-4t, batch) run interleaved:
+throughput rows (set, get, durable-set, durable-set-4t, batch) run interleaved
+(durable-set and durable-set-4t in the same rounds: their ratio is a target):
 one repetition of every store per round, so that a slow spell of the machine
 hits every store of the row. Peers are
 those of the optional extra ``bench`` that import (semidbm, sqlitedict,
@@ -711,49 +712,67 @@ def run_all(cfg: Config, base: str, log: Callable[[str], None]) -> list[Row]:
         which: list[Kind],
         extra: Callable[[Config], Row] | None = None,
         pure: list[tuple[str, str]] = [],  # noqa: B006 (never changed)
+        paired: tuple[str, Callable[[Kind, Config], Row]] | None = None,
     ) -> None:
         """Like ``each``, but one repetition of every store per round, ``cfg.repeat``
         rounds: a slow spell of the machine (this VM varies by +-20%) then hits
-        every store of the row, not only the one that happened to run in it."""
-        if not want(name):
+        every store of the row, not only the one that happened to run in it.
+        ``paired``: a second row (name, fn) run in the same rounds, after the
+        first row's stores (a target that is the ratio of the two rows then
+        compares repetitions made at the same time)."""
+        names = [n for n in [name, *([paired[0]] if paired else [])] if want(n)]
+        if not names:
             return
         once = dataclasses.replace(cfg, repeat=1)
-        values: dict[str, list[float]] = {}
-        failed: dict[str, Row] = {}
-        template: dict[str, Row] = {}
+        values: dict[tuple[str, str], list[float]] = {}
+        failed: dict[tuple[str, str], Row] = {}
+        template: dict[tuple[str, str], Row] = {}
         for round_number in range(cfg.repeat):
-            jobs: list[tuple[str, Callable[[], Row]]] = [
-                (kind.name, functools.partial(fn, kind, once)) for kind in which
-            ]
-            if extra is not None:
-                jobs.append((FLUSH_ONLY, lambda: extra(once)))
-            for store, child_bench in pure if logstate.native else []:
-                jobs.append((store, functools.partial(bench_pure, child_bench, store, once, base)))
-            for store, job in jobs:
-                if store in failed:
+            jobs: list[tuple[str, str, Callable[[], Row]]] = []
+            for row_name, row_fn in [(name, fn), *([paired] if paired else [])]:
+                if row_name not in names:
                     continue
-                log(f"{name}: {store} (round {round_number + 1}/{cfg.repeat}) ...")
+                jobs += [
+                    (row_name, kind.name, functools.partial(row_fn, kind, once)) for kind in which
+                ]
+            if extra is not None:
+                jobs.append((name, FLUSH_ONLY, lambda: extra(once)))
+            for store, child_bench in pure if logstate.native else []:
+                pure_job = functools.partial(bench_pure, child_bench, store, once, base)
+                jobs.append((name, store, pure_job))
+            for row_name, store, job in jobs:
+                if (row_name, store) in failed:
+                    continue
+                log(f"{row_name}: {store} (round {round_number + 1}/{cfg.repeat}) ...")
                 try:
                     row = job()
                 except Exception as exc:  # a peer failing must not hide the others
-                    failed[store] = Row(name, store, None, "", f"failed: {exc!r:.80}")
+                    failed[row_name, store] = Row(row_name, store, None, "", f"failed: {exc!r:.80}")
                     continue
-                template[store] = row
+                template[row_name, store] = row
                 if row.value is not None:
-                    values.setdefault(store, []).append(row.value)
+                    values.setdefault((row_name, store), []).append(row.value)
         pure_stores = [store for store, _bench in pure] if logstate.native else []
-        for store in [*(k.name for k in which), *([FLUSH_ONLY] if extra else []), *pure_stores]:
-            if store in failed:
-                rows.append(failed[store])
-                continue
-            row = template[store]
-            got = values.get(store)
-            rows.append(dataclasses.replace(row, value=statistics.median(got) if got else None))
+        for row_name in names:
+            stores = [*(k.name for k in which)]
+            if row_name == name:
+                stores += [*([FLUSH_ONLY] if extra else []), *pure_stores]
+            for store in stores:
+                if (row_name, store) in failed:
+                    rows.append(failed[row_name, store])
+                    continue
+                row = template[row_name, store]
+                got = values.get((row_name, store))
+                rows.append(dataclasses.replace(row, value=statistics.median(got) if got else None))
 
     interleaved("set", lambda k, c: bench_set(k, c, base), kinds, pure=[(PURE, "set")])
     interleaved("get", lambda k, c: bench_get(k, c, base), kinds, pure=[(PURE, "get")])
-    interleaved("durable-set", lambda k, c: bench_durable_set(k, c, base, 1), kinds)
-    interleaved("durable-set-4t", lambda k, c: bench_durable_set(k, c, base, 4), kinds)
+    interleaved(
+        "durable-set",
+        lambda k, c: bench_durable_set(k, c, base, 1),
+        kinds,
+        paired=("durable-set-4t", lambda k, c: bench_durable_set(k, c, base, 4)),
+    )
     interleaved(
         "batch",
         lambda k, c: bench_batch(k, c, base),
