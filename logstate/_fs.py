@@ -105,7 +105,7 @@ def sync_functions(full_fsync: int | None) -> tuple[Callable[[int], None], Calla
 
 
 _fsync, _fdatasync = sync_functions(getattr(fcntl, "F_FULLFSYNC", None))
-
+_NATIVE_FDATASYNC = _fdatasync is getattr(os, "fdatasync", None)  # (not F_FULLFSYNC)
 
 # Descriptors of the directory locks this process holds (LOCK files, flock).
 # A forked child shares their open file descriptions, hence the locks: the
@@ -332,14 +332,8 @@ class FileSystem:
         return os.write if type(self).append is FileSystem.append else None
 
     def syncs_natively(self) -> bool:
-        """Whether :meth:`fdatasync` is ``fdatasync(2)`` itself, which C may call directly.
-
-        False when a subclass overrides it (tests inject faults there, and
-        must see every sync) or where it is another call (``F_FULLFSYNC``).
-        """
-        return type(self).fdatasync is FileSystem.fdatasync and _fdatasync is getattr(
-            os, "fdatasync", None
-        )
+        """Whether C may call fdatasync(2) for :meth:`fdatasync` (not overridden, as above)."""
+        return type(self).fdatasync is FileSystem.fdatasync and _NATIVE_FDATASYNC
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
